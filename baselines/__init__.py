@@ -1,0 +1,1 @@
+"""Baseline scan policies and completion samplers, behind the interfaces `boed` uses."""

@@ -1,0 +1,1 @@
+"""Bayesian optimal experimental design for chest x-ray scanning (EIG with IPA completions)."""
