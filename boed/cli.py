@@ -1,0 +1,10 @@
+"""`boed`: choose where to scan by expected information gain; train the AVP-CNN; evaluate; demo."""
+
+from xray.cli_base import make_main
+
+main = make_main("boed", __doc__, {
+    "run": "boed.commands.run",
+    "train-avp": "boed.commands.train_avp",
+    "evaluate": "boed.commands.evaluate",
+    "demo": "boed.commands.demo",
+})

@@ -1,0 +1,1 @@
+"""Subcommands of the `boed` console script: one module each (HELP, configure, main)."""

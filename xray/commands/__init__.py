@@ -1,0 +1,1 @@
+"""Subcommands of the `xray` console script: one module each (HELP, configure, main)."""
