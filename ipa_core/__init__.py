@@ -1,1 +1,6 @@
 """VD-VAE style hierarchical VAE and the IPA partial encoder (conditional VAE by amortised inference)."""
+
+from .config import CONFIGS, VAEConfig, get_config
+from .vae import VAE
+
+__all__ = ["VAE", "VAEConfig", "CONFIGS", "get_config"]

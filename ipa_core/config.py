@@ -1,0 +1,142 @@
+"""Typed model configuration for the VD-VAE style hierarchical VAE, with the official names.
+
+Field names follow the official VD-VAE hparams (``width``, ``zdim``, ``bottleneck_multiple``,
+``custom_width_str``, ``no_bias_above``, ``num_mixtures``, ``image_size``, ``image_channels``,
+``enc_blocks``, ``dec_blocks``), so that a config written down from the paper's code maps one to
+one. ``shift``/``scale`` standardise the network input, ``(x + shift) * scale``; ``None`` means
+"measure on the training data" (the trainer fills them in before the first step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from xray.errors import UserError
+
+
+@dataclass
+class VAEConfig:
+    image_size: int = 64
+    image_channels: int = 1
+    width: int = 512
+    zdim: int = 16
+    bottleneck_multiple: float = 0.25
+    custom_width_str: str = ""
+    no_bias_above: int = 64
+    num_mixtures: int = 10
+    enc_blocks: str = ""
+    dec_blocks: str = ""
+    shift: float | None = None
+    scale: float | None = None
+    low_bit: bool = False  # 5-bit likelihood targets (official ffhq256); False = 8 bits
+
+    def __post_init__(self):
+        if self.image_channels not in (1, 3):
+            raise UserError(f"image_channels must be 1 (x-rays) or 3 (official RGB), got {self.image_channels}")
+        if self.image_size % 4:
+            raise UserError(f"image_size must be a multiple of 4, got {self.image_size}")
+        enc, dec = parse_layer_string(self.enc_blocks), parse_layer_string(self.dec_blocks)
+        if enc and enc[0][0] != self.image_size:
+            raise UserError(f"enc_blocks start at resolution {enc[0][0]}, expected image_size {self.image_size}")
+        if dec and dec[-1][0] != self.image_size:
+            raise UserError(f"dec_blocks end at resolution {dec[-1][0]}, expected image_size {self.image_size}")
+
+    @property
+    def bits(self) -> int:
+        return 5 if self.low_bit else 8
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown VAE config fields {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from xray.io import atomic_write_json
+
+        atomic_write_json(path, {"model_type": "vae", **self.to_dict()})
+
+
+def parse_layer_string(s: str) -> list[tuple[int, int | None]]:
+    """'32x2,32d2,4m1,1' -> [(32, None), (32, None), (32, 2), (4, 1), (1, None)]."""
+    layers: list[tuple[int, int | None]] = []
+    if not s:
+        return layers
+    for part in s.split(","):
+        try:
+            if "x" in part:
+                res, count = part.split("x")
+                layers += [(int(res), None)] * int(count)
+            elif "m" in part:
+                res, mixin = part.split("m")
+                layers.append((int(res), int(mixin)))
+            elif "d" in part:
+                res, rate = part.split("d")
+                layers.append((int(res), int(rate)))
+            else:
+                layers.append((int(part), None))
+        except ValueError:
+            raise UserError(f"bad layer string part {part!r} in {s!r}; expected forms like 32x4, 32d2, 8m4, 1") from None
+    return layers
+
+
+FFHQ256_ENC = "256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4"
+FFHQ256_DEC = "1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128"
+
+CONFIGS: dict[str, VAEConfig] = {
+    # CPU demo at S = 64: narrow at 64 px where most pixels are, deeper at low resolutions.
+    "tiny": VAEConfig(
+        image_size=64, image_channels=1, width=64, zdim=8, custom_width_str="64:32",
+        no_bias_above=64, num_mixtures=5,
+        enc_blocks="64x1,64d2,32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1",
+        dec_blocks="1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2,64m32,64x1",
+    ),
+    # The paper's x-ray model: the official ffhq256 architecture with one channel, 8-bit likelihood.
+    "xray256": VAEConfig(
+        image_size=256, image_channels=1, width=512, zdim=16, no_bias_above=64, num_mixtures=10,
+        enc_blocks=FFHQ256_ENC, dec_blocks=FFHQ256_DEC,
+    ),
+    # Official VD-VAE configurations (load the released checkpoints with VAE.from_official).
+    "cifar10": VAEConfig(
+        image_size=32, image_channels=3, width=384, zdim=16, no_bias_above=64, num_mixtures=10,
+        enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+        dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21",
+        shift=-120.63838, scale=1.0 / 64.16736,
+    ),
+    "imagenet64": VAEConfig(
+        image_size=64, image_channels=3, width=512, zdim=16, no_bias_above=64, num_mixtures=10,
+        enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
+        dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
+        shift=-115.92961967, scale=1.0 / 69.37404,
+    ),
+    "ffhq256": VAEConfig(
+        image_size=256, image_channels=3, width=512, zdim=16, no_bias_above=64, num_mixtures=10,
+        enc_blocks=FFHQ256_ENC, dec_blocks=FFHQ256_DEC,
+        shift=-112.8666757481, scale=1.0 / 69.84780273, low_bit=True,
+    ),
+}
+
+
+def get_config(name: str) -> VAEConfig:
+    """A fresh copy of a named configuration."""
+    if name not in CONFIGS:
+        raise UserError(f"unknown config {name!r}; valid configs: {', '.join(CONFIGS)}")
+    return dataclasses.replace(CONFIGS[name])
+
+
+def load_config_json(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no config.json at {p}; expected a model folder written by save_pretrained") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {p}: {e}; the model folder is damaged, re-export it") from None

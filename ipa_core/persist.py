@@ -1,0 +1,101 @@
+"""Saving and loading models: ``save_pretrained(dir)`` writes ``config.json`` beside
+``model.safetensors``; ``from_pretrained(dir)`` is the one loader (a model dir, or a training run
+dir holding ``model/``). Mismatched weights are refused with the first key that differs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from xray.errors import UserError
+from xray.io import atomic_write_json
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder (with config.json), or a run folder whose ``model/`` holds one."""
+    p = Path(path)
+    for cand in (p, p / "model"):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    if not p.exists():
+        raise UserError(f"model folder {p} does not exist; train one first or pass the right path")
+    raise UserError(f"no {CONFIG_NAME} in {p} or {p / 'model'}; expected a folder written by save_pretrained or a finished training run")
+
+
+def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``out_dir``, replacing it atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / WEIGHTS_NAME))
+        atomic_write_json(tmp / CONFIG_NAME, {"model_type": model.model_type, **model.config.to_dict(), **(extra_config or {})})
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu"):
+    """Build ``cls`` from ``config.json`` and load its weights strictly."""
+    d = resolve_model_dir(path)
+    from .config import load_config_json
+
+    kind = load_config_json(d / CONFIG_NAME).get("model_type")
+    if kind != cls.model_type:
+        raise UserError(f"{d} holds a {kind!r} model, expected {cls.model_type!r}; pass the matching run folder")
+    model = cls(cls.config_from_dir(d))
+    try:
+        sd = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
+    except FileNotFoundError:
+        raise UserError(f"no {WEIGHTS_NAME} in {d}; the model folder is incomplete, re-export it") from None
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise UserError(f"cannot read {d / WEIGHTS_NAME}: {e}; the file is damaged, re-export it") from None
+    strict_load(model, sd, source=str(d))
+    return model
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` a plain state dict to the CPU with ``weights_only=True``; clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {p} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is truncated or not a state dict") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{p} is not a plain state dict of tensors")
+    return sd
+
+
+def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first key that differs."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            raise UserError(f"{source} does not match this model: key {k!r} (shape {tuple(v.shape)}) is missing; was it saved from another config?")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise UserError(f"{source} does not match this model: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}; was it saved from another config?")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise UserError(f"{source} does not match this model: unexpected key {extra[0]!r} ({len(extra)} extra); was it saved from another config?")
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,319 @@
+"""VD-VAE (Child 2020) style hierarchical VAE with the official module and parameter names.
+
+Layout (state-dict names match the official release, so its checkpoints load with strict=True):
+
+    encoder.in_conv, encoder.enc_blocks.{i}.{c1,c2,c3,c4}
+    decoder.dec_blocks.{i}.{enc,prior,resnet}.{c1..c4}, decoder.dec_blocks.{i}.z_proj
+    decoder.bias_xs.{k}, decoder.gain, decoder.bias, decoder.out_net.out_conv
+
+The top-down pass is written once, in :meth:`Decoder.run`, with the choice of each latent left to
+a callback: the posterior q(z|x) for the ELBO, the prior for unconditional samples, and (in
+``ipa_core.ipa``) the partial encoder c(z|y) for conditional samples and the IPA objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xray.errors import UserError
+
+from .config import VAEConfig, load_config_json, parse_layer_string
+from .dmol import DmolNet
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def conv(in_ch: int, out_ch: int, k: int, zero_weights: bool = False) -> nn.Conv2d:
+    c = nn.Conv2d(in_ch, out_ch, k, padding=k // 2)
+    nn.init.zeros_(c.bias)
+    if zero_weights:
+        nn.init.zeros_(c.weight)
+    return c
+
+
+class Block(nn.Module):
+    """Bottleneck residual block: GELU before each of c1 (1x1), c2, c3 (3x3, 1x1 at res <= 2), c4 (1x1)."""
+
+    def __init__(self, in_w: int, mid_w: int, out_w: int, down_rate: int | None = None,
+                 residual: bool = False, use_3x3: bool = True, zero_last: bool = False):
+        super().__init__()
+        k = 3 if use_3x3 else 1
+        self.down_rate, self.residual = down_rate, residual
+        self.c1 = conv(in_w, mid_w, 1)
+        self.c2 = conv(mid_w, mid_w, k)
+        self.c3 = conv(mid_w, mid_w, k)
+        self.c4 = conv(mid_w, out_w, 1, zero_weights=zero_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c1(F.gelu(x))
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        h = self.c4(F.gelu(h))
+        out = x + h if self.residual else h
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
+
+
+def width_settings(width: int, custom: str) -> defaultdict[int, int]:
+    """Per-resolution widths: ``width`` everywhere unless ``custom`` ('64:32,32:48') says otherwise."""
+    widths: defaultdict[int, int] = defaultdict(lambda: width)
+    for part in filter(None, custom.split(",")):
+        res, w = part.split(":")
+        widths[int(res)] = int(w)
+    return widths
+
+
+def pad_channels(x: Tensor, width: int) -> Tensor:
+    return F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))  # (B, width, H, W)
+
+
+def gaussian_kl(mu1: Tensor, mu2: Tensor, logsigma1: Tensor, logsigma2: Tensor) -> Tensor:
+    """KL(N(mu1, s1^2) || N(mu2, s2^2)) elementwise, parameterised by log sigmas (official form)."""
+    return -0.5 + logsigma2 - logsigma1 + 0.5 * (logsigma1.exp() ** 2 + (mu1 - mu2) ** 2) / logsigma2.exp() ** 2
+
+
+def sample_gaussian(mu: Tensor, logsigma: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + logsigma.exp() * eps
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder and decoder
+
+
+class Encoder(nn.Module):
+    """Bottom-up ResNet; returns the activations kept per resolution ``{res: (B, W_res, res, res)}``."""
+
+    def __init__(self, cfg: VAEConfig, in_channels: int | None = None):
+        super().__init__()
+        self.widths = width_settings(cfg.width, cfg.custom_width_str)
+        self.in_conv = conv(in_channels or cfg.image_channels, self.widths[cfg.image_size], 3)
+        blocks = parse_layer_string(cfg.enc_blocks)
+        self.enc_blocks = nn.ModuleList(
+            Block(self.widths[res], int(self.widths[res] * cfg.bottleneck_multiple), self.widths[res],
+                  down_rate=down, residual=True, use_3x3=res > 2)
+            for res, down in blocks
+        )
+        for b in self.enc_blocks:
+            b.c4.weight.data *= math.sqrt(1 / len(blocks))
+
+    def forward(self, x: Tensor) -> dict[int, Tensor]:
+        x = self.in_conv(x)
+        acts = {x.shape[2]: x}
+        for block in self.enc_blocks:
+            x = block(x)
+            res = x.shape[2]
+            if x.shape[1] != self.widths[res]:
+                x = pad_channels(x, self.widths[res])
+            acts[res] = x
+        return acts
+
+
+class DecBlock(nn.Module):
+    """One top-down layer: posterior head ``enc``, ``prior`` (mean, log sigma, state residual), ``z_proj``, ``resnet``."""
+
+    def __init__(self, cfg: VAEConfig, res: int, mixin: int | None, n_blocks: int):
+        super().__init__()
+        self.base, self.mixin, self.zdim = res, mixin, cfg.zdim
+        self.widths = width_settings(cfg.width, cfg.custom_width_str)
+        width = self.widths[res]
+        cond_w = int(width * cfg.bottleneck_multiple)
+        use_3x3 = res > 2
+        self.enc = Block(width * 2, cond_w, cfg.zdim * 2, use_3x3=use_3x3)
+        self.prior = Block(width, cond_w, cfg.zdim * 2 + width, use_3x3=use_3x3, zero_last=True)
+        self.z_proj = conv(cfg.zdim, width, 1)
+        self.z_proj.weight.data *= math.sqrt(1 / n_blocks)
+        self.resnet = Block(width, cond_w, width, residual=True, use_3x3=use_3x3)
+        self.resnet.c4.weight.data *= math.sqrt(1 / n_blocks)
+
+    def input_state(self, xs: dict[int, Tensor], n: int, ref: Tensor) -> Tensor:
+        """The state entering this layer: the running state at ``base`` (zeros if none) plus the mixin."""
+        x = xs.get(self.base)
+        if x is None:
+            x = ref.new_zeros(n, self.widths[self.base], self.base, self.base)  # (B, W, r, r)
+        if self.mixin is not None:
+            up = F.interpolate(xs[self.mixin][:, : x.shape[1]], scale_factor=self.base // self.mixin)  # nearest
+            x = x + up
+        return x
+
+    def posterior(self, x: Tensor, acts: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z | z<l, x): mean and log sigma from cat(state, encoder activations)."""
+        return self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+
+
+# A latent step decides z for one layer: (layer index, block, state x, prior mean, prior log sigma)
+# -> (z, stats). x is the state *before* the prior's residual is added (what enc/part_enc see).
+LatentStep = Callable[[int, DecBlock, Tensor, Tensor, Tensor], tuple[Tensor, dict]]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.widths = width_settings(cfg.width, cfg.custom_width_str)
+        blocks = parse_layer_string(cfg.dec_blocks)
+        self.dec_blocks = nn.ModuleList(DecBlock(cfg, res, mixin, len(blocks)) for res, mixin in blocks)
+        self.resolutions = sorted({res for res, _ in blocks})
+        self.bias_xs = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, self.widths[res], res, res)) for res in self.resolutions if res <= cfg.no_bias_above
+        )
+        top = self.widths[cfg.image_size]
+        self.out_net = DmolNet(top, cfg.num_mixtures, cfg.image_channels, cfg.low_bit)
+        self.gain = nn.Parameter(torch.ones(1, top, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, top, 1, 1))
+
+    def run(self, n: int, step: LatentStep, upto: int | None = None) -> tuple[Tensor | None, list[dict]]:
+        """The top-down pass for ``n`` images; ``step`` picks each latent.
+
+        Returns the final feature map ``(n, W, S, S)`` fed to the output network (``None`` when
+        ``upto`` stops early, after ``upto`` layers) and the list of per-layer stats.
+        """
+        ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
+        xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
+        stats = []
+        for i, block in enumerate(self.dec_blocks):
+            if upto is not None and i >= upto:
+                return None, stats
+            x = block.input_state(xs, n, ref)
+            pm, pv, xpp = torch.split(block.prior(x), [block.zdim, block.zdim, x.shape[1]], dim=1)
+            z, s = step(i, block, x, pm, pv)
+            x = x + xpp
+            x = block.resnet(x + block.z_proj(z))
+            xs[block.base] = x
+            stats.append(s)
+        return xs[self.cfg.image_size] * self.gain + self.bias, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class VAE(nn.Module):
+    """Hierarchical VAE over uint8 images ``(B, C, S, S)``.
+
+    >>> model = VAE(get_config("tiny"))            # doctest: +SKIP
+    >>> model.loss(x_u8)["elbo"]                   # nats per dimension
+    >>> model.sample(8, t=0.9, generator=g)        # uint8 (8, C, S, S)
+    """
+
+    model_type = "vae"
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    # --- data <-> network -------------------------------------------------------------------
+    def preprocess(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 ``(B, C, S, S)`` -> (standardised network input, DMoL target in [-1, 1])."""
+        cfg = self.config
+        self._check_images(x)
+        if cfg.shift is None or cfg.scale is None:
+            raise UserError("the VAE's input standardisation (shift, scale) is not set; train it or set them in the config")
+        x = x.to(self.decoder.gain.device, torch.float32)
+        inp = (x + cfg.shift) * cfg.scale
+        target = torch.floor(x / 8) * 8 if cfg.low_bit else x
+        return inp, target / 127.5 - 1
+
+    def _check_images(self, x: Tensor) -> None:
+        cfg = self.config
+        want = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise UserError(f"images of shape {tuple(x.shape)} given; this model expects (B, {want[0]}, {want[1]}, {want[2]})")
+
+    # --- inference ----------------------------------------------------------------------------
+    def posterior_step(self, acts: dict[int, Tensor], generator: torch.Generator | None = None) -> LatentStep:
+        """z ~ q(z | z<l, x) with the analytic KL(q || p) per layer in ``stats['kl']`` (B, zdim, r, r)."""
+
+        def step(i, block, x, pm, pv):
+            qm, qv = block.posterior(x, acts[block.base])
+            z = sample_gaussian(qm, qv, generator)
+            return z, {"kl": gaussian_kl(qm, pm, qv, pv)}
+
+        return step
+
+    @staticmethod
+    def prior_step(t: float | Sequence[float] | None = 1.0, generator: torch.Generator | None = None) -> LatentStep:
+        """z ~ p(z | z<l) with temperature t (a float, or one per layer) multiplying the prior sigma."""
+
+        def step(i, block, x, pm, pv):
+            ti = t[i] if isinstance(t, (list, tuple)) else t
+            if ti is not None and ti != 1.0:
+                pv = pv + math.log(ti) if ti > 0 else torch.full_like(pv, -math.inf)
+            z = pm if ti == 0 else sample_gaussian(pm, pv, generator)
+            return z, {}
+
+        return step
+
+    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Negative ELBO of a uint8 batch in nats per dimension, as the official code defines it.
+
+        ``distortion`` = DMoL NLL / (C*H*W), ``rate`` = sum of layer KLs / (C*H*W),
+        ``elbo`` = distortion + rate (batch means; minimise ``elbo``).
+        """
+        inp, target = self.preprocess(x)
+        acts = self.encoder(inp)
+        h, stats = self.decoder.run(x.shape[0], self.posterior_step(acts, generator))
+        ndims = math.prod(x.shape[1:])
+        distortion = self.decoder.out_net.nll(h, target)  # (B,) per dimension
+        rate = sum(s["kl"].sum(dim=(1, 2, 3)) for s in stats) / ndims  # (B,)
+        return {"elbo": (distortion + rate).mean(), "distortion": distortion.mean(), "rate": rate.mean()}
+
+    forward = loss
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z ~ q(z | x), then x ~ p(x | z): uint8 ``(B, C, S, S)``."""
+        inp, _ = self.preprocess(x)
+        h, _ = self.decoder.run(x.shape[0], self.posterior_step(self.encoder(inp), generator))
+        return self.decoder.out_net.sample(h, generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, t: float | Sequence[float] = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Unconditional samples: uint8 ``(n, C, S, S)``. ``t`` scales the prior sigma (per layer if a list)."""
+        if isinstance(t, (list, tuple)) and len(t) != len(self.decoder.dec_blocks):
+            raise UserError(f"{len(t)} per-layer temperatures given; the decoder has {len(self.decoder.dec_blocks)} layers")
+        h, _ = self.decoder.run(n, self.prior_step(t, generator))
+        return self.decoder.out_net.sample(h, generator)
+
+    # --- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        from .persist import save_pretrained
+
+        return save_pretrained(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VAE":
+        from .persist import load_pretrained
+
+        return load_pretrained(cls, path, map_location)
+
+    @classmethod
+    def from_official(cls, path: str | Path, config: VAEConfig | str) -> "VAE":
+        """Load an official VD-VAE ``*-model-ema.th`` / ``*-model.th`` state dict (to CPU, strict)."""
+        from .config import get_config
+        from .persist import load_state_dict_file, strict_load
+
+        cfg = get_config(config) if isinstance(config, str) else config
+        model = cls(cfg)
+        sd = load_state_dict_file(path)
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        strict_load(model, sd, source=str(path))
+        return model
+
+    @classmethod
+    def config_from_dir(cls, path: str | Path) -> VAEConfig:
+        d = load_config_json(Path(path) / "config.json")
+        d.pop("model_type", None)
+        return VAEConfig.from_dict(d)
