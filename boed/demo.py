@@ -1,0 +1,194 @@
+"""The demo pipeline: prepare -> VAE -> IPA -> AVP-CNN -> `boed run` figures -> `boed evaluate`.
+
+Each stage runs one of the toolkit's own commands (the same code path a user types), in its own
+folder under the run directory. A stage that finished writes ``<stage>/done.json`` (its wall time
+and the command it ran); a rerun skips it, and a stage that was killed resumes through the
+command's own checkpointing. Profiles size the run: ``cpu`` (S = 64, tiny models, about half an
+hour on 2 cores), ``quick`` (a few minutes; used by the end-to-end test) and ``paper`` (S = 256,
+the xray256 VAE, a DenseNet-121 AVP-CNN, N = 10, 5 000 test images, the paper's step counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import platform
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from xray.errors import UserError
+from xray.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from xray.labels import resolve_illness
+
+log = logging.getLogger("boed.demo")
+
+METHODS = ("eig", "epe", "random", "uncond", "nongreedy", "full")
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    name: str
+    image_size: int
+    vae_config: str
+    vae_steps: int
+    vae_batch: int
+    ipa_steps: int
+    ipa_batch: int
+    avp_arch: str
+    avp_steps: int
+    avp_batch: int
+    avp_lr: float
+    n_samples: int  # N completions per EIG evaluation
+    n_test: int  # test images per illness in the evaluation
+    scans: int  # T
+    run_images: int  # test images per illness shown with `boed run` heatmaps
+    phantom_n: int | None = None  # None: the default phantom set; else a private set of this size
+    phantom_size: int | None = None
+    eval_batch: int = 16
+
+
+PROFILES: dict[str, DemoProfile] = {
+    "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=3000, vae_batch=32,
+                       ipa_steps=2000, ipa_batch=32, avp_arch="tiny", avp_steps=3000, avp_batch=64, avp_lr=2e-3,
+                       n_samples=10, n_test=300, scans=5, run_images=2),
+    "quick": DemoProfile("quick", image_size=64, vae_config="tiny", vae_steps=60, vae_batch=16,
+                         ipa_steps=40, ipa_batch=16, avp_arch="tiny", avp_steps=80, avp_batch=32, avp_lr=2e-3,
+                         n_samples=4, n_test=24, scans=3, run_images=1, phantom_n=400, phantom_size=64),
+    "paper": DemoProfile("paper", image_size=256, vae_config="xray256", vae_steps=1_000_000, vae_batch=8,
+                         ipa_steps=180_000, ipa_batch=8, avp_arch="densenet121", avp_steps=32_000, avp_batch=32,
+                         avp_lr=1e-5, n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
+}
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    profile: DemoProfile
+    illnesses: tuple[str, ...]
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_command(module: str, argv: Sequence[str]) -> None:
+    """Run one subcommand module in-process with its own argument parser (exactly as the CLI would)."""
+    mod = importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog=module)
+    mod.configure(parser)
+    args = parser.parse_args([str(a) for a in argv])
+    code = mod.main(args)
+    if code:
+        raise UserError(f"stage command {module} exited with status {code}")
+
+
+def _stage(opts: DemoOptions, name: str, cli: str, module: str, argv: list, timings: dict) -> None:
+    """Run a stage unless ``<out>/<name>/done.json`` says it finished; record its wall time."""
+    done = opts.out / name / "done.json"
+    line = f"{cli} " + " ".join(shlex.quote(str(a)) for a in argv)
+    if done.is_file():
+        timings[name] = json.loads(done.read_text())["seconds"]
+        log.info("[%s] done already (%.0f s): %s", name, timings[name], line)
+        return
+    log.info("[%s] %s", name, line)
+    t0 = time.perf_counter()
+    run_command(module, argv)
+    seconds = time.perf_counter() - t0
+    timings[name] = seconds
+    atomic_write_json(done, {"seconds": seconds, "command": line})
+    log.info("[%s] finished in %.0f s", name, seconds)
+
+
+def _data_args(opts: DemoOptions) -> list:
+    args = ["--image-size", opts.profile.image_size]
+    if opts.data_root is not None:
+        args += ["--data", "chestxray", "--data-root", opts.data_root]
+    else:
+        args += ["--data", "phantom"]
+    if opts.cache_dir is not None:
+        args += ["--cache-dir", opts.cache_dir]
+    return args
+
+
+def _train_args(opts: DemoOptions, steps: int, batch: int) -> list:
+    return ["--steps", steps, "--batch-size", batch, "--device", opts.device, "--seed", opts.seed]
+
+
+def run_demo(opts: DemoOptions) -> dict:
+    """Run every stage; return the summary (also written to ``<out>/summary.json``)."""
+    p, out = opts.profile, ensure_writable_dir(opts.out)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    if opts.data_root is None and p.phantom_n is not None:  # a private small phantom set
+        opts.data_root = out / "phantom"
+        _stage(opts, "phantom", "xray phantom", "xray.commands.phantom",
+               ["--out", opts.data_root, "--n", p.phantom_n, "--size", p.phantom_size or p.image_size, "--seed", opts.seed], timings)
+    data = _data_args(opts)
+    _stage(opts, "vae", "ipa_core train", "ipa_core.commands.train",
+           ["--stage", "vae", "--config", p.vae_config, "--out", out / "vae", *data, *_train_args(opts, p.vae_steps, p.vae_batch)], timings)
+    _stage(opts, "ipa", "ipa_core train", "ipa_core.commands.train",
+           ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa", *data, *_train_args(opts, p.ipa_steps, p.ipa_batch)], timings)
+    _stage(opts, "avp", "boed train-avp", "boed.commands.train_avp",
+           ["--arch", p.avp_arch, "--out", out / "avp", "--lr", p.avp_lr, *data, *_train_args(opts, p.avp_steps, p.avp_batch)], timings)
+    models = ["--ipa", out / "ipa", "--avp", out / "avp", "--device", opts.device]
+    for ill in opts.illnesses:
+        slug = resolve_illness(ill).slug
+        for i in range(p.run_images):
+            _stage(opts, f"scans/{slug}-{i}", "boed run", "boed.commands.run",
+                   ["--illness", ill, "--scans", p.scans, "--index", i, "--n-samples", p.n_samples, "--seed", opts.seed,
+                    "--out", out / "scans" / f"{slug}-{i}", *models, *data], timings)
+        _stage(opts, f"eval/{slug}", "boed evaluate", "boed.commands.evaluate",
+               ["--illness", ill, "--scans", p.scans, "--methods", ",".join(METHODS), "--n-test", p.n_test,
+                "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
+                "--out", out / "eval" / slug, *models, *data], timings)
+    timings["total"] = time.perf_counter() - t_all
+    summary = summarize(opts, timings)
+    return summary
+
+
+def summarize(opts: DemoOptions, timings: dict[str, float]) -> dict:
+    """Collect every illness's metrics.csv into one table; write summary.{json,md}."""
+    import pandas as pd
+
+    frames = []
+    for ill in opts.illnesses:
+        f = opts.out / "eval" / resolve_illness(ill).slug / "metrics.csv"
+        if f.is_file():
+            frames.append(pd.read_csv(f))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    summary = {"profile": dataclasses.asdict(opts.profile), "illnesses": list(opts.illnesses), "timings_s": timings,
+               "machine": machine, "metrics": table.to_dict(orient="records")}
+    atomic_write_json(opts.out / "summary.json", summary)
+    atomic_write_text(opts.out / "summary.md", render_summary(table, timings, machine))
+    return summary
+
+
+def render_summary(table, timings: dict[str, float], machine: str) -> str:
+    """Markdown: AUROC [95 % CI] per method and t, one block per illness, then stage wall times."""
+    lines = []
+    if len(table):
+        for ill, g in table.groupby("illness", sort=False):
+            ts = sorted(g["t"].unique())
+            lines += [f"### {ill}: AUROC [95 % bootstrap CI] after t scans (n = {int(g['n'].max())})", "",
+                      "| method | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+            for m, gm in g.groupby("method", sort=False):
+                cells = {int(r.t): f"{r.auroc:.3f} [{r.auroc_lo:.3f}, {r.auroc_hi:.3f}]" for r in gm.itertuples()}
+                lines.append(f"| {m} | " + " | ".join(cells.get(t, "") for t in ts) + " |")
+            lines.append("")
+    lines += ["### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += ["", f"Machine: {machine}", ""]
+    return "\n".join(lines)
