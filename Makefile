@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/boed demo --out runs/demo
-	$(BIN)/python -m boed.demo_publish runs/demo results
+	$(BIN)/boed demo --out runs/demo --publish results
 
 demo-quick: $(STAMP)
 	$(BIN)/boed demo --quick --out runs/demo-quick

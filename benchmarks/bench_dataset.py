@@ -1,0 +1,111 @@
+"""Data-layer throughput: `xray.cache.prepare` (decode + resize) and reading a prepared cache.
+
+Builds NIH-format folders of synthetic PNGs in a temp dir, then measures images/s for
+  - prepare: 1024 px 8-bit PNGs (the NIH size) -> S, in-process and with worker processes;
+  - reading: DataLoader over XrayDataset (0 and 2 workers) vs XrayDataset.get_batch, S = 64, 256.
+Prints a table and writes benchmarks/results/dataset.json.
+
+    python benchmarks/bench_dataset.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from xray import cache
+from xray.dataset import XrayDataset
+from xray.io import atomic_write_json
+from xray.nih import write_labels_csv
+
+RESULTS = Path(__file__).parent / "results" / "dataset.json"
+
+
+def make_folder(root: Path, n: int, px: int, seed: int = 0) -> Path:
+    """n smooth random PNGs of px x px (compress like real radiographs, not like noise)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    yy, xx = np.mgrid[0:px, 0:px] / px
+    rows = []
+    for i in range(n):
+        a, b, c = rng.uniform(0.5, 4, 3)
+        img = 0.5 + 0.25 * np.sin(a * 6 * xx + b) * np.cos(c * 6 * yy) + rng.normal(0, 0.02, (px, px))
+        name = f"{i // 2 + 1:08d}_{i % 2:03d}.png"
+        Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(root / "images" / name)
+        rows.append({"Image Index": name, "Finding Labels": "No Finding" if i % 2 else "Effusion", "Patient ID": i // 2 + 1})
+    write_labels_csv(root / "Data_Entry_2017_v2020.csv", rows)
+    return root
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / max(seconds, 1e-9)
+
+
+def bench_prepare(tmp: Path, n: int, sizes: list[int], workers: list[int]) -> list[dict]:
+    root = make_folder(tmp / "src1024", n, 1024)
+    out = []
+    for s in sizes:
+        for w in workers:
+            t = time.perf_counter()
+            cache.prepare(root, s, out=tmp / f"p{s}-{w}", workers=w, progress=False)
+            dt = time.perf_counter() - t
+            out.append({"what": "prepare 1024px PNG", "S": s, "workers": w, "images": n, "images_per_s": rate(n, dt)})
+    return out
+
+
+def bench_read(tmp: Path, s: int, n: int, batch: int, loader_workers: list[int]) -> list[dict]:
+    c = cache.prepare(make_folder(tmp / f"src{s}", n, s), s, out=tmp / f"c{s}", workers=0, progress=False)
+    ds = XrayDataset(c, "all")
+    gen = torch.Generator().manual_seed(0)
+    res = []
+    for w in loader_workers:
+        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=w, generator=gen,
+                            persistent_workers=False)
+        t = time.perf_counter()
+        seen = sum(x.shape[0] for x, _ in loader)
+        res.append({"what": f"DataLoader workers={w}", "S": s, "images": seen, "images_per_s": rate(seen, time.perf_counter() - t)})
+    perm = torch.randperm(len(ds), generator=gen).numpy()
+    t = time.perf_counter()
+    seen = 0
+    for i in range(0, len(perm), batch):
+        idx = perm[i:i + batch]
+        x, y = ds.get_batch(idx), ds.get_labels(idx)
+        seen += x.shape[0]
+    res.append({"what": "get_batch (random)", "S": s, "images": seen, "images_per_s": rate(seen, time.perf_counter() - t)})
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sets (about 30 s)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    n_prep = 48 if args.quick else 160
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        rows += bench_prepare(tmp, n_prep, [64, 256], [0, 2])
+        rows += bench_read(tmp, 64, 2048 if args.quick else 8192, 64, [0, 2])
+        rows += bench_read(tmp, 256, 512 if args.quick else 2048, 64, [0, 2])
+    print(f"{'what':<24} {'S':>4} {'workers':>7} {'images':>7} {'images/s':>10}")
+    for r in rows:
+        print(f"{r['what']:<24} {r['S']:>4} {r.get('workers', '-'):>7} {r['images']:>7} {r['images_per_s']:>10.0f}")
+    load = os.getloadavg()[0]  # the numbers are only comparable at similar load
+    print(f"load average during run: {load:.1f} on {os.cpu_count()} cores")
+    atomic_write_json(RESULTS, {"machine": platform.platform(), "cpu_count": os.cpu_count(), "load_avg_1min": load,
+                                "quick": args.quick,
+                                "torch": torch.__version__, "rows": rows})
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

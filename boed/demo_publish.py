@@ -1,0 +1,75 @@
+"""Copy a finished demo run's reference outputs into a folder (``results/`` in the repository).
+
+Writes ``metrics.csv`` (every illness), ``auroc.png`` and ``nll.png`` (one panel per illness), one
+heatmap figure per illness, the last VAE and IPA sample grids, and ``README.md`` with the table,
+the figures, each stage's wall time and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+from xray.errors import UserError
+from xray.io import atomic_path, atomic_write_text
+
+from .report import CSV_COLUMNS, plot_curves, to_csv
+
+
+def _latest(folder: Path, pattern: str) -> Path | None:
+    files = sorted(folder.glob(pattern))
+    return files[-1] if files else None
+
+
+def _copy(src: Path | None, dst: Path) -> str | None:
+    if src is None or not src.is_file():
+        return None
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst.name
+
+
+def publish(run: str | Path, dest: str | Path) -> Path:
+    run, dest = Path(run), Path(dest)
+    summary_file = run / "summary.json"
+    if not summary_file.is_file():
+        raise UserError(f"{summary_file} does not exist; run `boed demo --out {run}` first")
+    summary = json.loads(summary_file.read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f in sorted((run / "eval").glob("*/metrics.csv")):
+        with open(f, newline="") as fh:
+            for r in csv.DictReader(fh):
+                rows.append({k: (r[k] if k in ("method", "illness") else float(r[k])) for k in CSV_COLUMNS})
+    for r in rows:
+        r["t"], r["n"] = int(r["t"]), int(r["n"])
+    atomic_write_text(dest / "metrics.csv", to_csv(rows, CSV_COLUMNS))
+    figures = []
+    if rows:
+        plot_curves(rows, "auroc", dest / "auroc.png")
+        plot_curves(rows, "nll", dest / "nll.png")
+        figures += [("AUROC after t scans (paper fig. 5, left)", "auroc.png"), ("NLL after t scans (paper fig. 8)", "nll.png")]
+    for scan_dir in sorted((run / "scans").glob("*-0")):
+        name = _copy(_latest(scan_dir, "step_*.png"), dest / f"heatmap-{scan_dir.name[:-2]}.png")
+        if name:
+            figures.append((f"EIG heatmap and per-sample information gains, last scan ({scan_dir.name[:-2]})", name))
+        name = _copy(scan_dir / "summary.png", dest / f"scans-{scan_dir.name[:-2]}.png")
+        if name:
+            figures.append((f"Chosen scans and classifier probability ({scan_dir.name[:-2]})", name))
+    for stage, title in (("vae", "VAE samples"), ("ipa", "IPA completions")):
+        name = _copy(_latest(run / stage / "samples", "*.png"), dest / f"{stage}-samples.png")
+        if name:
+            figures.append((title, name))
+    md = ["# Reference outputs of `make demo`", "",
+          f"Profile `{summary['profile']['name']}`: S = {summary['profile']['image_size']}, "
+          f"N = {summary['profile']['n_samples']} completions, T = {summary['profile']['scans']} scans, "
+          f"{summary['profile']['n_test']} test images per illness. Data: embedded phantom set "
+          "(synthetic, not real patients). Written by `make demo`; do not edit by hand.", "",
+          (run / "summary.md").read_text(), ""]
+    for title, name in figures:
+        md += [f"## {title}", "", f"![{title}]({name})", ""]
+    atomic_write_text(dest / "README.md", "\n".join(md))
+    return dest
+

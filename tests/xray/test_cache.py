@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.xray.conftest import image_for, make_nih
+from xray import cache, nih
+from xray.errors import UserError
+from xray.imageio import read_image
+from xray.labels import LABELS
+
+S = 16
+
+
+def images_of(out, n):
+    return np.fromfile(out / "images.u8", dtype=np.uint8).reshape(n, S, S)  # (n, S, S)
+
+
+def test_prepare_writes_images_labels_manifest(tiny_nih, tmp_path):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    labels = nih.read_labels(nih.find_csv(tiny_nih))
+    n = len(labels)
+    assert (m["image_size"], m["n_rows"], m["n_images"], m["bad_images"]) == (S, n, n, [])
+    assert (out / "images.u8").stat().st_size == n * S * S
+    imgs = images_of(out, n)
+    files = nih.find_images(tiny_nih)
+    for r in (0, 7, n - 1):
+        expect = cache.resize_square(read_image(files[labels.index[r]]), S)
+        np.testing.assert_array_equal(imgs[r], expect)
+    assert len({imgs[r].tobytes() for r in range(n)}) == n  # rows are not mixed up
+    table = pd.read_csv(out / "labels.csv", index_col="image")
+    assert table.index.tolist() == labels.index.tolist() and table["row"].tolist() == list(range(n))
+    sp = nih.split(tiny_nih, labels)
+    for s in ("train", "val", "test"):
+        assert table.index[table["split"] == s].tolist() == sp[s]
+        assert m["splits"][s] == len(sp[s])
+    assert m["counts"]["Effusion"] == int(labels["Effusion"].sum())
+    assert m["counts"][LABELS[-1]] == int((labels["No Finding"] == 0).sum())
+    assert not (out / "progress.json").exists()
+
+
+def test_default_out_and_idempotent(tiny_nih, monkeypatch):
+    out = cache.prepare(tiny_nih, S, workers=0, progress=False)
+    assert out == tiny_nih / f"prepared-{S}"
+    before = (out / "manifest.json").read_text()
+    monkeypatch.setattr(cache, "_load_one", lambda *a: pytest.fail("complete cache must not decode again"))
+    assert cache.prepare(tiny_nih, S, workers=0, progress=False) == out
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_resize_square_known_answers():
+    np.testing.assert_array_equal(cache.resize_square(np.full((40, 40), 0.5, np.float32), 8), np.full((8, 8), 128))
+    wide = np.zeros((8, 16), np.float32)
+    wide[:, 4:12] = 1.0  # the centre square is all ones, the sides are cropped away
+    np.testing.assert_array_equal(cache.resize_square(wide, 4), np.full((4, 4), 255))
+    half = np.zeros((64, 64), np.float32)
+    half[:, 32:] = 1.0
+    small = cache.resize_square(half, 8)
+    assert (small[:, :3] <= 3).all() and (small[:, 5:] >= 252).all()  # Lanczos: edge (and tiny ringing) mid-image
+    assert (small[:, 3] < small[:, 4]).all()
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    root = make_nih(tmp_path / "nih", n=37)
+    monkeypatch.setattr(cache, "CHUNK", 8)
+    ref = cache.prepare(root, S, out=tmp_path / "ref", workers=0, progress=False)
+
+    real = cache._load_one
+    calls = {"n": 0}
+
+    def dies_after_20(path, size):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt  # like Ctrl-C / a kill mid-chunk
+        return real(path, size)
+
+    monkeypatch.setattr(cache, "_load_one", dies_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare(root, S, out=tmp_path / "c", workers=0, progress=False)
+    progress = json.loads((tmp_path / "c" / "progress.json").read_text())
+    assert progress["done"] == [0, 1]  # two whole chunks of 8 recorded, the third was cut
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+    def counting(path, size):
+        calls["n"] += 1
+        return real(path, size)
+
+    calls["n"] = 0
+    monkeypatch.setattr(cache, "_load_one", counting)
+    cache.prepare(root, S, out=tmp_path / "c", workers=0, progress=False)
+    assert calls["n"] == 37 - 16  # continued, did not start over
+    assert (tmp_path / "c" / "images.u8").read_bytes() == (ref / "images.u8").read_bytes()
+    assert (tmp_path / "c" / "labels.csv").read_text() == (ref / "labels.csv").read_text()
+
+
+def test_parallel_workers_match_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CHUNK", 8)
+    root = make_nih(tmp_path / "nih", n=24, layout="nested")
+    a = cache.prepare(root, S, out=tmp_path / "a", workers=0, progress=False)
+    b = cache.prepare(root, S, out=tmp_path / "b", workers=2, progress=False)
+    assert (a / "images.u8").read_bytes() == (b / "images.u8").read_bytes()
+
+
+def test_few_bad_images_are_skipped_and_reported(tmp_path):
+    root = make_nih(tmp_path / "nih", n=120, px=8, skip_images=(5,))
+    out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    missing = nih.read_labels(nih.find_csv(root)).index[5]
+    assert m["n_images"] == 119 and m["n_rows"] == 120 and m["bad_images"][0]["image"] == missing
+    assert (out / "bad_images.txt").read_text().startswith(f"{missing}\tmissing")
+    table = pd.read_csv(out / "labels.csv", index_col="image")
+    assert missing not in table.index and len(table) == 119
+
+
+def test_too_many_bad_images_fail_then_recover_when_fixed(tmp_path):
+    root = make_nih(tmp_path / "nih", n=20, px=8)
+    victim = sorted((root / "images").iterdir())[3]
+    good_bytes = victim.read_bytes()
+    victim.write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=r"1 of 20 images .*bad_images.txt"):
+        cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    assert "unreadable" in (tmp_path / "c" / "bad_images.txt").read_text()
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    victim.write_bytes(good_bytes)  # user fixes the file and reruns: the bad chunk is retried
+    out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["n_images"] == 20
+    row = nih.read_labels(nih.find_csv(root)).index.get_loc(victim.name)
+    np.testing.assert_array_equal(images_of_size(out, 20, 8)[row], cache.resize_square(image_for(row, 8) / 255.0, 8))
+
+
+def images_of_size(out, n, s):
+    return np.fromfile(out / "images.u8", dtype=np.uint8).reshape(n, s, s)  # (n, s, s)
+
+
+def test_bad_size_and_unwritable_output(tiny_nih, tmp_path):
+    with pytest.raises(UserError, match="multiple of 4"):
+        cache.prepare(tiny_nih, 30, out=tmp_path / "c", workers=0, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write"):
+        cache.prepare(tiny_nih, S, out=blocker / "sub", workers=0, progress=False)
+    with pytest.raises(UserError, match="not a folder"):
+        cache.prepare(tmp_path / "missing", S, workers=0, progress=False)
+
+
+def test_16bit_source_images(tmp_path):
+    root = make_nih(tmp_path / "nih", n=4, px=8)
+    for p in (root / "images").iterdir():
+        a = np.asarray(Image.open(p), dtype=np.uint16) * 257  # same picture in 16 bits
+        Image.fromarray(a).save(p)
+    out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    for r in range(4):
+        np.testing.assert_array_equal(images_of_size(out, 4, 8)[r], image_for(r, 8))
+
+
+def test_changed_labels_rewrite_table_without_decoding(tiny_nih, tmp_path, monkeypatch):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    csv = tiny_nih / "Data_Entry_2017_v2020.csv"
+    first = nih.read_labels(csv).index[0]
+    lines = csv.read_text().splitlines()
+    lines[1] = lines[1].replace("No Finding", "Hernia")  # row 0 is a "No Finding" image
+    csv.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(cache, "_load_one", lambda *a: pytest.fail("pixels did not change"))
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
+    table = pd.read_csv(out / "labels.csv", index_col="image")
+    assert table.loc[first, "Hernia"] == 1 and table.loc[first, "No Finding"] == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["Hernia"] == int(table["Hernia"].sum())

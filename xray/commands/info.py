@@ -1,0 +1,61 @@
+"""Summarise an NIH-format folder or a prepared cache: counts per label, split sizes, missing images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "counts per label, split sizes and missing images of a data folder or cache"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="NIH-format folder or prepared cache")
+    p.add_argument("--show-missing", type=int, default=10, metavar="K", help="list at most K missing images (default: 10)")
+
+
+def _table(counts: dict[str, int], total: int) -> list[str]:
+    width = max(map(len, counts))
+    return [f"  {k:<{width}} {v:>8} {100 * v / max(total, 1):6.2f} %" for k, v in counts.items()]
+
+
+def summarise(path: str | Path, show_missing: int = 10) -> str:
+    """The text `xray info` prints."""
+    from xray import cache, nih
+    from xray.errors import UserError
+    from xray.labels import ANY_FINDING, NO_FINDING
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{p} is not a folder; pass an NIH-format folder or a prepared cache")
+    if (p / cache.MANIFEST_FILE).is_file():
+        m = cache.read_manifest(p)
+        n = m["n_images"]
+        lines = [f"prepared cache {p} of {m['source_root']} ({m['csv']}): {n} images at {m['image_size']} px",
+                 "labels:", *_table(m["counts"], n),
+                 "splits:", *_table({s: m["splits"][s] for s in ("train", "val", "trainval", "test")}, n),
+                 f"bad images (skipped): {len(m['bad_images'])}"]
+        lines += [f"  {b['image']}: {b['reason']}" for b in m["bad_images"][:show_missing]]
+        return "\n".join(lines)
+    csv = nih.find_csv(p)
+    labels = nih.read_labels(csv)
+    files = nih.find_images(p)
+    splits = nih.split(p, labels)
+    n = len(labels)
+    counts = {c: int(labels[c].sum()) for c in nih.LABEL_COLUMNS}
+    counts[ANY_FINDING] = n - counts[NO_FINDING]
+    missing = [name for name in labels.index if name not in files]
+    official = (p / "test_list.txt").is_file() and (p / "train_val_list.txt").is_file()
+    lines = [f"NIH-format folder {p} ({csv.name}): {n} images, {labels['patient_id'].nunique()} patients",
+             "labels:", *_table(counts, n),
+             f"splits ({'official lists' if official else 'hash of patient id'}):",
+             *_table({s: len(splits[s]) for s in ("train", "val", "trainval", "test")}, n),
+             f"missing images: {len(missing)} of {n}"]
+    lines += [f"  {name}" for name in missing[:show_missing]]
+    if len(missing) > show_missing:
+        lines.append(f"  ... and {len(missing) - show_missing} more")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    print(summarise(args.dir, args.show_missing))
+    return 0
