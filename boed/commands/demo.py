@@ -23,7 +23,7 @@ DEFAULT_ILLNESSES = ("effusion", "edema")
 
 
 def configure(p) -> None:
-    from boed.demo import PROFILES
+    from boed.demo import PROFILES, STAGES
 
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     p.add_argument("--data-root", type=Path, default=None, help="NIH-format folder (real or phantom); default: the embedded phantom set")
@@ -35,6 +35,8 @@ def configure(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps (smoke tests)")
     p.add_argument("--n-test", type=int, default=None, help="override the profile's number of test images")
+    p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage (default: run everything)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap every training batch size (smoke tests)")
     p.add_argument("--publish", type=Path, default=None, help="copy the reference outputs (tables, figures, README) to this folder")
 
 
@@ -48,13 +50,18 @@ def main(args) -> int:
             raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
         profile = dataclasses.replace(profile, vae_steps=min(profile.vae_steps, args.max_steps),
                                       ipa_steps=min(profile.ipa_steps, args.max_steps), avp_steps=min(profile.avp_steps, args.max_steps))
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
+        profile = dataclasses.replace(profile, vae_batch=min(profile.vae_batch, args.max_batch),
+                                      ipa_batch=min(profile.ipa_batch, args.max_batch), avp_batch=min(profile.avp_batch, args.max_batch))
     if args.n_test is not None:
         profile = dataclasses.replace(profile, n_test=args.n_test)
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
     illnesses = tuple(resolve_illness(i).name for i in args.illness)
     opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
-                       cache_dir=args.cache_dir, device=args.device, seed=args.seed)
+                       cache_dir=args.cache_dir, device=args.device, seed=args.seed, until=args.until)
     run_demo(opts)
     print((args.out / "summary.md").read_text())
     if args.publish is not None:
