@@ -1,0 +1,201 @@
+"""Choose where to scan one x-ray by expected information gain (greedy BOED with IPA completions).
+
+At each step the IPA model samples N completions of what has been scanned so far (at t = 1 the N
+images are drawn from the training set, as in the paper), the AVP classifier scores every candidate
+patch of the G x G grid, and the patch with the largest EIG is scanned. Prints each choice with its
+grid cell, pixel box, EIG and the classifier probability after the scan, and writes one figure per
+scan (observations, EIG heatmap with a red x, completions with their information-gain maps) plus a
+summary figure and ``scans.json`` into --out.
+
+examples:
+  boed run --illness effusion --scans 5 --index 3
+  boed run --illness "no finding" --image patient.dcm --ipa runs/demo/ipa --avp runs/demo/avp --out runs/scan1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from boed.geometry import ScanGeometry
+from xray.errors import UserError
+from xray.io import atomic_write_json, ensure_writable_dir
+from xray.labels import resolve_illness
+
+HELP = "choose scan locations for one image by EIG (greedy BOED with IPA completions)"
+DEFAULT_IPA = "runs/demo/ipa"
+DEFAULT_AVP = "runs/demo/avp"
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from xray.dataset import add_data_args
+
+    parser.add_argument("--illness", default="effusion", help="target: a pathology, 'any finding' or 'no finding' (default: effusion)")
+    parser.add_argument("--scans", type=int, default=5, help="number of patches to scan, T (default: 5)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--image", metavar="FILE", help="a PNG or DICOM x-ray (resized to the models' size)")
+    src.add_argument("--index", type=int, metavar="I", help="image I of the test split of --data (default: 0)")
+    parser.add_argument("--ipa", default=DEFAULT_IPA, metavar="DIR", help=f"IPA model or run dir (default: {DEFAULT_IPA})")
+    parser.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP classifier model or run dir (default: {DEFAULT_AVP})")
+    parser.add_argument("--n-samples", type=int, default=10, help="completions N per decision (default: 10)")
+    parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: argmax EIG (paper); epe: argmin expected posterior entropy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature (default: 1.0)")
+    parser.add_argument("--first-draws", choices=("dataset", "ipa"), default="dataset",
+                        help="t = 1 completions: images of the train split of --data (paper) or IPA samples given nothing "
+                             "(no data needed) (default: dataset)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/scan-<illness>-<source>)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="classifier inputs per forward pass (default: 2048 on CUDA, 256 on CPU)")
+    parser.add_argument("--show", type=int, default=5, help="completions shown per figure (default: 5)")
+    parser.add_argument("--no-figures", action="store_true", help="print and save scans.json only")
+    add_data_args(parser)
+    parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
+    parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
+
+
+def _image_size_of(model) -> int | None:
+    for obj in (model, getattr(model, "config", None), getattr(getattr(model, "vae", None), "config", None)):
+        s = getattr(obj, "image_size", None)
+        if isinstance(s, int):
+            return s
+    return None
+
+
+def _require_model_dir(path: str, default: str, what: str, make: str) -> Path:
+    p = Path(path)
+    if (p / "config.json").is_file() or (p / "model" / "config.json").is_file():
+        return p
+    hint = "run `boed demo` (it writes runs/demo/ipa and runs/demo/avp)" if path == default else f"train one with `{make}`"
+    raise UserError(f"no {what} model at {p} (no config.json there or in {p / 'model'}); {hint} or pass --{what.lower()} DIR")
+
+
+def load_models(ipa_path: str, avp_path: str, device: torch.device):
+    """``(ipa, avp, S)``; one-line errors for missing models or different image sizes."""
+    from boed.classifier import AVPClassifier
+
+    avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {avp_path}")
+    ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {ipa_path}")
+    from ipa_core.ipa import IPA
+
+    avp = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval()
+    ipa = IPA.from_pretrained(ipa_dir, map_location=device).eval()
+    s_avp, s_ipa = avp.config.image_size, _image_size_of(ipa)
+    if s_ipa is not None and s_ipa != s_avp:
+        raise UserError(f"the IPA model ({ipa_dir}) works at {s_ipa} px but the AVP classifier ({avp_dir}) at {s_avp} px; "
+                        "use models trained at the same --image-size")
+    return ipa, avp, s_avp
+
+
+def load_image(args, S: int, channels: int):
+    """``(x uint8 (1, C, S, S), label row or None, source name)`` from --image or --index."""
+    if args.image is not None:
+        from xray.cache import resize_square
+        from xray.imageio import read_image
+
+        arr = resize_square(read_image(args.image), S)  # uint8 (S, S)
+        x = torch.from_numpy(arr.copy())[None, None]  # (1, 1, S, S)
+        labels, source = None, Path(args.image).stem
+    else:
+        index = 0 if args.index is None else args.index
+        test = _dataset(args, S, "test")
+        if not 0 <= index < len(test):
+            raise UserError(f"--index {index} is outside the test split (0..{len(test) - 1})")
+        x = test.get_batch([index])  # (1, 1, S, S)
+        labels, source = test.labels[index], f"test{index}"
+        if x.shape[-1] != S:
+            raise UserError(f"test images are {x.shape[-1]} px but the models work at {S} px; pass --image-size {S}")
+    if channels != x.shape[1]:
+        x = x.expand(1, channels, S, S).contiguous()  # gray -> the classifier's channel count
+    return x, labels, source
+
+
+def _dataset(args, S: int, split: str):
+    from xray.dataset import dataset_from_args
+
+    if args.image_size is None:
+        args.image_size = S
+    elif args.image_size != S:
+        raise UserError(f"--image-size {args.image_size} differs from the models' {S} px; drop the flag or use matching models")
+    return dataset_from_args(args, split)
+
+
+def main(args: argparse.Namespace) -> int:
+    from boed.heatmaps import plot_decision, plot_summary
+    from boed.policies import GreedyPolicy, ScanState
+    from boed.samplers import DatasetSampler, IPASampler
+
+    illness = resolve_illness(args.illness)
+    if args.n_samples < 1:
+        raise UserError(f"--n-samples must be >= 1, got {args.n_samples}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    ipa, avp, S = load_models(args.ipa, args.avp, device)
+    geometry = ScanGeometry(S)
+    if not 1 <= args.scans <= geometry.num_locations:
+        raise UserError(f"--scans must be in 1..{geometry.num_locations} (the {geometry.grid}x{geometry.grid} grid), got {args.scans}")
+    C = avp.config.in_channels
+    x, labels, source = load_image(args, S, C)
+    x = x.to(device)
+    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")
+
+    first_sampler = None
+    if args.first_draws == "dataset":
+        first_sampler = DatasetSampler(_dataset(args, S, "train"))
+    sampler = IPASampler(ipa, temperature=args.temperature)
+    policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
+                          first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def prob(state: ScanState) -> float:
+        return float(illness.prob(avp.predict_proba(state.x_obs, state.mask))[0])
+
+    state = ScanState.empty(1, C, S, device)
+    target = None if labels is None else float(illness.target(torch.as_tensor(labels)))
+    probs, steps = [prob(state)], []
+    truth = "" if target is None else f" (label: {int(target)})"
+    print(f"{illness.name} on {source}{truth}: {geometry.grid}x{geometry.grid} grid, patch {geometry.patch_size} px, "
+          f"N = {args.n_samples}, estimator {args.estimator}")
+    print(f"t=0  p({illness.name}) = {probs[0]:.3f} with nothing observed")
+    for t in range(1, args.scans + 1):
+        t0 = time.perf_counter()
+        use = first_sampler if (t == 1 and first_sampler is not None) else None
+        res = policy.score(state, generator, sampler=use)
+        loc = int(res.choose(args.estimator)[0])
+        new = state.scan(x, torch.tensor([loc]), geometry)
+        probs.append(prob(new))
+        row, col = divmod(loc, geometry.grid)
+        top, left, bottom, right = geometry.box(loc)
+        gain, post = float(res.eig[0, loc]), float(res.epe[0, loc])
+        steps.append(dict(t=t, location=loc, row=row, col=col, box=[top, left, bottom, right], eig=gain, epe=post,
+                          prob=probs[-1], seconds=time.perf_counter() - t0))
+        print(f"t={t}  location {loc:3d} (row {row:2d}, col {col:2d})  pixels y {top}:{bottom}, x {left}:{right}  "
+              f"EIG {gain:.4g} nats" + (f"  EPE {post:.4g} nats" if args.estimator == "epe" else "")
+              + f"  p({illness.name}) = {probs[-1]:.3f}")
+        if not args.no_figures:
+            plot_decision(out / f"step_{t}.png", geometry, state.x_obs[0], state.mask[0], res.eig[0], res.info_gain[0],
+                          res.samples[0], loc, new.x_obs[0], new.mask[0], state.locations[0],
+                          title=f"{illness.name}, scan {t}: location {loc} (row {row}, col {col}), EIG {gain:.3g} nats"
+                          + (f", chosen by min EPE ({post:.3g} nats)" if args.estimator == "epe" else ""),
+                          n_show=args.show)
+        state = new
+    locations = state.locations[0]
+    if not args.no_figures:
+        plot_summary(out / "summary.png", geometry, x[0], state.x_obs[0], state.mask[0], locations, probs,
+                     [s["eig"] for s in steps], illness.name, target)
+    atomic_write_json(out / "scans.json", dict(
+        illness=illness.name, source=str(args.image) if args.image else source, target=target,
+        estimator=args.estimator, n_samples=args.n_samples, seed=args.seed, first_draws=args.first_draws,
+        geometry=geometry.to_dict(), prob_before=probs[0], steps=steps, locations=locations,
+        ipa=str(args.ipa), avp=str(args.avp)))
+    print(f"wrote {out / 'scans.json'}" + ("" if args.no_figures else f", {out}/step_*.png and {out / 'summary.png'}"))
+    return 0

@@ -1,0 +1,212 @@
+"""Scan policies: the state of a batch being scanned, the policy protocol, and the greedy BOED policy.
+
+A policy looks at a :class:`ScanState` (what has been scanned so far for B test images) and
+returns the next location for each image, ``LongTensor (B,)``. The evaluator calls
+``state = state.scan(x_full, policy.next_locations(state, generator), geometry)`` T times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from boed import estimators
+from boed.estimators import ESTIMATORS
+from boed.geometry import ScanGeometry
+from boed.scoring import candidate_probs, model_device, prepare_classifier
+from xray.errors import UserError
+from xray.labels import Illness, resolve_illness
+
+
+def patch_masks_of(geometry: ScanGeometry, locs: Tensor, dtype=torch.float32) -> Tensor:
+    """Masks of one patch per entry of ``locs (B,)``: ``(B, 1, S, S)`` (without building all L masks)."""
+    S, P, G = geometry.image_size, geometry.patch_size, geometry.grid
+    if locs.numel() and (int(locs.min()) < 0 or int(locs.max()) >= geometry.num_locations):
+        raise ValueError(f"scan locations must be in 0..{geometry.num_locations - 1}, got {locs.tolist()}")
+    top, left = (locs // G) * geometry.stride, (locs % G) * geometry.stride  # (B,) each
+    ar = torch.arange(S, device=locs.device)
+    rows = (ar >= top[:, None]) & (ar < top[:, None] + P)  # (B, S)
+    cols = (ar >= left[:, None]) & (ar < left[:, None] + P)  # (B, S)
+    return (rows[:, :, None] & cols[:, None, :])[:, None].to(dtype)  # (B, 1, S, S)
+
+
+@dataclass
+class ScanState:
+    """A batch of B test images being scanned."""
+
+    x_obs: Tensor  # uint8 (B, C, S, S): scanned pixels, zero elsewhere
+    mask: Tensor  # float (B, 1, S, S), 1 = observed
+    locations: list[list[int]] = field(default_factory=list)  # per image, in scan order
+
+    def __post_init__(self):
+        if not self.locations:
+            self.locations = [[] for _ in range(self.x_obs.shape[0])]
+
+    @property
+    def batch_size(self) -> int:
+        return self.x_obs.shape[0]
+
+    @property
+    def steps(self) -> int:
+        """Scans done so far (the same for every image of the batch)."""
+        return len(self.locations[0]) if self.locations else 0
+
+    @classmethod
+    def empty(cls, B: int, C: int, S: int, device: torch.device | str | None = None) -> "ScanState":
+        """Nothing observed yet."""
+        return cls(
+            x_obs=torch.zeros(B, C, S, S, dtype=torch.uint8, device=device),
+            mask=torch.zeros(B, 1, S, S, device=device),
+            locations=[[] for _ in range(B)],
+        )
+
+    def scan(self, x_full: Tensor, locs: Tensor, geometry: ScanGeometry) -> "ScanState":
+        """New state with patch ``locs[b]`` of ``x_full[b]`` observed (``x_full`` uint8 (B, C, S, S))."""
+        locs = torch.as_tensor(locs).reshape(-1).long()
+        if locs.numel() != self.batch_size or x_full.shape != self.x_obs.shape:
+            raise ValueError(f"scan got {locs.numel()} locations and images {tuple(x_full.shape)}; "
+                             f"expected {self.batch_size} and {tuple(self.x_obs.shape)}")
+        mask = torch.maximum(self.mask, patch_masks_of(geometry, locs.to(self.mask.device), self.mask.dtype))  # (B, 1, S, S)
+        x_obs = x_full.to(self.x_obs.device) * mask.to(torch.uint8)  # (B, C, S, S) uint8
+        locations = [prev + [int(l)] for prev, l in zip(self.locations, locs.tolist())]
+        return ScanState(x_obs=x_obs, mask=mask, locations=locations)
+
+    def to(self, device: torch.device | str) -> "ScanState":
+        return ScanState(self.x_obs.to(device), self.mask.to(device), [list(l) for l in self.locations])
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Chooses the next scan location of every image in a batch."""
+
+    name: str  # CSV method name: eig-ipa, epe-ipa, random, uncond, nongreedy, full
+    observes_everything: bool  # True only for the full-image upper bound
+
+    def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
+        """``LongTensor (B,)`` of locations in ``0..L-1``."""
+        ...
+
+
+@dataclass
+class ScoreResult:
+    """Everything one greedy decision computed (for figures and inspection)."""
+
+    eig: Tensor  # (B, L), exactly 0 where skip
+    epe: Tensor  # (B, L)
+    p: Tensor  # (B, L, N) g(v=1 | f_{prev, l}(x(n)))
+    samples: Tensor  # uint8 (B, N, C, S, S) the completions used
+    info_gain: Tensor  # (B, L, N) per-sample gain (eq. 69), 0 where skip
+    skip: Tensor  # (B, L) bool, candidates already fully observed (never chosen)
+
+    def choose(self, estimator: str = "eig") -> Tensor:
+        """Best candidate per image, ``(B,)``: argmax EIG or argmin EPE; ties -> lowest index."""
+        return select(self.eig if estimator == "eig" else self.epe, self.skip, maximize=estimator == "eig")
+
+
+def select(scores: Tensor, skip: Tensor, maximize: bool = True) -> Tensor:
+    """Argmax (or argmin) of ``scores (B, L)`` over candidates not in ``skip``; first index on ties."""
+    fill = float("-inf") if maximize else float("inf")
+    s = scores.masked_fill(skip, fill)
+    return (s.argmax(dim=1) if maximize else s.argmin(dim=1)).long()  # torch returns the first extremum
+
+
+def _is_empty(mask: Tensor) -> Tensor:
+    """Which images have nothing observed: ``(B, 1, S, S)`` -> ``(B,)`` bool."""
+    return mask.flatten(1).amax(1) <= 0
+
+
+class GreedyPolicy:
+    """Greedy BOED (paper sec. 5): sample N completions, score all L candidates, scan the best.
+
+    ``estimator="eig"`` (eq. 10, argmax) or ``"epe"`` (eq. 65, argmin). At t = 1 nothing is
+    observed, the paper draws the N images from the dataset (``first_sampler``; default
+    ``sampler``) and the first choice is the same for every test image: it is computed once per
+    (illness, estimator) and cached in :attr:`first_choice`.
+
+    The classifier is used through an inference copy (:func:`boed.scoring.prepare_classifier`:
+    eval mode, BN folded, channels_last); ``chunk_size`` classifier inputs per forward pass
+    (None: 2048 on CUDA, 256 on CPU).
+    """
+
+    observes_everything = False
+
+    def __init__(
+        self,
+        classifier: torch.nn.Module,
+        sampler,
+        illness,
+        geometry: ScanGeometry,
+        n_samples: int = 10,
+        estimator: str = "eig",
+        first_sampler=None,
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        *,
+        name: str | None = None,
+        channels_last: bool = True,
+        amp: bool = True,
+        fold_bn: bool = True,
+        progress: bool = False,
+    ):
+        if estimator not in ESTIMATORS:
+            raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if n_samples < 1:
+            raise UserError(f"n_samples must be >= 1, got {n_samples}")
+        self.illness = illness if isinstance(illness, Illness) else resolve_illness(illness)
+        self.geometry = geometry
+        self.sampler = sampler
+        self.first_sampler = first_sampler if first_sampler is not None else sampler
+        self.n_samples = int(n_samples)
+        self.estimator = estimator
+        self.name = name or f"{estimator}-ipa"
+        self.device = torch.device(device) if device is not None else model_device(classifier)
+        self.classifier = prepare_classifier(classifier, self.device, channels_last, fold_bn)  # an inference copy
+        self.chunk_size = chunk_size
+        self.channels_last, self.amp, self.progress = channels_last, amp, progress
+        self._first: dict[tuple[str, str], int] = {}
+        self.last_result: ScoreResult | None = None
+
+    @property
+    def first_choice(self) -> int | None:
+        return self._first.get((self.illness.name, self.estimator))
+
+    def score(self, state: ScanState, generator: torch.Generator | None = None, sampler=None) -> ScoreResult:
+        """Sample completions of every image in ``state`` and score every candidate location."""
+        sampler = sampler or self.sampler
+        x_obs, mask = state.x_obs.to(self.device), state.mask.to(self.device)
+        samples = sampler.sample(x_obs, mask, self.n_samples, generator)  # (B, N, C, S, S)
+        skip = self.geometry.fully_observed(mask)  # (B, L)
+        p = candidate_probs(self.classifier, samples, mask, self.geometry, self.illness, self.chunk_size, skip,
+                            channels_last=self.channels_last, amp=self.amp, progress=self.progress)  # (B, L, N)
+        skip = skip.to(p.device)
+        gains = estimators.eig(p).masked_fill(skip, 0.0)  # (B, L)
+        ig = estimators.information_gain(p).masked_fill(skip[..., None], 0.0)  # (B, L, N)
+        return ScoreResult(eig=gains, epe=estimators.epe(p), p=p, samples=samples, info_gain=ig, skip=skip)
+
+    def first_location(self, state: ScanState, generator: torch.Generator | None = None) -> int:
+        """The cached t = 1 choice (computed on first use from ``first_sampler`` draws)."""
+        key = (self.illness.name, self.estimator)
+        if key not in self._first:
+            _, C, S, _ = state.x_obs.shape
+            empty = ScanState.empty(1, C, S, self.device)
+            res = self.score(empty, generator, sampler=self.first_sampler)
+            self._first[key] = int(res.choose(self.estimator)[0])
+            self.last_result = res
+        return self._first[key]
+
+    def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
+        B = state.batch_size
+        out = torch.empty(B, dtype=torch.long)
+        empty = _is_empty(state.mask).cpu()
+        if empty.any():
+            out[empty] = self.first_location(state, generator)
+        rest = (~empty).nonzero().reshape(-1)
+        if rest.numel():
+            sub = ScanState(state.x_obs[rest], state.mask[rest], [state.locations[i] for i in rest.tolist()])
+            res = self.score(sub, generator)
+            out[rest] = res.choose(self.estimator).cpu()
+            self.last_result = res
+        return out

@@ -1,0 +1,139 @@
+"""`boed run` end to end, in-process, with tiny models saved to tmp dirs."""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from boed.cli import main
+from tests.boed.test_samplers import ImageSet
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from boed.classifier import AVPClassifier, AVPConfig
+    from ipa_core.config import get_config
+    from ipa_core.ipa import IPA, IPAConfig
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    AVPClassifier(AVPConfig(arch="tiny", image_size=S)).save_pretrained(root / "avp")
+    IPA(IPAConfig.from_vae(dataclasses.replace(get_config("tiny"), shift=-127.5, scale=1 / 64))).save_pretrained(root / "ipa" / "model")  # a run dir
+    small = AVPClassifier(AVPConfig(arch="tiny", image_size=128))
+    small.save_pretrained(root / "avp128")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def sampling(monkeypatch):
+    """Use ipa_core.sampling when it exists; until then a stand-in that draws noise completions."""
+    if importlib.util.find_spec("ipa_core.sampling") is None:
+        mod = types.ModuleType("ipa_core.sampling")
+
+        def sample_completions(model, x_obs, m, n, t=1.0, generator=None, paste=True, autocast=False):
+            return torch.randint(0, 256, (x_obs.shape[0], n, *x_obs.shape[1:]), dtype=torch.uint8, generator=generator)
+
+        mod.sample_completions = sample_completions
+        monkeypatch.setitem(sys.modules, "ipa_core.sampling", mod)
+
+
+@pytest.fixture
+def image_png(tmp_path):
+    yy, xx = np.mgrid[0:100, 0:90]
+    arr = (127 + 120 * np.sin(xx / 9.0) * np.cos(yy / 13.0)).astype(np.uint8)
+    path = tmp_path / "xray.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", *argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_run_on_png_prints_choices_and_writes_figures(models, image_png, tmp_path, capsys):
+    out = tmp_path / "scan"
+    code, stdout, err = run(["--illness", "Effusion", "--scans", "2", "--image", str(image_png), "--ipa", str(models / "ipa"),
+                             "--avp", str(models / "avp"), "--n-samples", "3", "--first-draws", "ipa", "--out", str(out),
+                             "--seed", "1", "--show", "2"], capsys)
+    assert code == 0, err
+    lines = [l for l in stdout.splitlines() if l.startswith("t=")]
+    assert len(lines) == 3 and "EIG" in lines[1] and "row" in lines[1] and "p(Effusion)" in lines[2]
+    rec = json.loads((out / "scans.json").read_text())
+    assert rec["illness"] == "Effusion" and len(rec["steps"]) == 2 and len(rec["locations"]) == 2
+    assert len(set(rec["locations"])) == 2 and all(0 <= l < 289 for l in rec["locations"])
+    for s in rec["steps"]:
+        assert s["eig"] >= 0 and 0 <= s["prob"] <= 1 and s["box"][2] - s["box"][0] == 16
+    assert {"step_1.png", "step_2.png", "summary.png", "scans.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeypatch):
+    import xray.dataset
+
+    ds = ImageSet(6, S=S)
+    ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds.labels = torch.zeros(6, 15)
+    ds.labels[2, 4] = 1  # Effusion
+    ds.get_batch = lambda idx: ds.images[torch.as_tensor(idx)]
+    asked = []
+
+    def fake(args, split):
+        asked.append((split, args.image_size))
+        return ds
+
+    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    out = tmp_path / "idx"
+    code, stdout, err = run(["--illness", "effusion", "--scans", "1", "--index", "2", "--ipa", str(models / "ipa"),
+                             "--avp", str(models / "avp"), "--n-samples", "2", "--out", str(out), "--no-figures"], capsys)
+    assert code == 0, err
+    assert ("test", S) in asked and ("train", S) in asked
+    assert "label: 1" in stdout
+    rec = json.loads((out / "scans.json").read_text())
+    assert rec["target"] == 1.0 and rec["first_draws"] == "dataset"
+    assert not list(out.glob("*.png"))
+    code, _, err = run(["--scans", "1", "--index", "9", "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
+                        "--out", str(out)], capsys)
+    assert code == 2 and "outside the test split" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scans", "0"], "--scans must be in 1..289"),
+    (["--scans", "290"], "--scans must be in 1..289"),
+    (["--illness", "flu"], "unknown illness 'flu'; valid names"),
+    (["--image", "MISSING.png"], "does not exist"),
+    (["--image", "CORRUPT"], "corrupt"),
+    (["--avp", "AVP128"], "works at 64 px but the AVP classifier"),
+    (["--avp", "NOWHERE"], "no AVP model at"),
+    (["--ipa", "NOWHERE"], "ipa_core train --stage ipa"),
+])
+def test_run_bad_input_is_one_line_error(models, tmp_path, capsys, extra, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    args = {"--ipa": str(models / "ipa"), "--avp": str(models / "avp"), "--image": str(tmp_path / "ok.png")}
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "ok.png")
+    subst = {"MISSING.png": str(tmp_path / "missing.png"), "CORRUPT": str(bad), "AVP128": str(models / "avp128"),
+             "NOWHERE": str(tmp_path / "nowhere")}
+    extra = [subst.get(a, a) for a in extra]
+    for i in range(0, len(extra), 2):
+        args[extra[i]] = extra[i + 1]
+    argv = [a for kv in args.items() for a in kv] + ["--first-draws", "ipa", "--n-samples", "1", "--out", str(tmp_path / "o")]
+    if "--scans" not in args:
+        argv += ["--scans", "1"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_model_paths_name_the_demo_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["--scans", "1"], capsys)
+    assert code == 2 and "boed demo" in err
