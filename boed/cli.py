@@ -8,3 +8,7 @@ main = make_main("boed", __doc__, {
     "evaluate": "boed.commands.evaluate",
     "demo": "boed.commands.demo",
 })
+
+
+if __name__ == "__main__":  # python -m boed.cli (e.g. under torchrun)
+    main()

@@ -6,3 +6,7 @@ main = make_main("ipa_core", __doc__, {
     "train": "ipa_core.commands.train",
     "sample": "ipa_core.commands.sample",
 })
+
+
+if __name__ == "__main__":  # python -m ipa_core.cli (e.g. under torchrun)
+    main()

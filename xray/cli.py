@@ -7,3 +7,7 @@ main = make_main("xray", __doc__, {
     "phantom": "xray.commands.phantom",
     "info": "xray.commands.info",
 })
+
+
+if __name__ == "__main__":  # python -m xray.cli (e.g. under torchrun)
+    main()

@@ -1,0 +1,5 @@
+"""python -m boed"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""python -m ipa_core"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,322 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from boed.classifier import AVPClassifier, AVPConfig
+from boed.evaluate import (EvalConfig, evaluate, load_records, missing_records, parse_methods, parse_shard,
+                           records_path, select_test_indices, shard_positions)
+from boed.geometry import ScanGeometry
+from xray.errors import UserError
+
+S = 64
+L = ScanGeometry(S).num_locations
+
+
+class TinySet:
+    """A stand-in test split: uint8 images and 0/1 labels."""
+
+    def __init__(self, n=10, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 1, S, S), generator=g, dtype=torch.uint8)
+        self.labels = (torch.rand(n, 15, generator=g) > 0.5).float().numpy()
+        self.image_size = S
+
+    def __len__(self):
+        return len(self.images)
+
+    def get_batch(self, idx):
+        return self.images[torch.as_tensor(idx)]
+
+
+class RandomStandIn:
+    """Random locations from the generator (the policy's only randomness)."""
+
+    name, observes_everything = "random", False
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def next_locations(self, state, generator=None):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # a kill in the middle of the run
+        return torch.randint(L, (state.batch_size,), generator=generator)
+
+
+class CachedStandIn:
+    """Like Uncond: a sequence drawn once (from the first generator it sees) and cached."""
+
+    name, observes_everything = "uncond", False
+
+    def __init__(self):
+        self._seq = None
+
+    def sequence(self, T, generator=None):
+        if self._seq is None:
+            self._seq = torch.randint(L, (T,), generator=generator).tolist()
+        return self._seq[:T]
+
+    def next_locations(self, state, generator=None):
+        t = len(state.locations[0])
+        return torch.full((state.batch_size,), self.sequence(t + 1, generator)[t], dtype=torch.long)
+
+
+class FullStandIn:
+    name, observes_everything = "full", True
+
+    def next_locations(self, state, generator=None):
+        raise AssertionError("never called")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    return AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).eval()
+
+
+def _cfg(data, **kw):
+    base = dict(tasks=("effusion", "edema"), methods=("random", "uncond", "full"), scans=3, seed=1,
+                indices=select_test_indices(len(data), 7, seed=1), batch_size=3, image_size=S, n_boot=50)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _policies(cfg, fail_after=None):
+    out = {}
+    for m, t in cfg.jobs():
+        out[(m, t)] = {"random": lambda: RandomStandIn(fail_after), "uncond": CachedStandIn, "full": FullStandIn}[m]()
+    return out
+
+
+def _canon(recs):
+    return sorted((json.dumps({k: v for k, v in r.items() if k != "pos"}, sort_keys=True) for r in recs))
+
+
+def test_records_content(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+    recs = load_records(tmp_path)
+    # random and full are task-free (scanned once), uncond once per task
+    assert len(recs) == 7 * (1 + 2 + 1) and missing_records(tmp_path, cfg) == 0
+    empty = classifier.predict_proba(torch.zeros(1, 1, S, S, dtype=torch.uint8), torch.zeros(1, 1, S, S))[0]
+    for r in recs:
+        P = np.array(r["probs"])
+        assert P.shape == (4, 15)
+        np.testing.assert_array_equal(r["labels"], data.labels[r["index"]])
+        if r["method"] == "full":
+            assert r["locations"] == [] and (P == P[0]).all()
+            x = data.get_batch([r["index"]])
+            full = classifier.predict_proba(x, torch.ones(1, 1, S, S))[0]
+            np.testing.assert_allclose(P[0], full.numpy(), rtol=1e-5, atol=1e-6)
+        else:
+            assert len(r["locations"]) == 3 and all(0 <= l < L for l in r["locations"])
+            np.testing.assert_allclose(P[0], empty.numpy(), rtol=1e-5, atol=1e-6)
+    uncond = [r for r in recs if r["method"] == "uncond"]
+    assert len({tuple(r["locations"]) for r in uncond if r["task"] == "Effusion"}) == 1
+
+
+def test_probabilities_follow_the_scans(tmp_path, classifier):
+    """Re-scoring the recorded locations by hand gives the recorded probabilities."""
+    data = TinySet()
+    cfg = _cfg(data, methods=("random",), tasks=("effusion",))
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+    g = ScanGeometry(S)
+    for r in load_records(tmp_path)[:3]:
+        x = data.get_batch([r["index"]])
+        for t in range(1, 4):
+            m = g.mask(r["locations"][:t])[None]
+            p = classifier.predict_proba(x * m.to(torch.uint8), m)[0]
+            np.testing.assert_allclose(r["probs"][t], p.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_kill_gives_same_records(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
+    ref = _canon(load_records(tmp_path / "ref"))
+
+    # kill in the second batch of the random policy (3 images x 3 scans per batch), then tear a line
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_policies(cfg, fail_after=11), classifier, data, cfg, tmp_path / "run", progress=False)
+    path = records_path(tmp_path / "run", (0, 1))
+    n_before = len(load_records(tmp_path / "run"))
+    assert 0 < n_before < len(ref)
+    with open(path, "a") as f:
+        f.write('{"method": "random", "ta')  # torn write
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "run", progress=False)  # fresh policies, resumed
+    assert _canon(load_records(tmp_path / "run")) == ref
+    assert sum(1 for _ in open(path)) == len(ref)  # no duplicates, torn line gone
+
+
+def test_records_independent_of_batch_size_and_shards(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
+    cfg2 = _cfg(data, batch_size=2)
+    for i in range(3):
+        evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path / "sharded", shard=(i, 3), progress=False)
+        if i < 2:
+            assert missing_records(tmp_path / "sharded", cfg2) > 0
+    assert len(list((tmp_path / "sharded").glob("records-*.jsonl"))) == 3
+    got = {(r["method"], r["task"], r["index"]): r for r in load_records(tmp_path / "sharded")}
+    want = {(r["method"], r["task"], r["index"]): r for r in load_records(tmp_path / "ref")}
+    assert got.keys() == want.keys()
+    for k, r in want.items():  # same scans; probabilities equal up to float32 batching noise
+        assert got[k]["locations"] == r["locations"]
+        np.testing.assert_allclose(got[k]["probs"], r["probs"], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_rng_mode_resumes_exactly(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data, rng="batch", methods=("random",))
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
+    ref = _canon(load_records(tmp_path / "ref"))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_policies(cfg, fail_after=4), classifier, data, cfg, tmp_path / "run", progress=False)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "run", progress=False)
+    assert _canon(load_records(tmp_path / "run")) == ref
+    with pytest.raises(UserError, match="batch_size=3"):  # batch size changes the numbers in this mode
+        evaluate(_policies(cfg), classifier, data, _cfg(data, rng="batch", methods=("random",), batch_size=2),
+                 tmp_path / "run", progress=False)
+
+
+def test_different_config_in_same_out_dir_is_user_error(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data, methods=("full",))
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+    with pytest.raises(UserError, match="scans=3.*scans=2"):
+        cfg2 = _cfg(data, methods=("full",), scans=2)
+        evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path, progress=False)
+
+
+def test_parsing_and_selection():
+    assert parse_methods("eig, epe,random,uncond,nongreedy,full,eig") == ("eig-ipa", "epe-ipa", "random", "uncond", "nongreedy", "full")
+    with pytest.raises(UserError, match="unknown method 'foo'"):
+        parse_methods("eig,foo")
+    assert parse_shard("2/4") == (2, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "a/b", "1"):
+        with pytest.raises(UserError):
+            parse_shard(bad)
+    with pytest.raises(UserError, match="unknown illness"):
+        EvalConfig(tasks=("flu",))
+    idx = select_test_indices(100, 10, seed=3)
+    assert idx == select_test_indices(100, 10, seed=3) and len(set(idx)) == 10
+    with pytest.warns(UserWarning, match="larger than the test set"):
+        assert sorted(select_test_indices(5, 9, seed=0)) == list(range(5))
+    pos = [shard_positions(10, 3, (i, 2)) for i in range(2)]
+    assert pos == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    import dataclasses
+
+    from ipa_core.config import get_config
+    from ipa_core.ipa import IPA, IPAConfig
+    from tests.xray.conftest import make_nih
+
+    root = tmp_path_factory.mktemp("evalcli")
+    torch.manual_seed(0)
+    AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).save_pretrained(root / "avp" / "model")
+    AVPClassifier(AVPConfig(arch="tiny", image_size=128, width=4)).save_pretrained(root / "avp128")
+    AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).save_pretrained(root / "avp_b")  # other weights
+    IPA(IPAConfig.from_vae(dataclasses.replace(get_config("tiny"), shift=-127.5, scale=1 / 64))).save_pretrained(root / "ipa" / "model")
+    nih = make_nih(root / "nih", n=40, px=48)
+    data = ["--data", "chestxray", "--data-root", str(nih), "--cache-dir", str(root / "cache")]
+    return root, data
+
+
+def _cli(argv, capsys):
+    from xray.cli_base import make_main
+
+    main = make_main("boed", "test", {"evaluate": "boed.commands.evaluate"})
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", *argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_evaluate_all_methods_and_cross_task(cli_setup, tmp_path, capsys):
+    import csv
+
+    root, data = cli_setup
+    common = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--illness", "effusion", "--scans", "2",
+              "--n-test", "4", "--n-samples", "2", "--n-sequences", "4", "--n-boot", "30", "--batch-size", "3",
+              "--no-progress", *data]
+    code, out, err = _cli(["--methods", "eig,random,uncond,nongreedy,full", "--cross-task", "edema",
+                           "--out", str(tmp_path / "ev"), *common], capsys)
+    assert code == 0, err
+    with open(tmp_path / "ev" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["method", "illness", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n"]
+    assert {r["method"] for r in rows} == {"eig-ipa", "random", "uncond", "nongreedy", "full"}
+    assert {r["illness"] for r in rows} == {"Effusion", "Edema"} and {r["t"] for r in rows} == {"0", "1", "2"}
+    assert all(r["n"] == "4" for r in rows)
+    for name in ("auroc.png", "nll.png", "cross_task.csv", "cross_task_eig-ipa.png"):
+        assert (tmp_path / "ev" / name).is_file()
+    recs = load_records(tmp_path / "ev")
+    eig = [r for r in recs if r["method"] == "eig-ipa"]
+    assert len(eig) == 8 and len({r["locations"][0] for r in eig if r["task"] == "Effusion"}) == 1  # cached t=1 choice
+    assert all(len(set(r["locations"])) == 2 for r in eig)  # a scanned patch is never chosen again
+
+    # shards across "machines", then --merge: the same records and metrics
+    for i in range(2):
+        code, out, err = _cli(["--methods", "random", "--shard", f"{i}/2", "--out", str(tmp_path / "sh"), *common], capsys)
+        assert code == 0, err
+        if i == 0:
+            assert "--merge" in out and not (tmp_path / "sh" / "metrics.csv").exists()
+    code, out, err = _cli(["--merge", "--out", str(tmp_path / "sh")], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["--methods", "random", "--out", str(tmp_path / "single"), *common], capsys)
+    assert (tmp_path / "sh" / "metrics.csv").read_text() == (tmp_path / "single" / "metrics.csv").read_text()
+
+
+def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
+    root, data = cli_setup
+    base = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--out", str(tmp_path / "e"), "--n-test", "2", *data]
+    cases = [
+        (["--methods", "eig,magic"], "unknown method 'magic'"),
+        (["--illness", "flu"], "unknown illness 'flu'"),
+        (["--avp", str(tmp_path / "none")], "no AVP model"),
+        (["--avp", str(root / "avp128")], "works at"),
+        (["--ipa", str(tmp_path / "none"), "--methods", "eig"], "ipa_core train-ipa"),
+        (["--avp", str(root / "ipa")], "not an AVP classifier"),
+        (["--shard", "3/2"], "--shard"),
+    ]
+    for extra, msg in cases:
+        code, out, err = _cli(base + extra, capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+    code, out, err = _cli(["--merge", "--out", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no evaluation" in err
+    ok = ["--methods", "full", "--n-boot", "10", "--no-progress"]
+    code, out, err = _cli(base + ok, capsys)
+    assert code == 0, err
+    code, out, err = _cli(base + ok + ["--avp", str(root / "avp_b")], capsys)  # resume with another model
+    assert code == 2 and "model_hashes" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge(cli_setup, tmp_path):
+    """Two torchrun ranks take one shard each; rank 0 waits and writes the metrics."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, data = cli_setup
+    boed_script = Path(sys.executable).parent / "boed"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None or not boed_script.exists():
+        pytest.skip("torchrun or the boed console script is not installed in this environment")
+    argv = [torchrun, "--nproc-per-node", "2", str(boed_script), "evaluate", "--methods", "random,full", "--scans", "2",
+            "--n-boot", "20", "--batch-size", "2", "--avp", str(root / "avp"), "--out", str(tmp_path / "ev"),
+            "--no-progress", *data]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list((tmp_path / "ev").glob("records-*-of-002.jsonl"))) == 2
+    assert (tmp_path / "ev" / "metrics.csv").is_file()

@@ -1,0 +1,122 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from boed.classifier import AVPClassifier, AVPConfig
+from boed.train_avp import (AVPTrainConfig, AVPTrainTask, format_auroc_table, positive_weights,
+                            sample_training_masks)
+from tests.xray.conftest import make_nih
+from xray.cli_base import make_main
+from xray.errors import UserError
+
+S = 64
+
+
+def test_training_masks_distribution():
+    g = torch.Generator().manual_seed(0)
+    cfg = AVPTrainConfig(p_full=0.2)
+    m = sample_training_masks(800, S, cfg, g)
+    assert m.shape == (800, 1, S, S) and set(m.unique().tolist()) <= {0.0, 1.0}
+    frac = m.flatten(1).mean(1)  # (B,)
+    full = frac == 1
+    assert abs(full.float().mean().item() - 0.2) < 0.045  # (5 patches of 1/16 each cannot cover the image)
+    assert (frac[~full] <= 5 * (S // 4) ** 2 / S**2 + 1e-6).all()  # at most 5 patches of side S/4
+    assert (frac == 0).float().mean() > 0.1  # "0 patches" = nothing observed, ~1/6 of the patch masks
+    clipped = frac[~full & (frac > 0)]
+    assert (clipped * S * S % (S // 4) ** 2 != 0).any()  # some patches are clipped at the border
+    torch.testing.assert_close(m, sample_training_masks(800, S, cfg, torch.Generator().manual_seed(0)))
+
+
+def test_positive_weights_known_answer():
+    y = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    np.testing.assert_allclose(positive_weights(y, max_weight=10).numpy(), [3.0, 4.0, 1.0])  # no positives: negatives / 1
+
+
+def test_loss_of_uninformed_model_is_log2():
+    model = AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))
+    torch.nn.init.zeros_(model.net.head.weight)
+    torch.nn.init.zeros_(model.net.head.bias)
+    task = AVPTrainTask(model)
+    x = torch.randint(0, 256, (4, 1, S, S), dtype=torch.uint8)
+    y = (torch.rand(4, 15) > 0.5).float()
+    loss, metrics = task.loss(model, (x, y), torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert 0 <= float(metrics["observed"]) <= 1
+    loss.backward()
+    assert model.net.head.weight.grad.abs().sum() > 0
+
+
+def test_bad_config_is_user_error():
+    with pytest.raises(UserError):
+        AVPTrainConfig(p_full=0.8, p_freeform=0.5)
+    with pytest.raises(UserError, match="needs the training labels"):
+        AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S)), AVPTrainConfig(pos_weight="auto"))
+
+
+class BrightCornerSet:
+    """Label k = 1 when a bright square sits in a known place: learnable from masked views."""
+
+    def __init__(self, n=256, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 80, (n, 1, S, S), generator=g, dtype=torch.uint8)
+        y = (torch.rand(n, 15, generator=g) > 0.5).float()
+        y[:, 4] = torch.arange(n) % 2  # Effusion balanced
+        x[y[:, 4] == 1, :, 8:40, 8:40] = 230
+        self.images, self.labels, self.image_size = x, y.numpy(), S
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], torch.as_tensor(self.labels[i])
+
+    def get_batch(self, idx):
+        return self.images[torch.as_tensor(idx)]
+
+
+def test_fit_learns_and_reports(tmp_path):
+    from ipa_core.trainer import TrainConfig, fit
+
+    torch.manual_seed(0)
+    data = BrightCornerSet()
+    model = AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))
+    task = AVPTrainTask(model, AVPTrainConfig(p_full=0.3, eval_images=128), progress=False, preview=data)
+    cfg = TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup=10, ema_rate=None, log_every=20, sample_every=80, ckpt_every=80)
+    fit(task, data, cfg, tmp_path / "run", test_set=data)
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert res["full/Effusion"] > 0.95  # the bright square is seen on the full image
+    assert 0.5 < res["patch1/Effusion"] <= res["full/Effusion"] + 1e-9  # one patch sees it only sometimes
+    assert "full/mean" in res and res["n_images"] == 128
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    loaded = AVPClassifier.from_pretrained(tmp_path / "run")
+    assert "Effusion" in format_auroc_table(res)
+    x = data.get_batch(list(range(8)))
+    p = loaded.predict_proba(x, torch.ones(8, 1, S, S))[:, 4]
+    assert (p[1::2].min() > p[0::2].max())  # positives above negatives
+
+
+def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
+    main = make_main("boed", "test", {"train-avp": "boed.commands.train_avp"})
+    root = make_nih(tmp_path / "nih", n=40, px=48)
+    argv = ["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+            "--image-size", str(S), "--width", "4", "--steps", "6", "--batch-size", "4", "--log-every", "3",
+            "--ckpt-every", "3", "--sample-every", "100", "--out", str(tmp_path / "avp"), "--eval-images", "50"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "1 patch" in out and (tmp_path / "avp" / "auroc_table.txt").is_file()
+    m1 = AVPClassifier.from_pretrained(tmp_path / "avp")
+    assert m1.config.image_size == S and m1.config.width == 4
+    with pytest.raises(SystemExit) as e:  # same command again: resumes at step 6, nothing to do, same model
+        main(argv)
+    assert e.value.code == 0
+    m2 = AVPClassifier.from_pretrained(tmp_path / "avp")
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(SystemExit) as e:  # a different architecture in the same run folder
+        main(argv[:-4] + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
+    assert e.value.code == 2 and "different model config" in capsys.readouterr().err

@@ -1,0 +1,5 @@
+"""python -m xray"""
+
+from .cli import main
+
+main()
