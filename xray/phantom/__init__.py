@@ -118,6 +118,8 @@ def generate(out_dir: str | os.PathLike, n: int, size: int, seed: int, workers: 
         atomic_write_text(tmp / "train_val_list.txt", "".join(f"{s}\n" for s in train_val))
         atomic_write_text(tmp / "test_list.txt", "".join(f"{s}\n" for s in test))
         atomic_write_text(tmp / "Data_Entry_2017_v2020.csv", data_entry_text(metas))
+        for p in [tmp, img_dir, *tmp.glob("*.*")]:  # mkdtemp/mkstemp create owner-only files
+            p.chmod(0o755 if p.is_dir() else 0o644)
         os.replace(tmp, out)  # an empty existing folder is replaced atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

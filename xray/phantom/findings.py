@@ -95,15 +95,15 @@ def effusion(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
         c = np.arange(cv.size, dtype=np.float32)
         lat = (cols[-1] - c) / (cols[-1] - cols[0]) if side == 0 else (c - cols[0]) / (cols[-1] - cols[0])
         lat = np.clip(lat, 0, 1)
-        height = hpx * (0.03 + 0.30 * s * rng.uniform(0.7, 1.3))
+        height = hpx * (0.02 + 0.28 * s * rng.uniform(0.7, 1.3))
         top = bottom - height * (0.25 + 1.1 * lat ** 2)  # meniscus: higher along the lateral wall
         soft = 1.0 + 1.5 * (1 - s)
         fluid = sigmoid((rows - top[None, :]) / soft)  # (S, S)
         region = ndimage.gaussian_filter(lung, 0.8 + cv.size / 128) > 0.3
-        m = fluid * region * (0.45 + 0.5 * s)
+        m = fluid * region * (0.35 + 0.55 * s)
         cv.add_opacity(m)
         cv.extra += 0.05 * s * fluid * region  # fluid slightly denser than soft tissue over it
-        b = box_of(m * inside, 0.25)
+        b = box_of(fluid * region, 0.5)  # the fluid's extent, however faint
         if b:
             out.append(b)
     return out

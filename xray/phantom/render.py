@@ -106,7 +106,8 @@ def _devices(img: np.ndarray, rng: np.random.Generator, view: str, u: np.ndarray
         glyph = np.kron(np.array([[c == "1" for c in row] for row in letter]), np.ones((k, k), bool))  # (7k, 5k)
         gy, gx = glyph.shape
         y0 = int(rng.integers(1, max(2, s // 10)))
-        x0 = int(rng.integers(1, max(2, s // 10))) if rng.random() < 0.5 else s - gx - int(rng.integers(1, max(2, s // 10)))
+        margin = int(rng.integers(1, max(2, s // 10)))
+        x0 = margin if rng.random() < 0.5 else s - gx - margin
         img[y0:y0 + gy, x0:x0 + gx][glyph] = 0.97
     if rng.random() < (0.45 if view == "AP" else 0.08):
         rows = np.arange(s, dtype=np.float32)

@@ -1,0 +1,37 @@
+"""xray.io: atomic writes leave either the old or the new file, with normal permissions."""
+
+import os
+
+import pytest
+
+from xray.errors import UserError
+from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+
+
+def test_atomic_write_replaces_and_respects_umask(tmp_path):
+    p = tmp_path / "a.txt"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "b.json"
+    atomic_write_json(p, {"x": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert p.read_text().strip().startswith("{") and '"x": 1' in p.read_text()
+    assert [f.name for f in tmp_path.iterdir()] == ["b.json"]
+
+
+def test_unwritable_dir_is_a_user_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        ensure_writable_dir(f / "sub")

@@ -1,0 +1,145 @@
+"""Phantom generator: NIH format, determinism, patient split, finding placement, prevalence knob."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xray.errors import UserError
+from xray.labels import NO_FINDING, PATHOLOGIES
+from xray.phantom import DEMO_PREVALENCE, contact_sheet, generate, render_meta
+from xray.phantom.metadata import HEADER, ImageMeta, rake_weights, real_table, sample_metadata
+
+N, SIZE = 24, 64
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("ph") / "a", N, SIZE, seed=7, workers=1, prevalence=DEMO_PREVALENCE,
+                    progress=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_header_and_fields(folder):
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "BBox_List_2017.csv", "Data_Entry_2017_v2020.csv", "images", "test_list.txt", "train_val_list.txt"]
+    lines = (folder / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    assert lines[0] == HEADER
+    assert len(lines) == N + 1
+    for line in lines[1:]:
+        f = line.split(",")
+        assert len(f) == 11
+        assert f[0] == f"{int(f[3]):08d}_{int(f[2]):03d}.png"
+        labels = f[1].split("|")
+        assert labels == [NO_FINDING] or set(labels) <= set(PATHOLOGIES)
+        assert f[5] in ("M", "F") and f[6] in ("PA", "AP")
+        im = Image.open(folder / "images" / f[0])
+        assert im.mode == "L" and im.size == (SIZE, SIZE)
+    assert (folder / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert not list(folder.parent.glob(".*partial*"))  # the temporary folder was renamed
+
+
+def test_loads_through_nih_reader(folder):
+    nih = pytest.importorskip("xray.nih")
+    df = nih.read_labels(folder / "Data_Entry_2017_v2020.csv")
+    assert len(df) == N
+    boxes = nih.read_bboxes(folder / "BBox_List_2017.csv")
+    assert len(boxes) > 0
+    for _, b in boxes.iterrows():
+        assert df.loc[b["image"], b["label"]] == 1  # a box only for a finding the image has
+        assert 0 <= b["x"] and b["x"] + b["w"] <= 1024 + 1e-6 and 0 <= b["y"] and b["y"] + b["h"] <= 1024 + 1e-6
+    assert df["patient_id"].value_counts().max() > 1  # some patients have follow-ups
+
+
+def test_split_by_patient(folder):
+    tv = (folder / "train_val_list.txt").read_text().split()
+    te = (folder / "test_list.txt").read_text().split()
+    assert sorted(tv + te) == sorted(p.name for p in (folder / "images").iterdir())
+    pid = lambda names: {n.split("_")[0] for n in names}  # noqa: E731
+    assert not pid(tv) & pid(te)
+
+
+def test_deterministic_across_workers_and_seed_sensitive(folder, tmp_path):
+    again = generate(tmp_path / "b", N, SIZE, seed=7, workers=2, prevalence=DEMO_PREVALENCE, progress=False)
+    assert _files(again) == _files(folder)
+    other = generate(tmp_path / "c", N, SIZE, seed=8, workers=1, prevalence=DEMO_PREVALENCE, progress=False)
+    a, b = _files(folder), _files(other)
+    assert a["Data_Entry_2017_v2020.csv"] != b["Data_Entry_2017_v2020.csv"]
+    assert a["images/00000001_000.png"] != b["images/00000001_000.png"]
+
+
+def test_refuses_non_empty_output_and_bad_args(folder, tmp_path):
+    with pytest.raises(UserError, match="not empty"):
+        generate(folder, 2, SIZE, seed=0, progress=False)
+    with pytest.raises(UserError, match="size"):
+        generate(tmp_path / "x", 2, 7, seed=0, progress=False)
+    with pytest.raises(UserError, match="prevalence label"):
+        generate(tmp_path / "y", 2, SIZE, seed=0, prevalence={"Flu": 0.5}, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _meta(view="PA") -> ImageMeta:
+    return ImageMeta("00000001_000.png", (), 0, 1, 50, "M", view, ("2500", "2048", "0.168", "0.168"))
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_effusion_changes_pixels_inside_its_box_at_the_lung_base(index):
+    meta, size = _meta(), 128
+    plain = render_meta(meta, 11, index, size, labels=()).image.astype(float)
+    r = render_meta(meta, 11, index, size, labels=("Effusion",))
+    assert [lab for lab, _ in r.boxes] and {lab for lab, _ in r.boxes} == {"Effusion"}
+    diff = np.abs(r.image.astype(float) - plain)
+    inside = np.zeros_like(diff, dtype=bool)
+    for _, (x, y, w, h) in r.boxes:
+        inside[int(y) - 2:int(y + h) + 2, int(x) - 2:int(x + w) + 2] = True
+        assert y + h > 0.45 * size  # reaches the lower half of the image (lung base)
+    assert diff.sum() > 50 * 255 / 100  # visibly different
+    assert diff[inside].sum() / diff.sum() > 0.9  # and the change is inside the box
+    assert r.image[inside].mean() > plain[inside].mean()  # fluid is dense: brighter
+
+
+def test_findings_are_local_and_other_findings_unchanged():
+    meta, size = _meta("AP"), 96
+    both = render_meta(meta, 5, 0, size, labels=("Nodule", "Cardiomegaly"))
+    one = render_meta(meta, 5, 0, size, labels=("Cardiomegaly",))
+    # removing the nodule leaves the cardiomegaly box identical (independent random streams)
+    assert [b for lab, b in both.boxes if lab == "Cardiomegaly"] == [b for lab, b in one.boxes if lab == "Cardiomegaly"]
+    (x, y, w, h), = [b for lab, b in both.boxes if lab == "Nodule"]
+    assert w * h < 0.05 * size * size  # a nodule is small
+    diff = np.abs(both.image.astype(float) - one.image.astype(float))
+    box = diff[max(0, int(y) - 3):int(y + h) + 3, max(0, int(x) - 3):int(x + w) + 3]
+    assert box.sum() / diff.sum() > 0.95
+
+
+def test_same_patient_same_anatomy_across_follow_ups():
+    a = render_meta(_meta(), 3, 0, 64, labels=()).image.astype(float)
+    b = render_meta(ImageMeta("00000001_001.png", (), 1, 1, 50, "M", "PA", _meta().orig), 3, 1, 64, labels=()).image
+    c = render_meta(ImageMeta("00000002_000.png", (), 0, 2, 50, "M", "PA", _meta().orig), 3, 1, 64, labels=()).image
+    assert np.abs(a - b).mean() < np.abs(a - c.astype(float)).mean()
+
+
+def test_prevalence_knob_hits_targets():
+    rng = np.random.default_rng(0)
+    base = sample_metadata(3000, rng)
+    raised = sample_metadata(3000, rng, {"Effusion": 0.4, "No Finding": 0.3})
+    freq = lambda ms, lab: np.mean([lab in m.labels for m in ms])  # noqa: E731
+    assert freq(base, "Effusion") < 0.16
+    assert abs(freq(raised, "Effusion") - 0.4) < 0.03
+    assert abs(np.mean([not m.labels for m in raised]) - 0.3) < 0.03
+    table = real_table()
+    w = rake_weights(table.y, {"Edema": 0.2})
+    assert abs(w[table.y[:, PATHOLOGIES.index("Edema")]].sum() - 0.2) < 1e-3
+
+
+def test_contact_sheet(folder, tmp_path):
+    out = contact_sheet(folder, tmp_path / "s.png", per_label=3, tile=32)
+    im = Image.open(out)
+    assert im.size[0] == 110 + 3 * 32 and im.size[1] % 32 == 0 and im.size[1] >= 64
+    with pytest.raises(UserError):
+        contact_sheet(tmp_path, tmp_path / "t.png")
