@@ -197,31 +197,18 @@ class AVPClassifier(nn.Module):
         return save_pretrained(self, out_dir)
 
     @classmethod
+    def config_from_dir(cls, path: str | Path) -> AVPConfig:
+        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
+        raw.pop("model_type", None)
+        return AVPConfig.from_dict(raw)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "AVPClassifier":
         """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
-        d = resolve_model_dir(path)
-        try:
-            raw = json.loads((d / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{d / CONFIG_NAME} is not valid JSON ({e}); re-run `boed train-avp`") from None
-        kind = raw.pop("model_type", cls.model_type)
-        if kind != cls.model_type:
-            raise UserError(f"{d} holds a {kind!r} model, not an AVP classifier; pass the AVP run folder (boed train-avp --out)")
-        cfg = AVPConfig.from_dict(raw)
-        model = cls(cfg)
-        load_state_checked(model, _read_weights(d / WEIGHTS_NAME), source=str(d / WEIGHTS_NAME))
-        return model.to(map_location).eval()
+        from ipa_core.persist import load_pretrained
 
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model dir is ``path`` if it holds ``config.json``, else ``path/model``; UserError otherwise."""
-    p = Path(path)
-    for d in (p, p / "model"):
-        if (d / CONFIG_NAME).is_file():
-            if not (d / WEIGHTS_NAME).is_file():
-                raise UserError(f"{d} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the save was interrupted, re-run `boed train-avp`")
-            return d
-    raise UserError(f"no AVP model at {p} (expected {p / CONFIG_NAME} or {p / 'model' / CONFIG_NAME}); train one with `boed train-avp --out {p}`")
+        hint = f"train one with `boed train-avp --out {path}`"
+        return load_pretrained(cls, path, map_location, what="AVP model", hint=hint).to(map_location).eval()
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -244,16 +231,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
-    own = module.state_dict()
-    for k, v in own.items():
-        if k not in state:
-            raise UserError(f"{source} does not match the model: key {k!r} is missing; check --arch/--image-size against the checkpoint")
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"{source} does not match the model: key {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise UserError(f"{source} does not match the model: unexpected key {extra[0]!r}; check --arch against the checkpoint")
-    module.load_state_dict(dict(state), strict=True)
+    from ipa_core.persist import strict_load
+
+    strict_load(module, state, source, hint="check --arch/--image-size against the checkpoint")
 
 
 def load_init(model: AVPClassifier, path: str | Path) -> AVPClassifier:

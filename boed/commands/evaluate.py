@@ -114,7 +114,7 @@ def _load_ipa(path: str, device):
     try:
         return IPA.from_pretrained(path, map_location=device).eval()
     except UserError as e:
-        raise UserError(f"--ipa {path}: {e} (train one with `ipa_core train-ipa --out {path}`, or run `boed demo`)") from None
+        raise UserError(f"--ipa {path}: {e} (train one with `ipa_core train --stage ipa --out {path}`, or run `boed demo`)") from None
 
 
 def _model_size(model) -> int | None:

@@ -284,8 +284,8 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
         (["--illness", "flu"], "unknown illness 'flu'"),
         (["--avp", str(tmp_path / "none")], "no AVP model"),
         (["--avp", str(root / "avp128")], "works at"),
-        (["--ipa", str(tmp_path / "none"), "--methods", "eig"], "ipa_core train-ipa"),
-        (["--avp", str(root / "ipa")], "not an AVP classifier"),
+        (["--ipa", str(tmp_path / "none"), "--methods", "eig"], "ipa_core train --stage ipa"),
+        (["--avp", str(root / "ipa")], "expected 'avp-cnn'"),
         (["--shard", "3/2"], "--shard"),
     ]
     for extra, msg in cases:
