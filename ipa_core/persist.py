@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,15 +22,17 @@ from xray.io import atomic_write_json
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder (with config.json), or a run folder whose ``model/`` holds one."""
+def resolve_model_dir(path: str | Path, what: str = "model", hint: str = "train one first or pass the right path") -> Path:
+    """A model folder (with config.json and weights), or a run folder whose ``model/`` holds one."""
     p = Path(path)
     for cand in (p, p / "model"):
         if (cand / CONFIG_NAME).is_file():
+            if not (cand / WEIGHTS_NAME).is_file():
+                raise UserError(f"{cand} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the save was interrupted: {hint}")
             return cand
     if not p.exists():
-        raise UserError(f"model folder {p} does not exist; train one first or pass the right path")
-    raise UserError(f"no {CONFIG_NAME} in {p} or {p / 'model'}; expected a folder written by save_pretrained or a finished training run")
+        raise UserError(f"no {what} at {p}: the folder does not exist; {hint}")
+    raise UserError(f"no {what} at {p} (no {CONFIG_NAME} there or in {p / 'model'}); {hint}")
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | None = None) -> Path:
@@ -54,19 +57,18 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | 
     return out
 
 
-def load_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu"):
-    """Build ``cls`` from ``config.json`` and load its weights strictly."""
-    d = resolve_model_dir(path)
+def load_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                    what: str = "model", hint: str = "train one first or pass the right path"):
+    """Build ``cls`` from ``config.json`` and load its weights strictly (``what``/``hint`` word the errors)."""
+    d = resolve_model_dir(path, what, hint)
     from .config import load_config_json
 
     kind = load_config_json(d / CONFIG_NAME).get("model_type")
     if kind != cls.model_type:
-        raise UserError(f"{d} holds a {kind!r} model, expected {cls.model_type!r}; pass the matching run folder")
+        raise UserError(f"{d} holds a {kind!r} model, expected {cls.model_type!r} ({what}); {hint}")
     model = cls(cls.config_from_dir(d))
     try:
         sd = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
-    except FileNotFoundError:
-        raise UserError(f"no {WEIGHTS_NAME} in {d}; the model folder is incomplete, re-export it") from None
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"cannot read {d / WEIGHTS_NAME}: {e}; the file is damaged, re-export it") from None
     strict_load(model, sd, source=str(d))
@@ -80,22 +82,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {p} does not exist")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"cannot read checkpoint {p} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is truncated or not a state dict") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{p} is not a plain state dict of tensors")
     return sd
 
 
-def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
+                hint: str = "was it saved from another config?") -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the first key that differs."""
     own = model.state_dict()
     for k, v in own.items():
         if k not in sd:
-            raise UserError(f"{source} does not match this model: key {k!r} (shape {tuple(v.shape)}) is missing; was it saved from another config?")
+            raise UserError(f"{source} does not match this model: key {k!r} (shape {tuple(v.shape)}) is missing; {hint}")
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{source} does not match this model: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}; was it saved from another config?")
+            raise UserError(f"{source} does not match this model: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}; {hint}")
     extra = [k for k in sd if k not in own]
     if extra:
-        raise UserError(f"{source} does not match this model: unexpected key {extra[0]!r} ({len(extra)} extra); was it saved from another config?")
-    model.load_state_dict(sd, strict=True)
+        raise UserError(f"{source} does not match this model: unexpected key {extra[0]!r} ({len(extra)} extra); {hint}")
+    model.load_state_dict(dict(sd), strict=True)
