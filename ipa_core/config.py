@@ -92,12 +92,14 @@ FFHQ256_ENC = "256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4
 FFHQ256_DEC = "1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128"
 
 CONFIGS: dict[str, VAEConfig] = {
-    # CPU demo at S = 64: narrow at 64 px where most pixels are, deeper at low resolutions.
+    # CPU demo at S = 64: narrow at 64 px where most pixels (and most of the step time) are, one
+    # latent layer there, deeper at low resolutions. 0.41 M parameters; ~1.8x faster per step
+    # than a 64:32 version with two 64 px layers, and recognisable phantom lungs after ~300 steps.
     "tiny": VAEConfig(
-        image_size=64, image_channels=1, width=64, zdim=8, custom_width_str="64:32",
+        image_size=64, image_channels=1, width=64, zdim=8, custom_width_str="64:16,32:32",
         no_bias_above=64, num_mixtures=5,
-        enc_blocks="64x1,64d2,32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1",
-        dec_blocks="1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2,64m32,64x1",
+        enc_blocks="64d2,32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1",
+        dec_blocks="1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2,64m32",
     ),
     # The paper's x-ray model: the official ffhq256 architecture with one channel, 8-bit likelihood.
     "xray256": VAEConfig(

@@ -25,7 +25,7 @@ class DmolNet(nn.Module):
     def params(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Mixture logits (B, M, H, W); means, log scales (B, C, M, H, W); colour coeffs (B, 3, M, H, W) or None."""
         M, C = self.num_mixtures, self.channels
-        l = self.out_conv(h)
+        l = self.out_conv(h).float()  # the likelihood in fp32 even under autocast
         B, _, H, W = l.shape
         logits = l[:, :M]
         if C == 1:

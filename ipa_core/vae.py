@@ -239,7 +239,7 @@ class VAE(nn.Module):
         def step(i, block, x, pm, pv):
             qm, qv = block.posterior(x, acts[block.base])
             z = sample_gaussian(qm, qv, generator)
-            return z, {"kl": gaussian_kl(qm, pm, qv, pv)}
+            return z, {"kl": gaussian_kl(qm.float(), pm.float(), qv.float(), pv.float())}  # fp32 under autocast
 
         return step
 

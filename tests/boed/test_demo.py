@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 
@@ -36,10 +37,10 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     # a second run only re-prints the results: every stage is skipped
     first = json.loads((out / "summary.json").read_text())["timings_s"]
     capsys.readouterr()
+    t0 = time.perf_counter()
     assert _run(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
-    again = json.loads((out / "summary.json").read_text())["timings_s"]
-    assert {k: v for k, v in again.items() if k != "total"} == {k: v for k, v in first.items() if k != "total"}
-    assert again["total"] < 60
+    assert time.perf_counter() - t0 < 60
+    assert json.loads((out / "summary.json").read_text())["timings_s"] == first
     assert "AUROC" in capsys.readouterr().out
 
 

@@ -1,0 +1,155 @@
+"""Train the hierarchical VAE, then the IPA partial encoder inside it (one resumable run folder).
+
+  ipa_core train --config tiny --out runs/ipa                  # VAE in runs/ipa/vae, IPA in runs/ipa/ipa
+  ipa_core train --stage vae --config tiny --out runs/vae      # the VAE only
+  ipa_core train --stage ipa --vae runs/vae --out runs/ipa     # IPA on a trained VAE
+  ipa_core train --stage vae --config ffhq256 --import-official ffhq256-iter-1700000-model-ema.th --out runs/ft
+  torchrun --nproc_per_node 4 $(which ipa_core) train --device cuda ...   # data parallel (gloo on CPU)
+
+Rerunning the same command resumes from the last checkpoint. Training defaults come from the
+config (official hparams for cifar10/imagenet64/ffhq256, the paper's for xray256, fast ones for
+tiny); any flag overrides them (for every stage the command runs). Outputs per stage: metrics.jsonl, train.log, samples/*.png,
+checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for ``--vae``/``--ipa``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from xray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HELP = "train the VAE (--stage vae), the IPA partial encoder (--stage ipa), or both"
+STAGES = ("vae", "ipa")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from xray.dataset import add_data_args
+
+    from ..config import CONFIGS
+    from ..trainer import add_train_args
+    from ..vae_task import TRAIN_DEFAULTS
+
+    add_data_args(p)
+    p.set_defaults(image_size=None)  # None: the model config's image_size
+    p.add_argument("--stage", choices=STAGES, default=None,
+                   help="vae or ipa; omitted: the VAE in OUT/vae (unless --vae is given), then IPA in OUT/ipa")
+    p.add_argument("--config", default="tiny", help=f"model config: {', '.join(CONFIGS)} (default tiny)")
+    p.add_argument("--vae", metavar="RUN", default=None, help="trained VAE (run folder or model folder) for the IPA stage")
+    p.add_argument("--out", metavar="RUN", required=True, help="run folder (created; rerun the command to resume)")
+    p.add_argument("--import-official", metavar="PATH", default=None,
+                   help="start the VAE from an official VD-VAE *-model(-ema).th file (needs the matching --config)")
+    p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics (default 512, 0 = skip)")
+    add_train_args(p, TRAIN_DEFAULTS["tiny"], note=" with --config tiny")
+    p.epilog = "training defaults per --config: " + "; ".join(
+        f"{k}: steps {d.steps}, batch {d.batch_size}, lr {d.lr:g}, skip {d.skip_threshold:g}" for k, d in TRAIN_DEFAULTS.items())
+
+
+def _datasets(args, image_size: int, eval_images: int):
+    from xray.dataset import dataset_from_args
+
+    args.image_size = image_size
+    train = dataset_from_args(args, "train")
+    test = None
+    if eval_images > 0:
+        try:
+            test = dataset_from_args(args, "test")
+        except UserError as e:
+            log.warning("no test split (%s): skipping the end-of-run test metrics", e)
+        if test is not None and len(test) == 0:
+            test = None
+    have = getattr(train, "image_size", None) or int(train[0][0].shape[-1])
+    if have != image_size:
+        raise UserError(f"the dataset has {have}px images, the model config expects {image_size}px; pass --image-size {image_size} or another --config")
+    return train, test
+
+
+def _vae_model(args):
+    from ..config import get_config
+    from ..vae import VAE
+
+    if args.import_official:
+        model = VAE.from_official(args.import_official, args.config)
+        log.info("imported official weights from %s (config %s)", args.import_official, args.config)
+        return model
+    return VAE(get_config(args.config))
+
+
+def run_vae_stage(args, out: Path) -> Path:
+    from ..trainer import fit, train_config_from_args
+    from ..vae_task import TRAIN_DEFAULTS, VAETask
+
+    if args.config not in TRAIN_DEFAULTS:
+        from ..config import CONFIGS
+        raise UserError(f"unknown config {args.config!r}; valid configs: {', '.join(CONFIGS)}")
+    cfg = train_config_from_args(args, TRAIN_DEFAULTS[args.config])
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    model = _vae_model(args)
+    if args.image_size is not None and args.image_size != model.config.image_size:
+        raise UserError(f"--image-size {args.image_size} does not match config {args.config!r} ({model.config.image_size}px); drop the flag or pick another config")
+    train, test = _datasets(args, model.config.image_size, args.eval_images)
+    task = VAETask(model, eval_max_images=args.eval_images or None)
+    fit(task, train, cfg, out, test_set=test)
+    return out
+
+
+def _config_name(cfg) -> str | None:
+    """The named config a trained VAE was built from (measured shift/scale aside), if any."""
+    from ..config import CONFIGS
+
+    def arch(c) -> dict:
+        return {k: v for k, v in c.to_dict().items() if k not in ("shift", "scale")}
+
+    return next((name for name, c in CONFIGS.items() if arch(c) == arch(cfg)), None)
+
+
+def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
+    try:
+        from ..ipa import IPA
+        from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
+    except ImportError as e:
+        raise UserError(f"the IPA stage is not available in this build ({e}); train the VAE with --stage vae") from None
+    from ..trainer import fit, train_config_from_args
+    from ..vae import VAE
+
+    vae = VAE.from_pretrained(vae_dir)
+    name = _config_name(vae.config) or args.config
+    cfg = train_config_from_args(args, IPA_TRAIN_DEFAULTS.get(name, IPA_TRAIN_DEFAULTS["default"]))
+    torch.manual_seed(cfg.seed)
+    model = IPA.from_vae(vae, warm_start=True)
+    train, test = _datasets(args, model.config.image_size, args.eval_images)
+    task = IPATask(model, eval_max_images=args.eval_images or 1)
+    fit(task, train, cfg, out, test_set=test)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.stage == "ipa" and args.vae is None:
+        raise UserError("--stage ipa needs --vae RUN (a trained VAE run folder)")
+    if args.stage == "ipa" and args.import_official:
+        raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
+    results = {}
+    if args.stage == "vae":
+        results["vae"] = run_vae_stage(args, out)
+    elif args.stage == "ipa":
+        results["ipa"] = run_ipa_stage(args, Path(args.vae), out)
+    else:
+        vae_dir = Path(args.vae) if args.vae else run_vae_stage(args, out / "vae")
+        results["vae"] = vae_dir
+        results["ipa"] = run_ipa_stage(args, vae_dir, out / "ipa")
+    from ..distributed import env_world
+
+    if env_world()[0] == 0:
+        for stage, d in results.items():
+            ev = Path(d) / "eval.json"
+            metrics = json.loads(ev.read_text()) if ev.is_file() else {}
+            summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{stage}: model in {Path(d) / 'model'} {summary}".rstrip())
+    return 0

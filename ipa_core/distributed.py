@@ -1,0 +1,117 @@
+"""Multi-process data parallel helpers: detect ``torchrun``, pick the backend, collectives that
+are no-ops in a single process.
+
+``torchrun --nproc_per_node K ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; the trainer
+then starts a process group (NCCL when the device is CUDA, gloo otherwise) and each process uses
+``cuda:LOCAL_RANK`` when the device flag says ``cuda``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from xray.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) when not under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``device`` flag -> torch.device; plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} given but CUDA is not available here; use --device cpu")
+        if d.index is None:
+            d = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(d)
+    return d
+
+
+def is_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[ProcessContext]:
+    """Start (and afterwards destroy) the process group when running under torchrun."""
+    rank, world, local = env_world()
+    dev = resolve_device(device, local)
+    started = False
+    if world > 1 and not is_active():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        started = True
+    try:
+        yield ProcessContext(rank, world, dev)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel over the trainable parameters (frozen ones are left alone)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def barrier() -> None:
+    if is_active():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a CPU tensor (identity in one process)."""
+    if not is_active():
+        return t
+    t = t.clone()
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu() / dist.get_world_size()
+
+
+def max_scalar(x: float) -> float:
+    """Max over processes (NaN propagates), so every process takes the same decision."""
+    if not is_active():
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    nan = torch.isnan(t).to(t.dtype)
+    dist.all_reduce(nan)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float("nan") if nan.item() > 0 else t.item()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` in one process)."""
+    if not is_active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

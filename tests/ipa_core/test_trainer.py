@@ -1,0 +1,288 @@
+"""The generic trainer: exact resume, robust update skipping, checkpoints, outputs, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ipa_core import VAE, VAEConfig
+from ipa_core.trainer import (BatchOrder, SkipRule, TrainConfig, add_train_args, checkpoint_paths, fit,
+                              iterate_batches, train_config_from_args, warmup_lr)
+from ipa_core.vae_task import VAETask, measure_standardisation
+from xray.errors import UserError
+
+torch.set_num_threads(1)
+
+
+def micro_cfg(**kw) -> VAEConfig:
+    return VAEConfig(image_size=8, image_channels=1, width=8, zdim=2, num_mixtures=2,
+                     enc_blocks="8x1,8d2,4x1,4d4,1x1", dec_blocks="1x1,4m1,4x1,8m4,8x1", **kw)
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """In-memory (uint8 (1, S, S), float (15,)) items: blobs of varying brightness."""
+
+    def __init__(self, n=48, size=8, seed=0, labels=None):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.linspace(0, 1, size)
+        blob = torch.exp(-((base[:, None] - 0.5) ** 2 + (base[None] - 0.5) ** 2) / 0.05)  # (S, S)
+        amp = torch.rand(n, 1, 1, 1, generator=g)
+        noise = torch.rand(n, 1, size, size, generator=g) * 40
+        self.x = (amp * 200 * blob + noise).clamp(0, 255).to(torch.uint8)  # (n, 1, S, S)
+        self.y = labels if labels is not None else (torch.rand(n, 15, generator=g) > 0.5).float()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def new_vae(**kw) -> VAE:
+    torch.manual_seed(0)  # the same initial weights every time
+    return VAE(micro_cfg(**kw))
+
+
+def tcfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, lr=3e-3, warmup=2, ema_rate=0.9, grad_clip=100.0, skip_threshold=1e4,
+                log_every=2, sample_every=3, ckpt_every=3, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for v in model.state_dict().values()])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    data = ImageSet()
+    ref = fit(VAETask(new_vae()), data, tcfg(steps=8, ckpt_every=4), tmp_path / "a")
+    ref_raw = torch.load(checkpoint_paths(tmp_path / "a")[0], weights_only=False)["model"]
+
+    class Crash(VAETask):  # dies inside step 7, after the checkpoint at step 4 (like a kill)
+        calls = 0
+
+        def loss(self, model, batch, generator):
+            Crash.calls += 1
+            if Crash.calls == 7:
+                raise KeyboardInterrupt
+            return super().loss(model, batch, generator)
+
+    run = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        fit(Crash(new_vae()), data, tcfg(steps=8, ckpt_every=4), run)
+    assert [p.name for p in checkpoint_paths(run)] == ["ckpt-00000004.pt"]
+    resumed = fit(VAETask(new_vae()), data, tcfg(steps=8, ckpt_every=4), run)
+    assert torch.equal(flat(resumed), flat(ref))  # EMA weights
+    raw = torch.load(checkpoint_paths(run)[0], weights_only=False)["model"]
+    assert all(torch.equal(raw[k], ref_raw[k]) for k in ref_raw)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # no duplicated rows after the resume
+    # extending the same run later continues from step 8
+    fit(VAETask(new_vae()), data, tcfg(steps=10, ckpt_every=4), run)
+    assert checkpoint_paths(run)[0].name == "ckpt-00000010.pt"
+
+
+def test_outputs_and_checkpoint_rotation(tmp_path):
+    data = ImageSet()
+    model = new_vae()
+    out = fit(VAETask(model), data, tcfg(steps=9, ckpt_every=2), tmp_path, test_set=ImageSet(n=10, seed=1))
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-00000009.pt", "ckpt-00000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png", "step-00000009.png"]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 9]
+    for key in ("loss", "distortion", "rate", "grad_norm", "skipped", "images_per_s", "lr"):
+        assert key in rows[0] and math.isfinite(rows[0][key])
+    assert rows[0]["lr"] == pytest.approx(3e-3)  # warmup over 2 steps: the 2nd step has the full lr
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["bits_per_dim"] == pytest.approx(ev["elbo"] / math.log(2))
+    assert "step 9" in (tmp_path / "train.log").read_text()
+    loaded = VAE.from_pretrained(tmp_path)
+    assert torch.equal(flat(loaded), flat(out))
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+    # the model learned something: the loss went down
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_standardisation_measured_before_step0(tmp_path):
+    data = ImageSet()
+    model = new_vae()
+    assert model.config.shift is None
+    fit(VAETask(model), data, tcfg(steps=1), tmp_path)
+    x = data.x.double()
+    assert model.config.shift == pytest.approx(-x.mean().item())
+    assert model.config.scale == pytest.approx(1 / x.std(unbiased=False).item())
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["shift"] == pytest.approx(model.config.shift)
+    # given values are kept
+    m2 = new_vae(shift=-1.0, scale=0.5)
+    fit(VAETask(m2), data, tcfg(steps=1), tmp_path / "b")
+    assert (m2.config.shift, m2.config.scale) == (-1.0, 0.5)
+    with pytest.raises(UserError, match="constant"):
+        measure_standardisation(torch.utils.data.TensorDataset(torch.full((4, 1, 8, 8), 7, dtype=torch.uint8), torch.zeros(4, 15)),
+                                torch.Generator())
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path):
+    fit(VAETask(new_vae()), ImageSet(), tcfg(steps=2), tmp_path)
+    other = VAEConfig(**{**micro_cfg().to_dict(), "zdim": 3})
+    with pytest.raises(UserError, match="different model config.*zdim"):
+        fit(VAETask(VAE(other)), ImageSet(), tcfg(steps=4), tmp_path)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+    data = ImageSet()
+    fit(VAETask(new_vae()), data, tcfg(steps=6, ckpt_every=3), tmp_path)
+    latest = checkpoint_paths(tmp_path)[0]
+    latest.write_bytes(latest.read_bytes()[:1000])  # a torn write
+    with pytest.warns(UserWarning, match="ckpt-00000006.pt is damaged.*falling back"):
+        out = fit(VAETask(new_vae()), data, tcfg(steps=6, ckpt_every=3), tmp_path)
+    ref = fit(VAETask(new_vae()), data, tcfg(steps=6, ckpt_every=3), tmp_path / "ref")
+    assert torch.equal(flat(out), flat(ref))  # redone from step 3, exactly
+
+
+def test_nan_in_data_is_a_user_error(tmp_path):
+    labels = torch.zeros(48, 15)
+    labels[5, 3] = float("nan")
+    with pytest.raises(UserError, match=r"NaN/inf labels \(dataset item 5\)"):
+        fit(VAETask(new_vae()), ImageSet(labels=labels), tcfg(steps=20, batch_size=8), tmp_path)
+    with pytest.raises(UserError, match="fewer than one batch"):
+        fit(VAETask(new_vae()), ImageSet(n=3), tcfg(), tmp_path / "b")
+
+
+def test_skip_rule_cannot_deadlock():
+    # the official rule: a fixed threshold of 400 with the norm sitting at 1000 skips forever
+    rule = SkipRule(threshold=400.0, max_skips=10, window=50)
+    decisions = [rule(1000.0) for _ in range(200)]
+    assert sum(decisions) <= 10 and not any(decisions[10:])
+    assert rule.skipped == sum(decisions)
+    # without the adaptive part, the cap alone bounds each run of skips
+    rule = SkipRule(threshold=400.0, max_skips=3, window=50, margin=1e9)
+    runs = "".join("s" if rule(1000.0) else "." for _ in range(40))
+    assert "ssss" not in runs and "." in runs
+
+
+def test_skip_rule_spikes_and_nonfinite():
+    rule = SkipRule(threshold=400.0)
+    for _ in range(100):
+        assert not rule(10.0)
+    assert rule(500.0) and not rule(10.0)
+    assert rule(math.nan) and rule(math.inf)
+    assert rule.skipped == 3
+    rule = SkipRule(threshold=None, max_nonfinite=5)
+    assert not rule(1e12)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        for _ in range(5):
+            rule(math.nan)
+
+
+class LinearTask:
+    """A tiny regression task whose gradient norm is always huge (x 1e4)."""
+
+    def __init__(self):
+        self.model = nn.Linear(64, 1)
+
+    def trainable_parameters(self):
+        return list(self.model.parameters())
+
+    def loss(self, model, batch, generator):
+        x = batch[0].flatten(1).float() / 255  # (B, 64)
+        loss = 1e4 * ((model(x).squeeze(1) - batch[1][:, 0]) ** 2).mean()
+        return loss, {}
+
+    def on_sample(self, model, step, out_png):
+        pass
+
+    def evaluate(self, model, dataset):
+        return {}
+
+    def save_pretrained(self, model, out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out_dir / "w.pt")
+
+
+def test_trainer_keeps_learning_when_norm_stays_above_threshold(tmp_path):
+    task = LinearTask()
+    before = task.model.weight.detach().clone()
+    fit(task, ImageSet(), tcfg(steps=40, skip_threshold=1.0, ema_rate=None, log_every=10, max_skips=5, lr=1e-3), tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 1.0 for r in rows)
+    assert 1 <= rows[-1]["skipped"] <= 5 + 20  # counted; and most steps were applied
+    assert not torch.equal(task.model.weight, before)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_warmup_and_batch_order():
+    cfg = TrainConfig(lr=1.0, warmup=4)
+    assert [warmup_lr(s, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # two ranks see disjoint halves of each global batch; together the whole epoch
+    r0, r1 = BatchOrder(20, 3, seed=1, rank=0, world=2), BatchOrder(20, 3, seed=1, rank=1, world=2)
+    seen = np.concatenate([np.concatenate([r0.next(), r1.next()]) for _ in range(3)])
+    assert len(set(seen.tolist())) == 18
+    one = BatchOrder(20, 6, seed=1)
+    assert np.array_equal(np.concatenate([one.next() for _ in range(3)]), seen)
+    # resumable mid-epoch and across epochs
+    a = BatchOrder(10, 3, seed=2)
+    [a.next() for _ in range(4)]
+    b = BatchOrder(10, 3, seed=2)
+    b.load_state_dict(a.state_dict())
+    assert all(np.array_equal(a.next(), b.next()) for _ in range(5))
+
+
+def test_worker_processes_give_the_same_batches():
+    data = ImageSet()
+    a = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 5, num_workers=0))
+    b = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 5, num_workers=1))
+    assert len(a) == len(b) == 5
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and np.array_equal(x[2], y[2]) for x, y in zip(a, b))
+
+
+def test_flags_override_defaults():
+    p = argparse.ArgumentParser()
+    defaults = TrainConfig(steps=10, lr=1e-3, ema_rate=0.99)
+    add_train_args(p, defaults)
+    cfg = train_config_from_args(p.parse_args([]), defaults)
+    assert cfg == defaults
+    cfg = train_config_from_args(p.parse_args(["--steps", "5", "--ema-rate", "none", "--channels-last", "--lr", "2e-4"]), defaults)
+    assert (cfg.steps, cfg.ema_rate, cfg.channels_last, cfg.lr, cfg.batch_size) == (5, None, True, 2e-4, defaults.batch_size)
+    with pytest.raises(UserError, match="batch_size"):
+        train_config_from_args(p.parse_args(["--batch-size", "0"]), defaults)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_channels_last_and_no_ema(tmp_path):
+    data = ImageSet()
+    a = fit(VAETask(new_vae()), data, tcfg(steps=3, ema_rate=None), tmp_path / "a")
+    b = fit(VAETask(new_vae()), data, tcfg(steps=3, ema_rate=None, channels_last=True), tmp_path / "b")
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-3, atol=1e-4)
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+    class Flaky(LinearTask):
+        calls = 0
+
+        def loss(self, model, batch, generator):
+            Flaky.calls += 1
+            loss, m = super().loss(model, batch, generator)
+            return (loss * math.nan if Flaky.calls in (2, 3) else loss / 1e4), m
+
+    task = Flaky()
+    fit(task, ImageSet(), tcfg(steps=6, ema_rate=None, log_every=6), tmp_path)
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["skipped"] == 2
+
+
+def test_bf16_autocast_keeps_the_loss_in_fp32(tmp_path):
+    rows = {}
+    for amp in (False, True):
+        fit(VAETask(new_vae()), ImageSet(), tcfg(steps=2, amp=amp), tmp_path / str(amp))
+        rows[amp] = json.loads((tmp_path / str(amp) / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows[True]["rate"] > 0  # KL and likelihood computed in fp32 under autocast
+    assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=1e-2)
+    assert rows[True]["rate"] == pytest.approx(rows[False]["rate"], rel=0.05)

@@ -1,0 +1,110 @@
+"""The VAE: loss decomposition, gradients, sampling and temperature, save/load, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ipa_core import VAE, VAEConfig, get_config
+from xray.errors import UserError
+
+torch.set_num_threads(1)
+
+
+def small(**kw) -> VAE:
+    torch.manual_seed(0)
+    cfg = VAEConfig(image_size=16, image_channels=1, width=16, zdim=4, num_mixtures=3, custom_width_str="16:8",
+                    enc_blocks="16x1,16d2,8x1,8d2,4x1,4d4,1x1", dec_blocks="1x1,4m1,4x1,8m4,8x1,16m8",
+                    shift=-128.0, scale=1 / 64.0, **kw)
+    return VAE(cfg)
+
+
+def images(n=4, size=16, seed=0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_loss_is_distortion_plus_rate_and_every_parameter_learns():
+    model = small()
+    out = model.loss(images(), torch.Generator().manual_seed(0))
+    assert set(out) == {"elbo", "distortion", "rate"}
+    assert out["elbo"].item() == pytest.approx(out["distortion"].item() + out["rate"].item(), rel=1e-6)
+    assert out["rate"].item() >= 0 and out["distortion"].item() > 0
+    out["elbo"].backward()
+    # every parameter receives a gradient (DDP without find_unused_parameters relies on it)
+    assert all(p.grad is not None for p in model.parameters())
+    assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+
+
+def test_official_init_prior_last_conv_is_zero():
+    # official init: the prior starts at N(0, 1)
+    model = small()
+    assert torch.count_nonzero(model.decoder.dec_blocks[0].prior.c4.weight) == 0
+
+
+def test_loss_noise_comes_from_the_generator():
+    model = small()
+    x = images()
+    a = model.loss(x, torch.Generator().manual_seed(1))["elbo"]
+    b = model.loss(x, torch.Generator().manual_seed(1))["elbo"]
+    c = model.loss(x, torch.Generator().manual_seed(2))["elbo"]
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_sampling_temperature_and_determinism():
+    model = small()
+    with torch.no_grad():  # give the prior some spread so the temperature matters
+        for b in model.decoder.dec_blocks:
+            b.prior.c4.weight.normal_(0, 0.3)
+    s1 = model.sample(6, t=1.0, generator=torch.Generator().manual_seed(0))
+    s1b = model.sample(6, t=1.0, generator=torch.Generator().manual_seed(0))
+    s05 = model.sample(6, t=0.5, generator=torch.Generator().manual_seed(0))
+    assert s1.dtype == torch.uint8 and s1.shape == (6, 1, 16, 16)
+    assert torch.equal(s1, s1b) and not torch.equal(s1, s05)
+    # t = 0: every latent at the prior mean, so the decoder state is the same for every image
+    h = [model.decoder.run(2, model.prior_step(0.0, torch.Generator().manual_seed(s)))[0] for s in (0, 1)]
+    assert torch.equal(h[0], h[1]) and torch.equal(h[0][0], h[0][1])
+    # per-layer temperatures
+    n = len(model.decoder.dec_blocks)
+    assert model.sample(2, t=[1.0] * n, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 16, 16)
+    with pytest.raises(UserError, match="per-layer temperatures"):
+        model.sample(2, t=[1.0] * (n + 1))
+
+
+def test_reconstruct_and_round_trip(tmp_path):
+    model = small()
+    x = images()
+    r = model.reconstruct(x, torch.Generator().manual_seed(0))
+    assert r.shape == x.shape and r.dtype == torch.uint8
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "vae" and cfg["shift"] == -128.0
+    loaded = VAE.from_pretrained(tmp_path / "m")
+    a = model.loss(x, torch.Generator().manual_seed(3))["elbo"]
+    b = loaded.loss(x, torch.Generator().manual_seed(3))["elbo"]
+    assert a.item() == b.item()
+    with pytest.raises(UserError, match="does not exist"):
+        VAE.from_pretrained(tmp_path / "missing")
+
+
+def test_bad_input_is_a_user_error():
+    model = small()
+    with pytest.raises(UserError, match=r"expects \(B, 1, 16, 16\)"):
+        model.loss(images(size=8))
+    unset = VAE(VAEConfig(**{**small().config.to_dict(), "shift": None, "scale": None}))
+    with pytest.raises(UserError, match="shift, scale"):
+        unset.loss(images())
+    with pytest.raises(UserError, match="unknown config"):
+        get_config("huge")
+    with pytest.raises(UserError, match="image_channels"):
+        VAEConfig(image_channels=2)
+
+
+def test_tiny_config_builds_and_runs():
+    cfg = get_config("tiny")
+    cfg.shift, cfg.scale = -128.0, 1 / 64.0
+    model = VAE(cfg)
+    out = model.loss(images(2, size=cfg.image_size))
+    assert torch.isfinite(out["elbo"])
+    assert get_config("tiny").shift is None  # named configs are copied, never mutated
