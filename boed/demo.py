@@ -58,9 +58,9 @@ class DemoProfile:
 
 
 PROFILES: dict[str, DemoProfile] = {
-    "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=3000, vae_batch=32,
-                       ipa_steps=2000, ipa_batch=32, avp_arch="tiny", avp_steps=3000, avp_batch=64, avp_lr=2e-3,
-                       n_samples=10, n_test=300, scans=5, run_images=2),
+    "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=800, vae_batch=8,
+                       ipa_steps=1000, ipa_batch=16, avp_arch="tiny", avp_steps=2000, avp_batch=32, avp_lr=2e-3,
+                       n_samples=10, n_test=200, scans=5, run_images=2, eval_procs=2),
     "quick": DemoProfile("quick", image_size=64, vae_config="tiny", vae_steps=60, vae_batch=16,
                          ipa_steps=40, ipa_batch=16, avp_arch="tiny", avp_steps=80, avp_batch=32, avp_lr=2e-3,
                          n_samples=4, n_test=24, scans=3, run_images=1, phantom_n=400, phantom_size=64, eval_procs=2),
