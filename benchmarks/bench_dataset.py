@@ -78,7 +78,7 @@ def bench_read(tmp: Path, s: int, n: int, batch: int, loader_workers: list[int])
     seen = 0
     for i in range(0, len(perm), batch):
         idx = perm[i:i + batch]
-        x, y = ds.get_batch(idx), ds.get_labels(idx)
+        x, _ = ds.get_batch(idx), ds.get_labels(idx)  # labels read too, as training does
         seen += x.shape[0]
     res.append({"what": "get_batch (random)", "S": s, "images": seen, "images_per_s": rate(seen, time.perf_counter() - t)})
     return res

@@ -11,7 +11,6 @@ per-label test AUROC (split by patient, as written by the generator). A logistic
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

@@ -48,6 +48,11 @@ class DmolNet(nn.Module):
 
     def nll(self, h: Tensor, x: Tensor) -> Tensor:
         """Negative log-likelihood per dimension of targets ``x (B, C, H, W)`` in [-1, 1] -> ``(B,)``."""
+        return self.nll_map(h, x).sum(dim=(1, 2)) / math.prod(x.shape[1:])  # (B,)
+
+    def nll_map(self, h: Tensor, x: Tensor) -> Tensor:
+        """Per-pixel negative log-likelihood ``(B, H, W)``, summed over channels (O_rev needs the
+        likelihood of the observed pixels alone)."""
         logits, means, log_scales, coeffs = self.params(h)
         means = self._coupled_means(means, coeffs, x)
         half_bin, log_bins = (1.0 / 31.0, math.log(15.5)) if self.low_bit else (1.0 / 255.0, math.log(127.5))
@@ -64,7 +69,7 @@ class DmolNet(nn.Module):
             torch.where(xb > 0.999, log_one_minus_cdf_min,
                         torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - log_bins)))
         log_probs = log_probs.sum(dim=1) + F.log_softmax(logits, dim=1)  # (B, M, H, W)
-        return -torch.logsumexp(log_probs, dim=1).sum(dim=(1, 2)) / math.prod(x.shape[1:])  # (B,)
+        return -torch.logsumexp(log_probs, dim=1)  # (B, H, W)
 
     def mean(self, h: Tensor) -> Tensor:
         """Mixture mean image in [-1, 1] (no colour coupling beyond the means): ``(B, C, H, W)``."""

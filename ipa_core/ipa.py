@@ -30,13 +30,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json
-from .dmol import DmolNet
 from .vae import VAE, Block, DecBlock, Encoder, LatentStep, gaussian_kl, sample_gaussian
 
 OBJECTIVES = ("forward", "reverse")
@@ -216,7 +214,7 @@ class IPA(VAE):
         pacts = self.partial_acts(inp, m)
         h, stats = self.decoder.run(x.shape[0], self.partial_step(pacts, 1.0, generator, kl_to_prior=True))
         ndims = math.prod(x.shape[1:])
-        nll = dmol_nll_map(self.decoder.out_net, h, target)  # (B, H, W)
+        nll = self.decoder.out_net.nll_map(h, target)  # (B, H, W)
         distortion = (nll * m[:, 0]).sum(dim=(1, 2)) / ndims
         rate = sum(s["kl"].sum(dim=(1, 2, 3)) for s in stats) / ndims
         return {"distortion": distortion, "rate": rate}
@@ -259,28 +257,3 @@ def stable_gaussian_kl(mu1: Tensor, mu2: Tensor, logsigma1: Tensor, logsigma2: T
     rounds to about 1e-8 per element when q = c, which would hide the warm-start known answer.
     """
     return (logsigma2 - logsigma1) + 0.5 * (torch.exp(2 * (logsigma1 - logsigma2)) + ((mu1 - mu2) * torch.exp(-logsigma2)) ** 2) - 0.5
-
-
-def dmol_nll_map(net: DmolNet, h: Tensor, x: Tensor) -> Tensor:
-    """Per-pixel DMoL NLL ``(B, H, W)`` (summed over channels) of targets ``x (B, C, H, W)`` in [-1, 1].
-
-    Same maths as :meth:`DmolNet.nll`, without the reduction over pixels (O_rev needs the
-    likelihood of the observed pixels only).
-    """
-    logits, means, log_scales, coeffs = (None if t is None else t.float() for t in net.params(h))  # float32 under autocast
-    means = net._coupled_means(means, coeffs, x)
-    half_bin, log_bins = (1.0 / 31.0, math.log(15.5)) if net.low_bit else (1.0 / 255.0, math.log(127.5))
-    xc = x.unsqueeze(2) - means  # (B, C, M, H, W)
-    inv_s = torch.exp(-log_scales)
-    plus_in, min_in, mid_in = inv_s * (xc + half_bin), inv_s * (xc - half_bin), inv_s * xc
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    xb = x.unsqueeze(2).expand_as(xc)
-    log_probs = torch.where(
-        xb < -0.999, log_cdf_plus,
-        torch.where(xb > 0.999, log_one_minus_cdf_min,
-                    torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - log_bins)))
-    log_probs = log_probs.sum(dim=1) + F.log_softmax(logits, dim=1)  # (B, M, H, W)
-    return -torch.logsumexp(log_probs, dim=1)  # (B, H, W)

@@ -45,6 +45,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="RUN", required=True, help="run folder (created; rerun the command to resume)")
     p.add_argument("--import-official", metavar="PATH", default=None,
                    help="start the VAE from an official VD-VAE *-model(-ema).th file (needs the matching --config)")
+    p.add_argument("--objective", choices=("forward", "reverse"), default="forward",
+                   help="IPA stage: forward = O_for, the paper's IPA (default); reverse = O_rev, IPA-R (appendix E)")
     p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics (default 512, 0 = skip)")
     add_train_args(p, TRAIN_DEFAULTS["tiny"], note=" with --config tiny")
     p.epilog = "training defaults per --config: " + "; ".join(
@@ -110,11 +112,8 @@ def _config_name(cfg) -> str | None:
 
 
 def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
-    try:
-        from ..ipa import IPA
-        from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
-    except ImportError as e:
-        raise UserError(f"the IPA stage is not available in this build ({e}); train the VAE with --stage vae") from None
+    from ..ipa import IPA
+    from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
     from ..trainer import fit, train_config_from_args
     from ..vae import VAE
 
@@ -122,9 +121,11 @@ def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
     name = _config_name(vae.config) or args.config
     cfg = train_config_from_args(args, IPA_TRAIN_DEFAULTS.get(name, IPA_TRAIN_DEFAULTS["default"]))
     torch.manual_seed(cfg.seed)
-    model = IPA.from_vae(vae, warm_start=True)
+    model = IPA.from_vae(vae, warm_start=True, objective=args.objective)
     train, test = _datasets(args, model.config.image_size, args.eval_images)
-    task = IPATask(model, eval_max_images=args.eval_images or 1)
+    shown = test if test is not None else train  # the same images in every sample grid, also after a resume
+    grid = torch.stack([shown[i][0] for i in range(min(4, len(shown)))])  # (4, C, S, S) uint8
+    task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1)
     fit(task, train, cfg, out, test_set=test)
     return out
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ipa_core.config import VAEConfig
-from ipa_core.ipa import IPA, IPAConfig, dmol_nll_map, stable_gaussian_kl
+from ipa_core.ipa import IPA, IPAConfig, stable_gaussian_kl
 from ipa_core.vae import VAE, gaussian_kl
 from xray.errors import UserError
 
@@ -85,7 +85,7 @@ def test_dmol_nll_map_sums_to_dmol_nll():
     x = images(2)
     inp, target = vae.preprocess(x)
     h, _ = vae.decoder.run(2, vae.posterior_step(vae.encoder(inp), torch.Generator().manual_seed(0)))
-    per_pixel = dmol_nll_map(vae.decoder.out_net, h, target)
+    per_pixel = vae.decoder.out_net.nll_map(h, target)
     assert per_pixel.shape == (2, 16, 16)
     torch.testing.assert_close(per_pixel.sum(dim=(1, 2)) / 256, vae.decoder.out_net.nll(h, target))
 
