@@ -52,9 +52,11 @@ def publish(run: str | Path, dest: str | Path) -> Path:
         plot_curves(rows, "nll", dest / "nll.png")
         figures += [("AUROC after t scans (paper fig. 5, left)", "auroc.png"), ("NLL after t scans (paper fig. 8)", "nll.png")]
     for scan_dir in sorted((run / "scans").glob("*-0")):
-        name = _copy(_latest(scan_dir, "step_*.png"), dest / f"heatmap-{scan_dir.name[:-2]}.png")
+        # scan 2 is the first choice that depends on this image (scan 1 uses dataset draws)
+        step = scan_dir / "step_2.png" if (scan_dir / "step_2.png").is_file() else _latest(scan_dir, "step_*.png")
+        name = _copy(step, dest / f"heatmap-{scan_dir.name[:-2]}.png")
         if name:
-            figures.append((f"EIG heatmap and per-sample information gains, last scan ({scan_dir.name[:-2]})", name))
+            figures.append((f"EIG heatmap and per-sample information gains, scan 2 ({scan_dir.name[:-2]})", name))
         name = _copy(scan_dir / "summary.png", dest / f"scans-{scan_dir.name[:-2]}.png")
         if name:
             figures.append((f"Chosen scans and classifier probability ({scan_dir.name[:-2]})", name))
@@ -66,7 +68,9 @@ def publish(run: str | Path, dest: str | Path) -> Path:
           f"Profile `{summary['profile']['name']}`: S = {summary['profile']['image_size']}, "
           f"N = {summary['profile']['n_samples']} completions, T = {summary['profile']['scans']} scans, "
           f"{summary['profile']['n_test']} test images per illness. Data: embedded phantom set "
-          "(synthetic, not real patients). Written by `make demo`; do not edit by hand.", "",
+          "(synthetic, not real patients). Written by `make demo`; do not edit by hand. "
+          "A stage that was already done (e.g. `data` when the phantom set is cached) shows the time "
+          "of the run that did it, or about 0 s when its output predates the demo.", "",
           (run / "summary.md").read_text(), ""]
     for title, name in figures:
         md += [f"## {title}", "", f"![{title}]({name})", ""]
