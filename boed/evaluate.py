@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xray.dataset import dataset_images
 from xray.errors import UserError
 from xray.io import atomic_write_json, ensure_writable_dir
 from xray.labels import LABELS, resolve_illness
@@ -272,17 +273,6 @@ def prime_policy(policy, scans: int, channels: int, image_size: int, generator: 
         policy.first_location(ScanState.empty(1, channels, image_size, device), generator)
 
 
-def _images(dataset, idx: Sequence[int]) -> torch.Tensor:
-    if hasattr(dataset, "get_batch"):
-        x = dataset.get_batch(list(idx))
-    else:
-        x = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in idx])
-    x = torch.as_tensor(x)
-    if x.dtype != torch.uint8:
-        raise UserError(f"test images must be uint8, got {x.dtype}; use an xray.dataset split")
-    return x  # (B, C, S, S)
-
-
 def _labels(dataset, idx: Sequence[int]) -> np.ndarray:
     if hasattr(dataset, "labels"):
         return np.asarray(dataset.labels)[list(idx)]
@@ -314,7 +304,7 @@ def run_job(policy, classifier, dataset, positions: Sequence[int], cfg: EvalConf
         if cfg.rng == "batch":  # the whole global batch runs so the policy sees the same inputs
             batch_pos = list(range(batch_no * B, min((batch_no + 1) * B, len(cfg.indices))))
         idx = [cfg.indices[p] for p in batch_pos]
-        x = _images(dataset, idx).to(device)  # (b, C, S, S) uint8
+        x = dataset_images(dataset, idx).to(device)  # (b, C, S, S) uint8
         b, C, S, _ = x.shape
         if S != geometry.image_size:
             raise UserError(f"test images are {S} px but the models work at {geometry.image_size} px; use --image-size {geometry.image_size}")

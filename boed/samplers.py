@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from xray.dataset import dataset_images
 from xray.errors import UserError
 
 
@@ -84,18 +85,6 @@ class IPASampler:
                                      paste=self.paste, autocast=autocast)  # (b, N, C, S, S)
             outs.append(out)
         return torch.cat(outs)
-
-
-def dataset_images(dataset: Any, idx: Tensor) -> Tensor:
-    """Images ``uint8 (len(idx), C, S, S)`` of a dataset: ``get_batch(idx)`` when it has one, else items."""
-    idx = torch.as_tensor(idx).long().reshape(-1)
-    if hasattr(dataset, "get_batch"):
-        x = dataset.get_batch(idx)
-    else:
-        x = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in idx.tolist()])
-    if x.dtype != torch.uint8:
-        raise ValueError(f"dataset images must be uint8, got {x.dtype}")
-    return x
 
 
 class DatasetSampler:

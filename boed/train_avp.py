@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from xray.dataset import dataset_images
 from xray.errors import UserError
 from xray.labels import LABELS
 
@@ -103,7 +104,7 @@ def label_aurocs(model: AVPClassifier, dataset, masks_fn, n_images: int | None =
     probs, labels = [], []
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         idx = list(range(start, min(start + batch_size, n)))
-        x = _images(dataset, idx)  # (b, C, S, S) uint8
+        x = dataset_images(dataset, idx)  # (b, C, S, S) uint8
         probs.append(model.predict_proba(x, masks_fn(idx)).cpu())
         labels.append(torch.as_tensor(_labels(dataset, idx)))
     P = torch.cat(probs).double().numpy()  # (n, K)
@@ -115,12 +116,6 @@ def label_aurocs(model: AVPClassifier, dataset, masks_fn, n_images: int | None =
     finite = [v for v in out.values() if math.isfinite(v)]
     out["mean"] = float(np.mean(finite)) if finite else float("nan")
     return out
-
-
-def _images(dataset, idx) -> Tensor:
-    if hasattr(dataset, "get_batch"):
-        return torch.as_tensor(dataset.get_batch(idx))
-    return torch.stack([torch.as_tensor(dataset[i][0]) for i in idx])
 
 
 def _labels(dataset, idx) -> np.ndarray:
@@ -177,7 +172,7 @@ class AVPTrainTask:
             return
         n = min(8, len(self.preview))
         idx = list(range(n))
-        x = _images(self.preview, idx)
+        x = dataset_images(self.preview, idx)
         S = x.shape[-1]
         m = sample_training_masks(n, S, AVPTrainConfig(p_full=0.25), torch.Generator().manual_seed(self.cfg.seed))
         p = model.predict_proba(x, m).cpu()  # (n, K)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xray.dataset import dataset_images
 from xray.errors import UserError
 
 from .ipa import IPA
@@ -70,7 +71,7 @@ class IPATask:
     def prepare(self, dataset, generator: torch.Generator) -> None:
         """Before step 0 of a fresh run: without ``sample_images``, grid the first 4 training images."""
         if self.sample_images is None and len(dataset):
-            self.sample_images = _images(dataset, np.arange(min(4, len(dataset))))
+            self.sample_images = dataset_images(dataset, np.arange(min(4, len(dataset))))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return _unwrap(self.model).partial_parameters()
@@ -115,7 +116,7 @@ class IPATask:
             total = 0.0
             for start in range(0, n, self.eval_batch_size):
                 idx = np.arange(start, min(start + self.eval_batch_size, n))
-                x = _images(dataset, idx).to(device)
+                x = dataset_images(dataset, idx).to(device)
                 total += float(ipa.forward_kl(x, masks[idx].to(device), g).sum())
             res[name] = total / max(n, 1)
         res["kl_mean_bins"] = float(np.mean([res[f"kl_{bin_name(b)}"] for b in OBSERVED_BINS]))
@@ -124,10 +125,3 @@ class IPATask:
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
         _unwrap(model).save_pretrained(out_dir)
-
-
-def _images(dataset, idx: np.ndarray) -> Tensor:
-    """uint8 ``(B, C, S, S)`` of a dataset (``get_batch`` when it has one, else items)."""
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(idx)
-    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in idx])

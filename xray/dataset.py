@@ -198,3 +198,16 @@ def dataset_from_args(args: argparse.Namespace, split: str) -> XrayDataset:
     return open_dataset(args.data, data_root=args.data_root, size=args.image_size, split=split,
                         cache_dir=args.cache_dir, workers=getattr(args, "workers", None),
                         progress=getattr(args, "progress", True))
+
+
+def dataset_images(dataset, idx) -> torch.Tensor:
+    """Images ``uint8 (len(idx), C, S, S)`` of any dataset: ``get_batch(idx)`` when it has one
+    (an :class:`XrayDataset`), else its items' first elements."""
+    idx = torch.as_tensor(idx).long().reshape(-1)
+    if hasattr(dataset, "get_batch"):
+        x = torch.as_tensor(dataset.get_batch(idx.tolist()))
+    else:
+        x = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in idx.tolist()])
+    if x.dtype != torch.uint8:
+        raise UserError(f"dataset images must be uint8, got {x.dtype}; use an xray.dataset split")
+    return x  # (B, C, S, S)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-import numpy as np
 import torch
 
 from xray.errors import UserError
@@ -42,18 +41,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """An image file as uint8 ``(1, 1, size, size)`` (area-resized when larger, bilinear when smaller)."""
-    from PIL import Image
-
+    """An image file as uint8 ``(1, 1, size, size)``, resized exactly as the prepared cache does."""
+    from xray.cache import resize_square
     from xray.imageio import read_image
 
-    arr = read_image(path)  # (H, W) float in [0, 1]
-    im = Image.fromarray(np.round(arr * 255).astype(np.uint8))
-    if im.size != (size, size):
-        if im.width != im.height:
-            log.warning("%s is %dx%d, not square: it is stretched to %dx%d", path, im.width, im.height, size, size)
-        im = im.resize((size, size), Image.BOX if im.width >= size else Image.BILINEAR)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())[None, None]  # (1, 1, S, S)
+    return torch.from_numpy(resize_square(read_image(path), size).copy())[None, None]  # (1, 1, S, S)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -112,6 +112,8 @@ def _config_name(cfg) -> str | None:
 
 
 def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
+    from xray.dataset import dataset_images
+
     from ..ipa import IPA
     from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
     from ..trainer import fit, train_config_from_args
@@ -124,7 +126,7 @@ def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
     model = IPA.from_vae(vae, warm_start=True, objective=args.objective)
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     shown = test if test is not None else train  # the same images in every sample grid, also after a resume
-    grid = torch.stack([shown[i][0] for i in range(min(4, len(shown)))])  # (4, C, S, S) uint8
+    grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8
     task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1)
     fit(task, train, cfg, out, test_set=test)
     return out
