@@ -107,6 +107,10 @@ class TinyCNN(nn.Module):
         h = self.pool(self.blocks(self.stem(y)))  # (B, 8w, pool, pool)
         return self.head(h.flatten(1))  # (B, K)
 
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers whose composition is :meth:`forward` (for :mod:`boed.incremental`)."""
+        return [*self.stem, *self.blocks, self.pool, nn.Flatten(1), self.head]
+
 
 def _torchvision_backbone(arch: str, in_channels: int, num_outputs: int) -> nn.Module:
     """A torchvision backbone (weights=None) taking ``in_channels`` and giving ``num_outputs`` logits."""
@@ -155,6 +159,11 @@ class AVPClassifier(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def sequential_layers(self) -> list[nn.Module] | None:
+        """The layers whose composition is :meth:`forward` on valid input, or None (torchvision backbones)."""
+        fn = getattr(self.net, "sequential_layers", None)
+        return fn() if callable(fn) else None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -202,22 +202,40 @@ def summarize(opts: DemoOptions, timings: dict[str, float]) -> dict:
     """Collect every illness's metrics.csv into one table; write summary.{json,md}."""
     import pandas as pd
 
-    frames = []
-    for ill in opts.illnesses:
-        f = opts.out / "eval" / resolve_illness(ill).slug / "metrics.csv"
-        if f.is_file():
-            frames.append(pd.read_csv(f))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    def collect(name: str):
+        files = [opts.out / "eval" / resolve_illness(ill).slug / name for ill in opts.illnesses]
+        frames = [pd.read_csv(f, dtype={"t": str} if name == "paired.csv" else None) for f in files if f.is_file()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    table, paired = collect("metrics.csv"), collect("paired.csv")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = {"profile": dataclasses.asdict(opts.profile), "illnesses": list(opts.illnesses), "timings_s": timings,
-               "machine": machine, "metrics": table.to_dict(orient="records")}
+               "machine": machine, "metrics": table.to_dict(orient="records"), "paired": paired.to_dict(orient="records")}
     atomic_write_json(opts.out / "summary.json", summary)
-    atomic_write_text(opts.out / "summary.md", render_summary(table, timings, machine))
+    atomic_write_text(opts.out / "summary.md", render_summary(table, timings, machine, paired))
     return summary
 
 
-def render_summary(table, timings: dict[str, float], machine: str) -> str:
-    """Markdown: AUROC [95 % CI] per method and t, one block per illness, then stage wall times."""
+def render_paired(paired) -> list[str]:
+    """Markdown: EIG-IPA minus each method, averaged over t = 1..T, with paired 95 % CIs."""
+    if not len(paired):
+        return []
+    avg = paired[paired["t"].astype(str).str.contains("-")]
+    if not len(avg):
+        return []
+    span = avg["t"].iloc[0]
+    lines = [f"### EIG-IPA minus each method: AUROC averaged over t = {span.replace('-', '..')}, paired on the same images", "",
+             "Paired bootstrap 95 % CI (the same resampled images for both methods and every t); "
+             "P = fraction of resamples in which EIG-IPA is ahead.", "",
+             "| illness | method | difference [95 % CI] | P |", "|---|---|---|---|"]
+    for r in avg.itertuples():
+        lines.append(f"| {r.illness} | {r.baseline} | {r.diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}] | {r.p_above:.2f} |")
+    return lines + [""]
+
+
+def render_summary(table, timings: dict[str, float], machine: str, paired=None) -> str:
+    """Markdown: AUROC [95 % CI] per method and t, one block per illness, the paired differences,
+    then stage wall times."""
     lines = []
     if len(table):
         for ill, g in table.groupby("illness", sort=False):
@@ -228,6 +246,8 @@ def render_summary(table, timings: dict[str, float], machine: str) -> str:
                 cells = {int(r.t): f"{r.auroc:.3f} [{r.auroc_lo:.3f}, {r.auroc_hi:.3f}]" for r in gm.itertuples()}
                 lines.append(f"| {m} | " + " | ".join(cells.get(t, "") for t in ts) + " |")
             lines.append("")
+    if paired is not None:
+        lines += render_paired(paired)
     lines += ["### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += ["", f"Machine: {machine}", ""]

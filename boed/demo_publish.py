@@ -1,6 +1,7 @@
 """Copy a finished demo run's reference outputs into a folder (``results/`` in the repository).
 
-Writes ``metrics.csv`` (every illness), ``auroc.png`` and ``nll.png`` (one panel per illness), one
+Writes ``metrics.csv`` and ``paired.csv`` (every illness), ``auroc.png``, ``nll.png`` and
+``paired.png`` (one panel per illness), one
 heatmap figure per illness, the last VAE and IPA sample grids, and ``README.md`` with the table,
 the figures, each stage's wall time and the machine it ran on.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from xray.errors import UserError
 from xray.io import atomic_path, atomic_write_text
 
-from .report import CSV_COLUMNS, plot_curves, to_csv
+from .report import CSV_COLUMNS, PAIRED_COLUMNS, plot_curves, plot_paired, to_csv
 
 
 def _latest(folder: Path, pattern: str) -> Path | None:
@@ -46,11 +47,22 @@ def publish(run: str | Path, dest: str | Path) -> Path:
     for r in rows:
         r["t"], r["n"] = int(r["t"]), int(r["n"])
     atomic_write_text(dest / "metrics.csv", to_csv(rows, CSV_COLUMNS))
+    paired = []
+    for f in sorted((run / "eval").glob("*/paired.csv")):
+        with open(f, newline="") as fh:
+            for r in csv.DictReader(fh):
+                paired.append({k: (r[k] if k in ("method", "baseline", "illness") else
+                                   int(r[k]) if k in ("n",) or (k == "t" and r[k].isdigit()) else
+                                   r[k] if k == "t" else float(r[k])) for k in PAIRED_COLUMNS})
     figures = []
     if rows:
         plot_curves(rows, "auroc", dest / "auroc.png")
         plot_curves(rows, "nll", dest / "nll.png")
         figures += [("AUROC after t scans (paper fig. 5, left)", "auroc.png"), ("NLL after t scans (paper fig. 8)", "nll.png")]
+    if paired:
+        atomic_write_text(dest / "paired.csv", to_csv(paired, PAIRED_COLUMNS))
+        plot_paired(paired, dest / "paired.png")
+        figures.append(("EIG-IPA minus each method on the same images, paired 95 % bands", "paired.png"))
     for scan_dir in sorted((run / "scans").glob("*-0")):
         # scan 2 is the first choice that depends on this image (scan 1 uses dataset draws)
         step = scan_dir / "step_2.png" if (scan_dir / "step_2.png").is_file() else _latest(scan_dir, "step_*.png")

@@ -4,6 +4,8 @@
   method scored on each task with that task's own scan locations, t = 0..T, bootstrap 95 % CIs.
 - ``auroc.png`` (paper fig. 5 left) and ``nll.png`` (fig. 8 top): one panel per task, one line per
   method with its interval band.
+- ``paired.csv`` + ``paired.png``: EIG-IPA minus every other method on the same images, per t and
+  averaged over t = 1..T, with paired bootstrap 95 % CIs (columns ``PAIRED_COLUMNS``).
 - ``cross_task.csv`` + ``cross_task_<method>.png`` (fig. 9): scan with task A's locations (columns),
   score task B (rows), AUROC after T scans; cell colour = distance to the best cell of its row.
 """
@@ -23,11 +25,12 @@ import numpy as np
 from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
 
-from .metrics import summarize
+from .metrics import paired_auroc_diff, summarize
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("method", "illness", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n")
+PAIRED_COLUMNS = ("method", "baseline", "illness", "t", "diff", "diff_lo", "diff_hi", "p_above", "n")
 CROSS_COLUMNS = ("method", "scan_task", "score_task", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n")
 METHOD_ORDER = ("eig-ipa", "epe-ipa", "uncond", "nongreedy", "random", "full")
 METHOD_LABELS = {"eig-ipa": "EIG-IPA", "epe-ipa": "EPE-IPA", "uncond": "Uncond", "nongreedy": "Non-greedy uncond",
@@ -70,6 +73,53 @@ def metric_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, n_boo
     return rows
 
 
+def _by_index(records: Sequence[dict], method: str, task: str) -> dict[int, dict]:
+    return {r["index"]: r for r in records if r["method"] == method and r["task"] in (task, None)}
+
+
+def mean_label(scans: int) -> str:
+    """The ``t`` value of the rows averaged over t = 1..T."""
+    return f"1-{scans}"
+
+
+def paired_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, method: str = "eig-ipa",
+                n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """``AUROC(method) - AUROC(baseline)`` for every other method, on the images both scored.
+
+    One row per (baseline, task, t) for t = 1..T, then one with ``t = mean_label(T)``: the
+    difference of the AUROCs averaged over t = 1..T (the paper's "above on average over t").
+    """
+    rows = []
+    for task in tasks:
+        task = resolve_illness(task).name
+        ill = resolve_illness(task)
+        ours = _by_index(records, method, task)
+        for base in _order(r["method"] for r in records):
+            theirs = _by_index(records, base, task)
+            common = sorted(set(ours) & set(theirs))
+            if base == method or not common or scans < 1:
+                continue
+            labels = np.array([ours[i]["labels"] for i in common], dtype=np.float64)  # (n, K)
+            y = ill.target(labels)  # (n,)
+
+            def scores(recs: dict, ts) -> np.ndarray:
+                probs = np.array([[recs[i]["probs"][t] for i in common] for t in ts], dtype=np.float64)  # (T, n, K)
+                return ill.prob(probs)  # (T, n)
+
+            for ts, label in [([t], t) for t in range(1, scans + 1)] + [(list(range(1, scans + 1)), mean_label(scans))]:
+                d = paired_auroc_diff(y, scores(ours, ts), scores(theirs, ts), n_boot=n_boot, seed=seed)
+                rows.append({"method": method, "baseline": base, "illness": task, "t": label, "diff": d.diff,
+                             "diff_lo": d.lo, "diff_hi": d.hi, "p_above": d.p_above, "n": d.n})
+    return rows
+
+
+def plot_paired(rows: Sequence[dict], path: str | Path) -> Path:
+    """AUROC(EIG-IPA) - AUROC(baseline) against t with paired 95 % bands; 0 = a tie."""
+    curves = [{"method": r["baseline"], "illness": r["illness"], "t": r["t"], "diff": r["diff"], "diff_lo": r["diff_lo"],
+               "diff_hi": r["diff_hi"]} for r in rows if isinstance(r["t"], int)]
+    return plot_curves(curves, "diff", path, zero_line=True)
+
+
 def cross_task_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """One row per (task-dependent method, scan task A, score task B) after ``scans`` scans (fig. 9)."""
     tasks = [resolve_illness(t).name for t in tasks]
@@ -110,8 +160,9 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def plot_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
-    """AUROC or NLL against t, one panel per illness, one line (with CI band) per method."""
+def plot_curves(rows: Sequence[dict], metric: str, path: str | Path, zero_line: bool = False) -> Path:
+    """AUROC or NLL (or any ``metric`` with ``_lo``/``_hi``) against t, one panel per illness, one
+    line (with CI band) per method."""
     from matplotlib.figure import Figure
 
     tasks = list(dict.fromkeys(r["illness"] for r in rows))
@@ -126,11 +177,13 @@ def plot_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
             lo, hi = f"{metric}_lo", f"{metric}_hi"
             if rs and lo in rs[0] and all(math.isfinite(r[lo]) for r in rs):
                 ax.fill_between(t, [r[lo] for r in rs], [r[hi] for r in rs], color=color, alpha=0.15, lw=0)
+        if zero_line:
+            ax.axhline(0.0, color="0.3", lw=0.8)
         ax.set_title(task)
         ax.set_xlabel("scans t")
         ax.set_xticks(range(0, max((r["t"] for r in rows), default=0) + 1))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel({"auroc": "AUROC", "nll": "NLL (nats)"}.get(metric, metric))
+    axes[0].set_ylabel({"auroc": "AUROC", "nll": "NLL (nats)", "diff": "AUROC(EIG-IPA) - AUROC(method)"}.get(metric, metric))
     axes[-1].legend(fontsize=7, loc="best")
     _save(fig, Path(path))
     return Path(path)
@@ -173,12 +226,17 @@ def plot_cross_task(rows: Sequence[dict], method: str, path: str | Path) -> Path
 
 def write_report(out_dir: str | Path, records: Sequence[dict], tasks: Sequence[str], scans: int,
                  n_boot: int = 1000, seed: int = 0, cross_task: bool = False) -> list[dict]:
-    """Write metrics.csv, auroc.png, nll.png (and the cross-task files); returns the metric rows."""
+    """Write metrics.csv, auroc.png, nll.png, paired.{csv,png} (when EIG-IPA and another method were
+    evaluated) and the cross-task files; returns the metric rows."""
     out = Path(out_dir)
     rows = metric_rows(records, tasks, scans, n_boot, seed)
     atomic_write_text(out / "metrics.csv", to_csv(rows, CSV_COLUMNS))
     plot_curves(rows, "auroc", out / "auroc.png")
     plot_curves(rows, "nll", out / "nll.png")
+    paired = paired_rows(records, tasks, scans, n_boot=n_boot, seed=seed)
+    if paired:
+        atomic_write_text(out / "paired.csv", to_csv(paired, PAIRED_COLUMNS))
+        plot_paired(paired, out / "paired.png")
     if cross_task and len(tasks) > 1:
         cross = cross_task_rows(records, tasks, scans, n_boot, seed)
         atomic_write_text(out / "cross_task.csv", to_csv(cross, CROSS_COLUMNS))

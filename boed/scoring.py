@@ -7,6 +7,11 @@ candidates, each mask broadcast over its N samples and written straight into the
 memory format (no Python loop over L * N, no ``(B, L, ...)`` tensor in memory), and run under
 ``torch.inference_mode()`` on an inference copy of the classifier (BN folded into the convs,
 channels_last; bf16 autocast on CUDA). Candidates already fully observed are not classified.
+
+When the classifier is a plain conv chain (:func:`boed.incremental.from_module` accepts it, e.g.
+the ``tiny`` AVP-CNN), candidates are scored incrementally by default: the trunk runs once per
+``(b, n)`` on the current observation and each candidate only recomputes the windows its patch
+can change (``incremental=False`` forces the full path; the outputs agree to float tolerance).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boed.geometry import ScanGeometry
+from boed.incremental import incremental_for
 from xray.labels import Illness
 
 
@@ -30,6 +36,7 @@ class ScoringConfig:
     channels_last: bool = True
     amp: bool = True  # bf16 autocast, CUDA only
     progress: bool = False  # tqdm over chunks
+    incremental: bool = True  # patch-local inference (boed.incremental) when the classifier allows it
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -156,6 +163,7 @@ def candidate_probs(
     channels_last: bool = True,
     amp: bool = True,
     progress: bool = False,
+    incremental: bool = True,
 ) -> Tensor:
     """``p (B, L, N)``: g(v=1 | observe(samples[b, n] / 255, mask[b] ∪ patch_l)).
 
@@ -163,19 +171,24 @@ def candidate_probs(
     candidates not to classify; default: patches already fully observed. A skipped candidate
     adds nothing, so its row is ``g(observe(samples[b, n] / 255, mask[b]))`` (the current
     posterior per sample), computed once per image instead of once per skipped location.
+    ``incremental``: use patch-local inference when the classifier is a supported conv chain.
     """
     B, N, C, S, _ = samples.shape
     L = geometry.num_locations
     if mask.shape != (B, 1, S, S) or geometry.image_size != S:
         raise ValueError(f"samples {tuple(samples.shape)}, mask {tuple(mask.shape)} and geometry S={geometry.image_size} disagree")
     device = model_device(classifier)
-    cfg = ScoringConfig(chunk_size, channels_last, amp, progress)
-    obs = _Observations(samples, device, channels_last)
+    cfg = ScoringConfig(chunk_size, channels_last, amp, progress, incremental)
     m = mask.to(device=device, dtype=torch.float32)  # (B, 1, S, S)
-    pm = torch.cat([geometry.patch_masks(device), torch.zeros(1, 1, S, S, device=device)])  # (L + 1, 1, S, S); L = no patch
     if skip is None:
         skip = geometry.fully_observed(m)  # (B, L)
     skip = skip.to(device)
+    inc = incremental_for(classifier) if (cfg.incremental and B) else None
+    if inc is not None:
+        return _candidate_probs_incremental(inc, samples, m, geometry, illness, skip, cfg)
+
+    obs = _Observations(samples, device, channels_last)
+    pm = torch.cat([geometry.patch_masks(device), torch.zeros(1, 1, S, S, device=device)])  # (L + 1, 1, S, S); L = no patch
 
     # Work items: (b, l) candidates to classify, each with all N samples, sorted by b; then one
     # "current observation" item (l = L: no patch) per image that has skipped candidates.
@@ -198,6 +211,23 @@ def candidate_probs(
         current[cur] = per_item[q:]
         sb, sl = skip.nonzero().unbind(1)
         p[sb, sl] = current[sb]
+    return p
+
+
+def _candidate_probs_incremental(inc, samples: Tensor, m: Tensor, geometry: ScanGeometry, illness: Illness,
+                                 skip: Tensor, cfg: ScoringConfig) -> Tensor:
+    """:func:`candidate_probs` through :class:`boed.incremental.PatchIncrementalNet`: the base row
+    of every image is computed anyway, so skipped candidates cost nothing."""
+    B, N = samples.shape[:2]
+    device = m.device
+    bl = (~skip).nonzero()  # (Q, 2), sorted by image
+    base, cand = inc.logits(samples, m, geometry, bl[:, 0], bl[:, 1],
+                            chunk_size=cfg.chunk_size or default_chunk_size(device),
+                            channels_last=cfg.channels_last, amp=cfg.amp, progress=cfg.progress)  # (B, N, K), (Q, N, K)
+    p = torch.empty(B, geometry.num_locations, N, dtype=torch.float32, device=device)
+    p[bl[:, 0], bl[:, 1]] = illness.prob(torch.sigmoid(cand))  # (Q, N)
+    sb, sl = skip.nonzero().unbind(1)
+    p[sb, sl] = illness.prob(torch.sigmoid(base))[sb]  # (S_k, N)
     return p
 
 

@@ -132,14 +132,15 @@ def prepared_dir(root: str | os.PathLike, size: int, cache_dir: str | os.PathLik
 
 def phantom_root(cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True) -> Path:
     """The default phantom set, generated on first use (into a temp folder, then renamed)."""
+    from xray import phantom  # lazy: the renderer is only needed here
+
     base = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    dst = base / "phantom-default"
+    dst = base / f"phantom-default-v{phantom.PHANTOM_VERSION}"  # a new renderer version never reuses old images
     if dst.is_dir():
         return dst
-    from xray import phantom  # lazy: generation is only needed once
 
     ensure_writable_dir(base)
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".phantom-default.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{dst.name}.tmp-"))
     try:
         log.info("generating the default phantom set (%d images, %d px) in %s", DEFAULT_PHANTOM_N, DEFAULT_PHANTOM_SIZE, dst)
         phantom.generate(tmp, n=DEFAULT_PHANTOM_N, size=DEFAULT_PHANTOM_SIZE, seed=0,

@@ -24,7 +24,8 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     out, pub = tmp_path / "demo", tmp_path / "results"
     assert _run(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--publish", str(pub)]) == 0
     for f in ["vae/model/config.json", "ipa/model/config.json", "avp/model/config.json", "summary.json", "summary.md",
-              "eval/effusion/metrics.csv", "eval/edema/metrics.csv", "scans/effusion-0/summary.png"]:
+              "eval/effusion/metrics.csv", "eval/edema/metrics.csv", "eval/effusion/paired.csv",
+              "scans/effusion-0/summary.png"]:
         assert (out / f).is_file(), f
     rows = list(csv.DictReader(open(out / "eval" / "effusion" / "metrics.csv")))
     assert {r["method"] for r in rows} == {"eig-ipa", "epe-ipa", "random", "uncond", "nongreedy", "full"}
@@ -33,8 +34,9 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     for r in rows:
         assert 0.0 <= float(r["auroc_lo"]) <= float(r["auroc"]) <= float(r["auroc_hi"]) <= 1.0 or r["auroc"] == "nan"
         assert float(r["nll"]) > 0
-    for f in ["metrics.csv", "auroc.png", "nll.png", "README.md"]:
+    for f in ["metrics.csv", "auroc.png", "nll.png", "paired.csv", "paired.png", "README.md"]:
         assert (pub / f).is_file(), f
+    assert "EIG-IPA minus each method" in (pub / "README.md").read_text()
     # a second run only re-prints the results: every stage is skipped
     first = json.loads((out / "summary.json").read_text())["timings_s"]
     capsys.readouterr()
@@ -43,6 +45,41 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert time.perf_counter() - t0 < 60
     assert json.loads((out / "summary.json").read_text())["timings_s"] == first
     assert "AUROC" in capsys.readouterr().out
+
+
+def test_summary_and_publish_show_paired_differences(tmp_path):
+    """summary.md and the published README carry the paired EIG-IPA differences of every illness."""
+    import numpy as np
+
+    from boed.demo import DemoOptions, summarize
+    from boed.demo_publish import publish
+    from boed.report import write_report
+    from xray.labels import LABELS
+
+    rng = np.random.default_rng(0)
+    eff = LABELS.index("Effusion")
+    recs = []
+    for i in range(60):
+        y = [0] * 15
+        y[eff] = i % 2
+        for method, noise in (("eig-ipa", 0.1), ("uncond", 0.4), ("random", 2.0)):
+            probs = [[0.5] * 15 for _ in range(3)]
+            for t in (1, 2):
+                probs[t][eff] = float(np.clip(0.5 + 0.3 * (2 * y[eff] - 1) + rng.normal(0, noise), 0, 1))
+            recs.append({"method": method, "task": "Effusion" if method != "random" else None, "index": i,
+                         "locations": [], "probs": probs, "labels": y})
+    out = tmp_path / "run"
+    write_report(out / "eval" / "effusion", recs, ["effusion"], scans=2, n_boot=200)
+    opts = DemoOptions(out=out, profile=PROFILES["quick"], illnesses=("effusion",))
+    summary = summarize(opts, {"eval/effusion": 1.0, "total": 1.0})
+    md = (out / "summary.md").read_text()
+    assert "EIG-IPA minus each method" in md and "| Effusion | random | +" in md
+    assert {r["baseline"] for r in summary["paired"]} == {"uncond", "random"}
+    pub = publish(out, tmp_path / "pub")
+    assert (pub / "paired.png").is_file() and "paired.png" in (pub / "README.md").read_text()
+    rows = list(csv.DictReader(open(pub / "paired.csv")))
+    assert [r["t"] for r in rows if r["baseline"] == "random"] == ["1", "2", "1-2"]
+    assert float(next(r for r in rows if r["baseline"] == "random" and r["t"] == "1-2")["diff"]) > 0.1
 
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from boed.report import CSV_COLUMNS, cross_task_rows, format_table, metric_rows, write_report
+from boed.report import CSV_COLUMNS, PAIRED_COLUMNS, cross_task_rows, format_table, metric_rows, paired_rows, write_report
 from xray.labels import LABELS
 
 EFF, ANY = LABELS.index("Effusion"), LABELS.index("Any Finding")
@@ -63,6 +63,25 @@ def test_cross_task_rows():
     assert m["Effusion", "No Finding"] == 0.5 and m["No Finding", "Effusion"] == 0.5
 
 
+def test_paired_rows_match_the_marginal_differences():
+    recs = _records()
+    marg = {(r["method"], r["t"]): r["auroc"] for r in metric_rows(recs, ["effusion"], scans=2, n_boot=0)}
+    rows = paired_rows(recs, ["effusion"], scans=2, n_boot=200)
+    assert [(r["baseline"], r["t"]) for r in rows] == [("random", 1), ("random", 2), ("random", "1-2"),
+                                                       ("full", 1), ("full", 2), ("full", "1-2")]
+    get = {(r["baseline"], r["t"]): r for r in rows}
+    for base in ("random", "full"):
+        for t in (1, 2):
+            assert get[base, t]["diff"] == pytest.approx(marg["eig-ipa", t] - marg[base, t])
+        mean = np.mean([marg["eig-ipa", t] - marg[base, t] for t in (1, 2)])
+        assert get[base, "1-2"]["diff"] == pytest.approx(mean)
+    assert get["full", 2]["diff"] == 1.0 and get["full", 2]["p_above"] == 1.0  # perfect vs reversed ranking
+    assert get["random", 1]["diff_lo"] == get["random", 1]["diff_hi"] == 0.5  # every resample: 1.0 - 0.5
+    # only images both methods scored are compared
+    fewer = [r for r in recs if not (r["method"] == "random" and r["index"] >= 20)]
+    assert {r["n"] for r in paired_rows(fewer, ["effusion"], 2, n_boot=0) if r["baseline"] == "random"} == {20}
+
+
 def test_write_report_files(tmp_path):
     rows = write_report(tmp_path, _records(), ["effusion", "no finding"], scans=2, n_boot=100, cross_task=True)
     with open(tmp_path / "metrics.csv") as f:
@@ -70,7 +89,10 @@ def test_write_report_files(tmp_path):
     assert tuple(table[0]) == CSV_COLUMNS
     assert len(table) - 1 == len(rows) == 2 * 3 * 3  # tasks x methods x (T + 1)
     assert {row[0] for row in table[1:]} == {"eig-ipa", "random", "full"}
-    for name in ("auroc.png", "nll.png", "cross_task_eig-ipa.png"):
+    with open(tmp_path / "paired.csv") as f:
+        paired = list(csv.reader(f))
+    assert tuple(paired[0]) == PAIRED_COLUMNS and len(paired) - 1 == 2 * 2 * 3  # tasks x baselines x (T + mean)
+    for name in ("auroc.png", "nll.png", "paired.png", "cross_task_eig-ipa.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "cross_task.csv").read_text().startswith("method,scan_task,score_task,t,")
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries

@@ -88,7 +88,7 @@ def test_open_dataset_errors(tmp_path):
         open_dataset("mnist", cache_dir=tmp_path)
     with pytest.raises(UserError, match="multiple of 4"):
         open_dataset("phantom", size=30, cache_dir=tmp_path)  # checked before generating anything
-    assert not (tmp_path / "phantom-default").exists()
+    assert not any(tmp_path.glob("phantom-default*"))
 
 
 def _fake_phantom(monkeypatch, fail=False):
@@ -101,7 +101,7 @@ def _fake_phantom(monkeypatch, fail=False):
             raise RuntimeError("killed half-way")
         return out_dir
 
-    mod = types.SimpleNamespace(generate=generate, DEMO_PREVALENCE={"Effusion": 0.5})
+    mod = types.SimpleNamespace(generate=generate, DEMO_PREVALENCE={"Effusion": 0.5}, PHANTOM_VERSION=7)
     monkeypatch.setitem(sys.modules, "xray.phantom", mod)
     monkeypatch.setattr(sys.modules["xray"], "phantom", mod, raising=False)
     return calls
@@ -111,13 +111,13 @@ def test_open_phantom_generates_once_atomically(tmp_path, monkeypatch):
     calls = _fake_phantom(monkeypatch, fail=True)
     with pytest.raises(RuntimeError):
         open_dataset("phantom", size=S, cache_dir=tmp_path, progress=False)
-    assert not (tmp_path / "phantom-default").exists()
+    assert not any(tmp_path.glob("phantom-default*"))
     assert [p.name for p in tmp_path.iterdir()] == []  # the temp folder is gone too
 
     calls = _fake_phantom(monkeypatch)
     ds = open_dataset("phantom", size=S, split="all", cache_dir=tmp_path, workers=0, progress=False)
     assert calls == [(dataset.DEFAULT_PHANTOM_N, dataset.DEFAULT_PHANTOM_SIZE, 0, {"Effusion": 0.5})]
-    assert (tmp_path / "phantom-default" / "Data_Entry_2017_v2020.csv").is_file() and len(ds) == 12
+    assert (tmp_path / "phantom-default-v7" / "Data_Entry_2017_v2020.csv").is_file() and len(ds) == 12  # versioned
     open_dataset("phantom", size=S, cache_dir=tmp_path, workers=0, progress=False)
     assert len(calls) == 1  # generated once
 

@@ -143,3 +143,27 @@ def test_contact_sheet(folder, tmp_path):
     assert im.size[0] == 110 + 3 * 32 and im.size[1] % 32 == 0 and im.size[1] >= 64
     with pytest.raises(UserError):
         contact_sheet(tmp_path, tmp_path / "t.png")
+
+
+def test_film_to_film_variation_moves_the_lung_bases_and_keeps_lungs_in_the_image():
+    """Positioning, size and inspiration vary per film (more on AP): the costophrenic angles, where
+    basal findings sit, move by several percent of the image; the lungs never leave the image."""
+    from xray.phantom.anatomy import Pose, lung_bank, lung_frame, sample_anatomy, sample_lungs
+
+    templates, aspects = lung_bank()
+    size, rng = 64, np.random.default_rng(0)
+    bottoms, lefts = {"PA": [], "AP": []}, {"PA": [], "AP": []}
+    for k in range(120):
+        view = "AP" if k % 2 else "PA"
+        anat = sample_anatomy(rng, "M", len(templates), aspects)
+        pose = Pose.sample(rng, anat, view)
+        lungs = sample_lungs(templates[anat.template], *lung_frame(size, anat, pose)).sum(0) > 0.5  # (S, S)
+        rows, cols = np.nonzero(lungs.any(1))[0], np.nonzero(lungs.any(0))[0]
+        assert rows[0] > 0 and rows[-1] < size - 1 and cols[0] > 0 and cols[-1] < size - 1  # inside the image
+        bottoms[view].append(rows[-1] / size)
+        lefts[view].append(cols[0] / size)
+    for view in ("PA", "AP"):
+        assert 0.035 < np.std(bottoms[view]) < 0.09, (view, np.std(bottoms[view]))
+        assert 0.015 < np.std(lefts[view]) < 0.06, (view, np.std(lefts[view]))
+    assert np.std(bottoms["AP"]) > np.std(bottoms["PA"])  # portable films vary more
+    assert np.mean(bottoms["AP"]) < np.mean(bottoms["PA"])  # and are taken at shallower breath

@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..io import atomic_write_text
-from .anatomy import lung_bank
+from .anatomy import PHANTOM_VERSION, lung_bank
 from .metadata import DEMO_PREVALENCE, ImageMeta, bbox_text, data_entry_text, real_boxes, real_table, \
     sample_metadata, split_patients
 from .render import Rendered, render_image
 from .sheet import contact_sheet
 
-__all__ = ["generate", "DEMO_PREVALENCE", "contact_sheet", "render_meta"]
+__all__ = ["generate", "DEMO_PREVALENCE", "PHANTOM_VERSION", "contact_sheet", "render_meta"]
 
 log = logging.getLogger(__name__)
 _MAX_CHUNK = 64

@@ -33,6 +33,8 @@ CANON_X0, CANON_W, CANON_Y0, CANON_H = 0.13, 0.74, 0.10, 0.68
 
 
 BANK_VERSION = 1
+# Bump when rendering changes: the default phantom set is cached under a versioned name.
+PHANTOM_VERSION = 2
 
 
 def _cache_file() -> Path:
@@ -138,25 +140,35 @@ def sample_anatomy(rng: np.random.Generator, sex: str, n_templates: int, aspects
 
 @dataclass(frozen=True)
 class Pose:
-    """Per-image placement: lung box centre (fractions), scale, rotation (radians)."""
+    """Per-image placement and breath: lung box centre (fractions), scale, rotation (radians), and
+    inspiration (lung height relative to the patient's own, apex fixed: < 1 a shallow breath with
+    high domes, as on many supine AP films).
+
+    The spreads are those of real NIH films, where positioning, patient size and inspiration move
+    the costophrenic angles by several percent of the image from one film to the next (more on
+    portable AP films than on PA): where a basal finding sits is patient- and film-specific.
+    """
 
     cx: float
     cy: float
     scale: float
     angle: float
+    inspiration: float = 1.0
 
     @staticmethod
     def sample(rng: np.random.Generator, anat: Anatomy, view: str) -> "Pose":
         ap = view == "AP"
-        return Pose(cx=float(rng.normal(0.5, 0.02)),
-                    cy=float(rng.normal(CANON_Y0 + CANON_H / 2 + (0.02 if ap else 0.0), 0.02)),
-                    scale=float(rng.normal(0.97 if ap else 1.0, 0.04)),
-                    angle=float(rng.normal(0.0, 0.05 if ap else 0.03)))
+        return Pose(cx=float(np.clip(rng.normal(0.5, 0.03 if ap else 0.02), 0.42, 0.58)),
+                    cy=float(np.clip(rng.normal(CANON_Y0 + CANON_H / 2 + (0.02 if ap else 0.0), 0.035 if ap else 0.025),
+                                     0.36, 0.52)),
+                    scale=float(np.clip(rng.normal(0.97 if ap else 1.0, 0.08 if ap else 0.06), 0.8, 1.16)),
+                    angle=float(rng.normal(0.0, 0.06 if ap else 0.035)),
+                    inspiration=float(np.clip(rng.normal(0.92 if ap else 1.0, 0.07 if ap else 0.05), 0.78, 1.12)))
 
     def box_px(self, anat: Anatomy, size: int) -> tuple[float, float]:
         """Lung box (width, height) in pixels."""
         w = anat.width * self.scale * size
-        return w, w / anat.aspect
+        return w, w / anat.aspect * self.inspiration
 
 
 def lung_frame(size: int, anat: Anatomy, pose: Pose, v_stretch: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +177,7 @@ def lung_frame(size: int, anat: Anatomy, pose: Pose, v_stretch: float = 1.0) -> 
     y, x = np.meshgrid(c, c, indexing="ij")  # (S, S) each
     w = anat.width * pose.scale
     h = w / anat.aspect
+    v_stretch = v_stretch * pose.inspiration
     ca, sa = np.cos(pose.angle), np.sin(pose.angle)
     dx, dy = x - pose.cx, y - pose.cy
     u = (ca * dx + sa * dy) / w + 0.5
