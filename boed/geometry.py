@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from xray.errors import UserError
 
@@ -86,9 +87,10 @@ class ScanGeometry:
 
     def fully_observed(self, mask: torch.Tensor) -> torch.Tensor:
         """Which candidates add nothing: ``mask (..., 1, S, S)`` -> ``(..., L)`` bool."""
-        pm = self.patch_masks(mask.device, mask.dtype)  # (L, 1, S, S)
-        seen = torch.einsum("...chw,lchw->...l", mask, pm)  # (..., L) observed pixels inside each patch
-        return seen >= self.patch_size * self.patch_size - 0.5
+        S, P, G = self.image_size, self.patch_size, self.grid
+        m = mask.reshape(-1, 1, S, S).float()  # (M, 1, S, S)
+        frac = F.avg_pool2d(m, P, stride=max(self.stride, 1))[..., :G, :G]  # (M, 1, G, G) observed share of each patch
+        return (frac * (P * P) >= P * P - 0.5).reshape(*mask.shape[:-3], G * G)  # (..., L)
 
     def grid_map(self, values: torch.Tensor) -> torch.Tensor:
         """Reshape per-location values ``(..., L)`` to the grid ``(..., G, G)``."""

@@ -181,7 +181,7 @@ def plot_curves(rows: Sequence[dict], metric: str, path: str | Path, zero_line: 
             ax.axhline(0.0, color="0.3", lw=0.8)
         ax.set_title(task)
         ax.set_xlabel("scans t")
-        ax.set_xticks(range(0, max((r["t"] for r in rows), default=0) + 1))
+        ax.set_xticks(range(min((r["t"] for r in rows), default=0), max((r["t"] for r in rows), default=0) + 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel({"auroc": "AUROC", "nll": "NLL (nats)", "diff": "AUROC(EIG-IPA) - AUROC(method)"}.get(metric, metric))
     axes[-1].legend(fontsize=7, loc="best")

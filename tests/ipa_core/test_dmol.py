@@ -89,6 +89,29 @@ def test_samples_deterministic_for_a_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sample_picks_the_gumbel_max_component_of_every_channel(channels):
+    """The gather-based component choice equals the textbook one-hot mixture selection bit for bit."""
+    net, h = head(channels=channels, mixtures=5, seed=4)
+    hh = h.expand(8, -1, 6, 6).contiguous() + torch.randn(8, h.shape[1], 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = net.sample(hh, torch.Generator().manual_seed(9))
+        logits, means, log_scales, coeffs = net.params(hh)
+        g = torch.Generator().manual_seed(9)  # the same draws, in the same order
+        uni = lambda shape: torch.rand(shape, generator=g) * (1 - 2e-5) + 1e-5  # noqa: E731
+        k = (logits - torch.log(-torch.log(uni(logits.shape)))).argmax(dim=1)  # (B, H, W)
+        sel = torch.nn.functional.one_hot(k, 5).permute(0, 3, 1, 2).unsqueeze(1).float()  # (B, 1, M, H, W)
+        mu, ls = (means * sel).sum(2), (log_scales * sel).sum(2)  # (B, C, H, W)
+        u = uni(mu.shape)
+        x = mu + ls.exp() * (torch.log(u) - torch.log1p(-u))
+        if coeffs is not None:
+            c = (coeffs * sel).sum(2)
+            x0 = x[:, 0].clamp(-1, 1)
+            x1 = (x[:, 1] + c[:, 0] * x0).clamp(-1, 1)
+            x = torch.stack([x0, x1, (x[:, 2] + c[:, 1] * x0 + c[:, 2] * x1).clamp(-1, 1)], dim=1)
+    assert torch.equal(got, to_uint8(x))
+
+
 def test_edges_and_uint8_conversion():
     assert to_uint8(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0])).tolist() == [0, 0, 128, 255, 255]
     net, h = head()
