@@ -32,6 +32,23 @@ def _copy(src: Path | None, dst: Path) -> str | None:
     return dst.name
 
 
+def _value(key: str, text: str):
+    """A CSV cell as written by :func:`boed.report.to_csv`: counts and t as int (t may be a span
+    like "1-5"), names as str, the rest float."""
+    if key in ("method", "baseline", "illness") or (key == "t" and not text.isdigit()):
+        return text
+    return int(text) if key in ("t", "n") else float(text)
+
+
+def _read_rows(run: Path, name: str, columns) -> list[dict]:
+    """Rows of every illness's ``eval/*/<name>``."""
+    rows = []
+    for f in sorted((run / "eval").glob(f"*/{name}")):
+        with open(f, newline="") as fh:
+            rows += [{k: _value(k, r[k]) for k in columns} for r in csv.DictReader(fh)]
+    return rows
+
+
 def publish(run: str | Path, dest: str | Path) -> Path:
     run, dest = Path(run), Path(dest)
     summary_file = run / "summary.json"
@@ -39,21 +56,9 @@ def publish(run: str | Path, dest: str | Path) -> Path:
         raise UserError(f"{summary_file} does not exist; run `boed demo --out {run}` first")
     summary = json.loads(summary_file.read_text())
     dest.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for f in sorted((run / "eval").glob("*/metrics.csv")):
-        with open(f, newline="") as fh:
-            for r in csv.DictReader(fh):
-                rows.append({k: (r[k] if k in ("method", "illness") else float(r[k])) for k in CSV_COLUMNS})
-    for r in rows:
-        r["t"], r["n"] = int(r["t"]), int(r["n"])
+    rows = _read_rows(run, "metrics.csv", CSV_COLUMNS)
     atomic_write_text(dest / "metrics.csv", to_csv(rows, CSV_COLUMNS))
-    paired = []
-    for f in sorted((run / "eval").glob("*/paired.csv")):
-        with open(f, newline="") as fh:
-            for r in csv.DictReader(fh):
-                paired.append({k: (r[k] if k in ("method", "baseline", "illness") else
-                                   int(r[k]) if k in ("n",) or (k == "t" and r[k].isdigit()) else
-                                   r[k] if k == "t" else float(r[k])) for k in PAIRED_COLUMNS})
+    paired = _read_rows(run, "paired.csv", PAIRED_COLUMNS)
     figures = []
     if rows:
         plot_curves(rows, "auroc", dest / "auroc.png")
