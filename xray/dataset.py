@@ -72,6 +72,16 @@ class XrayDataset(Dataset):
         self.label_names: tuple[str, ...] = LABELS
         self._mm: np.memmap | None = None
 
+    @property
+    def fingerprint(self) -> str:
+        """What this split's pixels and labels came from: the cache's source fingerprint, its
+        label hash, the image size and the split (see :mod:`xray.provenance`)."""
+        from .provenance import digest
+
+        m = self.manifest
+        return digest({"source": m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
+                       "split": self.split, "n": len(self)})
+
     def _images(self) -> np.memmap:
         if self._mm is None:
             S = self.image_size
