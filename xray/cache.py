@@ -5,17 +5,34 @@ Layout of a cache folder (everything a reader needs, nothing else)::
     images.u8        raw uint8 array (n_rows, S, S), opened with np.memmap
     labels.csv       one row per good image in cache order: image, row (into images.u8), split,
                      the label/metadata columns of xray.nih.read_labels
-    manifest.json    source root, csv, size, counts per label and split, bad images; written last,
-                     so its presence means the cache is complete
+    manifest.json    source root, csv, size, the source fingerprint, counts per label and split,
+                     bad and absent images; written last, so its presence means the cache is complete
+    sources.json     name, bytes and mtime of the file behind every row: lets a rebuild reuse the
+                     rows whose file did not change
     bad_images.txt   missing/corrupt images and why (tab-separated), skipped
     progress.json    while preparing: finished chunks (the memmap is flushed before a chunk is
                      recorded), so a killed run resumes where it stopped
+    .lock            taken (``flock``) by whoever prepares: two writers never interleave, the
+                     second waits and then finds the cache done
+
+**The cache knows its source.** ``fingerprint`` digests every row's image name, file size and
+modification time (one ``stat`` per file, no reads), the image size and the ``present_only`` mode;
+``labels_hash`` digests the bytes of the label CSV and the split lists. Every open through
+:func:`prepare` (which :func:`xray.dataset.open_dataset` calls each time) recomputes both and
+compares them with the manifest: new labels rewrite ``labels.csv`` only; new, removed, replaced or
+touched images rebuild the cache, copying over the rows whose file is unchanged.
+
+**One location rule** (:func:`cache_location`): the cache of ``ROOT`` at ``S`` px is
+``ROOT/prepared-S``; with a cache folder ``C`` (``--cache-dir C``) it is ``C/prepared/<hash of
+ROOT's absolute path>-S``. ``xray prepare --root ROOT --size S`` writes exactly what every
+``--data-root ROOT --image-size S`` command reads.
 
 Images are centre-cropped to a square and resized with Lanczos antialiasing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -23,8 +40,10 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,11 +58,12 @@ from .labels import ANY_FINDING, NO_FINDING
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHUNK = 64  # images per unit of work and of recorded progress
 MAX_BAD_FRACTION = 0.01
-IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, BAD_FILE, PROGRESS_FILE = (
-    "images.u8", "labels.csv", "manifest.json", "bad_images.txt", "progress.json")
+COPY_BLOCK = 1024  # rows copied at a time when a rebuild reuses unchanged images
+IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, BAD_FILE, PROGRESS_FILE, SOURCES_FILE, LOCK_FILE = (
+    "images.u8", "labels.csv", "manifest.json", "bad_images.txt", "progress.json", "sources.json", ".lock")
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -80,15 +100,20 @@ def _load_chunk(task: tuple[int, list[str | None], int]) -> tuple[int, np.ndarra
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
+    """What a cache of ``root`` at ``size`` must hold, computed from the source folder as it is now."""
+
     root: Path
     csv: Path
     out: Path
     size: int
-    labels: pd.DataFrame
+    labels: pd.DataFrame  # one row per cache row (the present images only, with present_only)
     paths: list[str | None]
+    stats: list[tuple[int, int] | None]  # (bytes, mtime_ns) of each row's file; None when absent
     splits: dict[str, list[str]]
-    fingerprint: str  # what the pixels depend on: root, image names and order, size
+    present_only: bool
+    absent: list[str]  # listed images without a file, left out (present_only) or counted as bad
+    fingerprint: str  # what the pixels depend on: names and order, file sizes and mtimes, S, mode
     labels_hash: str  # what labels.csv depends on: the CSV and split-list bytes
 
     @property
@@ -102,35 +127,83 @@ class _Plan:
     def chunk_paths(self, cid: int) -> list[str | None]:
         return self.paths[cid * CHUNK:(cid + 1) * CHUNK]
 
+    def source(self) -> dict:
+        """The source fingerprint stored in the manifest (and compared on every open)."""
+        return {"fingerprint": self.fingerprint, "labels_hash": self.labels_hash, "csv": self.csv.name,
+                "listed": self.n + (len(self.absent) if self.present_only else 0),
+                "files": sum(1 for s in self.stats if s is not None),
+                "bytes": sum(s[0] for s in self.stats if s is not None), "present_only": self.present_only}
+
 
 def _context():
     """fork on Linux (workers only run PIL/numpy/pydicom; spawn re-imports torch, ~10 s), else spawn."""
     return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
+def root_key(root: str | os.PathLike) -> str:
+    """12 hex digits naming ``root`` (its absolute path) inside a shared cache folder."""
+    return hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:12]
+
+
+def cache_location(root: str | os.PathLike, size: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """THE rule for where the cache of ``root`` at ``size`` lives (see the module docstring)."""
+    if cache_dir is None:
+        return Path(root).expanduser() / f"prepared-{size}"
+    return Path(cache_dir).expanduser() / "prepared" / f"{root_key(root)}-{size}"
+
+
 def default_out(root: str | os.PathLike, size: int) -> Path:
-    return Path(root).expanduser() / f"prepared-{size}"
+    return cache_location(root, size)
 
 
-def _plan(root, size: int, out) -> _Plan:
-    if not isinstance(size, int) or size < 4 or size % 4:
+def _file_hash(paths) -> str:
+    h = hashlib.sha1()
+    for f in paths:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(b"-")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size % 4:
         raise UserError(f"image size {size} is not a positive multiple of 4; the scan grid needs S % 4 == 0 (e.g. 64, 128, 256)")
+
+
+def make_plan(root, size: int, out=None, present_only: bool = False) -> Plan:
+    """Read the source folder (CSV, split lists, one ``stat`` per image) -> the :class:`Plan`.
+
+    Raises :class:`UserError` for a bad size or folder, and (``present_only``) when no listed
+    image is present. Creates nothing.
+    """
+    check_size(size)
     root = Path(root).expanduser()
     csv = nih.find_csv(root)  # checks that root is a folder
     labels = nih.read_labels(csv)
-    files = nih.find_images(root)
-    splits = nih.split(root, labels)
-    out = Path(out).expanduser() if out is not None else default_out(root, size)
-    paths = [str(files[n]) if n in files else None for n in labels.index]
+    files = nih.scan_images(root)
+    splits = nih.split(root, labels)  # on the full table: the split of an image never depends on what else is present
+    out = Path(out).expanduser() if out is not None else cache_location(root, size)
+    absent = [n for n in labels.index if n not in files]
+    if present_only and absent:
+        if len(absent) == len(labels):
+            raise UserError(f"none of the {len(labels)} images listed in {csv.name} is present under {root}/images or "
+                            f"{root}/images_*/images; download some parts first (`xray download --out {root} --parts 1`)")
+        keep = set(absent)
+        labels = labels[~labels.index.isin(keep)]
+        splits = {k: [n for n in v if n not in keep] for k, v in splits.items()}
+    names = labels.index.tolist()
+    paths = [str(files[n][0]) if n in files else None for n in names]
+    stats = [(files[n][1], files[n][2]) if n in files else None for n in names]
     h = hashlib.sha1()
-    for part in (str(FORMAT_VERSION), str(root.resolve()), csv.name, str(size), "\n".join(labels.index)):
-        h.update(part.encode())
-        h.update(b"\0")
-    lh = hashlib.sha1()
-    for f in (csv, root / "train_val_list.txt", root / "test_list.txt"):
-        lh.update(f.read_bytes() if f.is_file() else b"-")
-        lh.update(b"\0")
-    return _Plan(root, csv, out, size, labels, paths, splits, h.hexdigest(), lh.hexdigest())
+    h.update(f"v{FORMAT_VERSION}\0{size}\0{int(present_only)}\0".encode())
+    for n, st in zip(names, stats):
+        h.update(f"{n}\t{st[0]}\t{st[1]}\n".encode() if st else f"{n}\t-\n".encode())
+    lh = _file_hash((csv, root / "train_val_list.txt", root / "test_list.txt"))
+    return Plan(root, csv, out, size, labels, paths, stats, splits, bool(present_only), absent, h.hexdigest(), lh)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -145,39 +218,92 @@ def is_complete(cache_dir: str | os.PathLike) -> bool:
     return (Path(cache_dir) / MANIFEST_FILE).is_file()
 
 
-def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = None,
-            workers: int | None = None, progress: bool = True) -> Path:
-    """Build (or finish, or reuse) the S x S cache of the NIH-format folder ``root``; return its path.
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder/.lock``: one writer at a time; others wait here."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no inter-process lock, say so once
+        warnings.warn("no fcntl on this platform: do not prepare one cache from two processes at once", stacklevel=3)
+        yield
+        return
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s", folder)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    ``out`` defaults to ``root/prepared-<size>``. ``workers``: decoding processes (None = all
-    cores, 0 = in this process). A killed run resumes from its last recorded chunk; a complete
-    cache for the same root, CSV and size returns at once. Missing/corrupt images are skipped and
-    listed in ``bad_images.txt``; more than 1 % bad raises :class:`UserError`.
+
+def _inherit_mode(out: Path, present_only: bool | None) -> bool:
+    """``present_only=None``: as the cache at ``out`` was prepared (off when there is none)."""
+    if present_only is not None:
+        return bool(present_only)
+    for name in (MANIFEST_FILE, PROGRESS_FILE):
+        m = _read_json(out / name)
+        if m is not None and "present_only" in m:
+            return bool(m["present_only"])
+    return False
+
+
+def is_current(p: Plan) -> bool:
+    """True when the cache at ``p.out`` is complete and was made from exactly this source."""
+    m = _read_json(p.out / MANIFEST_FILE)
+    return m is not None and m.get("fingerprint") == p.fingerprint and m.get("labels_hash") == p.labels_hash
+
+
+def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = None,
+            workers: int | None = None, progress: bool = True, present_only: bool | None = None) -> Path:
+    """Build (or finish, or bring up to date, or reuse) the S x S cache of ``root``; return its path.
+
+    ``out`` defaults to :func:`cache_location` ``(root, size)`` = ``root/prepared-<size>``.
+    ``workers``: decoding processes (None = all cores, 0 = in this process). ``present_only``:
+    cache only the listed images that have a file (absent ones are counted in the manifest, not
+    errors); None keeps the mode the existing cache was made with (off for a new one).
+
+    A complete cache made from the same source returns at once; a changed source (labels, split
+    lists, images added, removed, replaced or touched) is brought up to date, copying the rows whose
+    file did not change; a killed run resumes from its last recorded chunk. Missing (without
+    ``present_only``) or corrupt images are skipped and listed in ``bad_images.txt``; more than
+    1 % bad raises :class:`UserError`. Two processes preparing one cache take turns (a lock file).
     """
-    plan = _plan(root, size, out)
-    ensure_writable_dir(plan.out)
+    if out is not None:
+        out = Path(out).expanduser()
+    else:
+        check_size(size)
+        out = cache_location(root, size)
+    p = make_plan(root, size, out, _inherit_mode(out, present_only))
+    if is_current(p):  # the common case: no lock, no writes
+        return p.out
+    ensure_writable_dir(p.out)
+    with _locked(p.out):
+        # Plan again under the lock: the mode or the files may have changed while we waited.
+        p = make_plan(root, size, out, _inherit_mode(out, present_only))
+        return _prepare_locked(p, workers, progress)
+
+
+def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
     manifest = _read_json(plan.out / MANIFEST_FILE)
     if manifest is not None and manifest.get("fingerprint") == plan.fingerprint:
         if manifest.get("labels_hash") == plan.labels_hash:
             return plan.out
-        # Same pixels, new labels or split lists: rewrite labels.csv and the manifest only.
+        log.info("%s: the label CSV or split lists changed; rewriting labels.csv (pixels unchanged)", plan.out)
         row_of = {name: r for r, name in enumerate(plan.labels.index)}
         return _finish(plan, {str(row_of[b["image"]]): b["reason"] for b in manifest["bad_images"]})
     if plan.n == 0:
         raise UserError(f"{plan.csv} lists no images; expected at least one row")
 
-    images_path, progress_path = plan.out / IMAGES_FILE, plan.out / PROGRESS_FILE
+    progress_path = plan.out / PROGRESS_FILE
     state = _read_json(progress_path)
-    shape = (plan.n, plan.size, plan.size)
-    nbytes = plan.n * plan.size * plan.size
-    if (state is None or state.get("fingerprint") != plan.fingerprint or not images_path.is_file()
-            or images_path.stat().st_size != nbytes):
-        if manifest is not None:  # a cache of something else: it stops being valid now
-            (plan.out / MANIFEST_FILE).unlink()
-        state = {"fingerprint": plan.fingerprint, "done": [], "bad": {}}
-        with atomic_path(images_path) as tmp:
-            np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape).flush()  # sparse, zero-filled
-        atomic_write_json(progress_path, state)
+    if state is None or state.get("fingerprint") != plan.fingerprint or not _images_ok(plan.out, plan.n, plan.size):
+        if manifest is not None:
+            log.warning("%s was prepared from another version of %s (%s); bringing it up to date, reusing unchanged images",
+                        plan.out, plan.root, _what_changed(manifest, plan))
+        state = _start_build(plan)
 
     done = set(state["done"])
     bad: dict[str, str] = dict(state["bad"])
@@ -185,12 +311,88 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
     bad_chunks = {int(r) // CHUNK for r in bad}
     todo = [c for c in range(plan.n_chunks) if c not in done or c in bad_chunks]
     if todo:
-        _run_chunks(plan, todo, done, bad, shape, progress, workers)
+        _run_chunks(plan, todo, done, bad, (plan.n, plan.size, plan.size), progress, workers)
 
     return _finish(plan, bad)
 
 
-def _run_chunks(plan: _Plan, todo: list[int], done: set[int], bad: dict[str, str], shape, progress: bool,
+def _images_ok(out: Path, n: int, size: int) -> bool:
+    f = out / IMAGES_FILE
+    return f.is_file() and f.stat().st_size == n * size * size
+
+
+def _what_changed(manifest: dict, plan: Plan) -> str:
+    """A few words on how the source differs from the one the manifest was made from."""
+    old = manifest.get("source") or {}
+    new = plan.source()
+    if old.get("present_only") != new["present_only"]:
+        return f"present_only {old.get('present_only')} -> {new['present_only']}"
+    if old.get("files") != new["files"]:
+        return f"{old.get('files')} -> {new['files']} image files"
+    if old.get("listed") != new["listed"]:
+        return f"{old.get('listed')} -> {new['listed']} listed images"
+    return "image files replaced or modified (sizes or modification times differ)"
+
+
+def _reusable_rows(out: Path, size: int) -> tuple[dict[tuple, int], int]:
+    """``{(name, bytes, mtime_ns): row}`` of the finished rows of the cache now in ``out``, and its row count.
+
+    Only rows whose pixels are known to be written count: every good row of a complete cache, or
+    the rows of finished chunks of an interrupted one. Anything inconsistent -> nothing reusable.
+    """
+    src = _read_json(out / SOURCES_FILE)
+    if src is None or src.get("size") != size:
+        return {}, 0
+    rows = src.get("rows") or []
+    if not _images_ok(out, len(rows), size):
+        return {}, 0
+    manifest, state = _read_json(out / MANIFEST_FILE), _read_json(out / PROGRESS_FILE)
+    if manifest is not None and manifest.get("fingerprint") == src.get("fingerprint"):
+        bad_names = {b["image"] for b in manifest.get("bad_images", [])}
+        ok = [r for r, row in enumerate(rows) if row[0] not in bad_names]
+    elif state is not None and state.get("fingerprint") == src.get("fingerprint"):
+        done, bad = set(state.get("done", [])), set(state.get("bad", {}))
+        ok = [r for r in range(len(rows)) if r // CHUNK in done and str(r) not in bad]
+    else:
+        return {}, 0
+    return {tuple(rows[r]): r for r in ok if rows[r][1] is not None}, len(rows)
+
+
+def _start_build(plan: Plan) -> dict:
+    """A fresh ``images.u8`` for ``plan``, holding every unchanged row of the old cache; the new progress state."""
+    reuse, old_n = _reusable_rows(plan.out, plan.size)
+    names = plan.labels.index.tolist()
+    pairs = [(new, reuse[key]) for new, key in enumerate((n, *st) if st else None for n, st in zip(names, plan.stats))
+             if key is not None and key in reuse]  # (new row, old row)
+    # The old cache stops being valid now; a kill from here on starts from scratch (never mixes).
+    for f in (MANIFEST_FILE, PROGRESS_FILE, SOURCES_FILE):
+        (plan.out / f).unlink(missing_ok=True)
+    shape = (plan.n, plan.size, plan.size)
+    with atomic_path(plan.out / IMAGES_FILE) as tmp:
+        mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)  # sparse, zero-filled
+        if pairs:
+            old = np.memmap(plan.out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(old_n, plan.size, plan.size))
+            for i in range(0, len(pairs), COPY_BLOCK):
+                new_rows, old_rows = map(np.array, zip(*pairs[i:i + COPY_BLOCK]))
+                mm[new_rows] = old[old_rows]  # (k, S, S)
+            del old
+        mm.flush()
+        del mm
+    atomic_write_json(plan.out / SOURCES_FILE, {"fingerprint": plan.fingerprint, "size": plan.size,
+                                                "rows": [[n, *(st or (None, None))] for n, st in zip(names, plan.stats)]})
+    reused = np.zeros(plan.n_chunks * CHUNK, dtype=bool)
+    reused[[new for new, _ in pairs]] = True
+    reused[plan.n:] = True
+    done = [c for c in range(plan.n_chunks) if reused[c * CHUNK:(c + 1) * CHUNK].all()]
+    if pairs:
+        log.info("reusing %d of %d images from the previous cache (%d chunks of %d need decoding)",
+                 len(pairs), plan.n, plan.n_chunks - len(done), plan.n_chunks)
+    state = {"fingerprint": plan.fingerprint, "present_only": plan.present_only, "done": done, "bad": {}}
+    atomic_write_json(plan.out / PROGRESS_FILE, state)
+    return state
+
+
+def _run_chunks(plan: Plan, todo: list[int], done: set[int], bad: dict[str, str], shape, progress: bool,
                 workers: int | None) -> None:
     mm = np.memmap(plan.out / IMAGES_FILE, dtype=np.uint8, mode="r+", shape=shape)
     remaining = sum(len(plan.chunk_paths(c)) for c in todo)
@@ -211,8 +413,8 @@ def _run_chunks(plan: _Plan, todo: list[int], done: set[int], bad: dict[str, str
                     bad.pop(str(r), None)
                 bad.update({str(start + int(i)): why for i, why in chunk_bad.items()})
                 done.add(cid)
-                atomic_write_json(plan.out / PROGRESS_FILE,
-                                  {"fingerprint": plan.fingerprint, "done": sorted(done), "bad": bad})
+                atomic_write_json(plan.out / PROGRESS_FILE, {"fingerprint": plan.fingerprint, "present_only": plan.present_only,
+                                                             "done": sorted(done), "bad": bad})
                 bar.update(len(arr))
     finally:
         if pool is not None:
@@ -221,14 +423,14 @@ def _run_chunks(plan: _Plan, todo: list[int], done: set[int], bad: dict[str, str
         del mm
 
 
-def _split_column(plan: _Plan) -> np.ndarray:
+def _split_column(plan: Plan) -> np.ndarray:
     col = pd.Series("unused", index=plan.labels.index, dtype=object)
     for name in ("train", "val", "test"):
         col[plan.splits[name]] = name
     return col.to_numpy()
 
 
-def _finish(plan: _Plan, bad: dict[str, str]) -> Path:
+def _finish(plan: Plan, bad: dict[str, str]) -> Path:
     names = plan.labels.index
     bad_rows = sorted(int(r) for r in bad)
     report = "".join(f"{names[r]}\t{bad[str(r)]}\n" for r in bad_rows)
@@ -257,6 +459,10 @@ def _finish(plan: _Plan, bad: dict[str, str]) -> Path:
         "format": FORMAT_VERSION,
         "fingerprint": plan.fingerprint,
         "labels_hash": plan.labels_hash,
+        "source": plan.source(),
+        "present_only": plan.present_only,
+        "n_absent": len(plan.absent) if plan.present_only else 0,
+        "absent_examples": plan.absent[:10] if plan.present_only else [],
         "source_root": str(plan.root.resolve()),
         "csv": plan.csv.name,
         "image_size": plan.size,

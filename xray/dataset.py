@@ -8,7 +8,6 @@ prepares the cache on first use and reuses it afterwards.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -46,16 +45,21 @@ def labels_matrix(table: pd.DataFrame) -> np.ndarray:
 class XrayDataset(Dataset):
     """One split of a prepared cache: ``ds[i] -> (uint8 (1, S, S), float32 (15,))``.
 
+    ``max_images``: keep at most this many images of the split, whole patients first in a fixed
+    pseudo-random patient order (:func:`subset_rows`), so a CPU run uses a small, reproducible and
+    patient-disjoint part of a large set; it is part of :attr:`fingerprint`.
+
     Attributes: ``image_size`` (S), ``names`` (image names), ``labels`` (float32 (n, 15)),
     ``label_names`` (= ``LABELS``), ``indices`` (rows of the cache's memmap), ``table`` (the
     metadata). The memmap opens lazily in each process, so DataLoader workers share the page cache
     instead of pickling pixels.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, split: str = "train"):
+    def __init__(self, cache_dir: str | os.PathLike, split: str = "train", max_images: int | None = None):
         self.cache_dir = Path(cache_dir).expanduser()
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        check_max_images(max_images)
         self.manifest = _cache.read_manifest(self.cache_dir)
         self.split = split
         self.image_size = int(self.manifest["image_size"])
@@ -65,6 +69,9 @@ class XrayDataset(Dataset):
             table = table[table["split"].isin(["train", "val"])]
         elif split != "all":
             table = table[table["split"] == split]
+        self.max_images = max_images
+        if max_images is not None and max_images < len(table):
+            table = table.iloc[subset_rows(table, max_images)]
         self.table = table
         self.names: list[str] = table.index.tolist()
         self.indices: np.ndarray = table["row"].to_numpy(dtype=np.int64)
@@ -75,12 +82,13 @@ class XrayDataset(Dataset):
     @property
     def fingerprint(self) -> str:
         """What this split's pixels and labels came from: the cache's source fingerprint, its
-        label hash, the image size and the split (see :mod:`xray.provenance`)."""
+        label hash (which cover every image file's name, size and mtime, the label CSV and the split
+        lists), the image size, the split and ``max_images`` (see :mod:`xray.provenance`)."""
         from .provenance import digest
 
         m = self.manifest
         return digest({"source": m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
-                       "split": self.split, "n": len(self)})
+                       "split": self.split, "n": len(self), "max_images": self.max_images})
 
     def _images(self) -> np.memmap:
         if self._mm is None:
@@ -130,14 +138,29 @@ class XrayDataset(Dataset):
         return f"XrayDataset({str(self.cache_dir)!r}, split={self.split!r}, n={len(self)}, S={self.image_size})"
 
 
-def _root_key(root: Path) -> str:
-    return hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+def check_max_images(max_images) -> None:
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise UserError(f"--max-images is {max_images!r}; expected a positive number of images (or leave it out for all)")
+
+
+def subset_rows(table: pd.DataFrame, n: int) -> np.ndarray:
+    """Positions of ``n`` rows of ``table`` (in table order): patients in a fixed pseudo-random
+    order (a hash of the patient id), all images of a patient before the next one.
+
+    Deterministic, nested (a larger ``n`` keeps every image of a smaller one) and independent of
+    which other images are present, so a subset of a partial download is a subset of the full one.
+    """
+    from .nih import _patient_bucket
+
+    bucket = _patient_bucket(table["patient_id"].to_numpy(), "subset")
+    order = np.lexsort((table.index.to_numpy(dtype=str), bucket))  # by patient bucket, then name
+    return np.sort(order[:n])
 
 
 def prepared_dir(root: str | os.PathLike, size: int, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where :func:`open_dataset` keeps the cache of ``root`` at ``size``."""
-    base = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    return base / "prepared" / f"{_root_key(Path(root).expanduser())}-{size}"
+    """Where the cache of ``root`` at ``size`` lives: :func:`xray.cache.cache_location` (``root/prepared-S``,
+    or ``cache_dir/prepared/<hash of root>-S``), the same place ``xray prepare`` writes."""
+    return _cache.cache_location(root, size, cache_dir)
 
 
 def phantom_root(cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True) -> Path:
@@ -169,14 +192,22 @@ def phantom_root(cache_dir: str | os.PathLike | None = None, workers: int | None
 
 def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: int = DEFAULT_IMAGE_SIZE,
                  split: str = "train", cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                 progress: bool = True) -> XrayDataset:
+                 progress: bool = True, present_only: bool | None = None, max_images: int | None = None) -> XrayDataset:
     """Open ``data`` ("chestxray" with an NIH-format ``data_root``, or "phantom") at S = ``size``.
 
-    The prepared cache lives in ``<cache_dir>/prepared/<hash of root>-<size>`` (default cache_dir
-    ``~/.cache/boed``): built on first use, reused afterwards.
+    The prepared cache is :func:`prepared_dir` ``(root, size, cache_dir)``: ``root/prepared-S``
+    (what ``xray prepare --root ROOT --size S`` writes), or under ``cache_dir`` when given. Every
+    open checks the cache against its source folder (labels, split lists, image files' sizes and
+    mtimes) and brings it up to date when they differ; a missing cache is built. ``present_only``:
+    use the listed images that are present (None: as the existing cache was prepared).
+    ``max_images`` caps the split (see :class:`XrayDataset`). The default phantom set lives in
+    ``cache_dir`` (default ``~/.cache/boed``).
     """
-    if not isinstance(size, int) or size < 4 or size % 4:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size % 4:
         raise UserError(f"image size {size} is not a positive multiple of 4; use e.g. --image-size 64")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    check_max_images(max_images)
     if data == "chestxray":
         if data_root is None:
             raise UserError("--data chestxray needs --data-root DIR (a folder with Data_Entry_2017*.csv and images/)")
@@ -188,27 +219,36 @@ def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: in
     else:
         raise UserError(f"unknown data {data!r}; expected one of {', '.join(DATA_NAMES)}")
     out = prepared_dir(root, size, cache_dir)
-    if not _cache.is_complete(out):
-        _cache.prepare(root, size, out=out, workers=workers, progress=progress)
-    return XrayDataset(out, split)
+    _cache.prepare(root, size, out=out, workers=workers, progress=progress, present_only=present_only)
+    return XrayDataset(out, split, max_images=max_images)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--data``, ``--data-root``, ``--cache-dir``, ``--image-size`` (shared by every CLI)."""
+    """Add ``--data``, ``--data-root``, ``--cache-dir``, ``--image-size``, ``--present-only``,
+    ``--max-images`` (shared by every CLI)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", choices=DATA_NAMES, default="phantom",
                    help="phantom: synthetic set generated on first use; chestxray: NIH-format folder (default: phantom)")
     g.add_argument("--data-root", metavar="DIR", default=None, help="NIH-format folder (needed for --data chestxray)")
-    g.add_argument("--cache-dir", metavar="DIR", default=None, help=f"where prepared caches live (default: {DEFAULT_CACHE_DIR})")
+    g.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="folder for prepared caches (as CACHE_DIR/prepared/<hash>-S) and the default phantom set; "
+                        f"left out: DATA_ROOT/prepared-S, and {DEFAULT_CACHE_DIR} for the default phantom set (default: None)")
     g.add_argument("--image-size", metavar="S", type=int, default=DEFAULT_IMAGE_SIZE,
                    help=f"image side in pixels, a multiple of 4 (default: {DEFAULT_IMAGE_SIZE})")
+    g.add_argument("--present-only", action="store_true", default=None,
+                   help="use the listed images that are present and report the absent ones (a partial download); "
+                        "without it, a cache prepared with it keeps its mode")
+    g.add_argument("--max-images", metavar="N", type=int, default=None,
+                   help="use at most N images of each split, whole patients in a fixed order, for a quick CPU run "
+                        "(default: None, meaning all)")
 
 
 def dataset_from_args(args: argparse.Namespace, split: str) -> XrayDataset:
     """:func:`open_dataset` from the flags of :func:`add_data_args`."""
     return open_dataset(args.data, data_root=args.data_root, size=args.image_size, split=split,
                         cache_dir=args.cache_dir, workers=getattr(args, "workers", None),
-                        progress=getattr(args, "progress", True))
+                        progress=getattr(args, "progress", True), present_only=getattr(args, "present_only", None),
+                        max_images=getattr(args, "max_images", None))
 
 
 def dataset_images(dataset, idx) -> torch.Tensor:

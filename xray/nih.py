@@ -200,25 +200,37 @@ def find_csv(root: str | os.PathLike) -> Path:
     raise UserError(f"no label CSV in {root}; expected {CSV_NAMES[0]} (or {CSV_NAMES[1]}, optionally .gz)")
 
 
+def scan_images(root: str | os.PathLike) -> dict[str, tuple[Path, int, int]]:
+    """Map image name -> ``(file, size in bytes, mtime in ns)`` for ``root/images/*`` and
+    ``root/images_*/images/*`` (.png or .dcm); one ``stat`` per file, no reads.
+
+    A ``.dcm`` file also answers to the ``.png`` name the CSV lists (``x.png`` -> ``x.dcm``).
+    The first folder in sorted order wins when two hold the same name.
+    """
+    root = _check_root(root)
+    dirs = [root / "images"] + sorted(d / "images" for d in root.glob("images_*") if d.is_dir())
+    found: dict[str, tuple[Path, int, int]] = {}
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        with os.scandir(d) as it:
+            for e in sorted(it, key=lambda e: e.name):
+                suffix = os.path.splitext(e.name)[1].lower()
+                if suffix in IMAGE_SUFFIXES and e.is_file():
+                    st = e.stat()
+                    item = (Path(e.path), int(st.st_size), int(st.st_mtime_ns))
+                    found.setdefault(e.name, item)
+                    if suffix == ".dcm":
+                        found.setdefault(os.path.splitext(e.name)[0] + ".png", item)
+    return found
+
+
 def find_images(root: str | os.PathLike) -> dict[str, Path]:
     """Map image name -> file for ``root/images/*`` and ``root/images_*/images/*`` (.png or .dcm).
 
     A ``.dcm`` file also answers to the ``.png`` name the CSV lists (``x.png`` -> ``x.dcm``).
     """
-    root = _check_root(root)
-    dirs = [root / "images"] + sorted(d / "images" for d in root.glob("images_*") if d.is_dir())
-    found: dict[str, Path] = {}
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        with os.scandir(d) as it:
-            for e in it:
-                suffix = os.path.splitext(e.name)[1].lower()
-                if suffix in IMAGE_SUFFIXES and e.is_file():
-                    found.setdefault(e.name, Path(e.path))
-                    if suffix == ".dcm":
-                        found.setdefault(os.path.splitext(e.name)[0] + ".png", Path(e.path))
-    return found
+    return {name: item[0] for name, item in scan_images(root).items()}
 
 
 def _read_list(path: Path) -> list[str]:

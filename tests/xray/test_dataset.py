@@ -74,7 +74,8 @@ def test_open_dataset_chestxray_prepares_once_then_reuses(tiny_nih, tmp_path, mo
     ds = open_dataset("chestxray", data_root=tiny_nih, size=S, split="test", cache_dir=tmp_path / "cc", workers=0, progress=False)
     assert ds.cache_dir == dataset.prepared_dir(tiny_nih, S, tmp_path / "cc")
     assert ds.cache_dir.parent == tmp_path / "cc" / "prepared" and ds.cache_dir.name.endswith(f"-{S}")
-    monkeypatch.setattr(cache, "prepare", lambda *a, **k: pytest.fail("must reuse the cache"))
+    monkeypatch.setattr(cache, "_load_one", lambda *a: pytest.fail("must reuse the cache"))
+    monkeypatch.setattr(cache, "_start_build", lambda *a: pytest.fail("must reuse the cache"))
     again = open_dataset("chestxray", data_root=tiny_nih, size=S, split="test", cache_dir=tmp_path / "cc")
     assert again.names == ds.names
 

@@ -1,7 +1,12 @@
 """Decode every image of an NIH-format folder once into an S x S uint8 memory-mapped cache.
 
-Resumable: rerun after a kill and it continues; rerun on a finished cache and it returns at once.
-Missing or corrupt images are skipped and listed in bad_images.txt (more than 1 % is an error).
+The cache goes to ROOT/prepared-S, which is where every `--data-root ROOT --image-size S` command
+looks (with --cache-dir C: C/prepared/<hash of ROOT>-S, as with those commands' --cache-dir).
+Resumable: rerun after a kill and it continues; rerun on an up-to-date cache and it returns at
+once; rerun after the folder changed (images added or replaced, labels edited) and it brings the
+cache up to date, reusing unchanged images. Missing or corrupt images are skipped and listed in
+bad_images.txt (more than 1 % is an error); with --present-only, images the CSV lists but that
+are not on disk (a partial download) are left out and counted instead.
 """
 
 from __future__ import annotations
@@ -14,15 +19,37 @@ HELP = "build the S x S image cache of an NIH-format folder"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/)")
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4")
-    p.add_argument("--out", metavar="CACHE", default=None, help="cache folder (default: ROOT/prepared-S)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--out", metavar="CACHE", default=None,
+                   help="write the cache to this exact folder; --data-root commands do not look there, so prefer "
+                        "the default or --cache-dir (default: None, meaning ROOT/prepared-S)")
+    g.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="as the other commands' --cache-dir: write CACHE_DIR/prepared/<hash of ROOT>-S (default: None)")
+    p.add_argument("--present-only", action="store_true", default=None,
+                   help="cache the listed images that are present, count the absent ones (a partial download); "
+                        "without it, an existing cache keeps the mode it was prepared with")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="decoding processes (default: all cores; 0 = none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
-def main(args: argparse.Namespace) -> int:
-    from xray.cache import prepare, read_manifest
+def summary_line(out) -> str:
+    from xray.cache import read_manifest
 
-    out = prepare(args.root, args.size, out=args.out, workers=args.workers, progress=args.progress)
     m = read_manifest(out)
-    print(f"{out}: {m['n_images']} images at {m['image_size']} px, {len(m['bad_images'])} skipped")
+    line = f"{out}: {m['n_images']} images at {m['image_size']} px, {len(m['bad_images'])} skipped"
+    if m.get("present_only"):
+        listed = m.get("source", {}).get("listed", m["n_rows"])
+        line += f", {m.get('n_absent', 0)} of {listed} listed images absent (--present-only)"
+    return line
+
+
+def main(args: argparse.Namespace) -> int:
+    from xray.cache import cache_location, prepare
+    from xray.errors import UserError
+
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers is {args.workers}; expected 0 (decode in this process) or more")
+    out = args.out if args.out is not None else cache_location(args.root, args.size, args.cache_dir)
+    out = prepare(args.root, args.size, out=out, workers=args.workers, progress=args.progress, present_only=args.present_only)
+    print(summary_line(out))
     return 0
