@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -170,3 +171,181 @@ def test_changed_labels_rewrite_table_without_decoding(tiny_nih, tmp_path, monke
     table = pd.read_csv(out / "labels.csv", index_col="image")
     assert table.loc[first, "Hernia"] == 1 and table.loc[first, "No Finding"] == 0
     assert json.loads((out / "manifest.json").read_text())["counts"]["Hernia"] == int(table["Hernia"].sum())
+
+
+# --- the cache knows its source (issue 12, item 3) ------------------------------------------------
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _decoded(monkeypatch):
+    """Record every image the cache decodes from here on."""
+    seen = []
+    real = cache._load_one
+
+    def spy(path, size):
+        seen.append(path)
+        return real(path, size)
+
+    monkeypatch.setattr(cache, "_load_one", spy)
+    return seen
+
+
+def test_regenerated_in_place_with_more_images_is_noticed(tmp_path):
+    root = make_nih(tmp_path / "nih", n=12, px=8)
+    out = cache.prepare(root, 8, workers=0, progress=False)
+    assert _manifest(out)["n_images"] == 12
+    import shutil
+    shutil.rmtree(root / "images")
+    (root / "Data_Entry_2017_v2020.csv").unlink()
+    make_nih(root, n=18, px=8)  # same folder, regenerated: more rows, rewritten files
+    out2 = cache.prepare(root, 8, workers=0, progress=False)
+    assert out2 == out and _manifest(out)["n_images"] == 18
+    names = nih.read_labels(nih.find_csv(root)).index
+    imgs = images_of_size(out, 18, 8)
+    for r in (0, 13, 17):
+        np.testing.assert_array_equal(imgs[r], image_for(r, 8))
+    assert pd.read_csv(out / "labels.csv", index_col="image").index.tolist() == names.tolist()
+
+
+def test_added_images_reuse_unchanged_rows(tmp_path, monkeypatch):
+    n = 3 * cache.CHUNK
+    root = make_nih(tmp_path / "nih", n=n, px=8, skip_images=tuple(range(2 * cache.CHUNK, n)))
+    out = cache.prepare(root, 8, workers=0, progress=False, present_only=True)
+    m = _manifest(out)
+    assert (m["n_images"], m["n_absent"], m["present_only"]) == (2 * cache.CHUNK, cache.CHUNK, True)
+    before = images_of_size(out, 2 * cache.CHUNK, 8).copy()
+    for i in range(2 * cache.CHUNK, n):  # the next part arrives
+        Image.fromarray(image_for(i, 8)).save(root / "images" / f"{i // 2 + 1:08d}_{i % 2:03d}.png")
+    seen = _decoded(monkeypatch)
+    cache.prepare(root, 8, workers=0, progress=False)  # mode inherited from the cache: present_only
+    assert len(seen) == cache.CHUNK  # only the new chunk is decoded
+    m = _manifest(out)
+    assert (m["n_images"], m["n_absent"]) == (n, 0)
+    imgs = images_of_size(out, n, 8)
+    np.testing.assert_array_equal(imgs[:2 * cache.CHUNK], before)
+    np.testing.assert_array_equal(imgs[n - 1], image_for(n - 1, 8))
+
+
+def test_touched_or_replaced_image_is_redecoded(tmp_path, monkeypatch):
+    root = make_nih(tmp_path / "nih", n=2 * cache.CHUNK, px=8)
+    out = cache.prepare(root, 8, workers=0, progress=False)
+    fp = _manifest(out)["fingerprint"]
+    victim = root / "images" / "00000050_001.png"  # row 99: the second chunk
+    row = nih.read_labels(nih.find_csv(root)).index.get_loc(victim.name)
+    new = np.full((8, 8), 200, np.uint8)
+    Image.fromarray(new).save(victim)
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # newer, whatever the clock resolution
+    seen = _decoded(monkeypatch)
+    cache.prepare(root, 8, workers=0, progress=False)
+    assert _manifest(out)["fingerprint"] != fp
+    assert len(seen) == cache.CHUNK and str(victim) in seen  # that chunk only
+    np.testing.assert_array_equal(images_of_size(out, 2 * cache.CHUNK, 8)[row], new)
+    # touching alone (same bytes, new mtime) is noticed too
+    fp = _manifest(out)["fingerprint"]
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    seen.clear()
+    cache.prepare(root, 8, workers=0, progress=False)
+    assert _manifest(out)["fingerprint"] != fp and str(victim) in seen
+
+
+def test_edited_label_is_noticed_through_open_dataset(tmp_path):
+    from xray.dataset import open_dataset
+
+    root = make_nih(tmp_path / "nih", n=12, px=8)
+    ds = open_dataset("chestxray", data_root=root, size=8, split="all", workers=0, progress=False)
+    csv = root / "Data_Entry_2017_v2020.csv"
+    lines = csv.read_text().splitlines()
+    assert "No Finding" in lines[1]
+    lines[1] = lines[1].replace("No Finding", "Hernia")
+    csv.write_text("\n".join(lines) + "\n")
+    again = open_dataset("chestxray", data_root=root, size=8, split="all", workers=0, progress=False)
+    assert again.cache_dir == ds.cache_dir == root / "prepared-8"
+    assert again.labels[0, LABELS.index("Hernia")] == 1 and ds.labels[0, LABELS.index("Hernia")] == 0
+    assert again.fingerprint != ds.fingerprint
+
+
+def test_killed_rebuild_never_mixes(tmp_path, monkeypatch):
+    root = make_nih(tmp_path / "nih", n=2 * cache.CHUNK, px=8)
+    out = cache.prepare(root, 8, workers=0, progress=False)
+    victim = root / "images" / "00000001_000.png"  # row 0
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(victim)
+    os.utime(victim, ns=(0, victim.stat().st_mtime_ns + 10**9))
+
+    def boom(path, size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "_load_one", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare(root, 8, workers=0, progress=False)
+    assert not (out / "manifest.json").exists()  # the stale cache is not served
+    monkeypatch.undo()
+    cache.prepare(root, 8, workers=0, progress=False)
+    imgs = images_of_size(out, 2 * cache.CHUNK, 8)
+    np.testing.assert_array_equal(imgs[0], np.full((8, 8), 9))
+    np.testing.assert_array_equal(imgs[-1], image_for(2 * cache.CHUNK - 1, 8))
+
+
+def test_present_only_split_is_stable_and_corrupt_still_fails(tmp_path):
+    full = make_nih(tmp_path / "full", n=60, px=8)
+    part = make_nih(tmp_path / "part", n=60, px=8, skip_images=tuple(range(0, 60, 3)))
+    a = pd.read_csv(cache.prepare(full, 8, workers=0, progress=False) / "labels.csv", index_col="image")
+    with pytest.raises(UserError, match=r"20 of 60 images are missing"):
+        cache.prepare(part, 8, out=tmp_path / "strict", workers=0, progress=False)
+    b = pd.read_csv(cache.prepare(part, 8, workers=0, progress=False, present_only=True) / "labels.csv", index_col="image")
+    assert len(b) == 40 and set(b.index) < set(a.index)
+    assert (a.loc[b.index, "split"] == b["split"]).all()  # each present image keeps its split
+    bad = sorted((part / "images").iterdir())[0]
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"1 of 40 images are missing or unreadable"):
+        cache.prepare(part, 8, workers=0, progress=False)
+    empty = make_nih(tmp_path / "empty", n=3, px=8, skip_images=(0, 1, 2))
+    with pytest.raises(UserError, match="none of the 3 images"):
+        cache.prepare(empty, 8, out=tmp_path / "none", workers=0, progress=False, present_only=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_cache_location_rule():
+    from pathlib import Path
+    assert cache.cache_location("/data/nih", 64) == Path("/data/nih/prepared-64")
+    loc = cache.cache_location("/data/nih", 64, "/c")
+    assert loc.parent == Path("/c/prepared") and loc.name == f"{cache.root_key('/data/nih')}-64"
+    assert cache.cache_location("/data/other", 64, "/c") != loc
+
+
+_LOCK_SCRIPT = """
+import sys, time, json
+from xray import cache
+real = cache._load_one
+def slow(path, size):
+    time.sleep(0.02)
+    return real(path, size)
+cache._load_one = slow
+orig = cache._start_build
+def start(plan):
+    with open(sys.argv[2], "a") as f:
+        f.write("build\\n")
+    return orig(plan)
+cache._start_build = start
+cache.prepare(sys.argv[1], 8, workers=0, progress=False)
+"""
+
+
+def test_two_writers_take_turns(tmp_path):
+    """Two processes prepare one cache at once: one builds, the other waits and finds it done."""
+    import subprocess
+    import sys
+
+    root = make_nih(tmp_path / "nih", n=30, px=8)
+    log = tmp_path / "log"
+    script = tmp_path / "w.py"
+    script.write_text(_LOCK_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), str(log)]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert log.read_text() == "build\n"  # exactly one build; no interleaving
+    out = root / "prepared-8"
+    assert _manifest(out)["n_images"] == 30
+    for r in (0, 29):
+        np.testing.assert_array_equal(images_of_size(out, 30, 8)[r], image_for(r, 8))

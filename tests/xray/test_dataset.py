@@ -160,3 +160,41 @@ def test_batches_cover_the_epoch_once(prepared):
     assert torch.equal(*first)  # the injected generator fixes the order
     x, _ = next(ds.batches(4, shuffle=False))
     assert torch.equal(x, ds.get_batch([0, 1, 2, 3]))
+
+
+def test_max_images_is_a_deterministic_nested_patient_subset(prepared):
+    full = XrayDataset(prepared, "trainval")
+    small, big = XrayDataset(prepared, "trainval", max_images=5), XrayDataset(prepared, "trainval", max_images=11)
+    assert len(small) == 5 and len(big) == 11
+    assert set(small.names) < set(big.names) < set(full.names)  # nested
+    assert small.names == XrayDataset(prepared, "trainval", max_images=5).names  # deterministic
+    assert small.names == [n for n in full.names if n in set(small.names)]  # table order kept
+    per_full = full.table["patient_id"].value_counts()
+    per_small = small.table["patient_id"].value_counts()
+    assert (per_small != per_full[per_small.index]).sum() <= 1  # whole patients; at most the last one cut
+    assert len(set(small.fingerprint for _ in range(2))) == 1
+    assert small.fingerprint != big.fingerprint != full.fingerprint
+    assert len(XrayDataset(prepared, "test", max_images=10_000)) == len(XrayDataset(prepared, "test"))
+    np.testing.assert_array_equal(small.get_batch([0])[0, 0].numpy(), full.get_batch([full.names.index(small.names[0])])[0, 0].numpy())
+    for bad in (0, -3):
+        with pytest.raises(UserError, match="--max-images is"):
+            XrayDataset(prepared, "train", max_images=bad)
+
+
+def test_flags_reach_open_dataset_and_prepare_cli_cache_is_what_commands_read(tmp_path):
+    from xray.cli import main
+
+    root = make_nih(tmp_path / "nih", n=30, px=8, skip_images=(3, 4, 5))
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--root", str(root), "--size", "8", "--present-only", "--workers", "0", "--no-progress"])
+    assert e.value.code == 0
+    made = (root / "prepared-8" / "manifest.json").stat().st_mtime_ns
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    args = p.parse_args(["--data", "chestxray", "--data-root", str(root), "--image-size", "8", "--max-images", "7"])
+    args.workers, args.progress = 0, False
+    ds = dataset_from_args(args, "train")
+    assert ds.cache_dir == root / "prepared-8" and len(ds) == 7  # what `xray prepare` wrote, not a second copy
+    assert (root / "prepared-8" / "manifest.json").stat().st_mtime_ns == made  # reused as is
+    assert ds.manifest["n_absent"] == 3
+    assert p.parse_args([]).max_images is None and p.parse_args([]).present_only is None
