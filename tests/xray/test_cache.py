@@ -349,3 +349,54 @@ def test_two_writers_take_turns(tmp_path):
     assert _manifest(out)["n_images"] == 30
     for r in (0, 29):
         np.testing.assert_array_equal(images_of_size(out, 30, 8)[r], image_for(r, 8))
+
+
+# --- real-file robustness (issue 12, item 4): expected pixels computed here, independently ------
+
+def test_prepare_decodes_rgba_la_16bit_nonsquare_and_jpeg(tmp_path):
+    rng = np.random.default_rng(0)
+    root = make_nih(tmp_path / "nih", n=8, px=8)
+    files = {n: root / "images" / n for n in nih.read_labels(nih.find_csv(root)).index}
+    names = list(files)
+    expect = {}
+    rgb = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (8, 8)).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(files[names[0]])
+    expect[0] = (rgb.astype(np.float64) @ [0.299, 0.587, 0.114], 1)  # ITU-R 601 luma; alpha ignored
+    gray, a2 = rng.integers(0, 256, (8, 8)).astype(np.uint8), rng.integers(0, 256, (8, 8)).astype(np.uint8)
+    Image.fromarray(np.dstack([gray, a2]), "LA").save(files[names[1]])
+    expect[1] = (gray, 0)
+    v16 = rng.integers(0, 65536, (8, 8)).astype(np.uint16)
+    Image.fromarray(v16).save(files[names[2]])  # 16-bit grayscale PNG
+    assert Image.open(files[names[2]]).mode.startswith("I")
+    expect[2] = (v16 / 65535 * 255, 1)
+    wide = rng.integers(0, 256, (8, 12)).astype(np.uint8)  # H=8, W=12: centre 8 columns kept
+    Image.fromarray(wide).save(files[names[3]])
+    expect[3] = (wide[:, 2:10], 0)
+    tall = rng.integers(0, 256, (13, 8)).astype(np.uint8)  # odd excess: top (13-8)//2 = 2 rows cut
+    Image.fromarray(tall).save(files[names[4]])
+    expect[4] = (tall[2:10], 0)
+    yy, xx = np.mgrid[0:8, 0:8]
+    smooth = (60 + 10 * xx + 8 * yy).astype(np.uint8)
+    Image.fromarray(smooth).save(files[names[5]], format="JPEG", quality=95)  # content decides, not the suffix
+    expect[5] = (smooth, 6)
+    out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    assert cache.read_manifest(out)["n_images"] == 8
+    imgs = images_of_size(out, 8, 8)
+    for r, (want, tol) in expect.items():
+        diff = np.abs(imgs[r].astype(np.int64) - np.rint(np.asarray(want, dtype=np.float64)).astype(np.int64))
+        assert diff.max() <= tol, (r, diff.max())
+    assert np.abs(imgs[0].astype(float) - expect[0][0]).mean() < 0.6  # luma rounding, not a different formula
+
+
+def test_prepare_downscale_matches_area_average_on_a_ramp(tmp_path):
+    """A linear ramp stays linear under any symmetric normalised kernel: interior pixels = area means."""
+    root = make_nih(tmp_path / "nih", n=2, px=8)
+    yy, xx = np.mgrid[0:64, 0:64]
+    ramp = (20 + 2 * xx + 1 * yy).astype(np.uint16) * 257  # 16-bit, max 20 + 126 + 63 = 209
+    for p in (root / "images").iterdir():
+        Image.fromarray(ramp).save(p)
+    out = cache.prepare(root, 16, out=tmp_path / "c", workers=0, progress=False)
+    got = images_of_size(out, 2, 16)[0].astype(np.float64)
+    area = (ramp / 257.0).reshape(16, 4, 16, 4).mean(axis=(1, 3))  # (16, 16) 4x4 block means
+    assert np.abs(got[2:-2, 2:-2] - area[2:-2, 2:-2]).max() <= 0.51

@@ -35,6 +35,9 @@ def summarise(path: str | Path, show_missing: int = 10) -> str:
                  "splits:", *_table({s: m["splits"][s] for s in ("train", "val", "trainval", "test")}, n),
                  f"bad images (skipped): {len(m['bad_images'])}"]
         lines += [f"  {b['image']}: {b['reason']}" for b in m["bad_images"][:show_missing]]
+        if m.get("present_only"):
+            lines.append(f"absent images (listed, not on disk; --present-only): {m.get('n_absent', 0)}")
+            lines += [f"  {name}" for name in m.get("absent_examples", [])[:show_missing]]
         return "\n".join(lines)
     csv = nih.find_csv(p)
     labels = nih.read_labels(csv)
