@@ -198,3 +198,36 @@ def test_flags_reach_open_dataset_and_prepare_cli_cache_is_what_commands_read(tm
     assert (root / "prepared-8" / "manifest.json").stat().st_mtime_ns == made  # reused as is
     assert ds.manifest["n_absent"] == 3
     assert p.parse_args([]).max_images is None and p.parse_args([]).present_only is None
+
+
+@pytest.mark.slow
+def test_partial_nih_folder_runs_training_and_evaluation(tmp_path):
+    """A generated NIH-format folder whose full CSV lists more images than are present (a partial
+    download): `xray prepare --present-only`, then training and `boed evaluate` open it (~1 min)."""
+    phantom = pytest.importorskip("xray.phantom")
+    from boed.cli import main as boed_main
+    from ipa_core.cli import main as ipa_main
+    from xray.cli import main as xray_main
+
+    root = phantom.generate(tmp_path / "nih", n=60, size=32, seed=0, workers=1, progress=False)
+    gone = sorted((root / "images").iterdir())[::3]
+    for p in gone:
+        p.unlink()
+
+    def ok(main, argv):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        assert e.value.code == 0, argv
+
+    ok(xray_main, ["prepare", "--root", root, "--size", 64, "--present-only", "--workers", 0, "--no-progress"])
+    m = cache.read_manifest(root / "prepared-64")
+    assert (m["n_images"], m["n_absent"]) == (40, 20)
+    data = ["--data", "chestxray", "--data-root", root, "--image-size", 64, "--max-images", 16, "--device", "cpu"]
+    runs = tmp_path / "runs"
+    ok(ipa_main, ["train", "--stage", "vae", "--config", "tiny", "--steps", 2, "--batch-size", 4, "--out", runs / "vae", *data])
+    ok(ipa_main, ["train", "--stage", "ipa", "--vae", runs / "vae", "--steps", 2, "--batch-size", 4, "--out", runs / "ipa", *data])
+    ok(boed_main, ["train-avp", "--arch", "tiny", "--steps", 2, "--batch-size", 4, "--eval-images", 8, "--out", runs / "avp", *data])
+    ok(boed_main, ["evaluate", "--illness", "effusion", "--scans", 1, "--methods", "random,eig", "--n-test", 3,
+                   "--n-samples", 2, "--ipa", runs / "ipa", "--avp", runs / "avp", "--out", runs / "eval", *data])
+    assert (runs / "eval" / "metrics.csv").is_file()
+    assert not any((root / "prepared-64").parent.glob("prepared-64?*"))  # one cache, the one prepare wrote
