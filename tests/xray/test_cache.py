@@ -400,3 +400,14 @@ def test_prepare_downscale_matches_area_average_on_a_ramp(tmp_path):
     got = images_of_size(out, 2, 16)[0].astype(np.float64)
     area = (ramp / 257.0).reshape(16, 4, 16, 4).mean(axis=(1, 3))  # (16, 16) 4x4 block means
     assert np.abs(got[2:-2, 2:-2] - area[2:-2, 2:-2]).max() <= 0.51
+
+
+def test_up_to_date_check_is_cheap_but_still_sees_changes(tmp_path, monkeypatch):
+    root = make_nih(tmp_path / "nih", n=12, px=8, skip_images=(5,))
+    out = cache.prepare(root, 8, workers=0, progress=False, present_only=True)
+    monkeypatch.setattr(nih, "read_labels", lambda *a: pytest.fail("an up-to-date cache must not parse the CSV"))
+    assert cache.prepare(root, 8, workers=0, progress=False) == out
+    monkeypatch.undo()
+    Image.fromarray(image_for(5, 8)).save(root / "images" / "00000003_001.png")  # the absent image arrives
+    cache.prepare(root, 8, workers=0, progress=False)
+    assert _manifest(out)["n_images"] == 12 and _manifest(out)["n_absent"] == 0
