@@ -282,7 +282,11 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
     p = make_plan(root, size, out, mode)
     if is_current(p):
         return p.out
-    ensure_writable_dir(p.out)
+    try:
+        ensure_writable_dir(p.out)
+    except UserError as e:
+        raise UserError(f"{e} (the prepared cache of {p.root} goes to {p.out}; for a read-only data folder pass "
+                        "--cache-dir DIR, which every command takes, to keep caches elsewhere)") from None
     with _locked(p.out):
         # Plan again under the lock: the mode or the files may have changed while we waited.
         p = make_plan(root, size, out, _inherit_mode(out, present_only))

@@ -223,6 +223,29 @@ def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: in
     return XrayDataset(out, split, max_images=max_images)
 
 
+def data_summary(data: str, data_root: str | os.PathLike | None = None, size: int = DEFAULT_IMAGE_SIZE,
+                 cache_dir: str | os.PathLike | None = None, present_only: bool | None = None,
+                 max_images: int | None = None) -> dict:
+    """What a run used, for summaries: the source, the cache, how many images were listed, prepared,
+    absent, and used for training and testing (after ``max_images``); plus a one-line ``text``."""
+    train = open_dataset(data, data_root, size, "train", cache_dir, workers=None, progress=False,
+                         present_only=present_only, max_images=max_images)
+    test = open_dataset(data, data_root, size, "test", cache_dir, progress=False, max_images=max_images)
+    m = train.manifest
+    listed = int((m.get("source") or {}).get("listed", m["n_rows"]))
+    real = data == "chestxray"
+    out = {"data": "NIH-format folder" if real else "phantom", "root": m.get("source_root"), "cache": str(train.cache_dir),
+           "image_size": train.image_size, "listed": listed, "prepared": int(m["n_images"]),
+           "absent": int(m.get("n_absent", 0)), "bad": len(m.get("bad_images", [])), "max_images": max_images,
+           "train_images": len(train), "test_images": len(test),
+           "train_fingerprint": train.fingerprint, "test_fingerprint": test.fingerprint}
+    kind = "real images" if real else "phantom images"
+    out["text"] = (f"{out['train_images']} training and {out['test_images']} test {kind} at {train.image_size} px from "
+                   f"{out['root']} ({out['prepared']} prepared of {listed} listed"
+                   + (f", {out['absent']} absent" if out["absent"] else "") + ")")
+    return out
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--data``, ``--data-root``, ``--cache-dir``, ``--image-size``, ``--present-only``,
     ``--max-images`` (shared by every CLI)."""

@@ -55,6 +55,7 @@ from .nih_release import Part
 log = logging.getLogger(__name__)
 
 DEFAULT_JOBS = 2
+DEFAULT_PARTS = f"1-{len(nih_release.PARTS)}"  # all of them
 DEFAULT_RETRIES = 5  # connection attempts per archive (each resumes where the last stopped)
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte before a connection counts as dropped
 BLOCK = 1 << 20
@@ -312,16 +313,26 @@ def unpack_verified(archive: Path, part: Part, dest: Path) -> int:
 
 
 def is_complete(out: Path, part: Part) -> bool:
-    """True when ``out/images_0NN`` holds this part, unpacked and verified (marker + file count)."""
+    """True when ``out/images_0NN`` holds this part: marked complete by an earlier run, or unpacked
+    by hand (exactly the part's image names and count), which is then marked; never re-downloaded."""
     folder = out / part.folder
     try:
+        with os.scandir(folder / "images") as it:
+            names = [e.name for e in it]
+    except OSError:
+        return False
+    if len(names) != part.n_images:
+        return False
+    try:
         marker = json.loads((folder / MARKER).read_text())
+        return marker.get("images") == part.n_images
     except (OSError, ValueError):
-        return False
-    if marker.get("images") != part.n_images:
-        return False
-    with os.scandir(folder / "images") as it:
-        return sum(1 for _ in it) == part.n_images
+        pass
+    if all(n.endswith(".png") and part.first <= n <= part.last for n in names):
+        atomic_write_json(folder / MARKER, {"part": part.number, "images": part.n_images, "archive": None,
+                                            "note": "found unpacked; names and count checked"})
+        return True
+    return False
 
 
 def _one_part(out: Path, part: Part, url: str, bar: _Bar, retries: int, timeout: float, backoff: float) -> PartResult:

@@ -231,3 +231,11 @@ def test_partial_nih_folder_runs_training_and_evaluation(tmp_path):
                    "--n-samples", 2, "--ipa", runs / "ipa", "--avp", runs / "avp", "--out", runs / "eval", *data])
     assert (runs / "eval" / "metrics.csv").is_file()
     assert not any((root / "prepared-64").parent.glob("prepared-64?*"))  # one cache, the one prepare wrote
+
+
+def test_data_summary_counts_what_a_run_uses(tmp_path):
+    root = make_nih(tmp_path / "nih", n=30, px=8, skip_images=(1, 2))
+    d = dataset.data_summary("chestxray", root, size=8, present_only=True, max_images=5)
+    assert (d["listed"], d["prepared"], d["absent"], d["train_images"]) == (30, 28, 2, 5)
+    assert d["test_images"] == min(5, len(XrayDataset(root / "prepared-8", "test")))
+    assert d["text"].startswith("5 training and ") and "real images at 8 px" in d["text"] and "2 absent" in d["text"]

@@ -181,6 +181,21 @@ def test_metadata_from_torchxrayvision_copies(tmp_path):
     assert dl.fetch_metadata(tmp_path, None)["Data_Entry_2017_v2020.csv"] == "already present"
 
 
+def test_a_part_unpacked_by_hand_is_adopted_not_refetched(server, tmp_path):
+    table = table_for(server, 1)
+    out = tmp_path / "nih"
+    _csv(out, 1)
+    folder = out / "images_001" / "images"
+    folder.mkdir(parents=True)
+    for j, name in enumerate(_names(1)):
+        (folder / name).write_bytes(_png(100 + j))
+    assert [p.status for p in run(out, table, parts="1").parts] == ["present"] and server.requests == []
+    assert (out / "images_001" / dl.MARKER).is_file()
+    (folder / _names(1)[0]).unlink()  # one image short: fetched and replaced by the verified archive
+    run(out, table, parts="1")
+    _check_layout(out, 1)
+
+
 def test_dropped_connection_resumes_with_range(server, tmp_path):
     table = table_for(server, 1)
     server.drop_once.add("/p1.gz")

@@ -18,11 +18,11 @@ HELP = "download the NIH ChestX-ray14 images and metadata (resumable, verified)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from xray.download import DEFAULT_JOBS, DEFAULT_RETRIES, DEFAULT_TIMEOUT
+    from xray.download import DEFAULT_JOBS, DEFAULT_PARTS, DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
     p.add_argument("--out", required=True, metavar="DIR", help="NIH-format folder to fill (new or an earlier download)")
-    p.add_argument("--parts", default="1-12", metavar="SPEC",
-                   help="which of the 12 archives, e.g. 1-3 or 1,3,5 (default: 1-12)")
+    p.add_argument("--parts", default=DEFAULT_PARTS, metavar="SPEC",
+                   help=f"which of the 12 archives, e.g. 1-3 or 1,3,5 (default: {DEFAULT_PARTS})")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="K", help=f"archives downloaded at once (default: {DEFAULT_JOBS})")
     p.add_argument("--mirror", default=None, metavar="URL_PREFIX",
                    help="fetch URL_PREFIX/images_NN.tar.gz (and metadata files) instead of the NIH links (default: None)")
