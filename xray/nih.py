@@ -200,28 +200,29 @@ def find_csv(root: str | os.PathLike) -> Path:
     raise UserError(f"no label CSV in {root}; expected {CSV_NAMES[0]} (or {CSV_NAMES[1]}, optionally .gz)")
 
 
-def scan_images(root: str | os.PathLike) -> dict[str, tuple[Path, int, int]]:
-    """Map image name -> ``(file, size in bytes, mtime in ns)`` for ``root/images/*`` and
+def scan_images(root: str | os.PathLike) -> dict[str, tuple[str, int, int]]:
+    """Map image name -> ``(file path, size in bytes, mtime in ns)`` for ``root/images/*`` and
     ``root/images_*/images/*`` (.png or .dcm); one ``stat`` per file, no reads.
 
     A ``.dcm`` file also answers to the ``.png`` name the CSV lists (``x.png`` -> ``x.dcm``).
-    The first folder in sorted order wins when two hold the same name.
+    When two folders hold the same name, ``images/`` wins, then ``images_*`` in sorted order.
     """
     root = _check_root(root)
     dirs = [root / "images"] + sorted(d / "images" for d in root.glob("images_*") if d.is_dir())
-    found: dict[str, tuple[Path, int, int]] = {}
+    found: dict[str, tuple[str, int, int]] = {}
     for d in dirs:
         if not d.is_dir():
             continue
         with os.scandir(d) as it:
-            for e in sorted(it, key=lambda e: e.name):
-                suffix = os.path.splitext(e.name)[1].lower()
+            for e in it:
+                name = e.name
+                suffix = name[name.rfind("."):].lower() if "." in name else ""
                 if suffix in IMAGE_SUFFIXES and e.is_file():
                     st = e.stat()
-                    item = (Path(e.path), int(st.st_size), int(st.st_mtime_ns))
-                    found.setdefault(e.name, item)
+                    item = (e.path, st.st_size, st.st_mtime_ns)
+                    found.setdefault(name, item)
                     if suffix == ".dcm":
-                        found.setdefault(os.path.splitext(e.name)[0] + ".png", item)
+                        found.setdefault(name[:-4] + ".png", item)
     return found
 
 
@@ -230,7 +231,7 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
 
     A ``.dcm`` file also answers to the ``.png`` name the CSV lists (``x.png`` -> ``x.dcm``).
     """
-    return {name: item[0] for name, item in scan_images(root).items()}
+    return {name: Path(item[0]) for name, item in scan_images(root).items()}
 
 
 def _read_list(path: Path) -> list[str]:
