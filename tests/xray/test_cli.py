@@ -138,3 +138,23 @@ def test_phantom_command_real_generator(tmp_path, capsys):
     assert code == 0, err
     code, out, _ = run(prep(tmp_path / "ph", tmp_path / "c"), capsys)
     assert code == 0 and "6 images at 8 px" in out
+
+
+def test_prepare_cache_dir_and_present_only(tmp_path, capsys):
+    from xray.cache import cache_location
+    from xray.dataset import open_dataset
+
+    root = make_nih(tmp_path / "nih", n=20, px=8, skip_images=(0, 1))
+    base = ["prepare", "--root", str(root), "--size", "8", "--workers", "0", "--no-progress"]
+    assert_user_error(base + ["--cache-dir", str(tmp_path / "cc")], capsys, "2 of 20 images are missing")
+    code, out, _ = run(base + ["--cache-dir", str(tmp_path / "cc"), "--present-only"], capsys)
+    where = cache_location(root, 8, tmp_path / "cc")
+    assert code == 0 and out.startswith(f"{where}: 18 images at 8 px") and "2 of 20 listed images absent" in out
+    ds = open_dataset("chestxray", root, 8, "all", cache_dir=tmp_path / "cc", progress=False)
+    assert ds.cache_dir == where and len(ds) == 18  # what --data-root DIR --cache-dir C reads
+    code, out, _ = run(["info", str(where)], capsys)
+    assert "absent images (listed, not on disk; --present-only): 2" in out
+    assert not (root / "prepared-8").exists()
+    with pytest.raises(SystemExit):  # --out and --cache-dir name the same thing twice
+        cli.main(base + ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cc")])
+    assert not (tmp_path / "o").exists()
