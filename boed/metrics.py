@@ -144,7 +144,8 @@ def summarize(y_true, p, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
     nan = float("nan")
     if n == 0:
         return MetricSummary(nan, nan, nan, nan, nan, nan, 0, nan, R)
-    per_auc = np.array([auroc(y, q[r]) for r in range(R)])  # (R,)
+    ones = np.ones((1, n))
+    per_auc = np.array([weighted_auroc(y, q[r], ones)[0] for r in range(R)])  # (R,) = sklearn's AUROC (tested)
     per_bce = np.stack([bce(y, q[r]) for r in range(R)])  # (R, n)
     point_auc, point_nll, sd = float(per_auc.mean()), float(per_bce.mean()), _sd(per_auc)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
