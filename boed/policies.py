@@ -3,6 +3,14 @@
 A policy looks at a :class:`ScanState` (what has been scanned so far for B test images) and
 returns the next location for each image, ``LongTensor (B,)``. The evaluator calls
 ``state = state.scan(x_full, policy.next_locations(state, generator), geometry)`` T times.
+
+Optional parts of the protocol, used by :func:`boed.evaluate.evaluate`: ``reset()`` forgets
+cached, test-image-independent choices (a new repeat); ``prime(scans, first_generator,
+generator)`` computes them (the t = 1 choice from ``first_generator``'s dataset draws, shared by
+every method through the same generator); ``per_budget = True`` with ``budget_set(t)`` for a
+policy whose scans for budget t are a set chosen for that budget (non-greedy), not a prefix.
+Ties between equally good candidates are broken uniformly with the injected generator
+(:func:`select`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ DEFAULT_BATCH = 16
 DEFAULT_N_BOOT = 1000
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SCANS = 5
+DEFAULT_SEED = 0
 PRECISIONS = ("auto", "float32", "bf16")
 DEFAULT_PRECISION = "auto"
 
@@ -213,7 +214,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "sequences, sample streams, Random) is redrawn per repeat; intervals bootstrap repeats and "
                         f"images; R >= 1 (default: {DEFAULT_REPEATS})")
     p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test subset and of every policy's randomness (default: 0)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the test subset and of every policy's randomness (default: {DEFAULT_SEED})")
     p.add_argument("--out", required=True, help="output folder (records, metrics.csv, plots); re-run to resume")
     p.add_argument("--restart", action="store_true",
                    help="move the old contents of --out aside (OUT.old-<time>) and start over")
@@ -221,8 +223,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="evaluate only shard I of N; under torchrun each rank takes its part of the shard (default: 0/1)")
     p.add_argument("--merge", action="store_true", help="only merge the records of all shards in --out into metrics and plots")
     p.add_argument("--cross-task", nargs="?", const=",".join(PAPER_TASKS), default=None, metavar="LIST",
-                   help=f"also scan with each of these tasks' locations and score every task (fig. 9); list when "
-                        f"given without a value: {', '.join(PAPER_TASKS)} (default: off)")
+                   help=f"also scan with each of these tasks' locations and score every task (fig. 9); off unless "
+                        f"given; without a value: {', '.join(PAPER_TASKS)}")
     p.add_argument("--avp", default=DEFAULT_AVP, help=f"AVP-CNN run or model dir (default: {DEFAULT_AVP})")
     for key, mf in MODEL_FLAGS.items():
         p.add_argument(mf.flag, dest=_attr(key), metavar="RUN", default=mf.default, help=f"{mf.help} (default: {mf.default})")
