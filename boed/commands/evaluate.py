@@ -213,14 +213,14 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="R policy seeds: every policy-level random choice (t = 1 draws, Uncond and non-greedy "
                         "sequences, sample streams, Random) is redrawn per repeat; intervals bootstrap repeats and "
                         f"images; R >= 1 (default: {DEFAULT_REPEATS})")
-    p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (all when not given)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the test subset and of every policy's randomness (default: {DEFAULT_SEED})")
     p.add_argument("--out", required=True, help="output folder (records, metrics.csv, plots); re-run to resume")
     p.add_argument("--restart", action="store_true",
                    help="move the old contents of --out aside (OUT.old-<time>) and start over")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="evaluate only shard I of N; under torchrun each rank takes its part of the shard (default: 0/1)")
+                   help="evaluate only shard I of N (all of it when not given); under torchrun each rank takes its part of the shard")
     p.add_argument("--merge", action="store_true", help="only merge the records of all shards in --out into metrics and plots")
     p.add_argument("--cross-task", nargs="?", const=",".join(PAPER_TASKS), default=None, metavar="LIST",
                    help=f"also scan with each of these tasks' locations and score every task (fig. 9); off unless "
@@ -248,6 +248,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
     p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
+    for action in p._actions:
+        if action.dest == "image_size":
+            action.help = "image side in pixels, a multiple of 4 (the AVP-CNN's image size when not given)"
 
 
 def _dist_info(shard_flag: str | None) -> tuple[tuple[int, int], tuple[int, int], int | None]:

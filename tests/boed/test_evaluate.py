@@ -241,6 +241,36 @@ def test_repeats_redraw_policy_randomness_and_resume(tmp_path, classifier):
     assert _canon(load_records(tmp_path / "run")) == ref
 
 
+def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
+    """Every EIG method makes the same t = 1 computation from the same draws: identical t = 1 records
+    per repeat (computed once per repeat and shared), and new draws in every repeat."""
+    from boed.commands.evaluate import BuildContext, build_policies
+
+    data, train = TinySet(10), TinySet(30, seed=7)
+    cfg = _cfg(data, methods=("eig-retrieval", "uncond", "nongreedy"), tasks=("effusion",), repeats=3, scans=2,
+               n_samples=4, n_sequences=5, indices=[0, 1, 2, 3])
+    ctx = BuildContext(cfg, classifier, ScanGeometry(S), torch.device("cpu"), train)
+    evaluate(build_policies(cfg, ctx), classifier, data, cfg, tmp_path, progress=False)
+    assert (ctx.first_cache.misses, ctx.first_cache.hits) == (3, 3)  # one t = 1 computation per repeat, shared
+    recs = {(r["method"], r["repeat"], r["index"]): r for r in load_records(tmp_path)}
+    firsts = set()
+    for k in range(3):
+        for i in cfg.indices:
+            a, b = recs["eig-retrieval", k, i], recs["uncond", k, i]
+            assert a["locations"][0] == b["locations"][0] and a["probs"][:2] == b["probs"][:2]
+            firsts.add((k, a["locations"][0]))
+    assert len({k for k, _ in firsts}) == 3 and len(firsts) == 3  # one first location per repeat
+    # the non-greedy search used the same N dataset images as the t = 1 choice of its repeat
+    from boed.evaluate import t1_generator
+    from boed.samplers import DatasetSampler
+
+    pol = build_policies(cfg, ctx)[("nongreedy", "Effusion")]
+    pol.prime(2, t1_generator(cfg.seed, "Effusion", 1), torch.Generator())
+    want = DatasetSampler(train).sample(torch.zeros(1, 1, S, S, dtype=torch.uint8), torch.zeros(1, 1, S, S), 4,
+                                        t1_generator(cfg.seed, "Effusion", 1))[0]
+    assert torch.equal(pol.draws, want)
+
+
 def test_nongreedy_records_use_the_budget_t_set(tmp_path, classifier):
     from baselines.policies import NonGreedyUncondPolicy
     from boed.samplers import DatasetSampler
