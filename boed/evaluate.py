@@ -20,7 +20,10 @@ non-greedy sequences (from ``make_generator(seed, method, task, repeat, "prime")
 streams (IPA samples, Random) from ``make_generator(seed, method, task, repeat, index)``. Policies
 are ``reset()`` and primed again for every repeat. The full-image records do not depend on the
 repeat (methods in :data:`REPEAT_FREE`): they are computed once, with ``repeat = None``, and the
-metrics use them for every repeat.
+metrics use them for every repeat. ``boed evaluate --repeats`` defaults to :data:`DEFAULT_REPEATS`
+= 3 (the fewest that give a between-repeat spread worth reading); :class:`EvalConfig` defaults to
+1 for library use. R repeats cost R x one evaluation minus what is shared (measured in
+``benchmarks/bench_repeats.py``: 0.99 x for R = 3).
 
 Determinism: the test subset is drawn from ``seed``; with ``rng="image"`` (default) records do not
 depend on batch size, sharding or resume point. ``rng="batch"`` calls the policy once per batch
