@@ -408,10 +408,16 @@ class RecordsWriter:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # no flock on this platform: one writer per file is then the user's job
             pass
-        except OSError:
-            self._f.close()
-            raise UserError(f"another process is writing {self.path} (the same shard/rank of this evaluation); "
-                            "run each shard once at a time") from None
+        except OSError as e:
+            import errno
+
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # e.g. a file system without locks
+                warnings.warn(f"cannot lock {self.path} ({e.strerror}); make sure each shard runs once at a time",
+                              stacklevel=2)
+            else:
+                self._f.close()
+                raise UserError(f"another process is writing {self.path} (the same shard/rank of this evaluation); "
+                                "run each shard once at a time") from None
         _, _, good_end = read_records_file(self.path)
         size = self._f.seek(0, os.SEEK_END)
         if good_end < size:
