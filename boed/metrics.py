@@ -1,5 +1,14 @@
 """Classification metrics with bootstrap intervals: AUROC (scikit-learn), NLL, and their 95 % CIs.
 
+Repeated evaluations: a method evaluated with R policy seeds ("repeats") on the same n test images
+gives scores ``(R, n)``. Its metric is the mean over repeats of the per-repeat metric, and every
+interval is a **two-level bootstrap** (:func:`two_level_counts`): each resample first draws R
+repeats with replacement, then n test images with replacement; the image weights are applied to
+every drawn repeat, because the repeats score the same images (a crossed design: drawing images
+independently per repeat would divide the images' variance by R and make the intervals too
+narrow). With R = 1 this is exactly the image bootstrap. ``auroc_sd_repeats`` is the
+between-repeat spread (sample sd, ddof 1, of the per-repeat AUROC; NaN for R = 1).
+
 The bootstrap is vectorised: ``R`` resamples are drawn at once as multinomial counts ``(R, n)``
 and AUROC is computed from per-score-value positive/negative weights (the Mann-Whitney form, ties
 counted 1/2), so 1 000 resamples of 5 000 images take well under a second. The same ``seed`` and
@@ -74,6 +83,40 @@ def weighted_auroc(y_true, scores, weights: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
+def two_level_counts(repeats: int, n: int, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level bootstrap resamples: repeat counts ``(n_boot, R)`` (each row sums to R) and image
+    counts ``(n_boot, n)`` (each row sums to n), one image resample per row shared by its repeats.
+
+    The image counts equal :func:`bootstrap_counts` ``(n, n_boot, seed)``, so R = 1 gives exactly
+    the image bootstrap; the repeat counts come from an independent stream of the same seed.
+    """
+    images = bootstrap_counts(n, n_boot, seed)  # (B, n)
+    if repeats == 1:
+        return np.ones((n_boot, 1), dtype=np.int64), images
+    rng = np.random.default_rng([seed, 1])
+    idx = rng.integers(0, repeats, size=(n_boot, repeats))  # (B, R) drawn repeats
+    offsets = (np.arange(n_boot) * repeats)[:, None]
+    reps = np.bincount((idx + offsets).ravel(), minlength=n_boot * repeats).reshape(n_boot, repeats)  # (B, R)
+    return reps, images
+
+
+def _as_repeats(y_true, p) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``(n,)`` and scores ``(R, n)`` (a 1-D ``p`` is one repeat)."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    q = np.asarray(p, dtype=np.float64)
+    q = q.reshape(1, -1) if q.ndim == 1 else q
+    if q.ndim != 2 or q.shape[1] != y.size:
+        raise ValueError(f"scores must be (n,) or (R, n) with n = {y.size} labels, got {np.shape(p)}")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y, q
+
+
+def _sd(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(np.std(v, ddof=1)) if v.size > 1 else float("nan")
+
+
 @dataclass
 class MetricSummary:
     auroc: float
@@ -83,40 +126,47 @@ class MetricSummary:
     nll_lo: float
     nll_hi: float
     n: int
+    auroc_sd_repeats: float = float("nan")  # sd over repeats of the per-repeat AUROC (NaN for one repeat)
+    repeats: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def summarize(y_true, p, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> MetricSummary:
-    """AUROC and NLL of probabilities ``p`` for binary ``y_true`` with percentile bootstrap intervals.
+    """AUROC and NLL of probabilities ``p`` (``(n,)``, or ``(R, n)``: R repeats on the same images)
+    for binary ``y_true``: means over repeats with two-level percentile bootstrap intervals.
 
     Resamples in which one class is absent are dropped from the AUROC interval.
     """
-    y, q = _as_arrays(y_true, p)
-    n = y.size
+    y, q = _as_repeats(y_true, p)
+    R, n = q.shape
+    nan = float("nan")
     if n == 0:
-        nan = float("nan")
-        return MetricSummary(nan, nan, nan, nan, nan, nan, 0)
-    point_auc, point_nll = auroc(y, q), nll(y, q)
+        return MetricSummary(nan, nan, nan, nan, nan, nan, 0, nan, R)
+    ones = np.ones((1, n))
+    per_auc = np.array([weighted_auroc(y, q[r], ones)[0] for r in range(R)])  # (R,) = sklearn's AUROC (tested)
+    per_bce = np.stack([bce(y, q[r]) for r in range(R)])  # (R, n)
+    point_auc, point_nll, sd = float(per_auc.mean()), float(per_bce.mean()), _sd(per_auc)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     if n_boot <= 0:
-        return MetricSummary(point_auc, float("nan"), float("nan"), point_nll, float("nan"), float("nan"), n)
-    counts = bootstrap_counts(n, n_boot, seed)  # (R, n)
-    aucs = weighted_auroc(y, q, counts)  # (R,)
-    nlls = counts @ bce(y, q) / n  # (R,)
+        return MetricSummary(point_auc, nan, nan, point_nll, nan, nan, n, sd, R)
+    reps, counts = two_level_counts(R, n, n_boot, seed)  # (B, R), (B, n)
+    aucs = np.stack([weighted_auroc(y, q[r], counts) for r in range(R)], axis=1)  # (B, R)
+    aucs = (reps * aucs).sum(1) / R  # (B,) NaN where a class got zero weight (the same for every repeat)
+    nlls = (reps * (counts @ per_bce.T / n)).sum(1) / R  # (B,)
     aucs = aucs[np.isfinite(aucs)]
-    a_lo, a_hi = (np.percentile(aucs, [lo_q, hi_q]) if aucs.size else (float("nan"),) * 2)
+    a_lo, a_hi = (np.percentile(aucs, [lo_q, hi_q]) if aucs.size else (nan,) * 2)
     n_lo, n_hi = np.percentile(nlls, [lo_q, hi_q])
-    return MetricSummary(point_auc, float(a_lo), float(a_hi), point_nll, float(n_lo), float(n_hi), n)
+    return MetricSummary(point_auc, float(a_lo), float(a_hi), point_nll, float(n_lo), float(n_hi), n, sd, R)
 
 
 @dataclass
 class PairedDiff:
-    """``AUROC(a) - AUROC(b)`` on the same images with a paired bootstrap interval.
+    """``AUROC(a) - AUROC(b)`` on the same images (and repeats) with a paired two-level bootstrap interval.
 
     ``p_above`` is the fraction of resamples in which ``a`` beats ``b`` (a one-sided bootstrap
-    probability, not a p-value).
+    probability, not a p-value). ``sd_repeats`` is the sd over repeats of the per-repeat difference.
     """
 
     diff: float
@@ -124,36 +174,52 @@ class PairedDiff:
     hi: float
     p_above: float
     n: int
+    sd_repeats: float = float("nan")
+    repeats: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def paired_auroc_diff(y_true, scores_a, scores_b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> PairedDiff:
-    """Mean over rows of ``AUROC(scores_a[r]) - AUROC(scores_b[r])``, both scored on the same images.
+def _as_rtn(scores, n: int) -> np.ndarray:
+    """Scores ``(n,)``, ``(T, n)`` or ``(R, T, n)`` -> ``(R, T, n)``."""
+    a = np.asarray(scores, dtype=np.float64)
+    a = a.reshape((1,) * (3 - a.ndim) + a.shape) if a.ndim < 3 else a  # (R, T, n)
+    if a.ndim != 3 or a.shape[2] != n:
+        raise ValueError(f"scores {np.shape(scores)} must be (n,), (T, n) or (R, T, n) with n = {n} labels")
+    return a
 
-    ``scores_a``/``scores_b`` are ``(n,)`` or ``(T, n)`` (e.g. one row per number of scans t: the
-    mean over t of the difference). Every resample reweights the *same* images for both methods
-    and every row, so the between-image variance that dominates each marginal interval cancels:
-    the interval is much tighter than comparing two separate CIs.
+
+def paired_auroc_diff(y_true, scores_a, scores_b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> PairedDiff:
+    """Mean over repeats and rows of ``AUROC(scores_a[r, t]) - AUROC(scores_b[r, t])``, on the same images.
+
+    ``scores_a``/``scores_b`` are ``(n,)``, ``(T, n)`` (e.g. one row per number of scans t: the
+    mean over t of the difference) or ``(R, T, n)`` (R repeats; a method whose scores do not
+    depend on the repeat is passed repeated R times). Every resample draws repeats (the same ones
+    for both methods) and reweights the *same* images for both methods, every repeat and every
+    row, so the between-image variance that dominates each marginal interval cancels.
     """
-    a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))  # (T, n)
-    b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))  # (T, n)
     y = np.asarray(y_true, dtype=np.float64).reshape(-1)
-    if a.shape != b.shape or a.shape[1] != y.size:
-        raise ValueError(f"scores {a.shape} and {b.shape} must both be (T, n) with n = {y.size} labels")
     n = y.size
+    a, b = _as_rtn(scores_a, n), _as_rtn(scores_b, n)  # (R, T, n)
+    if a.shape != b.shape:
+        raise ValueError(f"scores {a.shape} and {b.shape} must both be (R, T, n) with n = {n} labels")
+    R, T = a.shape[:2]
     nan = float("nan")
     if n == 0 or y.min() == y.max():
-        return PairedDiff(nan, nan, nan, nan, n)
+        return PairedDiff(nan, nan, nan, nan, n, nan, R)
     ones = np.ones((1, n))
-    point = float(np.mean([weighted_auroc(y, a[r], ones)[0] - weighted_auroc(y, b[r], ones)[0] for r in range(len(a))]))
+    per = np.array([np.mean([weighted_auroc(y, a[r, t], ones)[0] - weighted_auroc(y, b[r, t], ones)[0]
+                             for t in range(T)]) for r in range(R)])  # (R,)
+    point, sd = float(per.mean()), _sd(per)
     if n_boot <= 0:
-        return PairedDiff(point, nan, nan, nan, n)
-    counts = bootstrap_counts(n, n_boot, seed)  # (R, n)
-    d = np.mean([weighted_auroc(y, a[r], counts) - weighted_auroc(y, b[r], counts) for r in range(len(a))], axis=0)  # (R,)
+        return PairedDiff(point, nan, nan, nan, n, sd, R)
+    reps, counts = two_level_counts(R, n, n_boot, seed)  # (B, R), (B, n)
+    d = np.stack([np.mean([weighted_auroc(y, a[r, t], counts) - weighted_auroc(y, b[r, t], counts)
+                           for t in range(T)], axis=0) for r in range(R)], axis=1)  # (B, R)
+    d = (reps * d).sum(1) / R  # (B,)
     d = d[np.isfinite(d)]
     if not d.size:
-        return PairedDiff(point, nan, nan, nan, n)
+        return PairedDiff(point, nan, nan, nan, n, sd, R)
     lo, hi = np.percentile(d, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return PairedDiff(point, float(lo), float(hi), float((d > 0).mean()), n)
+    return PairedDiff(point, float(lo), float(hi), float((d > 0).mean()), n, sd, R)

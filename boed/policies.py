@@ -3,12 +3,21 @@
 A policy looks at a :class:`ScanState` (what has been scanned so far for B test images) and
 returns the next location for each image, ``LongTensor (B,)``. The evaluator calls
 ``state = state.scan(x_full, policy.next_locations(state, generator), geometry)`` T times.
+
+Optional parts of the protocol, used by :func:`boed.evaluate.evaluate`: ``reset()`` forgets
+cached, test-image-independent choices (a new repeat); ``prime(scans, first_generator,
+generator)`` computes them (the t = 1 choice from ``first_generator``'s dataset draws, shared by
+every method through the same generator); ``per_budget = True`` with ``budget_set(t)`` for a
+policy whose scans for budget t are a set chosen for that budget (non-greedy), not a prefix.
+Ties between equally good candidates are broken uniformly with the injected generator
+(:func:`select`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -101,16 +110,78 @@ class ScoreResult:
     info_gain: Tensor  # (B, L, N) per-sample gain (eq. 69), 0 where skip
     skip: Tensor  # (B, L) bool, candidates already fully observed (never chosen)
 
-    def choose(self, estimator: str = "eig") -> Tensor:
-        """Best candidate per image, ``(B,)``: argmax EIG or argmin EPE; ties -> lowest index."""
-        return select(self.eig if estimator == "eig" else self.epe, self.skip, maximize=estimator == "eig")
+    def choose(self, estimator: str = "eig", generator: torch.Generator | None = None) -> Tensor:
+        """Best candidate per image, ``(B,)``: argmax EIG or argmin EPE; ties broken uniformly with
+        ``generator`` (lowest index when it is None)."""
+        return select(self.eig if estimator == "eig" else self.epe, self.skip, maximize=estimator == "eig",
+                      generator=generator)
 
 
-def select(scores: Tensor, skip: Tensor, maximize: bool = True) -> Tensor:
-    """Argmax (or argmin) of ``scores (B, L)`` over candidates not in ``skip``; first index on ties."""
+TIE_ATOL = 1e-12  # scores this close to the best count as tied (float dust on exact ties, e.g. EIG 0)
+
+
+def select(scores: Tensor, skip: Tensor, maximize: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Argmax (or argmin) of ``scores (B, L)`` over candidates not in ``skip``, ``(B,)``.
+
+    Candidates within :data:`TIE_ATOL` of the best share it; with a ``generator`` one of them is
+    chosen uniformly (one ``torch.rand(B, L)`` draw per call, whether or not there are ties), so a
+    saturated classifier (EIG 0 everywhere) does not always scan location 0. Without a generator
+    the lowest tied index is returned.
+    """
     fill = float("-inf") if maximize else float("inf")
     s = scores.masked_fill(skip, fill)
-    return (s.argmax(dim=1) if maximize else s.argmin(dim=1)).long()  # torch returns the first extremum
+    if generator is None:
+        return (s.argmax(dim=1) if maximize else s.argmin(dim=1)).long()  # torch returns the first extremum
+    best = s.amax(dim=1, keepdim=True) if maximize else s.amin(dim=1, keepdim=True)  # (B, 1)
+    tied = ((s - best).abs() <= TIE_ATOL) & ~skip  # (B, L); all False when every candidate is skipped
+    keys = torch.rand(s.shape, generator=generator).to(s.device)  # (B, L) uniform keys
+    keys = keys.masked_fill(~tied, -1.0)
+    return keys.argmax(dim=1).long()
+
+
+def generator_state_key(generator: torch.Generator | None) -> str:
+    """A digest of a generator's current state (equal states give equal draws); "none" for None."""
+    if generator is None:
+        return "none"
+    return hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def sampler_key(sampler) -> Any:
+    """What makes two samplers draw the same images from the same generator state: their ``key``
+    attribute when they define one (e.g. :class:`boed.samplers.DatasetSampler`), else their identity."""
+    key = getattr(sampler, "key", None)
+    return key if key is not None else ("object", id(sampler))
+
+
+class FirstChoiceCache:
+    """t = 1 choices shared by every policy that makes the same computation (common random numbers).
+
+    At t = 1 nothing is observed, so EIG-IPA, Uncond and every other EIG completer apply eq. 10 to
+    N images drawn from the dataset: given the same draws (the same generator state and the same
+    dataset sampler), the same classifier and N, they must choose the same first location. The
+    key holds all of these, so a hit is the identical computation. ``hits``/``misses`` count uses.
+    """
+
+    def __init__(self):
+        self._choices: dict[tuple, int] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+    def get_or_compute(self, key: tuple, compute) -> int:
+        if key in self._choices:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._choices[key] = int(compute())
+        return self._choices[key]
+
+
+def first_choice_key(classifier_id: int, illness: Illness, estimator: str, n_samples: int, sampler,
+                     geometry: ScanGeometry, generator: torch.Generator | None) -> tuple:
+    return (classifier_id, illness.name, estimator, int(n_samples), sampler_key(sampler), geometry.image_size,
+            geometry.grid, generator_state_key(generator))
 
 
 def _is_empty(mask: Tensor) -> Tensor:
@@ -124,7 +195,10 @@ class GreedyPolicy:
     ``estimator="eig"`` (eq. 10, argmax) or ``"epe"`` (eq. 65, argmin). At t = 1 nothing is
     observed, the paper draws the N images from the dataset (``first_sampler``; default
     ``sampler``) and the first choice is the same for every test image: it is computed once per
-    (illness, estimator) and cached in :attr:`first_choice`.
+    (illness, estimator) and cached in :attr:`first_choice` until :meth:`reset` (the evaluator
+    resets and re-primes it for every repeat). ``first_cache`` (a :class:`FirstChoiceCache`)
+    shares t = 1 choices with other policies that make the same computation (Uncond, other EIG
+    completers); ties between equally good candidates are broken uniformly with the generator.
 
     The classifier is used through an inference copy (:func:`boed.scoring.prepare_classifier`:
     eval mode, BN folded, channels_last); ``chunk_size`` classifier inputs per forward pass
@@ -150,6 +224,7 @@ class GreedyPolicy:
         amp: bool = True,
         fold_bn: bool = True,
         progress: bool = False,
+        first_cache: FirstChoiceCache | None = None,
     ):
         if estimator not in ESTIMATORS:
             raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -163,15 +238,27 @@ class GreedyPolicy:
         self.estimator = estimator
         self.name = name or f"{estimator}-ipa"
         self.device = torch.device(device) if device is not None else model_device(classifier)
+        self.channels = int(getattr(getattr(classifier, "config", None), "in_channels", 1))
         self.classifier = prepare_classifier(classifier, self.device, channels_last, fold_bn)  # an inference copy
         self.chunk_size = chunk_size
         self.channels_last, self.amp, self.progress = channels_last, amp, progress
-        self._first: dict[tuple[str, str], int] = {}
+        self._classifier_id = id(classifier)
+        self.first_cache = first_cache if first_cache is not None else FirstChoiceCache()
+        self._first: int | None = None
         self.last_result: ScoreResult | None = None
 
     @property
     def first_choice(self) -> int | None:
-        return self._first.get((self.illness.name, self.estimator))
+        return self._first
+
+    def reset(self) -> None:
+        """Forget the cached t = 1 choice (a new repeat draws it again)."""
+        self._first = None
+
+    def prime(self, scans: int, first_generator: torch.Generator | None = None,
+              generator: torch.Generator | None = None) -> None:
+        """Compute the test-image-independent t = 1 choice from ``first_generator``'s dataset draws."""
+        self.first_location(ScanState.empty(1, self.channels, self.geometry.image_size, self.device), first_generator)
 
     def score(self, state: ScanState, generator: torch.Generator | None = None, sampler=None) -> ScoreResult:
         """Sample completions of every image in ``state`` and score every candidate location."""
@@ -187,15 +274,21 @@ class GreedyPolicy:
         return ScoreResult(eig=gains, epe=estimators.epe(p), p=p, samples=samples, info_gain=ig, skip=skip)
 
     def first_location(self, state: ScanState, generator: torch.Generator | None = None) -> int:
-        """The cached t = 1 choice (computed on first use from ``first_sampler`` draws)."""
-        key = (self.illness.name, self.estimator)
-        if key not in self._first:
+        """The cached t = 1 choice (computed on first use from ``first_sampler`` draws, or taken
+        from :attr:`first_cache` when another policy made the same computation)."""
+        if self._first is None:
             _, C, S, _ = state.x_obs.shape
-            empty = ScanState.empty(1, C, S, self.device)
-            res = self.score(empty, generator, sampler=self.first_sampler)
-            self._first[key] = int(res.choose(self.estimator)[0])
-            self.last_result = res
-        return self._first[key]
+
+            def compute() -> int:
+                empty = ScanState.empty(1, C, S, self.device)
+                res = self.score(empty, generator, sampler=self.first_sampler)
+                self.last_result = res
+                return int(res.choose(self.estimator, generator)[0])
+
+            key = first_choice_key(self._classifier_id, self.illness, self.estimator, self.n_samples,
+                                   self.first_sampler, self.geometry, generator)
+            self._first = self.first_cache.get_or_compute(key, compute)
+        return self._first
 
     def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
         B = state.batch_size
@@ -207,6 +300,6 @@ class GreedyPolicy:
         if rest.numel():
             sub = ScanState(state.x_obs[rest], state.mask[rest], [state.locations[i] for i in rest.tolist()])
             res = self.score(sub, generator)
-            out[rest] = res.choose(self.estimator).cpu()
+            out[rest] = res.choose(self.estimator, generator).cpu()
             self.last_result = res
         return out

@@ -1,11 +1,18 @@
 """From evaluation records to the paper's numbers and figures.
 
-- ``metrics.csv`` (columns exactly ``method,illness,t,auroc,auroc_lo,auroc_hi,nll,n``): every
-  method scored on each task with that task's own scan locations, t = 0..T, bootstrap 95 % CIs.
+Every number is a mean over the evaluation's repeats (policy seeds) and every interval a two-level
+bootstrap 95 % CI (resample repeats, then the test images shared by them; :mod:`boed.metrics`).
+Records of methods that do not depend on the repeat (``repeat`` None, e.g. the full image) are
+used for every repeat.
+
+- ``metrics.csv`` (columns ``CSV_COLUMNS``): every method scored on each task with that task's own
+  scan locations, t = 0..T: AUROC with CI and between-repeat sd, NLL with CI, n images, R repeats.
 - ``auroc.png`` (paper fig. 5 left) and ``nll.png`` (fig. 8 top): one panel per task, one line per
   method with its interval band.
-- ``paired.csv`` + ``paired.png``: EIG-IPA minus every other method on the same images, per t and
-  averaged over t = 1..T, with paired bootstrap 95 % CIs (columns ``PAIRED_COLUMNS``).
+- ``paired.csv`` + ``paired.png``: EIG-IPA minus every other method on the same images and
+  repeats, per t = 1..T and averaged over t = 2..T (row ``t = "2-T"``: t = 1 is shared by
+  construction between the EIG methods, so it is left out of the average), with paired two-level
+  bootstrap 95 % CIs (columns ``PAIRED_COLUMNS``).
 - ``cross_task.csv`` + ``cross_task_<method>.png`` (fig. 9): scan with task A's locations (columns),
   score task B (rows), AUROC after T scans; cell colour = distance to the best cell of its row.
 """
@@ -29,14 +36,19 @@ from .metrics import paired_auroc_diff, summarize
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("method", "illness", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n")
-PAIRED_COLUMNS = ("method", "baseline", "illness", "t", "diff", "diff_lo", "diff_hi", "p_above", "n")
-CROSS_COLUMNS = ("method", "scan_task", "score_task", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n")
-METHOD_ORDER = ("eig-ipa", "epe-ipa", "uncond", "nongreedy", "random", "full")
+CSV_COLUMNS = ("method", "illness", "t", "auroc", "auroc_lo", "auroc_hi", "auroc_sd_repeats", "nll", "nll_lo", "nll_hi",
+               "n", "repeats")
+PAIRED_COLUMNS = ("method", "baseline", "illness", "t", "diff", "diff_lo", "diff_hi", "diff_sd_repeats", "p_above", "n",
+                  "repeats")
+CROSS_COLUMNS = ("method", "scan_task", "score_task", "t", "auroc", "auroc_lo", "auroc_hi", "auroc_sd_repeats", "nll",
+                 "n", "repeats")
+METHOD_ORDER = ("eig-ipa", "eig-ipar", "eig-ipa-under", "eig-retrieval", "epe-ipa", "uncond", "nongreedy", "random", "full")
 METHOD_LABELS = {"eig-ipa": "EIG-IPA", "epe-ipa": "EPE-IPA", "uncond": "Uncond", "nongreedy": "Non-greedy uncond",
-                 "random": "Random", "full": "Full image"}
+                 "random": "Random", "full": "Full image", "eig-ipar": "EIG-IPA-R", "eig-retrieval": "EIG-retrieval",
+                 "eig-ipa-under": "EIG-IPA (under-trained)"}
 METHOD_STYLE = {"eig-ipa": ("C0", "-"), "epe-ipa": ("C1", "-"), "uncond": ("C2", "--"), "nongreedy": ("C4", "--"),
-                "random": ("C5", ":"), "full": ("k", "-.")}
+                "random": ("C5", ":"), "full": ("k", "-."), "eig-ipar": ("C3", "-"), "eig-retrieval": ("C6", "-"),
+                "eig-ipa-under": ("C9", "-")}
 
 
 def _order(methods: Iterable[str]) -> list[str]:
@@ -44,18 +56,60 @@ def _order(methods: Iterable[str]) -> list[str]:
     return sorted(ms, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
 
 
-def _score(recs: Sequence[dict], task: str, t: int, n_boot: int, seed: int, warned: set | None = None) -> dict:
+def _repeat(rec: dict):
+    return rec.get("repeat", 0)
+
+
+def _by_repeat(records: Sequence[dict], method: str, task: str | None, own_task_only: bool = False) -> dict:
+    """``{repeat: {index: record}}`` of ``method`` scanned for ``task`` (task-free records too,
+    unless ``own_task_only``)."""
+    out: dict = {}
+    for r in records:
+        if r["method"] == method and (r["task"] == task or (r["task"] is None and not own_task_only)):
+            out.setdefault(_repeat(r), {})[r["index"]] = r
+    return out
+
+
+def _aligned(tables: Sequence[dict]) -> tuple[list, list[int]]:
+    """Common repeats (a table with the single repeat None, i.e. repeat-free, fits any) and the
+    images every repeat of every table scored."""
+    own = [set(t) for t in tables if set(t) != {None}]
+    reps = sorted(set.intersection(*own)) if own else [None]
+    images = None
+    for t in tables:
+        for r in (reps if set(t) != {None} else [None]):
+            idx = set(t.get(r, {}))
+            images = idx if images is None else images & idx
+    return reps, sorted(images or ())
+
+
+def _scores(table: dict, reps: list, images: list[int], ts: Sequence[int], ill) -> np.ndarray:
+    """``(R, T, n)`` illness probabilities of ``images`` at the scan counts ``ts``."""
+    rows = []
+    for r in reps:
+        recs = table[r] if r in table else table[None]
+        probs = np.array([[recs[i]["probs"][t] for i in images] for t in ts], dtype=np.float64)  # (T, n, K)
+        rows.append(ill.prob(probs))  # (T, n)
+    return np.stack(rows)  # (R, T, n)
+
+
+def _labels(table: dict, reps: list, images: list[int], ill) -> np.ndarray:
+    recs = table[reps[0]] if reps[0] in table else table[None]
+    return ill.target(np.array([recs[i]["labels"] for i in images], dtype=np.float64).reshape(len(images), -1))  # (n,)
+
+
+def _score(table: dict, task: str, t: int, n_boot: int, seed: int, warned: set | None = None) -> dict:
     ill = resolve_illness(task)
-    probs = np.array([r["probs"][t] for r in recs], dtype=np.float64).reshape(len(recs), -1)  # (n, K)
-    labels = np.array([r["labels"] for r in recs], dtype=np.float64).reshape(len(recs), -1)  # (n, K)
-    y = ill.target(labels)
-    if y.min(initial=1) == y.max(initial=0) and (warned is None or ill.name not in warned):
+    reps, images = _aligned([table])
+    y = _labels(table, reps, images, ill) if images else np.zeros(0)
+    if images and y.min(initial=1) == y.max(initial=0) and (warned is None or ill.name not in warned):
         if warned is not None:
             warned.add(ill.name)
         log.warning("AUROC of %s is undefined: all %d evaluated images have label %d; reported as NaN", ill.name, len(y), int(y[0]))
+    p = _scores(table, reps, images, [t], ill)[:, 0] if images else np.zeros((1, 0))  # (R, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # reported once above
-        s = summarize(y, ill.prob(probs), n_boot=n_boot, seed=seed)
+        s = summarize(y, p, n_boot=n_boot, seed=seed)
     return s.to_dict()
 
 
@@ -65,51 +119,49 @@ def metric_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, n_boo
     for task in tasks:
         task = resolve_illness(task).name
         for method in _order(r["method"] for r in records):
-            recs = sorted((r for r in records if r["method"] == method and r["task"] in (task, None)), key=lambda r: r["index"])
-            if not recs:
+            table = _by_repeat(records, method, task)
+            if not table:
                 continue
             for t in range(scans + 1):
-                rows.append({"method": method, "illness": task, "t": t, **_score(recs, task, t, n_boot, seed, warned)})
+                rows.append({"method": method, "illness": task, "t": t, **_score(table, task, t, n_boot, seed, warned)})
     return rows
 
 
-def _by_index(records: Sequence[dict], method: str, task: str) -> dict[int, dict]:
-    return {r["index"]: r for r in records if r["method"] == method and r["task"] in (task, None)}
-
-
-def mean_label(scans: int) -> str:
-    """The ``t`` value of the rows averaged over t = 1..T."""
-    return f"1-{scans}"
+def mean_label(scans: int, first: int = 2) -> str:
+    """The ``t`` value of the rows averaged over t = first..T."""
+    return f"{first}-{scans}"
 
 
 def paired_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, method: str = "eig-ipa",
                 n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """``AUROC(method) - AUROC(baseline)`` for every other method, on the images both scored.
+    """``AUROC(method) - AUROC(baseline)`` for every other method, on the images and repeats both scored.
 
-    One row per (baseline, task, t) for t = 1..T, then one with ``t = mean_label(T)``: the
-    difference of the AUROCs averaged over t = 1..T (the paper's "above on average over t").
+    One row per (baseline, task, t) for t = 1..T, then (when T >= 2) one with ``t =
+    mean_label(T)`` = "2-T": the difference averaged over t = 2..T (t = 1 is shared by
+    construction among the EIG methods; its own row shows it).
     """
     rows = []
     for task in tasks:
         task = resolve_illness(task).name
         ill = resolve_illness(task)
-        ours = _by_index(records, method, task)
+        ours = _by_repeat(records, method, task)
         for base in _order(r["method"] for r in records):
-            theirs = _by_index(records, base, task)
-            common = sorted(set(ours) & set(theirs))
-            if base == method or not common or scans < 1:
+            theirs = _by_repeat(records, base, task)
+            if base == method or not ours or not theirs or scans < 1:
                 continue
-            labels = np.array([ours[i]["labels"] for i in common], dtype=np.float64)  # (n, K)
-            y = ill.target(labels)  # (n,)
-
-            def scores(recs: dict, ts) -> np.ndarray:
-                probs = np.array([[recs[i]["probs"][t] for i in common] for t in ts], dtype=np.float64)  # (T, n, K)
-                return ill.prob(probs)  # (T, n)
-
-            for ts, label in [([t], t) for t in range(1, scans + 1)] + [(list(range(1, scans + 1)), mean_label(scans))]:
-                d = paired_auroc_diff(y, scores(ours, ts), scores(theirs, ts), n_boot=n_boot, seed=seed)
+            reps, common = _aligned([ours, theirs])
+            if not common:
+                continue
+            y = _labels(ours, reps, common, ill)  # (n,)
+            spans = [([t], t) for t in range(1, scans + 1)]
+            if scans >= 2:
+                spans.append((list(range(2, scans + 1)), mean_label(scans)))
+            for ts, label in spans:
+                d = paired_auroc_diff(y, _scores(ours, reps, common, ts, ill), _scores(theirs, reps, common, ts, ill),
+                                      n_boot=n_boot, seed=seed)
                 rows.append({"method": method, "baseline": base, "illness": task, "t": label, "diff": d.diff,
-                             "diff_lo": d.lo, "diff_hi": d.hi, "p_above": d.p_above, "n": d.n})
+                             "diff_lo": d.lo, "diff_hi": d.hi, "diff_sd_repeats": d.sd_repeats, "p_above": d.p_above,
+                             "n": d.n, "repeats": d.repeats})
     return rows
 
 
@@ -126,12 +178,12 @@ def cross_task_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, n
     rows, warned = [], set()
     for method in _order(r["method"] for r in records if r["task"] is not None):
         for a in tasks:
-            recs = sorted((r for r in records if r["method"] == method and r["task"] == a), key=lambda r: r["index"])
-            if not recs:
+            table = _by_repeat(records, method, a, own_task_only=True)
+            if not table:
                 continue
             for b in tasks:
                 rows.append({"method": method, "scan_task": a, "score_task": b, "t": scans,
-                             **_score(recs, b, scans, n_boot, seed, warned)})
+                             **_score(table, b, scans, n_boot, seed, warned)})
     return rows
 
 
@@ -145,13 +197,14 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def format_table(rows: Sequence[dict], t: int | None = None) -> str:
-    """A plain-text table of AUROC [CI] and NLL, for the terminal."""
-    lines = [f"{'method':<10} {'illness':<14} {'t':>2}  {'AUROC':>6} {'95% CI':>15}  {'NLL':>6}  {'n':>5}"]
+    """A plain-text table of AUROC [CI], its between-repeat sd and NLL, for the terminal."""
+    lines = [f"{'method':<13} {'illness':<14} {'t':>2}  {'AUROC':>6} {'95% CI':>15} {'sd(R)':>6}  {'NLL':>6}  {'n':>5} {'R':>3}"]
     for r in rows:
         if t is not None and r["t"] != t:
             continue
-        lines.append(f"{r['method']:<10} {r['illness']:<14} {r['t']:>2}  {r['auroc']:6.3f} "
-                     f"[{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]  {r['nll']:6.3f}  {r['n']:>5}")
+        lines.append(f"{r['method']:<13} {r['illness']:<14} {r['t']:>2}  {r['auroc']:6.3f} "
+                     f"[{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] {r.get('auroc_sd_repeats', float('nan')):6.3f}  "
+                     f"{r['nll']:6.3f}  {r['n']:>5} {r.get('repeats', 1):>3}")
     return "\n".join(lines)
 
 

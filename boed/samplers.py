@@ -91,6 +91,9 @@ class DatasetSampler:
     """N images from a dataset, ignoring the observations (uniform, without replacement per image).
 
     ``shared=True`` gives every image of a batch the same N draws (one index draw per call).
+    ``key`` identifies the draws: two samplers over the same data (equal ``dataset.fingerprint``,
+    or the same dataset object) with the same ``shared`` draw the same images from the same
+    generator state (used by :class:`boed.policies.FirstChoiceCache`).
     """
 
     def __init__(self, dataset: Any, shared: bool = False):
@@ -98,6 +101,8 @@ class DatasetSampler:
             raise UserError("the dataset to draw samples from is empty; point --data/--cache-dir at a prepared split")
         self.dataset = dataset
         self.shared = shared
+        fp = getattr(dataset, "fingerprint", None)
+        self.key = ("dataset", fp if isinstance(fp, str) else f"object-{id(dataset)}", len(dataset), bool(shared))
 
     def indices(self, B: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Dataset indices ``(B, N)``; sampled without replacement per row when N <= len(dataset)."""

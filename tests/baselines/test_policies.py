@@ -43,38 +43,52 @@ def test_uncond_sequence_fixed_cached_and_informative():
         assert locs.tolist() == [seq[t]] * 4
         state = state.scan(x, locs, GEO)
     assert pol.classifier.calls == calls and pol.sequence(2) == seq[:2]
+    pol.reset()  # a new repeat draws the sequence again
+    pol.sequence(3, torch.Generator().manual_seed(0))
+    assert pol.classifier.calls > calls
 
 
-def test_nongreedy_keeps_best_sequence_under_eq68():
+def test_nongreedy_per_budget_sets_maximise_eq68():
     clf = SmallCNN(seed=2).eval()
     ds = region_dataset([0, 255] * 4)
     ds.images = torch.randint(0, 256, ds.images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     pol = NonGreedyUncondPolicy(clf, DatasetSampler(ds), "edema", GEO, n_samples=4, n_sequences=12, scans=3)
-    best = pol.sequence(3, torch.Generator().manual_seed(0))
-    assert pol.candidates.shape == (12, 3) and pol.utilities.shape == (12,)
-    assert all(len(set(r)) == 3 for r in pol.candidates.tolist())
-    assert best == pol.candidates[int(pol.utilities.argmax())].tolist()
-    # recompute eq. 68 for one candidate by hand, from the same draws
+    sets = pol.search(torch.Generator().manual_seed(0), first_generator=torch.Generator().manual_seed(1))
     drawn = DatasetSampler(ds).sample(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), torch.zeros(1, 1, 32, 32), 4,
-                                      _replay_generator())[0]
+                                      torch.Generator().manual_seed(1))[0]  # the t = 1 draws (first generator)
+    assert torch.equal(pol.draws, drawn)
     ill = resolve_illness("edema")
-    with torch.no_grad():
-        def probs(m):
+
+    def probs(m):
+        with torch.no_grad():
             return ill.prob(torch.sigmoid(clf(observe(drawn.float() / 255, m.expand(4, 1, 32, 32)))))
-        j = 5
-        want = binary_entropy(probs(torch.zeros(1, 32, 32)).mean()) - binary_entropy(probs(GEO.mask(pol.candidates[j].tolist()))).mean()
-    assert torch.allclose(pol.utilities[j], want, atol=1e-5)
+
+    prior = binary_entropy(probs(torch.zeros(1, 32, 32)).mean())
+    for t in (1, 2, 3):  # one search per budget: the chosen t-set maximises eq. 68 among the sampled ones
+        cands = pol.candidates[t]
+        assert cands.shape == (12, t) and all(len(set(r)) == t for r in cands.tolist())
+        by_hand = torch.stack([prior - binary_entropy(probs(GEO.mask(c.tolist()))).mean() for c in cands])  # (12,)
+        torch.testing.assert_close(pol.utilities[t], by_hand.float(), atol=1e-5, rtol=1e-5)
+        chosen = by_hand[[c.tolist() for c in cands].index(sets[t])]
+        assert chosen >= by_hand.max() - 1e-5 and pol.budget_set(t) == sets[t]
+    assert not all(sets[t] == sets[3][:t] for t in (1, 2))  # budgets are searched separately, not prefixes
     state = ScanState.empty(2, 1, 32)
-    assert pol.next_locations(state).tolist() == [best[0]] * 2
+    assert pol.next_locations(state).tolist() == [sets[3][0]] * 2
     with pytest.raises(UserError, match="scans=4"):
         pol.sequence(4)
+    with pytest.raises(UserError, match="budgets 1..3"):
+        pol.budget_set(4)
+    pol.reset()
+    again = pol.search(torch.Generator().manual_seed(0), first_generator=torch.Generator().manual_seed(1))
+    assert again == sets  # reproducible from the generators
 
 
-def _replay_generator():
-    """The generator state NonGreedyUncondPolicy.search used for its draws (after the sequence draw)."""
-    g = torch.Generator().manual_seed(0)
-    torch.rand(12, GEO.num_locations, generator=g)
-    return g
+def test_uncond_ties_spread_over_seeds():
+    # every draw has a bright centre: EIG is 0 everywhere, the first location is a uniform pick
+    clf = RegionClassifier(GEO.box(CENTRE), gain=12, bias=-3)
+    firsts = {UncondPolicy(clf, DatasetSampler(region_dataset([255] * 4)), "edema", GEO, n_samples=4)
+              .sequence(1, torch.Generator().manual_seed(k))[0] for k in range(30)}
+    assert len(firsts) >= 10
 
 
 def test_nongreedy_finds_the_only_informative_patch():
@@ -82,7 +96,7 @@ def test_nongreedy_finds_the_only_informative_patch():
     pol = NonGreedyUncondPolicy(clf, DatasetSampler(region_dataset([0, 255] * 5)), "effusion", GEO,
                                 n_samples=6, n_sequences=30, scans=2)
     best = pol.sequence(2, torch.Generator().manual_seed(1))
-    has_centre = (pol.candidates == CENTRE).any(1)
+    has_centre = (pol.candidates[2] == CENTRE).any(1)
     assert has_centre.any() and CENTRE in best
 
 

@@ -1,12 +1,14 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from boed.classifier import AVPClassifier, AVPConfig
-from boed.evaluate import (EvalConfig, evaluate, load_records, missing_records, parse_methods, parse_shard,
-                           records_path, select_test_indices, shard_positions)
+from boed.evaluate import (CONFIG_NAME, EvalConfig, RecordsWriter, evaluate, load_records, missing_records,
+                           parse_methods, parse_shard, read_records_file, records_path, select_test_indices,
+                           shard_positions)
 from boed.geometry import ScanGeometry
 from xray.errors import UserError
 
@@ -53,6 +55,9 @@ class CachedStandIn:
     def __init__(self):
         self._seq = None
 
+    def reset(self):
+        self._seq = None
+
     def sequence(self, T, generator=None):
         if self._seq is None:
             self._seq = torch.randint(L, (T,), generator=generator).tolist()
@@ -76,9 +81,9 @@ def classifier():
     return AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).eval()
 
 
-def _cfg(data, **kw):
+def _cfg(dataset, **kw):
     base = dict(tasks=("effusion", "edema"), methods=("random", "uncond", "full"), scans=3, seed=1,
-                indices=select_test_indices(len(data), 7, seed=1), batch_size=3, image_size=S, n_boot=50)
+                indices=select_test_indices(len(dataset), 7, seed=1), batch_size=3, image_size=S, n_boot=50)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -101,6 +106,8 @@ def test_records_content(tmp_path, classifier):
     recs = load_records(tmp_path)
     # random and full are task-free (scanned once), uncond once per task
     assert len(recs) == 7 * (1 + 2 + 1) and missing_records(tmp_path, cfg) == 0
+    assert {r["repeat"] for r in recs if r["method"] == "full"} == {None}  # full does not depend on the repeat
+    assert {r["fp"] for r in recs} == {cfg.fingerprint_digest()}
     empty = classifier.predict_proba(torch.zeros(1, 1, S, S, dtype=torch.uint8), torch.zeros(1, 1, S, S))[0]
     for r in recs:
         P = np.array(r["probs"])
@@ -148,7 +155,8 @@ def test_resume_after_kill_gives_same_records(tmp_path, classifier):
         f.write('{"method": "random", "ta')  # torn write
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "run", progress=False)  # fresh policies, resumed
     assert _canon(load_records(tmp_path / "run")) == ref
-    assert sum(1 for _ in open(path)) == len(ref)  # no duplicates, torn line gone
+    lines = open(path).read().splitlines()
+    assert len(lines) == 1 + len(ref) and '"header"' in lines[0]  # header, no duplicates, torn line gone
 
 
 def test_records_independent_of_batch_size_and_shards(tmp_path, classifier):
@@ -210,6 +218,173 @@ def test_parsing_and_selection():
     assert pos == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
 
 
+def test_repeats_redraw_policy_randomness_and_resume(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data, repeats=3)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
+    recs = load_records(tmp_path / "ref")
+    assert len(recs) == 7 * 3 * (1 + 2) + 7  # random (task-free) and uncond x 2 tasks, per repeat; full once
+    assert missing_records(tmp_path / "ref", cfg) == 0
+    by = {}
+    for r in recs:
+        by.setdefault((r["method"], r["task"], r["repeat"]), {})[r["index"]] = r["locations"]
+    for task in ("Effusion", "Edema"):  # the cached sequence is drawn again for every repeat
+        seqs = [next(iter(by["uncond", task, k].values())) for k in range(3)]
+        assert all(len({tuple(v) for v in by["uncond", task, k].values()}) == 1 for k in range(3))
+        assert len({tuple(q) for q in seqs}) > 1
+    for i in cfg.indices:  # Random's per-image streams differ between repeats
+        assert len({tuple(by["random", None, k][i]) for k in range(3)}) > 1
+    ref = _canon(recs)
+    with pytest.raises(KeyboardInterrupt):  # a kill in the second repeat of random
+        evaluate(_policies(cfg, fail_after=30), classifier, data, cfg, tmp_path / "run", progress=False)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "run", progress=False)
+    assert _canon(load_records(tmp_path / "run")) == ref
+
+
+def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
+    """Every EIG method makes the same t = 1 computation from the same draws: identical t = 1 records
+    per repeat (computed once per repeat and shared), and new draws in every repeat."""
+    from boed.commands.evaluate import BuildContext, build_policies
+
+    data, train = TinySet(10), TinySet(30, seed=7)
+    cfg = _cfg(data, methods=("eig-retrieval", "uncond", "nongreedy"), tasks=("effusion",), repeats=3, scans=2,
+               n_samples=4, n_sequences=5, indices=[0, 1, 2, 3])
+    ctx = BuildContext(cfg, classifier, ScanGeometry(S), torch.device("cpu"), train)
+    evaluate(build_policies(cfg, ctx), classifier, data, cfg, tmp_path, progress=False)
+    assert (ctx.first_cache.misses, ctx.first_cache.hits) == (3, 3)  # one t = 1 computation per repeat, shared
+    recs = {(r["method"], r["repeat"], r["index"]): r for r in load_records(tmp_path)}
+    firsts = set()
+    for k in range(3):
+        for i in cfg.indices:
+            a, b = recs["eig-retrieval", k, i], recs["uncond", k, i]
+            assert a["locations"][0] == b["locations"][0] and a["probs"][:2] == b["probs"][:2]
+            firsts.add((k, a["locations"][0]))
+    assert len({k for k, _ in firsts}) == 3 and len(firsts) == 3  # one first location per repeat
+    # the non-greedy search used the same N dataset images as the t = 1 choice of its repeat
+    from boed.evaluate import t1_generator
+    from boed.samplers import DatasetSampler
+
+    pol = build_policies(cfg, ctx)[("nongreedy", "Effusion")]
+    pol.prime(2, t1_generator(cfg.seed, "Effusion", 1), torch.Generator())
+    want = DatasetSampler(train).sample(torch.zeros(1, 1, S, S, dtype=torch.uint8), torch.zeros(1, 1, S, S), 4,
+                                        t1_generator(cfg.seed, "Effusion", 1))[0]
+    assert torch.equal(pol.draws, want)
+
+
+def test_nongreedy_records_use_the_budget_t_set(tmp_path, classifier):
+    from baselines.policies import NonGreedyUncondPolicy
+    from boed.samplers import DatasetSampler
+
+    data, train = TinySet(), TinySet(12, seed=5)
+    cfg = _cfg(data, methods=("nongreedy",), tasks=("effusion",), repeats=2)
+    pol = NonGreedyUncondPolicy(classifier, DatasetSampler(train), "effusion", ScanGeometry(S), n_samples=3,
+                                n_sequences=6, scans=3)
+    evaluate({("nongreedy", "Effusion"): pol}, classifier, data, cfg, tmp_path, progress=False)
+    g = ScanGeometry(S)
+    recs = load_records(tmp_path)
+    assert {r["repeat"] for r in recs} == {0, 1}
+    for r in recs[:4]:
+        assert [len(s) for s in r["sets"]] == [1, 2, 3] and r["locations"] == r["sets"][-1]
+        x = data.get_batch([r["index"]])
+        for t in (1, 2, 3):
+            m = g.mask(r["sets"][t - 1])[None]
+            p = classifier.predict_proba(x * m.to(torch.uint8), m)[0]
+            np.testing.assert_allclose(r["probs"][t], p.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data, methods=("random",), temperature=1.0, data={"test": "aaaa", "train": None})
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+    for change, field in (({"temperature": 0.5}, "temperature"), ({"data": {"test": "bbbb", "train": None}}, "data.test"),
+                          ({"repeats": 2}, "repeats"), ({"n_sequences": 5}, "n_sequences")):
+        other = _cfg(data, methods=("random",), **{"temperature": 1.0, "data": {"test": "aaaa", "train": None}, **change})
+        with pytest.raises(UserError, match=rf"made with {field}=.*--restart"):
+            evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
+    # without eval_config.json the records files' headers still refuse it ...
+    (tmp_path / CONFIG_NAME).unlink()
+    other = _cfg(data, methods=("random",), temperature=0.5, data={"test": "aaaa", "train": None})
+    with pytest.raises(UserError, match=r"records.jsonl was made with temperature=1.0.*temperature=0.5"):
+        evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
+    # ... and so does every record's own fingerprint digest
+    path = records_path(tmp_path, (0, 1))
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["fp"], rec["index"] = "0123456789abcdef", 10 ** 6
+    path.write_text("\n".join(lines + [json.dumps(rec)]) + "\n")
+    with pytest.raises(UserError, match="fingerprint 0123456789abcdef"):
+        evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+
+
+def test_writers_never_touch_each_others_files(tmp_path, classifier):
+    data = TinySet()
+    cfg = _cfg(data)
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, shard=(0, 2), progress=False)
+    other = records_path(tmp_path, (0, 2))
+    with open(other, "a") as f:  # shard 0 is "alive", in the middle of writing a line
+        f.write('{"method": "random", "ta')
+    before = other.read_bytes()
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, shard=(1, 2), progress=False)
+    assert other.read_bytes() == before  # shard 1 read it (skipping the torn line) and left it alone
+    assert missing_records(tmp_path, cfg) == 0
+    # a second writer of the same shard is refused while the first holds its file
+    holder = RecordsWriter(records_path(tmp_path, (1, 2)), {})
+    try:
+        with pytest.raises(UserError, match="another process is writing"):
+            evaluate(_policies(cfg), classifier, data, cfg, tmp_path, shard=(1, 2), progress=False)
+    finally:
+        holder.close()
+
+
+def test_concurrent_shard_writers_lose_nothing(tmp_path, classifier):
+    import threading
+
+    data = TinySet(12)
+    cfg = _cfg(data, indices=select_test_indices(12, 12, seed=0), batch_size=1, repeats=2)
+    errors = []
+
+    def run(i):
+        try:
+            evaluate(_policies(cfg), classifier, data, cfg, tmp_path, shard=(i, 2), progress=False)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert missing_records(tmp_path, cfg) == 0 and len(load_records(tmp_path)) == len(cfg.expected_keys())
+    for i in range(2):
+        text = records_path(tmp_path, (i, 2)).read_text()
+        assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())  # no torn line
+
+
+def test_torchrun_ranks_split_a_shard():
+    n, B = 23, 2
+    for shard_n in (1, 3):
+        for i in range(shard_n):
+            whole = shard_positions(n, B, (i, shard_n))
+            parts = [shard_positions(n, B, (i, shard_n), (r, 2)) for r in range(2)]
+            assert sorted(parts[0] + parts[1]) == whole and not set(parts[0]) & set(parts[1])
+    assert records_path(Path("o"), (1, 3), (0, 2)).name == "records-001-of-003-rank-000-of-002.jsonl"
+    assert records_path(Path("o"), (0, 1), (1, 2)).name == "records-001-of-002.jsonl"
+
+
+def test_merge_refuses_mixed_shards(tmp_path, classifier):
+    from boed.commands.evaluate import finish
+
+    data = TinySet()
+    cfg = _cfg(data, methods=("random",))
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "a", shard=(0, 2), progress=False)
+    other = _cfg(data, methods=("random",), seed=7, indices=cfg.indices)
+    evaluate(_policies(other), classifier, data, other, tmp_path / "b", shard=(1, 2), progress=False)
+    records_path(tmp_path / "b", (1, 2)).rename(records_path(tmp_path / "a", (1, 2)))
+    with pytest.raises(UserError, match=r"shard file .*records-001-of-002.jsonl was made with seed=1.*seed=7"):
+        finish(tmp_path / "a")
+
+
 # ----------------------------------------------------------------------------- the CLI, end to end
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
@@ -224,8 +399,14 @@ def cli_setup(tmp_path_factory):
     AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).save_pretrained(root / "avp" / "model")
     AVPClassifier(AVPConfig(arch="tiny", image_size=128, width=4)).save_pretrained(root / "avp128")
     AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)).save_pretrained(root / "avp_b")  # other weights
-    IPA(IPAConfig.from_vae(dataclasses.replace(get_config("tiny"), shift=-127.5, scale=1 / 64))).save_pretrained(root / "ipa" / "model")
+    vae_cfg = dataclasses.replace(get_config("tiny"), shift=-127.5, scale=1 / 64)
+    IPA(IPAConfig.from_vae(vae_cfg)).save_pretrained(root / "ipa" / "model")
+    IPA(IPAConfig.from_vae(vae_cfg, objective="reverse")).save_pretrained(root / "ipar" / "model")
+    small = dataclasses.replace(vae_cfg, image_size=16, width=16, custom_width_str="", num_mixtures=2,
+                                enc_blocks="16x1,16d2,8x1,8d2,4x1,4d4,1x1", dec_blocks="1x1,4m1,4x1,8m4,8x1,16m8,16x1")
+    IPA(IPAConfig.from_vae(small)).save_pretrained(root / "ipa16")
     nih = make_nih(root / "nih", n=40, px=48)
+    make_nih(root / "nih2", n=40, px=40)  # the same size of set, other images
     data = ["--data", "chestxray", "--data-root", str(nih), "--cache-dir", str(root / "cache")]
     return root, data
 
@@ -243,25 +424,38 @@ def _cli(argv, capsys):
 def test_cli_evaluate_all_methods_and_cross_task(cli_setup, tmp_path, capsys):
     import csv
 
+    from boed.report import CSV_COLUMNS
+
     root, data = cli_setup
     common = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--illness", "effusion", "--scans", "2",
               "--n-test", "4", "--n-samples", "2", "--n-sequences", "4", "--n-boot", "30", "--batch-size", "3",
-              "--no-progress", *data]
+              "--repeats", "2", "--no-progress", *data]
     code, out, err = _cli(["--methods", "eig,random,uncond,nongreedy,full", "--cross-task", "edema",
                            "--out", str(tmp_path / "ev"), *common], capsys)
     assert code == 0, err
     with open(tmp_path / "ev" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["method", "illness", "t", "auroc", "auroc_lo", "auroc_hi", "nll", "n"]
+    assert tuple(rows[0]) == CSV_COLUMNS
     assert {r["method"] for r in rows} == {"eig-ipa", "random", "uncond", "nongreedy", "full"}
     assert {r["illness"] for r in rows} == {"Effusion", "Edema"} and {r["t"] for r in rows} == {"0", "1", "2"}
-    assert all(r["n"] == "4" for r in rows)
-    for name in ("auroc.png", "nll.png", "cross_task.csv", "cross_task_eig-ipa.png"):
+    assert all(r["n"] == "4" and r["repeats"] == ("1" if r["method"] == "full" else "2") for r in rows)  # full: repeat-free
+    for name in ("auroc.png", "nll.png", "paired.csv", "cross_task.csv", "cross_task_eig-ipa.png"):
         assert (tmp_path / "ev" / name).is_file()
+    with open(tmp_path / "ev" / "paired.csv") as f:
+        assert {r["t"] for r in csv.DictReader(f)} == {"1", "2", "2-2"}
     recs = load_records(tmp_path / "ev")
     eig = [r for r in recs if r["method"] == "eig-ipa"]
-    assert len(eig) == 8 and len({r["locations"][0] for r in eig if r["task"] == "Effusion"}) == 1  # cached t=1 choice
+    assert len(eig) == 2 * 2 * 4  # tasks x repeats x images
     assert all(len(set(r["locations"])) == 2 for r in eig)  # a scanned patch is never chosen again
+    for task in ("Effusion", "Edema"):
+        for rep in (0, 1):  # common random numbers: eig-ipa and uncond make identical t = 1 records
+            e = {r["index"]: r for r in eig if r["task"] == task and r["repeat"] == rep}
+            u = {r["index"]: r for r in recs if r["method"] == "uncond" and r["task"] == task and r["repeat"] == rep}
+            assert e.keys() == u.keys() and len({r["locations"][0] for r in e.values()}) == 1
+            for i in e:
+                assert e[i]["locations"][0] == u[i]["locations"][0] and e[i]["probs"][:2] == u[i]["probs"][:2]
+    ng = [r for r in recs if r["method"] == "nongreedy"]
+    assert all(len(r["sets"]) == 2 and [len(s) for s in r["sets"]] == [1, 2] for r in ng)
 
     # shards across "machines", then --merge: the same records and metrics
     for i in range(2):
@@ -286,17 +480,33 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
         (["--ipa", str(tmp_path / "none"), "--methods", "eig"], "ipa_core train --stage ipa"),
         (["--avp", str(root / "ipa")], "expected 'avp-cnn'"),
         (["--shard", "3/2"], "--shard"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--n-sequences", "0"], "--n-sequences must be >= 1"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--device", "tpu9"], "--device"),
+        (["--methods", "eig,ipar"], "method eig-ipar needs --ipar RUN"),
+        (["--methods", "ipa-under"], "method eig-ipa-under needs --ipa-under RUN"),
+        (["--methods", "ipar", "--ipar", str(root / "ipa")], "objective 'forward', expected 'reverse'"),
+        (["--methods", "eig,ipar", "--ipar", str(root / "ipar"), "--ipa", str(root / "ipa16")], "works at 16 px"),
+        (["--restart", "--shard", "0/2"], "--restart with --shard"),
     ]
     for extra, msg in cases:
         code, out, err = _cli(base + extra, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "e").exists(), extra  # nothing created by a refused command
     code, out, err = _cli(["--merge", "--out", str(tmp_path / "empty")], capsys)
     assert code == 2 and "no evaluation" in err
     ok = ["--methods", "full", "--n-boot", "10", "--no-progress"]
     code, out, err = _cli(base + ok, capsys)
     assert code == 0, err
     code, out, err = _cli(base + ok + ["--avp", str(root / "avp_b")], capsys)  # resume with another model
-    assert code == 2 and "model_hashes" in err
+    assert code == 2 and "models.avp" in err and "--restart" in err
+    code, out, err = _cli(base + ok + ["--data-root", str(root / "nih2")], capsys)  # another data root
+    assert code == 2 and "data.test" in err, err
+    code, out, err = _cli(base + ok + ["--avp", str(root / "avp_b"), "--restart"], capsys)  # start over
+    assert code == 0, err
+    assert [p.name for p in tmp_path.glob("e.old-*")] and "--restart: moved" in out
+    assert json.loads((tmp_path / "e" / CONFIG_NAME).read_text())["paths"]["avp"] == str(root / "avp_b")
 
 
 @pytest.mark.slow

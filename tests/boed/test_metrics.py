@@ -52,7 +52,7 @@ def test_summarize_interval_contains_estimate_and_is_deterministic():
     assert a.n == 400
     assert a.auroc_lo <= a.auroc <= a.auroc_hi and a.auroc_hi - a.auroc_lo < 0.2
     assert a.nll_lo <= a.nll <= a.nll_hi
-    assert a == summarize(y, p, n_boot=500, seed=0)
+    assert repr(a) == repr(summarize(y, p, n_boot=500, seed=0))  # (sd over repeats is NaN: one repeat)
     assert a.auroc == pytest.approx(roc_auc_score(y, p))
 
 
@@ -82,8 +82,10 @@ def test_paired_diff_known_answers():
     two = paired_auroc_diff(y, np.stack([a, b]), np.stack([b, b]), n_boot=0)
     assert two.diff == pytest.approx(d.diff / 2) and np.isnan(two.lo)
     assert np.isnan(paired_auroc_diff(np.ones(5), a[:5], b[:5]).diff)  # one class: undefined
-    with pytest.raises(ValueError, match="must both be"):
+    with pytest.raises(ValueError, match="must be"):
         paired_auroc_diff(y, a, b[:10])
+    with pytest.raises(ValueError, match="must both be"):
+        paired_auroc_diff(y, np.stack([a, a]), b)
 
 
 def test_paired_interval_is_tighter_than_the_marginal_ones():
@@ -97,3 +99,55 @@ def test_paired_interval_is_tighter_than_the_marginal_ones():
     d = paired_auroc_diff(y, a, b, n_boot=400)
     assert (d.hi - d.lo) < 0.5 * min(ma.auroc_hi - ma.auroc_lo, mb.auroc_hi - mb.auroc_lo)
     assert d.diff == pytest.approx(ma.auroc - mb.auroc)
+
+
+# ----------------------------------------------------------------------------- repeats: two-level bootstrap
+def test_two_level_counts_shapes_and_one_repeat_is_the_image_bootstrap():
+    from boed.metrics import two_level_counts
+
+    reps, imgs = two_level_counts(4, 30, 50, seed=2)
+    assert reps.shape == (50, 4) and (reps.sum(1) == 4).all() and imgs.shape == (50, 30) and (imgs.sum(1) == 30).all()
+    np.testing.assert_array_equal(imgs, bootstrap_counts(30, 50, seed=2))
+    one, imgs1 = two_level_counts(1, 30, 50, seed=2)
+    assert (one == 1).all()
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.5 + 0.2 * (y - 0.5) + 0.2 * rng.standard_normal(200), 0.01, 0.99)
+    a, b = summarize(y, p, n_boot=300, seed=4), summarize(y, p[None], n_boot=300, seed=4)
+    assert (a.auroc_lo, a.auroc_hi, a.nll_lo, a.nll_hi) == (b.auroc_lo, b.auroc_hi, b.nll_lo, b.nll_hi)
+    assert b.repeats == 1 and math.isnan(b.auroc_sd_repeats)
+
+
+def test_two_level_bootstrap_known_answer_repeats_shifted():
+    # repeat 0 ranks perfectly (AUROC 1 on every image resample), repeat 1 gives every image the
+    # same score (AUROC 0.5 on every resample): the image level adds nothing, so the bootstrap of
+    # the mean over 2 resampled repeats is {1.0: 1/4, 0.75: 1/2, 0.5: 1/4}
+    y = np.array([0, 1] * 20)
+    perfect = 0.2 + 0.6 * y
+    flat = np.full(40, 0.3)
+    s = summarize(y, np.stack([perfect, flat]), n_boot=2000, seed=0)
+    assert s.auroc == pytest.approx(0.75) and s.repeats == 2 and s.n == 40
+    assert s.auroc_sd_repeats == pytest.approx(np.std([1.0, 0.5], ddof=1))
+    assert (s.auroc_lo, s.auroc_hi) == (0.5, 1.0)
+    # the same through the paired difference against a flat baseline: 0.25 +- the repeats' spread
+    d = paired_auroc_diff(y, np.stack([perfect, flat])[:, None], np.stack([flat, flat])[:, None], n_boot=2000, seed=0)  # (R, T, n)
+    assert d.diff == pytest.approx(0.25) and (d.lo, d.hi) == (0.0, 0.5) and d.repeats == 2
+    assert d.p_above == pytest.approx(0.75, abs=0.03)  # P(at least one perfect repeat drawn) = 3/4
+    # repeats that are constant shifts of each other in score give identical AUROCs: no spread at all
+    same = summarize(y, np.stack([perfect, perfect + 0.1, perfect - 0.1]), n_boot=200)
+    assert same.auroc_sd_repeats == 0.0 and (same.auroc_lo, same.auroc_hi) == (1.0, 1.0)
+
+
+def test_two_level_interval_widens_with_between_repeat_spread():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    base = y + rng.normal(0, 1.0, 300)
+    close = np.stack([base + rng.normal(0, 0.05, 300) for _ in range(4)])  # (4, n) repeats that barely differ
+    spread = np.stack([y * w + rng.normal(0, 1.0, 300) for w in (0.2, 0.6, 1.2, 2.0)])  # repeats of very different quality
+    a, b = summarize(y, close, n_boot=400), summarize(y, spread, n_boot=400)
+    assert b.auroc_sd_repeats > 5 * a.auroc_sd_repeats
+    assert (b.auroc_hi - b.auroc_lo) > 1.5 * (a.auroc_hi - a.auroc_lo)
+    # images are shared by the repeats (crossed): with near-identical repeats the interval is the
+    # image bootstrap's, not narrowed by averaging over repeats
+    single = summarize(y, close[0], n_boot=400)
+    assert (a.auroc_hi - a.auroc_lo) > 0.8 * (single.auroc_hi - single.auroc_lo)

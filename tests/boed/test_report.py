@@ -64,22 +64,54 @@ def test_cross_task_rows():
 
 
 def test_paired_rows_match_the_marginal_differences():
-    recs = _records()
-    marg = {(r["method"], r["t"]): r["auroc"] for r in metric_rows(recs, ["effusion"], scans=2, n_boot=0)}
-    rows = paired_rows(recs, ["effusion"], scans=2, n_boot=200)
-    assert [(r["baseline"], r["t"]) for r in rows] == [("random", 1), ("random", 2), ("random", "1-2"),
-                                                       ("full", 1), ("full", 2), ("full", "1-2")]
+    recs = _records(T=3)
+    marg = {(r["method"], r["t"]): r["auroc"] for r in metric_rows(recs, ["effusion"], scans=3, n_boot=0)}
+    rows = paired_rows(recs, ["effusion"], scans=3, n_boot=200)
+    assert [(r["baseline"], r["t"]) for r in rows] == [("random", 1), ("random", 2), ("random", 3), ("random", "2-3"),
+                                                       ("full", 1), ("full", 2), ("full", 3), ("full", "2-3")]
     get = {(r["baseline"], r["t"]): r for r in rows}
     for base in ("random", "full"):
-        for t in (1, 2):
+        for t in (1, 2, 3):
             assert get[base, t]["diff"] == pytest.approx(marg["eig-ipa", t] - marg[base, t])
-        mean = np.mean([marg["eig-ipa", t] - marg[base, t] for t in (1, 2)])
-        assert get[base, "1-2"]["diff"] == pytest.approx(mean)
+        mean = np.mean([marg["eig-ipa", t] - marg[base, t] for t in (2, 3)])  # t = 1 left out of the average
+        assert get[base, "2-3"]["diff"] == pytest.approx(mean)
     assert get["full", 2]["diff"] == 1.0 and get["full", 2]["p_above"] == 1.0  # perfect vs reversed ranking
     assert get["random", 1]["diff_lo"] == get["random", 1]["diff_hi"] == 0.5  # every resample: 1.0 - 0.5
     # only images both methods scored are compared
     fewer = [r for r in recs if not (r["method"] == "random" and r["index"] >= 20)]
-    assert {r["n"] for r in paired_rows(fewer, ["effusion"], 2, n_boot=0) if r["baseline"] == "random"} == {20}
+    assert {r["n"] for r in paired_rows(fewer, ["effusion"], 3, n_boot=0) if r["baseline"] == "random"} == {20}
+    assert "2-" not in str([r["t"] for r in paired_rows(recs, ["effusion"], 1, n_boot=0)])  # T = 1: no average row
+
+
+def _repeated(recs, R, perfect_in=(0,)):
+    """``recs`` copied into R repeats; eig-ipa ranks Effusion perfectly only in the repeats ``perfect_in``
+    (p = 0.5 elsewhere); full stays repeat-free (repeat None)."""
+    out = []
+    for r in recs:
+        if r["method"] == "full":
+            out.append({**r, "repeat": None})
+            continue
+        for k in range(R):
+            rec = {**r, "repeat": k, "probs": [list(p) for p in r["probs"]]}
+            if r["method"] == "eig-ipa" and k not in perfect_in:
+                for p in rec["probs"]:
+                    p[EFF] = 0.5
+            out.append(rec)
+    return out
+
+
+def test_repeats_mean_spread_and_repeat_free_methods():
+    recs = _repeated(_records(), R=2, perfect_in=(0,))
+    rows = {(r["method"], r["t"]): r for r in metric_rows(recs, ["effusion"], scans=2, n_boot=400)}
+    e = rows["eig-ipa", 2]
+    assert e["repeats"] == 2 and e["auroc"] == pytest.approx(0.75)  # mean of 1.0 and 0.5
+    assert e["auroc_sd_repeats"] == pytest.approx(np.std([1.0, 0.5], ddof=1))
+    assert e["auroc_lo"] == 0.5 and e["auroc_hi"] == 1.0  # resampled repeats: both 0.5 or both 1.0 happen
+    f = rows["full", 2]
+    assert f["repeats"] == 1 and f["auroc"] == 0.0 and math.isnan(f["auroc_sd_repeats"])
+    paired = {(r["baseline"], r["t"]): r for r in paired_rows(recs, ["effusion"], 2, n_boot=400)}
+    assert paired["full", 2]["repeats"] == 2 and paired["full", 2]["diff"] == pytest.approx(0.75 - 0.0)  # full broadcast
+    assert paired["random", 2]["diff_sd_repeats"] == pytest.approx(np.std([0.5, 0.0], ddof=1))
 
 
 def test_write_report_files(tmp_path):
@@ -91,7 +123,7 @@ def test_write_report_files(tmp_path):
     assert {row[0] for row in table[1:]} == {"eig-ipa", "random", "full"}
     with open(tmp_path / "paired.csv") as f:
         paired = list(csv.reader(f))
-    assert tuple(paired[0]) == PAIRED_COLUMNS and len(paired) - 1 == 2 * 2 * 3  # tasks x baselines x (T + mean)
+    assert tuple(paired[0]) == PAIRED_COLUMNS and len(paired) - 1 == 2 * 2 * 3  # tasks x baselines x (T + mean over 2..T)
     for name in ("auroc.png", "nll.png", "paired.png", "cross_task_eig-ipa.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "cross_task.csv").read_text().startswith("method,scan_task,score_task,t,")
@@ -102,4 +134,4 @@ def test_write_report_files(tmp_path):
 def test_bootstrap_is_deterministic():
     a = metric_rows(_records(seed=1), ["effusion"], scans=1, n_boot=100, seed=5)
     b = metric_rows(_records(seed=1), ["effusion"], scans=1, n_boot=100, seed=5)
-    assert a == b
+    assert repr(a) == repr(b)  # (repr: the NaN sd of one repeat compares unequal to itself)
