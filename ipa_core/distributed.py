@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xray.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,17 +34,13 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``device`` flag -> torch.device; plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` flag -> torch.device through :func:`xray.cli_base.parse_device` (auto = CUDA
+    when available); plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    from xray.cli_base import parse_device
+
+    d = parse_device(device, local_rank)
     if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} given but CUDA is not available here; use --device cpu")
-        if d.index is None:
-            d = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(d)
     return d
 
@@ -115,3 +110,12 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process (``obj`` itself in one process)."""
+    if not is_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
