@@ -8,6 +8,7 @@ then starts a process group (NCCL when the device is CUDA, gloo otherwise) and e
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -50,20 +51,22 @@ def is_active() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device: str) -> Iterator[ProcessContext]:
-    """Start (and afterwards destroy) the process group when running under torchrun."""
+def process_group(device: str | None) -> Iterator[ProcessContext]:
+    """Start the process group when running under torchrun (once per process: it stays up for
+    the next :func:`ipa_core.trainer.fit` of the same command, e.g. the IPA stage after the VAE
+    stage, and is destroyed at exit; re-creating one in the same process can hang)."""
     rank, world, local = env_world()
     dev = resolve_device(device, local)
-    started = False
     if world > 1 and not is_active():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
-        started = True
-    try:
-        yield ProcessContext(rank, world, dev)
-    finally:
-        if started:
-            dist.destroy_process_group()
+        atexit.register(_destroy)
+    yield ProcessContext(rank, world, dev)
+
+
+def _destroy() -> None:
+    if is_active():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
