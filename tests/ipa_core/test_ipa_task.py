@@ -35,7 +35,7 @@ def test_fit_trains_only_psi(tmp_path, objective):
         torch.manual_seed(0)
         model = IPA.from_vae(vae, objective=objective)
     task = IPATask(model, masks=MaskMixture(p_freeform=0.5), sample_n=2, eval_max_images=4, eval_batch_size=4)
-    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, ema_rate=0.5, log_every=2, sample_every=2, ckpt_every=2)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, ema_rate=0.5, log_every=2, sample_every=2, ckpt_every=2, device="cpu")
     out = fit(task, Bank(12, 1), cfg, tmp_path, test_set=Bank(4, 2))
     out_sd, model_sd = out.state_dict(), model.state_dict()
     for k, v in vae.state_dict().items():

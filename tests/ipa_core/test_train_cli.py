@@ -46,7 +46,8 @@ def run(argv, capsys=None):
     return e.value.code
 
 
-FAST = ["--steps", "2", "--batch-size", "2", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--eval-images", "4"]
+FAST = ["--steps", "2", "--batch-size", "2", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--eval-images", "4",
+        "--device", "cpu"]
 
 
 def test_vae_stage_trains_and_resumes(tmp_path, fake_data, capsys):
