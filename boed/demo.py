@@ -177,7 +177,8 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
         t0 = time.perf_counter()
         result = st.target(opts)
         prepare_seconds = time.perf_counter() - t0
-    fp = stage_fingerprint(opts, st, fingerprints, result)
+    identity = None if result is None else {"fingerprint": result.get("fingerprint"), "images": result.get("images")}
+    fp = stage_fingerprint(opts, st, fingerprints, identity)  # what the data are, not where they were found
     fingerprints[st.name] = fp
     done = _read_json(folder / "done.json")
     if done is not None and done.get("fingerprint") == fp:
