@@ -3,7 +3,11 @@
 Each stage runs one of the toolkit's own commands (the same code path a user types), in its own
 folder under the run directory. A stage that finished writes ``<stage>/done.json`` (its wall time
 and the command it ran); a rerun skips it, and a stage that was killed resumes through the
-command's own checkpointing. Profiles size the run: ``cpu`` (S = 64, tiny models, about half an
+command's own checkpointing. ``done.json`` also holds the stage's *fingerprint* (its command's
+result-changing arguments, the data fingerprint, the fingerprints of the stages it depends on):
+when it differs (another ``--data-root``, profile, seed, step cap, device ...) the stage's old
+folder is moved aside (``<name>.old-<time>``) and the stage reruns, and so does every stage after
+it, whose fingerprints include this one's. Profiles size the run: ``cpu`` (S = 64, tiny models, about half an
 hour on 2 cores), ``quick`` (a few minutes; used by the end-to-end test) and ``paper`` (S = 256,
 the xray256 VAE, a DenseNet-121 AVP-CNN, N = 10, 5 000 test images, the paper's step counts).
 """
@@ -20,13 +24,14 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from xray.errors import UserError
 from xray.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from xray.labels import resolve_illness
+from xray.provenance import digest, move_aside
 
 log = logging.getLogger("boed.demo")
 
@@ -77,12 +82,25 @@ class DemoOptions:
     illnesses: tuple[str, ...]
     data_root: Path | None = None
     cache_dir: Path | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # a resolved device (``xray.cli_base.parse_device``), passed to every stage
     seed: int = 0
     until: str = "eval"  # last stage to run (smoke tests stop early)
 
 
+@dataclass
+class Stage:
+    """One step of the pipeline: a command module run with ``argv`` (or a function of the options
+    returning a JSON-able result), in the folder ``<out>/<name>``, after the stages ``upstream``."""
+
+    name: str
+    cli: str  # how a user would type it (log and done.json)
+    target: str | Callable
+    argv: list
+    upstream: tuple[str, ...] = ()
+
+
 # ----------------------------------------------------------------------------------------------
+# running commands
 
 
 def run_command(module: str, argv: Sequence[str]) -> None:
@@ -115,27 +133,83 @@ def run_sharded(module: str, argv: Sequence[str], procs: int) -> None:
     run_command(module, ["--merge", "--out", out])
 
 
-def _stage(opts: DemoOptions, name: str, cli: str, target: str | Callable, argv: list, timings: dict) -> None:
-    """Run a stage (a command module with its argv, or a function of ``opts``) unless
-    ``<out>/<name>/done.json`` says it finished; record its wall time."""
-    done = opts.out / name / "done.json"
-    line = f"{cli} " + " ".join(shlex.quote(str(a)) for a in argv)
-    if done.is_file():
-        timings[name] = json.loads(done.read_text())["seconds"]
-        log.info("[%s] done already (%.0f s): %s", name, timings[name], line)
+# ----------------------------------------------------------------------------------------------
+# fingerprints: a stage reruns when what it depends on changed, and so does everything after it
+
+
+def _fingerprint_argv(opts: DemoOptions, argv: Sequence) -> list[str]:
+    """``argv`` as the fingerprint sees it: paths inside the run folder relative to it (a moved
+    run folder stays valid), ``--cache-dir`` left out (where prepared images live is not what they
+    are: the data fingerprint covers that)."""
+    out, items, skip = str(Path(opts.out).resolve()), [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--cache-dir":
+            skip = True
+            continue
+        s = str(Path(a).resolve()) if isinstance(a, Path) else str(a)
+        items.append("<out>" + s[len(out):] if isinstance(a, Path) and (s == out or s.startswith(out + "/")) else s)
+    return items
+
+
+def stage_fingerprint(opts: DemoOptions, st: Stage, upstream: dict[str, str], result: Any = None) -> str:
+    """A digest of the stage's command and result-changing arguments, the fingerprints of the
+    stages it depends on and (data stage) the data fingerprint."""
+    return digest({"command": st.cli, "argv": _fingerprint_argv(opts, st.argv),
+                   "upstream": {u: upstream[u] for u in st.upstream if u in upstream}, "result": result})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: dict) -> None:
+    """Run a stage unless ``<out>/<name>/done.json`` holds its current fingerprint. A stage
+    folder made with another fingerprint (finished or not) is moved aside first, never mixed."""
+    folder, line = opts.out / st.name, f"{st.cli} " + " ".join(shlex.quote(str(a)) for a in st.argv)
+    result = None
+    if callable(st.target) and st.name == "data":  # cheap once prepared; its result is the data fingerprint
+        t0 = time.perf_counter()
+        result = st.target(opts)
+        prepare_seconds = time.perf_counter() - t0
+    identity = None if result is None else {"fingerprint": result.get("fingerprint"), "images": result.get("images")}
+    fp = stage_fingerprint(opts, st, fingerprints, identity)  # what the data are, not where they were found
+    fingerprints[st.name] = fp
+    done = _read_json(folder / "done.json")
+    if done is not None and done.get("fingerprint") == fp:
+        timings[st.name] = done["seconds"]
+        log.info("[%s] done already (%.0f s): %s", st.name, timings[st.name], line)
         return
-    log.info("[%s] %s", name, line)
+    started = opts.out / ".stages" / f"{st.name.replace('/', '--')}.json"
+    old_fp = (done or _read_json(started) or {}).get("fingerprint")
+    if folder.exists() and old_fp != fp:
+        moved = move_aside(folder)
+        log.warning("[%s] its inputs changed since it ran: old outputs moved to %s", st.name, moved)
+    atomic_write_json(started, {"fingerprint": fp, "command": line})
+    log.info("[%s] %s", st.name, line)
     t0 = time.perf_counter()
-    if callable(target):
-        target(opts)
-    elif cli == "boed evaluate" and opts.profile.eval_procs > 1:
-        run_sharded(target, argv, opts.profile.eval_procs)
+    if st.name == "data":
+        seconds = prepare_seconds
     else:
-        run_command(target, argv)
-    seconds = time.perf_counter() - t0
-    timings[name] = seconds
-    atomic_write_json(done, {"seconds": seconds, "command": line})
-    log.info("[%s] finished in %.0f s", name, seconds)
+        if callable(st.target):
+            result = st.target(opts)
+        elif st.cli == "boed evaluate" and opts.profile.eval_procs > 1:
+            run_sharded(st.target, st.argv, opts.profile.eval_procs)
+        else:
+            run_command(st.target, st.argv)
+        seconds = time.perf_counter() - t0
+    timings[st.name] = seconds
+    atomic_write_json(folder / "done.json", {"seconds": seconds, "command": line, "fingerprint": fp, "result": result})
+    log.info("[%s] finished in %.0f s", st.name, seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stages: each one's arguments in one place
 
 
 def _data_args(opts: DemoOptions) -> list:
@@ -153,52 +227,110 @@ def _train_args(opts: DemoOptions, steps: int, batch: int) -> list:
     return ["--steps", steps, "--batch-size", batch, "--device", opts.device, "--seed", opts.seed]
 
 
-def _prepare_data(opts: DemoOptions) -> None:
-    """Generate (phantom) and prepare the image cache once, so that later stages only read it."""
+def _model_args(opts: DemoOptions) -> list:
+    return ["--ipa", opts.out / "ipa", "--avp", opts.out / "avp", "--device", opts.device]
+
+
+def describe_data(opts: DemoOptions) -> dict:
+    """Prepare the image cache once (later stages only read it) and say what the data are:
+    kind (phantom or NIH-format folder), where, how many images per split, the data fingerprint."""
     from xray.dataset import open_dataset
 
     data = "chestxray" if opts.data_root is not None else "phantom"
-    open_dataset(data, opts.data_root, size=opts.profile.image_size, split="all", cache_dir=opts.cache_dir)
+    ds = open_dataset(data, opts.data_root, size=opts.profile.image_size, split="all", cache_dir=opts.cache_dir)
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            splits[split] = len(open_dataset(data, opts.data_root, size=opts.profile.image_size, split=split, cache_dir=opts.cache_dir))
+        except UserError:
+            splits[split] = 0
+    generated = opts.data_root is not None and Path(opts.data_root).resolve() == (opts.out / "phantom").resolve()
+    kind = "phantom" if opts.data_root is None or generated else "nih"
+    source = ("the embedded phantom set" if opts.data_root is None else
+              "a phantom set generated by the demo" if generated else
+              f"the NIH ChestX-ray14-format folder {Path(opts.data_root).resolve()}")
+    return {"kind": kind, "source": source, "root": None if opts.data_root is None else str(Path(opts.data_root).resolve()),
+            "images": len(ds), **splits, "image_size": opts.profile.image_size, "fingerprint": getattr(ds, "fingerprint", None)}
+
+
+def phantom_stage(opts: DemoOptions) -> Stage:
+    p = opts.profile
+    return Stage("phantom", "xray phantom", "xray.commands.phantom",
+                 ["--out", opts.out / "phantom", "--n", p.phantom_n, "--size", p.phantom_size or p.image_size,
+                  "--seed", opts.seed, "--demo-prevalence"])
+
+
+def data_stage(opts: DemoOptions) -> Stage:
+    return Stage("data", "prepare", describe_data, _data_args(opts), upstream=("phantom",))
+
+
+def vae_stage(opts: DemoOptions) -> Stage:
+    p = opts.profile
+    return Stage("vae", "ipa_core train", "ipa_core.commands.train",
+                 ["--stage", "vae", "--config", p.vae_config, "--out", opts.out / "vae", *_data_args(opts),
+                  *_train_args(opts, p.vae_steps, p.vae_batch)], upstream=("data",))
+
+
+def ipa_stage(opts: DemoOptions) -> Stage:
+    p = opts.profile
+    return Stage("ipa", "ipa_core train", "ipa_core.commands.train",
+                 ["--stage", "ipa", "--vae", opts.out / "vae", "--out", opts.out / "ipa", *_data_args(opts),
+                  *_train_args(opts, p.ipa_steps, p.ipa_batch)], upstream=("data", "vae"))
+
+
+def avp_stage(opts: DemoOptions) -> Stage:
+    p = opts.profile
+    return Stage("avp", "boed train-avp", "boed.commands.train_avp",
+                 ["--arch", p.avp_arch, "--out", opts.out / "avp", "--lr", p.avp_lr, *_data_args(opts),
+                  *_train_args(opts, p.avp_steps, p.avp_batch)], upstream=("data",))
+
+
+def scan_stage(opts: DemoOptions, illness: str, index: int) -> Stage:
+    p, slug = opts.profile, resolve_illness(illness).slug
+    return Stage(f"scans/{slug}-{index}", "boed run", "boed.commands.run",
+                 ["--illness", illness, "--scans", p.scans, "--index", index, "--n-samples", p.n_samples, "--seed", opts.seed,
+                  "--out", opts.out / "scans" / f"{slug}-{index}", *_model_args(opts), *_data_args(opts)],
+                 upstream=("data", "ipa", "avp"))
+
+
+def eval_stage(opts: DemoOptions, illness: str) -> Stage:
+    p, slug = opts.profile, resolve_illness(illness).slug
+    return Stage(f"eval/{slug}", "boed evaluate", "boed.commands.evaluate",
+                 ["--illness", illness, "--scans", p.scans, "--methods", ",".join(METHODS), "--n-test", p.n_test,
+                  "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
+                  "--out", opts.out / "eval" / slug, *_model_args(opts), *_data_args(opts)],
+                 upstream=("data", "ipa", "avp"))
+
+
+def plan(opts: DemoOptions) -> list[Stage]:
+    """Every stage of the run, in order (``phantom`` only for a profile with a private phantom set)."""
+    p = opts.profile
+    stages = [phantom_stage(opts)] if opts.data_root is None and p.phantom_n is not None else []
+    if stages:  # the private phantom set is the data root of every later stage
+        opts.data_root = opts.out / "phantom"
+    stages += [data_stage(opts), vae_stage(opts), ipa_stage(opts), avp_stage(opts)]
+    for ill in opts.illnesses:
+        stages += [scan_stage(opts, ill, i) for i in range(p.run_images)]
+        stages.append(eval_stage(opts, ill))
+    return stages
 
 
 def run_demo(opts: DemoOptions) -> dict:
     """Run the stages up to ``opts.until``; return the summary (also written to ``<out>/summary.json``)."""
-    p, out = opts.profile, ensure_writable_dir(opts.out)
+    opts.out = ensure_writable_dir(opts.out)
     timings: dict[str, float] = {}
-    if opts.data_root is None and p.phantom_n is not None:  # a private small phantom set, in the NIH format
-        opts.data_root = out / "phantom"
-        _stage(opts, "phantom", "xray phantom", "xray.commands.phantom",
-               ["--out", opts.data_root, "--n", p.phantom_n, "--size", p.phantom_size or p.image_size,
-                "--seed", opts.seed, "--demo-prevalence"], timings)
-    data = _data_args(opts)
-    models = ["--ipa", out / "ipa", "--avp", out / "avp", "--device", opts.device]
-    stages: list[tuple[str, str, str | Callable, list]] = [
-        ("data", "prepare", _prepare_data, []),
-        ("vae", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "vae", "--config", p.vae_config, "--out", out / "vae", *data, *_train_args(opts, p.vae_steps, p.vae_batch)]),
-        ("ipa", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa", *data, *_train_args(opts, p.ipa_steps, p.ipa_batch)]),
-        ("avp", "boed train-avp", "boed.commands.train_avp",
-         ["--arch", p.avp_arch, "--out", out / "avp", "--lr", p.avp_lr, *data, *_train_args(opts, p.avp_steps, p.avp_batch)]),
-    ]
-    for ill in opts.illnesses:
-        slug = resolve_illness(ill).slug
-        stages += [(f"scans/{slug}-{i}", "boed run", "boed.commands.run",
-                    ["--illness", ill, "--scans", p.scans, "--index", i, "--n-samples", p.n_samples, "--seed", opts.seed,
-                     "--out", out / "scans" / f"{slug}-{i}", *models, *data]) for i in range(p.run_images)]
-        stages.append((f"eval/{slug}", "boed evaluate", "boed.commands.evaluate",
-                       ["--illness", ill, "--scans", p.scans, "--methods", ",".join(METHODS), "--n-test", p.n_test,
-                        "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
-                        "--out", out / "eval" / slug, *models, *data]))
+    fingerprints: dict[str, str] = {}
     last = STAGES.index(opts.until)
-    for name, cli, target, argv in stages:
-        if STAGES.index(name.split("/")[0]) <= last:
-            _stage(opts, name, cli, target, argv, timings)
+    for st in plan(opts):
+        kind = st.name.split("/")[0]
+        if kind == "phantom" or STAGES.index(kind) <= last:
+            _stage(opts, st, fingerprints, timings)
     timings["total"] = sum(timings.values())  # the whole demo's wall time, skipped stages included
-    return summarize(opts, timings)
+    data = (_read_json(opts.out / "data" / "done.json") or {}).get("result")
+    return summarize(opts, timings, data=data, fingerprints=fingerprints)
 
 
-def summarize(opts: DemoOptions, timings: dict[str, float]) -> dict:
+def summarize(opts: DemoOptions, timings: dict[str, float], data: dict | None = None, fingerprints: dict | None = None) -> dict:
     """Collect every illness's metrics.csv into one table; write summary.{json,md}."""
     import pandas as pd
 
@@ -210,6 +342,7 @@ def summarize(opts: DemoOptions, timings: dict[str, float]) -> dict:
     table, paired = collect("metrics.csv"), collect("paired.csv")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = {"profile": dataclasses.asdict(opts.profile), "illnesses": list(opts.illnesses), "timings_s": timings,
+               "data": data, "seed": opts.seed, "device": opts.device, "stages": fingerprints or {},
                "machine": machine, "metrics": table.to_dict(orient="records"), "paired": paired.to_dict(orient="records")}
     atomic_write_json(opts.out / "summary.json", summary)
     atomic_write_text(opts.out / "summary.md", render_summary(table, timings, machine, paired))

@@ -2,8 +2,9 @@
 
 Writes ``metrics.csv`` and ``paired.csv`` (every illness), ``auroc.png``, ``nll.png`` and
 ``paired.png`` (one panel per illness), one
-heatmap figure per illness, the last VAE and IPA sample grids, and ``README.md`` with the table,
-the figures, each stage's wall time and the machine it ran on.
+heatmap figure per illness (only the illnesses of the run, as its ``summary.json`` lists them), the last VAE and IPA sample grids, and ``README.md`` with the table,
+the figures, what data the run used (phantom or NIH-format folder, how many images), each stage's
+wall time and the machine it ran on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from xray.errors import UserError
 from xray.io import atomic_path, atomic_write_text
+from xray.labels import resolve_illness
 
 from .report import CSV_COLUMNS, PAIRED_COLUMNS, plot_curves, plot_paired, to_csv
 
@@ -40,13 +42,27 @@ def _value(key: str, text: str):
     return int(text) if key in ("t", "n") else float(text)
 
 
-def _read_rows(run: Path, name: str, columns) -> list[dict]:
-    """Rows of every illness's ``eval/*/<name>``."""
+def _read_rows(run: Path, slugs: list[str], name: str, columns) -> list[dict]:
+    """Rows of ``eval/<slug>/<name>`` for the illnesses of this run (not every folder under eval/:
+    earlier runs' illnesses and moved-aside outputs stay out)."""
     rows = []
-    for f in sorted((run / "eval").glob(f"*/{name}")):
+    for slug in slugs:
+        f = run / "eval" / slug / name
+        if not f.is_file():
+            continue
         with open(f, newline="") as fh:
             rows += [{k: _value(k, r[k]) for k in columns} for r in csv.DictReader(fh)]
     return rows
+
+
+def data_sentence(data: dict | None) -> str:
+    """What the run's data were, from the demo's data stage (``summary.json["data"]``)."""
+    if not data:
+        return "Data: not recorded (a run made before the demo recorded its data)."
+    counts = f"{data['images']} images ({data.get('train', 0)} train, {data.get('test', 0)} test) at {data['image_size']} px"
+    if data["kind"] == "phantom":
+        return f"Data: {data['source']}, {counts}: synthetic phantoms, not real patients."
+    return f"Data: real chest x-rays from {data['source']}, {counts}."
 
 
 def publish(run: str | Path, dest: str | Path) -> Path:
@@ -55,10 +71,11 @@ def publish(run: str | Path, dest: str | Path) -> Path:
     if not summary_file.is_file():
         raise UserError(f"{summary_file} does not exist; run `boed demo --out {run}` first")
     summary = json.loads(summary_file.read_text())
+    slugs = [resolve_illness(i).slug for i in summary.get("illnesses", [])]
     dest.mkdir(parents=True, exist_ok=True)
-    rows = _read_rows(run, "metrics.csv", CSV_COLUMNS)
+    rows = _read_rows(run, slugs, "metrics.csv", CSV_COLUMNS)
     atomic_write_text(dest / "metrics.csv", to_csv(rows, CSV_COLUMNS))
-    paired = _read_rows(run, "paired.csv", PAIRED_COLUMNS)
+    paired = _read_rows(run, slugs, "paired.csv", PAIRED_COLUMNS)
     figures = []
     if rows:
         plot_curves(rows, "auroc", dest / "auroc.png")
@@ -68,7 +85,7 @@ def publish(run: str | Path, dest: str | Path) -> Path:
         atomic_write_text(dest / "paired.csv", to_csv(paired, PAIRED_COLUMNS))
         plot_paired(paired, dest / "paired.png")
         figures.append(("EIG-IPA minus each method on the same images, paired 95 % bands", "paired.png"))
-    for scan_dir in sorted((run / "scans").glob("*-0")):
+    for scan_dir in [run / "scans" / f"{slug}-0" for slug in slugs if (run / "scans" / f"{slug}-0").is_dir()]:
         # scan 2 is the first choice that depends on this image (scan 1 uses dataset draws)
         step = scan_dir / "step_2.png" if (scan_dir / "step_2.png").is_file() else _latest(scan_dir, "step_*.png")
         name = _copy(step, dest / f"heatmap-{scan_dir.name[:-2]}.png")
@@ -84,8 +101,8 @@ def publish(run: str | Path, dest: str | Path) -> Path:
     md = ["# Reference outputs of `make demo`", "",
           f"Profile `{summary['profile']['name']}`: S = {summary['profile']['image_size']}, "
           f"N = {summary['profile']['n_samples']} completions, T = {summary['profile']['scans']} scans, "
-          f"{summary['profile']['n_test']} test images per illness. Data: embedded phantom set "
-          "(synthetic, not real patients). Written by `make demo`; do not edit by hand. "
+          f"{summary['profile']['n_test']} test images per illness. {data_sentence(summary.get('data'))} "
+          "Written by `make demo`; do not edit by hand. "
           "A stage that was already done (e.g. `data` when the phantom set is cached) shows the time "
           "of the run that did it, or about 0 s when its output predates the demo.", "",
           (run / "summary.md").read_text(), ""]

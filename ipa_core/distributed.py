@@ -8,6 +8,7 @@ then starts a process group (NCCL when the device is CUDA, gloo otherwise) and e
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xray.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,13 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``device`` flag -> torch.device; plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` flag -> torch.device through :func:`xray.cli_base.parse_device` (auto = CUDA
+    when available); plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    from xray.cli_base import parse_device
+
+    d = parse_device(device, local_rank)
     if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} given but CUDA is not available here; use --device cpu")
-        if d.index is None:
-            d = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(d)
     return d
 
@@ -55,20 +51,22 @@ def is_active() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device: str) -> Iterator[ProcessContext]:
-    """Start (and afterwards destroy) the process group when running under torchrun."""
+def process_group(device: str | None) -> Iterator[ProcessContext]:
+    """Start the process group when running under torchrun (once per process: it stays up for
+    the next :func:`ipa_core.trainer.fit` of the same command, e.g. the IPA stage after the VAE
+    stage, and is destroyed at exit; re-creating one in the same process can hang)."""
     rank, world, local = env_world()
     dev = resolve_device(device, local)
-    started = False
     if world > 1 and not is_active():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
-        started = True
-    try:
-        yield ProcessContext(rank, world, dev)
-    finally:
-        if started:
-            dist.destroy_process_group()
+        atexit.register(_destroy)
+    yield ProcessContext(rank, world, dev)
+
+
+def _destroy() -> None:
+    if is_active():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
@@ -115,3 +113,12 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process (``obj`` itself in one process)."""
+    if not is_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

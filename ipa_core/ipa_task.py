@@ -18,9 +18,10 @@ from xray.dataset import dataset_images
 from xray.errors import UserError
 
 from .ipa import IPA
+from .persist import state_digest
 from .masks import IPA_TRAINING_MASKS, OBSERVED_BINS, MaskMixture, bin_name, freeform_masks, random_patch_masks
 from .sampling import completion_figure, sample_completions, save_png
-from .trainer import TrainConfig
+from .train_config import TrainConfig
 
 # Named training defaults for the IPA stage, keyed like the VAE configs ("default" for the rest).
 IPA_TRAIN_DEFAULTS: dict[str, TrainConfig] = {
@@ -75,6 +76,16 @@ class IPATask:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return _unwrap(self.model).partial_parameters()
+
+    def provenance(self) -> dict:
+        """Stored in every checkpoint and compared on resume: the IPA config, its objective, the
+        training masks and the digest of the frozen VAE weights it wraps (a VAE trained on since
+        is another VAE: resuming on it is refused)."""
+        ipa = _unwrap(self.model)
+        sd = ipa.state_dict()
+        frozen = [k for k in sd if not IPA.is_partial_name(k)]
+        return {"task": "ipa", "model": ipa.config.to_dict(), "objective": ipa.config.objective,
+                "masks": dataclasses.asdict(self.masks), "vae": state_digest(sd, frozen)}
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> tuple[Tensor, dict]:
         x = batch[0]

@@ -89,6 +89,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def state_digest(sd: Mapping[str, torch.Tensor], keys=None, size: int = 8) -> str:
+    """A short digest of a state dict's names, dtypes, shapes and bytes (``keys``: a subset, in any order).
+
+    The identity of a set of weights: an IPA records the digest of the frozen VAE it wraps, so a
+    resume on another VAE is caught (:meth:`ipa_core.ipa_task.IPATask.provenance`).
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=size)
+    for k in sorted(sd if keys is None else keys):
+        t = sd[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
                 hint: str = "was it saved from another config?") -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the first key that differs."""

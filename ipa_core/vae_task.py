@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from xray.errors import UserError
 
-from .trainer import TrainConfig, fetch_batch, save_image_grid
+from .batch_order import fetch_batch
+from .image_grid import save_image_grid
+from .train_config import TrainConfig
 from .vae import VAE
 
 # Named training defaults per config: official hparams for the released models (SPEC section 7),
@@ -59,13 +61,19 @@ class VAETask:
     (rows at temperatures ``sample_temps``) so that grids from different steps compare."""
 
     def __init__(self, model: VAE, sample_n: int = 8, sample_temps: tuple[float, ...] = (1.0, 0.85),
-                 eval_batch_size: int = 32, eval_max_images: int | None = None):
+                 eval_batch_size: int = 32, eval_max_images: int | None = None, init_digest: str | None = None):
         self.model = model
+        self.init_digest = init_digest  # file digest of the weights training started from (--import-official)
         self.sample_n, self.sample_temps = sample_n, sample_temps
         self.eval_batch_size, self.eval_max_images = eval_batch_size, eval_max_images
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def provenance(self) -> dict:
+        """Stored in every checkpoint and compared on resume: the model config (measured
+        standardisation included) and the weights training started from, if imported."""
+        return {"task": "vae", "model": self.model.config.to_dict(), "init": self.init_digest}
 
     def prepare(self, dataset, generator: torch.Generator) -> None:
         cfg = self.model.config

@@ -2,7 +2,9 @@
 
 Stages: prepare data -> train the VAE -> train IPA -> train the AVP-CNN -> `boed run` heatmaps on
 a few test images -> `boed evaluate` with every method -> a summary table (printed, and written to
-<out>/summary.md). Each stage skips work already done and resumes after a kill.
+<out>/summary.md). Each stage skips work already done and resumes after a kill; a stage whose
+inputs changed (another --data-root, --profile/--quick, --seed, --max-steps, --device ...) reruns
+with every stage after it, its old outputs moved aside (<stage>.old-<time>).
 
 Examples:
   boed demo                                   # cpu profile, phantom data, runs/demo
@@ -18,6 +20,7 @@ from pathlib import Path
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
+DEFAULT_DEVICE = "auto"
 HELP = "run the whole pipeline (data, VAE, IPA, AVP-CNN, scans, evaluation) and summarise"
 DEFAULT_ILLNESSES = ("effusion", "edema")
 
@@ -31,7 +34,8 @@ def configure(p) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="cpu (S=64, ~30 min on 2 cores), quick, or paper (S=256, GPUs)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick: a few minutes, for smoke tests")
     p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), help="tasks to run (default: effusion edema)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"auto (CUDA when available), cpu, cuda or cuda:N; every stage uses it (default: {DEFAULT_DEVICE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps (smoke tests)")
     p.add_argument("--n-test", type=int, default=None, help="override the profile's number of test images")
@@ -59,9 +63,12 @@ def main(args) -> int:
         profile = dataclasses.replace(profile, n_test=args.n_test)
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+    from xray.cli_base import parse_device
+
+    device = str(parse_device(args.device))  # resolved once: the stages and their fingerprints see cpu / cuda:N
     illnesses = tuple(resolve_illness(i).name for i in args.illness)
     opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
-                       cache_dir=args.cache_dir, device=args.device, seed=args.seed, until=args.until)
+                       cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until)
     run_demo(opts)
     print((args.out / "summary.md").read_text())
     if args.publish is not None:

@@ -6,7 +6,13 @@
   ipa_core train --stage vae --config ffhq256 --import-official ffhq256-iter-1700000-model-ema.th --out runs/ft
   torchrun --nproc_per_node 4 $(which ipa_core) train --device cuda ...   # data parallel (gloo on CPU)
 
-Rerunning the same command resumes from the last checkpoint. Training defaults come from the
+Rerunning the same command resumes from the last checkpoint, and may raise --steps to train on.
+A rerun that changes a setting that changes the result (seed, batch size, learning rate, data,
+number of processes, model config, objective, the VAE under IPA) is refused with the first
+differing field; --restart moves the old run folder aside (<out>.old-<time>) and starts over.
+Without --stage the IPA stage follows its VAE: when the VAE stage trained on (or was restarted),
+the IPA stage restarts on the new VAE (its old folder moved aside, with a warning); with
+--stage ipa a changed --vae is refused instead. Training defaults come from the
 config (official hparams for cifar10/imagenet64/ffhq256, the paper's for xray256, fast ones for
 tiny); any flag overrides them (for every stage the command runs). Outputs per stage: metrics.jsonl, train.log, samples/*.png,
 checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for ``--vae``/``--ipa``).
@@ -15,6 +21,7 @@ checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for ``--vae`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -96,7 +103,12 @@ def run_vae_stage(args, out: Path) -> Path:
     if args.image_size is not None and args.image_size != model.config.image_size:
         raise UserError(f"--image-size {args.image_size} does not match config {args.config!r} ({model.config.image_size}px); drop the flag or pick another config")
     train, test = _datasets(args, model.config.image_size, args.eval_images)
-    task = VAETask(model, eval_max_images=args.eval_images or None)
+    init = None
+    if args.import_official:
+        from xray.provenance import file_digest
+
+        init = file_digest(args.import_official)
+    task = VAETask(model, eval_max_images=args.eval_images or None, init_digest=init)
     fit(task, train, cfg, out, test_set=test)
     return out
 
@@ -111,7 +123,9 @@ def _config_name(cfg) -> str | None:
     return next((name for name, c in CONFIGS.items() if arch(c) == arch(cfg)), None)
 
 
-def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
+def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> Path:
+    """Train IPA on the VAE in ``vae_dir``. ``follow_vae``: when ``out`` holds an IPA run made on
+    another VAE, move it aside and start over (the combined run); otherwise such a resume is refused."""
     from xray.dataset import dataset_images
 
     from ..ipa import IPA
@@ -128,6 +142,15 @@ def run_ipa_stage(args, vae_dir: Path, out: Path) -> Path:
     shown = test if test is not None else train  # the same images in every sample grid, also after a resume
     grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8
     task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1)
+    if follow_vae and not cfg.restart:
+        from ..trainer import read_provenance
+
+        old = read_provenance(out) or {}
+        old_vae, new_vae = (old.get("task") or {}).get("vae"), task.provenance()["vae"]
+        if old_vae is not None and old_vae != new_vae:
+            log.warning("the VAE in %s changed since %s was trained on it (weights %s, now %s): the IPA stage restarts on the new VAE",
+                        vae_dir, out, old_vae, new_vae)
+            cfg = dataclasses.replace(cfg, restart=True)
     fit(task, train, cfg, out, test_set=test)
     return out
 
@@ -146,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         vae_dir = Path(args.vae) if args.vae else run_vae_stage(args, out / "vae")
         results["vae"] = vae_dir
-        results["ipa"] = run_ipa_stage(args, vae_dir, out / "ipa")
+        results["ipa"] = run_ipa_stage(args, vae_dir, out / "ipa", follow_vae=True)
     from ..distributed import env_world
 
     if env_world()[0] == 0:

@@ -70,7 +70,8 @@ def test_summary_and_publish_show_paired_differences(tmp_path):
                          "locations": [], "probs": probs, "labels": y})
     out = tmp_path / "run"
     write_report(out / "eval" / "effusion", recs, ["effusion"], scans=2, n_boot=200)
-    opts = DemoOptions(out=out, profile=PROFILES["quick"], illnesses=("effusion",))
+    write_report(out / "eval" / "edema", recs, ["effusion"], scans=2, n_boot=20)  # an earlier run's illness
+    opts = DemoOptions(out=out, profile=PROFILES["quick"], illnesses=("Effusion",))
     summary = summarize(opts, {"eval/effusion": 1.0, "total": 1.0})
     md = (out / "summary.md").read_text()
     assert "EIG-IPA minus each method" in md and "| Effusion | random | +" in md
@@ -80,6 +81,100 @@ def test_summary_and_publish_show_paired_differences(tmp_path):
     rows = list(csv.DictReader(open(pub / "paired.csv")))
     assert [r["t"] for r in rows if r["baseline"] == "random"] == ["1", "2", "1-2"]
     assert float(next(r for r in rows if r["baseline"] == "random" and r["t"] == "1-2")["diff"]) > 0.1
+    assert len(list(csv.DictReader(open(pub / "metrics.csv")))) == len(summary["metrics"])  # eval/edema left out
+    assert "Data: not recorded" in (pub / "README.md").read_text()
+
+
+@pytest.mark.parametrize("data, expected, absent", [
+    ({"kind": "nih", "source": "the NIH ChestX-ray14-format folder /data/nih", "root": "/data/nih", "images": 112120,
+      "train": 86524, "test": 25596, "image_size": 256, "fingerprint": "ab"},
+     "Data: real chest x-rays from the NIH ChestX-ray14-format folder /data/nih, 112120 images (86524 train, 25596 test) at 256 px.",
+     "phantom"),
+    ({"kind": "phantom", "source": "the embedded phantom set", "root": None, "images": 2000, "train": 1600, "test": 400,
+      "image_size": 64, "fingerprint": "cd"},
+     "Data: the embedded phantom set, 2000 images (1600 train, 400 test) at 64 px: synthetic phantoms, not real patients.",
+     "real chest x-rays"),
+])
+def test_publish_says_what_data_the_run_used(tmp_path, data, expected, absent):
+    from boed.demo import DemoOptions, summarize
+    from boed.demo_publish import publish
+
+    out = tmp_path / "run"
+    summarize(DemoOptions(out=out, profile=PROFILES["quick"], illnesses=("Effusion",)), {"total": 0.0}, data=data)
+    text = (publish(out, tmp_path / "pub") / "README.md").read_text()
+    assert expected in text and absent not in text.split("## ")[0].split("Written by")[0]
+
+
+def _fingerprints(opts):
+    from boed.demo import plan, stage_fingerprint
+
+    fps = {}
+    for st in plan(opts):
+        fps[st.name] = stage_fingerprint(opts, st, fps, result={"fingerprint": "data"} if st.name == "data" else None)
+    return fps
+
+
+def test_stage_fingerprints_follow_their_inputs_downstream(tmp_path):
+    """A changed input changes the fingerprint of its stage and of every stage after it, nothing else."""
+    import dataclasses
+
+    from boed.demo import DemoOptions
+
+    def opts(**kw):
+        base = dict(out=tmp_path / "run", profile=PROFILES["cpu"], illnesses=("Effusion",), data_root=tmp_path / "nih", cache_dir=tmp_path / "c")
+        return DemoOptions(**{**base, **kw})
+
+    ref = _fingerprints(opts())
+    assert set(ref) == {"data", "vae", "ipa", "avp", "scans/effusion-0", "scans/effusion-1", "eval/effusion"}
+    assert _fingerprints(opts()) == ref
+    assert _fingerprints(opts(cache_dir=tmp_path / "elsewhere")) == ref  # where the cache lives is not what it holds
+    moved = _fingerprints(DemoOptions(out=tmp_path / "moved", profile=PROFILES["cpu"], illnesses=("Effusion",),
+                                      data_root=tmp_path / "nih", cache_dir=tmp_path / "c"))
+    assert moved == ref  # paths inside the run folder are relative to it
+
+    def changed(**kw):
+        new = _fingerprints(opts(**kw))
+        return {k for k in ref if new.get(k) != ref[k]}
+
+    everything = set(ref)
+    assert changed(data_root=tmp_path / "other") == everything
+    assert changed(seed=1) == everything - {"data"}
+    assert changed(device="cuda:0") == everything - {"data"}
+    assert changed(profile=dataclasses.replace(PROFILES["cpu"], vae_steps=5)) == {"vae", "ipa", "scans/effusion-0", "scans/effusion-1", "eval/effusion"}
+    assert changed(profile=dataclasses.replace(PROFILES["cpu"], avp_steps=5)) == {"avp", "scans/effusion-0", "scans/effusion-1", "eval/effusion"}
+    assert changed(profile=dataclasses.replace(PROFILES["cpu"], n_test=5)) == {"eval/effusion"}
+
+
+@pytest.mark.slow  # four short demo runs (~1 min on 2 shared cores)
+def test_demo_rerun_with_another_data_root_recomputes(tmp_path, capsys):
+    from tests.xray.conftest import make_nih
+
+    a, b = make_nih(tmp_path / "a", n=40, px=64), make_nih(tmp_path / "b", n=32, px=64)
+    out = tmp_path / "demo"
+    base = ["demo", "--quick", "--until", "vae", "--max-steps", "2", "--max-batch", "2", "--illness", "effusion",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]
+
+    def record(stage):
+        return json.loads((out / stage / "done.json").read_text())
+
+    assert _run([*base, "--data-root", str(a)]) == 0
+    first = record("vae")
+    data = record("data")["result"]
+    assert data["kind"] == "nih" and data["images"] == 40 and data["root"] == str(a.resolve())
+    assert (out / "vae" / "checkpoints" / "ckpt-00000002.pt").is_file()
+    # the same command: every stage is skipped
+    assert _run([*base, "--data-root", str(a)]) == 0
+    assert record("vae") == first and not list(out.glob("vae.old-*"))
+    # another data root: the data and everything after them recompute; old outputs moved aside
+    assert _run([*base, "--data-root", str(b)]) == 0
+    assert record("data")["result"]["images"] == 32 and record("vae")["fingerprint"] != first["fingerprint"]
+    assert len(list(out.glob("vae.old-*"))) == 1
+    assert json.loads((out / "summary.json").read_text())["data"]["images"] == 32
+    # another step cap: the VAE reruns from scratch (not resumed on top of the 2-step run)
+    assert _run([*base, "--data-root", str(b), "--max-steps", "3"]) == 0
+    assert len(list(out.glob("vae.old-*"))) == 2
+    rows = [json.loads(l) for l in (out / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] <= 3 and rows[-1]["step"] == 3 and json.loads((out / "vae" / "provenance.json").read_text())["step"] == 3
 
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """``torchrun --nproc_per_node 2`` on the CPU (gloo): the trainer runs unchanged, the replicas
-end with identical weights, rank 0 alone writes, and the data are sharded."""
+end with identical weights, rank 0 alone writes, the data are sharded, and a resume (rank 0 reads
+the checkpoint and broadcasts it) continues on every rank."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +35,9 @@ SCRIPT = textwrap.dedent("""
             return super().loss(model, batch, generator)
 
     torch.manual_seed(int(os.environ["RANK"]))  # different initial weights: DDP must broadcast rank 0's
-    ema = fit(Recording(VAE(micro_cfg())), ImageSet(), tcfg(steps=4, batch_size=4, ckpt_every=2), {run!r})
+    fit(Recording(VAE(micro_cfg())), ImageSet(), tcfg(steps=4, batch_size=4, ckpt_every=2), {run!r})
+    # train on: rank 0 reads the step-4 checkpoint and broadcasts it; every rank resumes at step 4
+    ema = fit(Recording(VAE(micro_cfg())), ImageSet(), tcfg(steps=6, batch_size=4, ckpt_every=2), {run!r})
     torch.save({{"ema": ema.state_dict(), "cfg": (ema.config.shift, ema.config.scale)}},
                os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
 """)
@@ -59,14 +63,22 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # the replicas trained on different images at every step (sharded data)
     seen0 = (out / "seen-0.txt").read_text().splitlines()
     seen1 = (out / "seen-1.txt").read_text().splitlines()
-    assert len(seen0) == len(seen1) == 4 and seen0 != seen1
+    assert len(seen0) == len(seen1) == 6 and seen0 != seen1
     # rank 0 wrote one run folder
     assert (run / "model" / "config.json").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
-    rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # log_every 2, one writer
-    ck = torch.load(run / "checkpoints" / "ckpt-00000004.pt", weights_only=False)
-    assert ck["world"] == 2 and len(ck["rng"]) == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]  # log_every 2, one writer, no duplicate after the resume
+    ck = torch.load(run / "checkpoints" / "ckpt-00000006.pt", weights_only=True)
+    assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["provenance"]["world"] == 2
+    # the single-process run on the same folder is another run: refused (world size 2 vs 1)
+    from ipa_core import VAE
+    from ipa_core.trainer import fit
+    from ipa_core.vae_task import VAETask
+    from tests.ipa_core.test_trainer import ImageSet, micro_cfg, tcfg
+
+    with pytest.raises(UserError, match="world=2, this run has world=1"):
+        fit(VAETask(VAE(micro_cfg())), ImageSet(), tcfg(steps=8, batch_size=4, ckpt_every=2), run)
 
 
 def test_single_process_helpers(monkeypatch):
@@ -79,7 +91,7 @@ def test_single_process_helpers(monkeypatch):
     assert env_world() == (3, 4, 1)
     assert max_scalar(2.5) == 2.5 and gather_objects("a") == ["a"]
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="unknown device"):
+    with pytest.raises(UserError, match="is not a device"):
         resolve_device("gpu7")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):

@@ -35,7 +35,7 @@ def test_fit_trains_only_psi(tmp_path, objective):
         torch.manual_seed(0)
         model = IPA.from_vae(vae, objective=objective)
     task = IPATask(model, masks=MaskMixture(p_freeform=0.5), sample_n=2, eval_max_images=4, eval_batch_size=4)
-    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, ema_rate=0.5, log_every=2, sample_every=2, ckpt_every=2)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, ema_rate=0.5, log_every=2, sample_every=2, ckpt_every=2, device="cpu")
     out = fit(task, Bank(12, 1), cfg, tmp_path, test_set=Bank(4, 2))
     out_sd, model_sd = out.state_dict(), model.state_dict()
     for k, v in vae.state_dict().items():
@@ -60,3 +60,19 @@ def test_task_pieces():
     assert m.shape == (4, 1, 16, 16) and torch.equal(m, fixed_sample_masks(4, 16))
     with pytest.raises(UserError, match="IPA model"):
         IPATask(micro_vae())
+
+
+def test_provenance_names_the_frozen_vae():
+    vae = micro_vae()
+    task = IPATask(IPA.from_vae(vae))
+    prov = task.provenance()
+    assert prov["objective"] == "forward" and prov["model"]["objective"] == "forward"
+    assert prov["masks"]["p_freeform"] == task.masks.p_freeform
+    with torch.no_grad():  # training psi does not change the VAE digest
+        for p in task.model.partial_parameters():
+            p.add_(1.0)
+    assert task.provenance()["vae"] == prov["vae"]
+    with torch.no_grad():  # another VAE (one weight trained on) does
+        next(iter(vae.parameters())).add_(1e-3)
+    assert IPATask(IPA.from_vae(vae)).provenance()["vae"] != prov["vae"]
+    assert IPATask(IPA.from_vae(micro_vae(), objective="reverse")).provenance()["objective"] == "reverse"

@@ -46,7 +46,8 @@ def run(argv, capsys=None):
     return e.value.code
 
 
-FAST = ["--steps", "2", "--batch-size", "2", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--eval-images", "4"]
+FAST = ["--steps", "2", "--batch-size", "2", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--eval-images", "4",
+        "--device", "cpu"]
 
 
 def test_vae_stage_trains_and_resumes(tmp_path, fake_data, capsys):
@@ -173,3 +174,49 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path):
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert not list((killed / "checkpoints").glob(".*.tmp"))
+
+
+def _frozen_equal(ipa_dir, vae_dir) -> bool:
+    from ipa_core.ipa import IPA
+
+    ipa, vae = IPA.from_pretrained(ipa_dir).state_dict(), VAE.from_pretrained(vae_dir).state_dict()
+    return all(torch.equal(ipa[k], v) for k, v in vae.items())
+
+
+def test_ipa_resume_after_further_vae_training(tmp_path, fake_data, capsys, caplog):
+    """`ipa_core train --out R --steps 3` after a 2-step run trains the VAE on; the combined run
+    then restarts IPA on the new VAE (old IPA moved aside): R/ipa/model wraps R/vae/model."""
+    both = tmp_path / "both"
+    assert run(["--config", "micro", "--out", str(both), *FAST]) == 0
+    assert _frozen_equal(both / "ipa", both / "vae")
+    assert run(["--config", "micro", "--out", str(both), *FAST[2:], "--steps", "3"]) == 0
+    assert checkpoint_paths(both / "vae")[0].name == "ckpt-00000003.pt"
+    assert checkpoint_paths(both / "ipa")[0].name == "ckpt-00000003.pt"
+    assert _frozen_equal(both / "ipa", both / "vae")
+    assert len(list(both.glob("ipa.old-*"))) == 1 and "IPA stage restarts on the new VAE" in caplog.text
+    # an unchanged VAE: the IPA stage resumes (nothing moved aside)
+    assert run(["--config", "micro", "--out", str(both), *FAST[2:], "--steps", "3"]) == 0
+    assert len(list(both.glob("ipa.old-*"))) == 1
+    # --stage ipa on a VAE that changed since: refused, with the field and the way out
+    capsys.readouterr()
+    vae2 = tmp_path / "vae2"
+    assert run(["--stage", "vae", "--config", "micro", "--out", str(vae2), *FAST, "--seed", "1"]) == 0
+    assert run(["--stage", "ipa", "--vae", str(vae2), "--out", str(both / "ipa"), *FAST[2:], "--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task.vae=" in err[0] and "--restart" in err[0]
+    assert checkpoint_paths(both / "ipa")[0].name == "ckpt-00000003.pt"
+    assert run(["--stage", "ipa", "--vae", str(vae2), "--out", str(both / "ipa"), *FAST[2:], "--steps", "4", "--restart"]) == 0
+    assert _frozen_equal(both / "ipa", vae2)
+
+
+def test_changed_seed_on_resume_is_refused_and_restart_works(tmp_path, fake_data, capsys):
+    out = tmp_path / "run"
+    assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST, "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint") and "train.seed=0, this run has train.seed=5" in err and "--restart" in err
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 0
+    assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST, "--seed", "5", "--restart"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 5
+    assert len(list(tmp_path.glob("run.old-*"))) == 1

@@ -51,7 +51,7 @@ def new_vae(**kw) -> VAE:
 
 def tcfg(**kw) -> TrainConfig:
     base = dict(steps=6, batch_size=4, lr=3e-3, warmup=2, ema_rate=0.9, grad_clip=100.0, skip_threshold=1e4,
-                log_every=2, sample_every=3, ckpt_every=3, seed=0)
+                log_every=2, sample_every=3, ckpt_every=3, seed=0, device="cpu")  # exact resume: CPU maths
     return TrainConfig(**{**base, **kw})
 
 
@@ -236,9 +236,10 @@ def test_warmup_and_batch_order():
 
 def test_worker_processes_give_the_same_batches():
     data = ImageSet()
-    a = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 5, num_workers=0))
-    b = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 5, num_workers=1))
+    a = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 3, 5, num_workers=0))
+    b = list(iterate_batches(data, BatchOrder(48, 4, seed=0), 3, 5, num_workers=1))
     assert len(a) == len(b) == 5
+    assert np.array_equal(a[0][2], BatchOrder(48, 4, seed=0).indices(3))  # starts at global batch 3
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and np.array_equal(x[2], y[2]) for x, y in zip(a, b))
 
 
@@ -286,3 +287,145 @@ def test_bf16_autocast_keeps_the_loss_in_fp32(tmp_path):
     assert rows[True]["rate"] > 0  # KL and likelihood computed in fp32 under autocast
     assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=1e-2)
     assert rows[True]["rate"] == pytest.approx(rows[False]["rate"], rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance, data position, checkpoint files (issue 14)
+
+
+class Fingerprinted(ImageSet):
+    """An ImageSet with the ``fingerprint`` every XrayDataset has."""
+
+    def __init__(self, fingerprint="data-a", **kw):
+        super().__init__(**kw)
+        self.fingerprint = fingerprint
+
+
+def test_resume_with_changed_settings_or_data_is_refused(tmp_path):
+    run = tmp_path / "run"
+    fit(VAETask(new_vae()), Fingerprinted(), tcfg(steps=3), run)
+    before = (run / "train_config.json").read_text()
+    for change, data, field in [
+        (dict(seed=1), "data-a", "train.seed=0, this run has train.seed=1"),
+        (dict(batch_size=2), "data-a", "train.batch_size=4, this run has train.batch_size=2"),
+        (dict(lr=1e-3), "data-a", "train.lr=0.003, this run has train.lr=0.001"),
+        (dict(), "data-b", "data.fingerprint=data-a, this run has data.fingerprint=data-b"),
+    ]:
+        with pytest.raises(UserError) as e:
+            fit(VAETask(new_vae()), Fingerprinted(data), tcfg(steps=6, **change), run)
+        msg = str(e.value)
+        assert field in msg and "--restart" in msg and "\n" not in msg, msg
+        assert (run / "train_config.json").read_text() == before  # the record still tells the truth
+        assert [p.name for p in checkpoint_paths(run)] == ["ckpt-00000003.pt"]
+    # --restart: the old run is moved aside whole and a clean one starts from step 0
+    out = fit(VAETask(new_vae()), Fingerprinted("data-b"), tcfg(steps=6, seed=1, restart=True), run)
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(old) == 1 and (old[0] / "checkpoints" / "ckpt-00000003.pt").is_file()
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["steps"], saved["seed"]) == (6, 1) and "restart" not in saved
+    ref = fit(VAETask(new_vae()), Fingerprinted("data-b"), tcfg(steps=6, seed=1), tmp_path / "ref")
+    assert torch.equal(flat(out), flat(ref))
+
+
+def test_checkpoint_records_provenance_and_steps_may_grow(tmp_path):
+    fit(VAETask(new_vae()), Fingerprinted(), tcfg(steps=3, log_every=100), tmp_path)
+    ck = torch.load(checkpoint_paths(tmp_path)[0], weights_only=True)  # plain tensors and containers
+    prov = ck["provenance"]
+    assert prov["data"] == {"fingerprint": "data-a", "size": 48} and prov["world"] == 1
+    assert prov["train"]["seed"] == 0 and "steps" not in prov["train"] and "num_workers" not in prov["train"]
+    assert prov["task"]["task"] == "vae" and prov["task"]["model"]["shift"] is not None
+    assert json.loads((tmp_path / "provenance.json").read_text())["data"]["fingerprint"] == "data-a"
+    # flags that do not change the result may change: steps, logging, workers
+    fit(VAETask(new_vae()), Fingerprinted(), tcfg(steps=4, log_every=1, num_workers=0, sample_every=7), tmp_path)
+    assert checkpoint_paths(tmp_path)[0].name == "ckpt-00000004.pt"
+
+
+def test_data_position_with_worker_processes(tmp_path):
+    """Workers > 0: every checkpoint stores the position of the next batch (not the end of the
+    run), metrics show each row's epoch, and a killed run resumes exactly."""
+    data = ImageSet(n=16)  # 4 batches of 4 per epoch
+
+    class Crash(VAETask):  # dies inside step 5, after the checkpoint at step 3
+        calls = 0
+
+        def loss(self, model, batch, generator):
+            Crash.calls += 1
+            if Crash.calls == 5:
+                raise KeyboardInterrupt
+            return super().loss(model, batch, generator)
+
+    cfg = tcfg(steps=6, ckpt_every=3, log_every=1, num_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(Crash(new_vae()), data, cfg, tmp_path / "w")
+    ck = torch.load(checkpoint_paths(tmp_path / "w")[0], weights_only=True)
+    assert ck["step"] == 3 and ck["data"] == {"epoch": 0, "pos": 3, "batch": 3}
+    resumed = fit(VAETask(new_vae()), data, cfg, tmp_path / "w")
+    ref = fit(VAETask(new_vae()), data, tcfg(steps=6, ckpt_every=3, log_every=1, num_workers=0), tmp_path / "ref")
+    assert torch.equal(flat(resumed), flat(ref))
+    rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]
+    ck = torch.load(checkpoint_paths(tmp_path / "w")[0], weights_only=True)
+    assert ck["data"] == {"epoch": 1, "pos": 2, "batch": 6}
+
+
+def test_batch_order_is_a_pure_function():
+    a = BatchOrder(20, 3, seed=4, fingerprint="x")
+    walked = [a.next() for _ in range(14)]  # crosses two epoch boundaries (6 batches per epoch)
+    fresh = BatchOrder(20, 3, seed=4, fingerprint="x")
+    assert all(np.array_equal(w, fresh.indices(k)) for k, w in reversed(list(enumerate(walked))))  # any order of calls
+    assert a.state_dict() == {"epoch": 2, "pos": 2, "batch": 14} and a.epoch == 2
+    other = BatchOrder(20, 3, seed=4, fingerprint="y")  # other data: another order
+    assert not np.array_equal(other.indices(0), fresh.indices(0))
+    assert sorted(np.concatenate([fresh.indices(k) for k in range(6)]).tolist()) == sorted(set(fresh.permutation(0)[:18].tolist()))
+    with pytest.raises(UserError, match="batch size changed"):
+        BatchOrder(20, 4, seed=4).load_state_dict({"epoch": 2, "pos": 2, "batch": 14})
+
+
+def test_unreadable_checkpoints_and_pruning(tmp_path):
+    """Stale unreadable checkpoints with high steps: training starts over with a warning, and
+    pruning (by step, among readable checkpoints) never deletes the fresh ones."""
+    d = tmp_path / "checkpoints"
+    d.mkdir(parents=True)
+    for step in (800, 900):
+        (d / f"ckpt-{step:08d}.pt").write_bytes(b"not a zip file")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 850, "loss": 1.0}\n')
+    with pytest.warns(UserWarning, match="damaged"):
+        fit(VAETask(new_vae()), ImageSet(), tcfg(steps=6, ckpt_every=2), tmp_path)
+    steps = sorted(int(p.name[5:13]) for p in checkpoint_paths(tmp_path))
+    assert steps == [4, 6, 800, 900]  # 2 pruned as the oldest readable; the stale ones left alone
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    # resuming skips the unreadable ones and trains on from the newest readable one
+    with pytest.warns(UserWarning, match="damaged") as caught:
+        fit(VAETask(new_vae()), ImageSet(), tcfg(steps=8, ckpt_every=2), tmp_path)
+    assert ["ckpt-00000900.pt" in str(w.message) for w in caught] == [True, False]  # 900, then 800, then 6 loads
+    assert sorted(int(p.name[5:13]) for p in checkpoint_paths(tmp_path)) == [6, 8, 800, 900]
+    # ordering is numeric, not by name
+    (d / "ckpt-100000000.pt").write_bytes(b"x")
+    assert checkpoint_paths(tmp_path)[0].name == "ckpt-100000000.pt"
+
+
+class Payload:
+    """Any class: unpickling it could run code."""
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    fit(VAETask(new_vae()), ImageSet(), tcfg(steps=2), tmp_path)
+    path = checkpoint_paths(tmp_path)[0]
+    state = torch.load(path, weights_only=True)
+    state["skip"]["extra"] = Payload()
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        fit(VAETask(new_vae()), ImageSet(), tcfg(steps=4), tmp_path)
+    msg = str(e.value)
+    assert "pickled Python objects" in msg and "--restart" in msg and "\n" not in msg
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-00000002.pt"]  # nothing trained on top
+
+
+def test_restart_flag_is_shared_by_every_train_cli():
+    p = argparse.ArgumentParser()
+    add_train_args(p, TrainConfig())
+    assert train_config_from_args(p.parse_args([]), TrainConfig()).restart is False
+    assert train_config_from_args(p.parse_args(["--restart"]), TrainConfig()).restart is True
+    assert TrainConfig().device == "auto"

@@ -1,0 +1,179 @@
+"""Training checkpoints: what they hold, how they are written, found, pruned and read back.
+
+A checkpoint ``run_dir/checkpoints/ckpt-<step>.pt`` holds only tensors and plain containers
+(numbers, strings, lists, dicts; RNG states as tensors) and is read with
+``torch.load(weights_only=True)``: a file holding pickled Python objects is refused, so a run
+folder from someone else cannot execute code. Each one stores the run's *provenance* (the settings
+and data that change the result, see :func:`train_provenance`), compared on every resume.
+``run_dir/provenance.json`` is a readable copy of the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import random
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xray.errors import UserError
+from xray.io import atomic_path, atomic_write_json
+from xray.provenance import canonical
+
+log = logging.getLogger("ipa_core.trainer")
+
+CKPT_DIR, CKPT_PATTERN, KEEP_CKPTS = "checkpoints", re.compile(r"^ckpt-(\d+)\.pt$"), 2
+CKPT_FORMAT = 2  # 2: weights_only contents and a provenance dict
+PROVENANCE_FILE = "provenance.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance
+
+
+def train_provenance(cfg, world: int, train_set, task) -> dict:
+    """What the weights of a run depend on: the result-changing TrainConfig fields, the number of
+    processes, the training data (fingerprint and size) and the task's own ``provenance()``."""
+    task_prov = task.provenance() if callable(getattr(task, "provenance", None)) else None
+    return canonical({"train": cfg.provenance(), "world": world,
+                      "data": {"fingerprint": getattr(train_set, "fingerprint", None), "size": len(train_set)},
+                      "task": task_prov})
+
+
+def read_provenance(run_dir: Path) -> dict | None:
+    """The provenance the run folder's latest checkpoint was written with (from provenance.json), if any."""
+    import json
+
+    p = Path(run_dir) / PROVENANCE_FILE
+    if not p.is_file() or not checkpoint_paths(Path(run_dir)):
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def config_dict(model: nn.Module) -> dict | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
+
+
+def merge_model_config(model: nn.Module, saved: dict | None) -> None:
+    """Refuse a resume with a different model config; fill fields left None (measured) from the checkpoint."""
+    current = config_dict(model)
+    if current is None or saved is None:
+        return
+    for k in sorted(set(current) | set(saved)):
+        a, b = current.get(k), saved.get(k)
+        if a is None and b is not None:
+            setattr(model.config, k, b)
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            raise UserError(f"the run folder was trained with a different model config ({k} = {b!r}, now {a!r}); use a new --out folder, the original config, or --restart")
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as tensors (weights_only-loadable)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG the training touches, as tensors and ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_state(d: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(d["torch"])
+    n = d["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = d["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+    if d["cuda"] and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(d["cuda"])
+    generator.set_state(d["generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CKPT_PATTERN.match(path.name).group(1))
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, highest step first (by number, not by name)."""
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if CKPT_PATTERN.match(p.name)), key=checkpoint_step, reverse=True)
+
+
+def save_checkpoint(run_dir: Path, state: dict, readable: list[int]) -> Path:
+    """Write ``checkpoints/ckpt-<step>.pt`` (and provenance.json) atomically, add its step to
+    ``readable`` (the steps known to load) and prune.
+
+    Pruning keeps the newest :data:`KEEP_CKPTS` readable checkpoints and deletes only files with a
+    lower step than all of them: a stale unreadable checkpoint with a higher step (an older format,
+    a torch upgrade) never makes a fresh one disappear.
+    """
+    path = Path(run_dir) / CKPT_DIR / f"ckpt-{state['step']:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(Path(run_dir) / PROVENANCE_FILE, {"step": state["step"], **state["provenance"]})
+    readable[:] = sorted(set(readable) | {int(state["step"])})
+    kept = readable[-KEEP_CKPTS:]
+    for old in checkpoint_paths(run_dir):
+        if checkpoint_step(old) < kept[0]:
+            old.unlink(missing_ok=True)
+    readable[:] = kept
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of one checkpoint. A file holding pickled objects raises a
+    one-line :class:`UserError`; a damaged one raises ``ValueError``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # not a torch.save file at all: damaged
+            raise ValueError("not a zip archive written by torch.save") from None
+        found = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l), "")
+        found = re.sub(r"^.*?(GLOBAL \S+).*$", r"\1", found)
+        raise UserError(f"checkpoint {path} holds pickled Python objects, not only tensors and plain containers"
+                        f"{f' ({found})' if found else ''}; it was not written by this version of the trainer and "
+                        "loading it could run code, so it is refused: pass --restart to move the run aside and start over") from None
+    except Exception as e:  # truncated zip, bad header, ...
+        raise ValueError(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise ValueError(f"not a checkpoint of format {CKPT_FORMAT} (found {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    return state
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict | None:
+    """The checkpoint with the highest step that reads back; a damaged one is reported and the
+    previous one used. ``state["path"]`` names the file."""
+    for path in checkpoint_paths(run_dir):
+        try:
+            state = read_checkpoint(path)
+        except ValueError as e:
+            msg = f"checkpoint {path} is damaged ({e}); falling back to the previous one"
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+            continue
+        state["path"] = str(path)
+        return state
+    return None
