@@ -60,15 +60,17 @@ class DemoProfile:
     phantom_size: int | None = None
     eval_batch: int = 16
     eval_procs: int = 1  # evaluation shards run side by side (one thread each) on a multi-core CPU
+    repeats: int = 3  # policy seeds of the evaluation (`boed evaluate --repeats`)
 
 
 PROFILES: dict[str, DemoProfile] = {
     "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=800, vae_batch=8,
                        ipa_steps=1000, ipa_batch=16, avp_arch="tiny", avp_steps=2000, avp_batch=32, avp_lr=2e-3,
-                       n_samples=10, n_test=200, scans=5, run_images=2, eval_procs=2),
+                       n_samples=10, n_test=100, scans=5, run_images=2, eval_procs=2, repeats=3),
     "quick": DemoProfile("quick", image_size=64, vae_config="tiny", vae_steps=60, vae_batch=16,
                          ipa_steps=40, ipa_batch=16, avp_arch="tiny", avp_steps=80, avp_batch=32, avp_lr=2e-3,
-                         n_samples=4, n_test=24, scans=3, run_images=1, phantom_n=400, phantom_size=64, eval_procs=2),
+                         n_samples=4, n_test=24, scans=3, run_images=1, phantom_n=400, phantom_size=64, eval_procs=2,
+                         repeats=2),
     "paper": DemoProfile("paper", image_size=256, vae_config="xray256", vae_steps=1_000_000, vae_batch=8,
                          ipa_steps=180_000, ipa_batch=8, avp_arch="densenet121", avp_steps=32_000, avp_batch=32,
                          avp_lr=1e-5, n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
@@ -85,6 +87,8 @@ class DemoOptions:
     device: str = "cpu"  # a resolved device (``xray.cli_base.parse_device``), passed to every stage
     seed: int = 0
     until: str = "eval"  # last stage to run (smoke tests stop early)
+    max_images: int | None = None  # cap each split (whole patients first), for a CPU run on real data
+    present_only: bool = False  # use the listed images that are present (a partial NIH download)
 
 
 @dataclass
@@ -220,6 +224,10 @@ def _data_args(opts: DemoOptions) -> list:
         args += ["--data", "phantom"]
     if opts.cache_dir is not None:
         args += ["--cache-dir", opts.cache_dir]
+    if opts.max_images is not None:
+        args += ["--max-images", opts.max_images]
+    if opts.present_only:
+        args += ["--present-only"]
     return args
 
 
@@ -237,11 +245,12 @@ def describe_data(opts: DemoOptions) -> dict:
     from xray.dataset import open_dataset
 
     data = "chestxray" if opts.data_root is not None else "phantom"
-    ds = open_dataset(data, opts.data_root, size=opts.profile.image_size, split="all", cache_dir=opts.cache_dir)
+    kw = dict(size=opts.profile.image_size, cache_dir=opts.cache_dir, present_only=opts.present_only or None)
+    ds = open_dataset(data, opts.data_root, split="all", **kw)
     splits = {}
     for split in ("train", "test"):
         try:
-            splits[split] = len(open_dataset(data, opts.data_root, size=opts.profile.image_size, split=split, cache_dir=opts.cache_dir))
+            splits[split] = len(open_dataset(data, opts.data_root, split=split, max_images=opts.max_images, **kw))
         except UserError:
             splits[split] = 0
     generated = opts.data_root is not None and Path(opts.data_root).resolve() == (opts.out / "phantom").resolve()
@@ -297,7 +306,7 @@ def eval_stage(opts: DemoOptions, illness: str) -> Stage:
     p, slug = opts.profile, resolve_illness(illness).slug
     return Stage(f"eval/{slug}", "boed evaluate", "boed.commands.evaluate",
                  ["--illness", illness, "--scans", p.scans, "--methods", ",".join(METHODS), "--n-test", p.n_test,
-                  "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
+                  "--repeats", p.repeats, "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
                   "--out", opts.out / "eval" / slug, *_model_args(opts), *_data_args(opts)],
                  upstream=("data", "ipa", "avp"))
 

@@ -39,7 +39,7 @@ def _value(key: str, text: str):
     like "1-5"), names as str, the rest float."""
     if key in ("method", "baseline", "illness") or (key == "t" and not text.isdigit()):
         return text
-    return int(text) if key in ("t", "n") else float(text)
+    return int(text) if key in ("t", "n", "repeats") else float(text)
 
 
 def _read_rows(run: Path, slugs: list[str], name: str, columns) -> list[dict]:

@@ -79,8 +79,8 @@ def test_summary_and_publish_show_paired_differences(tmp_path):
     pub = publish(out, tmp_path / "pub")
     assert (pub / "paired.png").is_file() and "paired.png" in (pub / "README.md").read_text()
     rows = list(csv.DictReader(open(pub / "paired.csv")))
-    assert [r["t"] for r in rows if r["baseline"] == "random"] == ["1", "2", "1-2"]
-    assert float(next(r for r in rows if r["baseline"] == "random" and r["t"] == "1-2")["diff"]) > 0.1
+    assert [r["t"] for r in rows if r["baseline"] == "random"] == ["1", "2", "2-2"]
+    assert float(next(r for r in rows if r["baseline"] == "random" and r["t"] == "2-2")["diff"]) > 0.1
     assert len(list(csv.DictReader(open(pub / "metrics.csv")))) == len(summary["metrics"])  # eval/edema left out
     assert "Data: not recorded" in (pub / "README.md").read_text()
 
