@@ -66,7 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"share of fully observed training images, not in the paper (default: {_default(AVPTrainConfig, 'p_full')})")
     p.add_argument("--p-freeform", type=float, default=_default(AVPTrainConfig, "p_freeform"),
                    help="share of free-form masks among the partial ones, the rest 0-5 random patches of "
-                        f"{_default(AVPTrainConfig, 'patch_frac'):.0%} width (default: {_default(AVPTrainConfig, 'p_freeform')})")
+                        f"{round(100 * _default(AVPTrainConfig, 'patch_frac'))}%% width (default: {_default(AVPTrainConfig, 'p_freeform')})")
     p.add_argument("--freeform-bank", type=int, default=_default(AVPTrainConfig, "freeform_bank"),
                    help="free-form masks drawn once and reused under random flips; 0 draws each fresh (slow on CPU) "
                         f"(default: {_default(AVPTrainConfig, 'freeform_bank')})")

@@ -148,6 +148,11 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     assert "1 patch" in out and (tmp_path / "avp" / "auroc_table.txt").is_file()
     m1 = AVPClassifier.from_pretrained(tmp_path / "avp")
     assert m1.config.image_size == S and m1.config.width == 4
+    saved = json.loads((tmp_path / "avp" / "model" / "config.json").read_text())
+    assert saved["label_names"] == list(m1.label_names) and len(saved["label_names"]) == 15
+    tc = saved["train_config"]  # how it was trained, with the model
+    assert (tc["init"], tc["p_full"], tc["p_freeform"], tc["patch_frac"], tc["freeform_bank"], tc["arch"]) == ("scratch", 0.0, 0.5, 0.25, 8, "tiny")
+    assert m1.train_config == tc
     with pytest.raises(SystemExit) as e:  # same command again: resumes at step 6, nothing to do, same model
         main(argv)
     assert e.value.code == 0
@@ -157,3 +162,70 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a different architecture in the same run folder
         main(argv[:-4] + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
+
+
+def test_task_provenance_records_the_training_config():
+    model = AVPClassifier(AVPConfig(arch="resnet18", image_size=S, input_norm="imagenet"))
+    cfg = AVPTrainConfig(p_full=0.1, freeform_bank=4, pos_weight="none", init="imagenet", init_weights="/w/densenet.pth",
+                         init_digest="abc123", eval_images=7)
+    prov = AVPTrainTask(model, cfg).provenance()
+    assert json.loads(json.dumps(prov)) == prov  # JSON-able
+    assert prov["arch"] == "resnet18" and prov["input_norm"] == "imagenet" and prov["init"] == "imagenet"
+    assert (prov["patch_frac"], prov["p_freeform"], prov["p_full"], prov["freeform_bank"]) == (0.25, 0.5, 0.1, 4)
+    assert prov["init_digest"] == "abc123" and "eval_images" not in prov  # the report size does not change the model
+    assert model.train_config == prov
+    assert AVPTrainTask(model, AVPTrainConfig(p_full=0.2, freeform_bank=4)).provenance() != prov
+
+
+def _cli():
+    return make_main("boed", "test", {"train-avp": "boed.commands.train_avp"})
+
+
+def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    import socket
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: offline())
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    cases = [
+        (["--init", "imagnet"], "is not one of scratch, imagenet"),
+        (["--init", "xrv:densenet121-res224-foo", "--arch", "densenet121"], "unknown torchxrayvision weights"),
+        (["--init", "xrv:densenet121-res224-nih"], "is a densenet121, but --arch is tiny"),
+        (["--init", "imagenet"], "no ImageNet weights for --arch tiny"),
+        (["--arch", "resnet18", "--init", "imagenet", "--init-weights", str(tmp_path / "none.pth")], "no such file"),
+        (["--arch", "densenet121", "--init", "imagenet", "--init-weights", str(tmp_path / "r18.pth")], "does not match a densenet121"),
+        (["--arch", "resnet18", "--init", "imagenet"], "offline, copy that file here and pass --init imagenet --init-weights FILE"),
+        (["--init-weights", str(tmp_path / "r18.pth")], "pass --init imagenet or --init xrv:NAME with it"),
+        (["--p-full", "1.5"], "--p-full and --p-freeform must be in [0, 1]"),
+        (["--freeform-bank", "-2"], "--freeform-bank must be >= 0"),
+    ]
+    base = ["train-avp", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "1"]
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            _cli()(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (extra, err)
+        assert msg in err, (extra, err)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists(), extra
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal of an unknown --arch
+        _cli()(base + ["--arch", "vgg16"])
+    assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help_states_the_code_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _cli()(["train-avp", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    cfg = AVPTrainConfig()
+    for flag, value in [("--p-full", cfg.p_full), ("--p-freeform", cfg.p_freeform), ("--freeform-bank", cfg.freeform_bank),
+                        ("--init", "scratch"), ("--arch", "tiny"), ("--eval-images", cfg.eval_images)]:
+        assert f"(default: {value})" in out, flag
+    assert "25% width" in out
