@@ -5,18 +5,38 @@ mask 1 = observed); the output is ``K = 15`` logits, one per label of :data:`xra
 (14 pathologies + "Any Finding"), each an independent Bernoulli (sigmoid).
 
 Backbones: ``tiny`` (a small fast CNN for CPU work at S = 64, about 4.4 MFLOPs per input) and
-torchvision ``resnet18``, ``resnet50``, ``densenet121`` (built with ``weights=None``: nothing is
-ever downloaded) whose first convolution is widened by one input channel for the mask. The new
-channel's weights start at zero, so a pretrained image-only network gives the same outputs with the
-mask appended. :func:`load_init` loads local weights: an image-only torchvision state dict
-(widened on load; RGB first convolutions are summed over colour for grayscale input) or a full AVP
-checkpoint.
+torchvision ``resnet18``, ``resnet50``, ``densenet121`` whose first convolution is widened by one
+input channel for the mask. The new channel's weights start at zero, so a pretrained image-only
+network gives the same outputs with the mask appended.
+
+Initialisation (:func:`init_state`, the ``--init`` flag of ``boed train-avp``):
+
+- ``scratch``: random weights, no input normalisation.
+- ``imagenet``: torchvision's ImageNet weights through its weights API (``IMAGENET1K_V1``).
+  Input normalisation ``imagenet``: the grey channel is replicated to RGB and each copy normalised
+  with the ImageNet mean/std, so the first convolution keeps its 3 RGB input channels (plus the
+  mask) and a fully observed image gives exactly what the ImageNet network computes on that grey
+  photo.
+- ``xrv:NAME``: a torchxrayvision chest x-ray model (e.g. ``xrv:densenet121-res224-nih``),
+  single-channel, with torchxrayvision's own scaling of [0, 1] to [-1024, 1024] (``xrv``).
+- a path: an AVP model or run folder (or its weights file) to fine-tune; its normalisation is kept.
+
+``--init-weights FILE`` gives ``imagenet`` / ``xrv:NAME`` a local copy of those weights (a plain
+state dict, ``.pth``/``.pt``/``.safetensors``); nothing is then downloaded. Offline downloads fail
+with a one-line :class:`UserError` that says so.
+
+The normalisation is part of the model: ``AVPConfig.input_norm`` is saved in ``config.json`` and
+:class:`InputNorm` (module ``AVPClassifier.norm``, before ``AVPClassifier.net``) applies it in
+``forward``. It is pointwise: each output pixel depends on the same pixel of ``y`` only, as
+``(x - mean) / std * m`` per image channel (unobserved pixels read as 0, the normalised mean) with
+the mask passed through.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -33,12 +53,22 @@ from .geometry import observe
 log = logging.getLogger(__name__)
 
 ARCHS = ("tiny", "resnet18", "resnet50", "densenet121")
+INPUT_NORMS = ("none", "imagenet", "xrv")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 # The first convolution and the classification head of each torchvision backbone (state-dict keys).
 _FIRST_CONV = {"resnet18": "conv1", "resnet50": "conv1", "densenet121": "features.conv0", "tiny": "stem.0"}
 _HEAD = {"resnet18": "fc", "resnet50": "fc", "densenet121": "classifier", "tiny": "head"}
+
+# Per-channel (mean, std) of each input normalisation, on pixel values in [0, 1].
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+XRV_MEAN, XRV_STD = (0.5,), (1 / 2048,)  # torchxrayvision: (2 x - 1) * 1024 in [-1024, 1024]
+_NORM_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "xrv": (XRV_MEAN, XRV_STD)}
+
+# torchxrayvision weight names (``xrv:NAME``) and the torchvision backbone each one is.
+XRV_MODELS = {**{f"densenet121-res224-{d}": "densenet121" for d in ("all", "nih", "pc", "chex", "rsna", "mimic_nb", "mimic_ch")},
+              "resnet50-res512-all": "resnet50"}
 
 
 @dataclass
@@ -49,11 +79,20 @@ class AVPConfig:
     label_names: tuple[str, ...] = field(default_factory=lambda: tuple(LABELS))
     width: int = 12  # tiny only: channels of the stem (doubled at each of the 3 later blocks)
     pool: int = 4  # tiny only: features pooled to pool x pool before the linear head (1 = global average)
+    input_norm: str = "none"  # "none" | "imagenet" | "xrv": see the module docstring
 
     def __post_init__(self):
         self.label_names = tuple(self.label_names)
         if self.arch not in ARCHS:
             raise UserError(f"unknown classifier arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise UserError(f"unknown input normalisation {self.input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
+        if self.input_norm != "none" and self.arch == "tiny":
+            raise UserError(f"input_norm {self.input_norm!r} is for pretrained torchvision backbones, not arch 'tiny'")
+        if self.input_norm == "imagenet" and self.in_channels not in (1, 3):
+            raise UserError(f"ImageNet normalisation needs 1 (grey) or 3 image channels, got {self.in_channels}")
+        if self.input_norm == "xrv" and self.in_channels != 1:
+            raise UserError(f"torchxrayvision normalisation needs 1 image channel, got {self.in_channels}")
         if self.image_size < 16:
             raise UserError(f"classifier image size must be >= 16, got {self.image_size}")
         if self.in_channels < 1 or self.width < 1 or self.pool < 1:
@@ -64,6 +103,11 @@ class AVPConfig:
     @property
     def num_labels(self) -> int:  # K
         return len(self.label_names)
+
+    @property
+    def net_channels(self) -> int:
+        """Image channels the backbone sees after :class:`InputNorm` (3 for ImageNet, else C)."""
+        return 3 if self.input_norm == "imagenet" else self.in_channels
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -126,6 +170,33 @@ def _torchvision_backbone(arch: str, in_channels: int, num_outputs: int) -> nn.M
     return net
 
 
+class InputNorm(nn.Module):
+    """Pointwise input normalisation ``(B, C + 1, S, S) -> (B, C' + 1, S, S)``.
+
+    Image channels ``x * m`` become ``(x - mean) / std * m`` (a grey channel is replicated when
+    ``mean`` has 3 entries); the mask channel is passed through. Linear in ``y`` without a constant
+    term, so zero padding and unobserved pixels both read as 0. ``mean``/``std`` are fixed
+    (non-persistent buffers, rebuilt from the config): the state dict is the backbone's.
+    """
+
+    def __init__(self, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        if len(mean) != len(std) or in_channels not in (1, len(mean)):
+            raise UserError(f"cannot normalise {in_channels} image channels with {len(mean)} means")
+        self.in_channels = in_channels
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        C = self.in_channels
+        xm, m = y[:, :C], y[:, C:C + 1]  # (B, C, S, S) observed pixels, (B, 1, S, S) mask
+        out = (xm - self.mean.to(y.dtype) * m) * self.inv_std.to(y.dtype)  # (B, C', S, S); C = 1 broadcasts
+        return torch.cat([out, m], dim=1)  # (B, C' + 1, S, S)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.mean.shape[1]}"
+
+
 class AVPClassifier(nn.Module):
     """g(v | y): ``forward(y (B, C+1, S, S) float) -> logits (B, K)``."""
 
@@ -135,13 +206,15 @@ class AVPClassifier(nn.Module):
         super().__init__()
         self.config = config or AVPConfig()
         c = self.config
+        self.norm = None if c.input_norm == "none" else InputNorm(c.in_channels, *_NORM_STATS[c.input_norm])
         if c.arch == "tiny":
-            self.net = TinyCNN(c.in_channels + 1, c.num_labels, c.width, c.pool)
+            self.net = TinyCNN(c.net_channels + 1, c.num_labels, c.width, c.pool)
         else:
-            self.net = _torchvision_backbone(c.arch, c.in_channels + 1, c.num_labels)
+            self.net = _torchvision_backbone(c.arch, c.net_channels + 1, c.num_labels)
         with torch.no_grad():  # the mask channel starts at zero weight (see module docstring)
-            self.first_conv.weight[:, c.in_channels:].zero_()
+            self.first_conv.weight[:, c.net_channels:].zero_()
         self.channels_last = False  # inputs of predict_proba follow the weights' memory format
+        self.train_config: dict | None = None  # how it was trained (boed.train_avp sets it; saved in config.json)
 
     def set_channels_last(self, enabled: bool = True) -> "AVPClassifier":
         """Store weights (and format inputs of :meth:`predict_proba`) channels_last; often faster on CPU."""
@@ -163,13 +236,15 @@ class AVPClassifier(nn.Module):
     def sequential_layers(self) -> list[nn.Module] | None:
         """The layers whose composition is :meth:`forward` on valid input, or None (torchvision backbones)."""
         fn = getattr(self.net, "sequential_layers", None)
-        return fn() if callable(fn) else None
+        if not callable(fn):
+            return None
+        return ([self.norm] if self.norm is not None else []) + fn()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         c = self.config
         if y.dim() != 4 or y.shape[1] != c.in_channels + 1:
             raise UserError(f"AVP input must be (B, {c.in_channels + 1}, S, S) = cat(x * m, m), got {tuple(y.shape)}")
-        return self.net(y)
+        return self.net(self.norm(y) if self.norm is not None else y)
 
     @torch.inference_mode()
     def predict_proba(self, x_u8: torch.Tensor, m: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
@@ -199,16 +274,22 @@ class AVPClassifier(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (the folder is replaced atomically)."""
+        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (the folder is replaced atomically).
+
+        ``config.json`` holds the :class:`AVPConfig` fields (labels, normalisation, ...) and, when
+        set, :attr:`train_config` (how the model was trained: masks, init, loss) under ``"train_config"``.
+        """
         from ipa_core.persist import save_pretrained
 
         ensure_writable_dir(Path(out_dir).parent)
-        return save_pretrained(self, out_dir)
+        extra = {"train_config": self.train_config} if self.train_config is not None else None
+        return save_pretrained(self, out_dir, extra_config=extra)
 
     @classmethod
     def config_from_dir(cls, path: str | Path) -> AVPConfig:
         raw = json.loads((Path(path) / CONFIG_NAME).read_text())
         raw.pop("model_type", None)
+        raw.pop("train_config", None)
         return AVPConfig.from_dict(raw)
 
     @classmethod
@@ -216,11 +297,112 @@ class AVPClassifier(nn.Module):
         """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
         from ipa_core.persist import load_pretrained
 
+        from ipa_core.persist import resolve_model_dir
+
         hint = f"train one with `boed train-avp --out {path}`"
-        return load_pretrained(cls, path, map_location, what="AVP model", hint=hint).to(map_location).eval()
+        model = load_pretrained(cls, path, map_location, what="AVP model", hint=hint).to(map_location).eval()
+        model.train_config = json.loads((resolve_model_dir(path, "AVP model", hint) / CONFIG_NAME).read_text()).get("train_config")
+        return model
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+# ---------------------------------------------------------------- initialisation (--init, --init-weights)
+
+INIT_CHOICES = "scratch, imagenet, xrv:NAME or the path of an AVP model/run folder"
+DEFAULT_INIT = "scratch"
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A parsed ``--init``: ``kind`` scratch | imagenet | xrv | avp; ``name`` (xrv weights); ``path``
+    (the AVP folder for ``avp``, the local weights file for imagenet / xrv, None to download)."""
+
+    kind: str
+    name: str | None = None
+    path: str | None = None
+
+    @property
+    def input_norm(self) -> str | None:
+        """The input normalisation the initial weights expect (None: read from the AVP source)."""
+        return {"scratch": "none", "imagenet": "imagenet", "xrv": "xrv"}.get(self.kind)
+
+    def describe(self) -> dict:
+        """What :func:`init_state` will load, as a JSON-able dict (for provenance records)."""
+        d: dict = {"init": self.kind if self.kind != "xrv" else f"xrv:{self.name}"}
+        if self.path is not None:
+            from xray.provenance import file_digest
+
+            p = Path(self.path)
+            f = _avp_weights_file(p) if self.kind == "avp" else p
+            d.update(init_path=str(p), init_digest=file_digest(f))
+        elif self.kind == "imagenet":
+            d["init_source"] = "torchvision IMAGENET1K_V1"
+        elif self.kind == "xrv":
+            d["init_source"] = f"torchxrayvision {self.name}"
+        return d
+
+
+def parse_init(spec: str | None, arch: str, weights_file: str | Path | None = None) -> InitSpec:
+    """Check ``--init`` / ``--init-weights`` against ``--arch`` without loading anything (one-line errors)."""
+    spec = DEFAULT_INIT if spec is None else str(spec).strip()
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if weights_file is not None:
+        wf = Path(weights_file)
+        if spec not in ("imagenet",) and not spec.startswith("xrv:"):
+            raise UserError(f"--init-weights {wf} is the local copy of --init imagenet or --init xrv:NAME weights, but --init is {spec!r}; "
+                            "pass --init imagenet or --init xrv:NAME with it, or drop --init-weights")
+        if not wf.is_file():
+            raise UserError(f"--init-weights {wf}: no such file; give the path of a downloaded weights file (.pth, .pt or .safetensors)")
+    if spec == "scratch":
+        return InitSpec("scratch")
+    if spec == "imagenet":
+        if arch == "tiny":
+            raise UserError("--init imagenet: there are no ImageNet weights for --arch tiny; use --arch resnet18, resnet50 or densenet121, or --init scratch")
+        return InitSpec("imagenet", path=None if weights_file is None else str(weights_file))
+    if spec.startswith("xrv:"):
+        name = spec[4:]
+        if name not in XRV_MODELS:
+            raise UserError(f"unknown torchxrayvision weights {name!r}; choose one of {', '.join(XRV_MODELS)} (e.g. --init xrv:densenet121-res224-nih)")
+        if XRV_MODELS[name] != arch:
+            raise UserError(f"--init xrv:{name} is a {XRV_MODELS[name]}, but --arch is {arch}; pass --arch {XRV_MODELS[name]}")
+        return InitSpec("xrv", name=name, path=None if weights_file is None else str(weights_file))
+    p = Path(spec)
+    if not p.exists():
+        raise UserError(f"--init {spec!r} is not one of {INIT_CHOICES} (no such path); "
+                        "for a local ImageNet or torchxrayvision weights file use --init imagenet --init-weights FILE")
+    _avp_weights_file(p)  # an AVP model or run folder, or the weights file inside one
+    return InitSpec("avp", path=str(p))
+
+
+def _avp_dir(p: Path) -> Path:
+    """The AVP model folder of ``--init PATH`` (a model/run folder, or the weights file inside one)."""
+    from ipa_core.persist import resolve_model_dir
+
+    if p.is_file():
+        if (p.parent / CONFIG_NAME).is_file():
+            return p.parent
+        raise UserError(f"--init {p} is a file without {CONFIG_NAME} beside it; give an AVP model or run folder, "
+                        "or, for ImageNet/torchxrayvision weights, --init imagenet|xrv:NAME --init-weights FILE")
+    return resolve_model_dir(p, "AVP model", "give a folder written by `boed train-avp`")
+
+
+def _avp_weights_file(p: Path) -> Path:
+    return _avp_dir(p) / WEIGHTS_NAME
+
+
+def init_config(config: AVPConfig, init: InitSpec) -> AVPConfig:
+    """``config`` with the input normalisation ``init`` needs (an AVP source's own, checked for ``arch``)."""
+    from dataclasses import replace
+
+    if init.kind != "avp":
+        return replace(config, input_norm=init.input_norm)
+    src = AVPClassifier.config_from_dir(_avp_dir(Path(init.path)))
+    if src.arch != config.arch:
+        raise UserError(f"--init {init.path} is a {src.arch} AVP model, but --arch is {config.arch}; pass --arch {src.arch}")
+    return replace(config, input_norm=src.input_norm)
+
+
+def _read_weights(path: Path, hint: str = "give a plain state dict of tensors (.pth, .pt or .safetensors)") -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file {path} not found; check the path")
     try:
@@ -228,57 +410,124 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign files
-        raise UserError(f"cannot read weights {path}: {type(e).__name__}: {e}; give a .safetensors or torch state-dict file") from None
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # corrupt files, or pickled whole models that weights_only refuses
+        msg = str(e).splitlines()[0][:120] if str(e) else ""
+        raise UserError(f"cannot read weights {path} ({type(e).__name__}: {msg}); {hint}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} does not hold a state dict of tensors; give a torchvision-style state dict or an AVP model dir")
+        raise UserError(f"{path} does not hold a state dict of tensors; {hint}")
     return dict(sd)
 
 
-def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
-    from ipa_core.persist import strict_load
-
-    strict_load(module, state, source, hint="check --arch/--image-size against the checkpoint")
+# torchvision's DenseNet checkpoints name layers "norm.1", "conv.2", ...; the modules are "norm1", "conv2".
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def load_init(model: AVPClassifier, path: str | Path) -> AVPClassifier:
-    """Initialise ``model`` from local weights (``--init``); never downloads.
+def _modern_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        m = _OLD_DENSENET_KEY.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out
 
-    ``path`` is an AVP model/run dir or file with the full AVP state (loaded as is), or an image-only
-    torchvision-style state dict of the same backbone (keys without the ``net.`` prefix): its first
-    convolution is widened with a zero mask channel (RGB weights are summed for grayscale input) and
-    a head with a different number of outputs is skipped (left freshly initialised).
-    """
-    p = Path(path)
-    if p.is_dir():
-        src = AVPClassifier.from_pretrained(p)
-        if src.config.arch != model.config.arch:
-            raise UserError(f"--init {p} is a {src.config.arch} AVP model, this model is {model.config.arch}; pass a matching --arch")
-        load_state_checked(model, src.state_dict(), source=str(p))
-        return model
-    sd = _read_weights(p)
-    if any(k.startswith("net.") for k in sd):  # a full AVP checkpoint file
-        load_state_checked(model, sd, source=str(p))
-        return model
-    arch, C = model.config.arch, model.config.in_channels
+
+def _imagenet_state(arch: str, weights_file: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(arch).IMAGENET1K_V1
+    if weights_file is not None:
+        return _read_weights(Path(weights_file)), str(weights_file)
+    try:
+        sd = weights.get_state_dict(progress=True, check_hash=True, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+        msg = str(e).splitlines()[0][:100] if str(e) else ""
+        raise UserError(f"cannot download the ImageNet weights of {arch} from {weights.url} ({type(e).__name__}: {msg}); "
+                        f"offline, copy that file here and pass --init imagenet --init-weights FILE") from None
+    return sd, weights.url
+
+
+def _xrv_state(name: str, weights_file: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    export = (f"export one where torchxrayvision works: python -c \"import torch, torchxrayvision as xrv; "
+              f"torch.save(xrv.models.get_model('{name}').state_dict(), '{name}.pt')\"")
+    if weights_file is not None:
+        sd, source = _read_weights(Path(weights_file), hint=f"give a plain state dict ({export})"), str(weights_file)
+    else:
+        try:
+            import torchxrayvision as xrv
+        except ImportError:
+            raise UserError(f"--init xrv:{name} needs the torchxrayvision package to download its weights (pip install torchxrayvision); "
+                            f"offline, pass a local state dict with --init-weights FILE ({export})") from None
+        try:
+            net = xrv.models.get_model(name)
+        except Exception as e:  # requests/urllib errors offline, or a failed load
+            msg = str(e).splitlines()[0][:100] if str(e) else ""
+            raise UserError(f"cannot get the torchxrayvision weights {name} ({type(e).__name__}: {msg}); "
+                            f"offline, pass a local state dict with --init xrv:{name} --init-weights FILE ({export})") from None
+        inner = getattr(net, "model", None)  # xrv's ResNet wraps a torchvision model
+        sd, source = (inner if isinstance(inner, nn.Module) else net).state_dict(), f"torchxrayvision {name}"
+    # xrv's wrappers add "model." and fixed buffers (operating points, resizing) that are not backbone weights
+    sd = {k.removeprefix("model."): v for k, v in sd.items() if k != "op_threshs" and not k.startswith("upsample")}
+    return sd, source
+
+
+def _load_backbone(model: "AVPClassifier", sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load an image-only backbone state dict into ``model.net``: zero mask channel, foreign head skipped."""
+    arch, Cn = model.config.arch, model.config.net_channels
+    sd = _modern_keys(sd)
     conv_key, head = f"{_FIRST_CONV[arch]}.weight", _HEAD[arch]
     if conv_key not in sd:
-        raise UserError(f"{p} does not match a {arch} backbone: key {conv_key!r} is missing; pass the matching --arch")
-    sd = dict(sd)
+        raise UserError(f"{source} does not match a {arch} backbone: key {conv_key!r} is missing; pass the matching --arch")
     w = sd[conv_key]  # (O, C_src, k, k)
-    if w.shape[1] == 3 and C == 1:
-        w = w.sum(dim=1, keepdim=True)  # grayscale x replicated to RGB gives the same response
-    if w.shape[1] == C:
-        w = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], dim=1)  # (O, C + 1, k, k): zero mask channel
-    sd[conv_key] = w
+    if w.dim() != 4 or w.shape[1] != Cn:
+        raise UserError(f"{source}: the first convolution {conv_key!r} has shape {tuple(w.shape)}, expected {Cn} image channels "
+                        f"for input normalisation {model.config.input_norm!r}; is it the right weights file for this --init?")
+    sd[conv_key] = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], dim=1)  # (O, Cn + 1, k, k): zero mask channel
     own = model.net.state_dict()
+    for k in own:  # old checkpoints (torchvision's DenseNet file) predate BatchNorm's step counter
+        if k.endswith(".num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
     for k in (f"{head}.weight", f"{head}.bias"):
         if k in sd and k in own and sd[k].shape != own[k].shape:
             log.info("--init: skipping head %s (%s outputs, model has %s)", k, tuple(sd[k].shape), tuple(own[k].shape))
             sd[k] = own[k]
-    load_state_checked(model.net, sd, source=str(p))
+    load_state_checked(model.net, sd, source=f"{source} ({arch})", hint="pass the --arch these weights were made for")
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                       hint: str = "check --arch/--image-size against the checkpoint") -> None:
+    """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
+    from ipa_core.persist import strict_load
+
+    strict_load(module, state, source, hint=hint)
+
+
+def init_state(model: "AVPClassifier", init: InitSpec) -> "AVPClassifier":
+    """Load the initial weights ``init`` into ``model`` (built with :func:`init_config`); returns it.
+
+    imagenet / xrv: the backbone's weights (downloaded, or ``init.path``) with a zero mask channel;
+    the classification head is left freshly initialised when its size differs (1000 ImageNet
+    classes, 18 torchxrayvision outputs). avp: the full AVP state of a model/run folder.
+    """
+    want = init.input_norm
+    if want is not None and model.config.input_norm != want:
+        raise UserError(f"--init {init.kind} needs input_norm {want!r}, the model has {model.config.input_norm!r}; build it with init_config")
+    if init.kind == "scratch":
+        return model
+    if init.kind == "avp":
+        d = _avp_dir(Path(init.path))
+        src = AVPClassifier.from_pretrained(d)
+        if (src.config.arch, src.config.input_norm) != (model.config.arch, model.config.input_norm):
+            raise UserError(f"--init {init.path} is a {src.config.arch} AVP model with input_norm {src.config.input_norm!r}, "
+                            f"this model is {model.config.arch} with {model.config.input_norm!r}; pass --arch {src.config.arch}")
+        load_state_checked(model, src.state_dict(), source=str(d))
+        return model
+    sd, source = _imagenet_state(model.config.arch, init.path) if init.kind == "imagenet" else _xrv_state(init.name, init.path)
+    _load_backbone(model, sd, source)
     return model
+
+
+def load_init(model: AVPClassifier, path: str | Path) -> AVPClassifier:
+    """Initialise ``model`` from an AVP model/run folder (``--init PATH``); never downloads."""
+    return init_state(model, parse_init(str(path), model.config.arch))

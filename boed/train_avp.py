@@ -1,14 +1,22 @@
 """Training the AVP-CNN on partially observed images (paper I.4): a :class:`ipa_core.trainer.TrainTask`.
 
-Each training image gets a mask from :func:`sample_training_masks`: with probability ``p_full`` the
-whole image, else 0..5 random square patches of 25 % of the width (``ipa_core.masks.
-random_patch_masks``: centres uniform over the image, so patches are clipped at the border), or
-(with ``p_freeform``) a free-form mask as in IPA's own training mixture. The loss is the binary
-cross-entropy over the K = 15 outputs, optionally with per-label ``pos_weight`` = negatives /
-positives of the training labels (clipped).
+Training masks (:func:`sample_training_masks`, appendix I.4): "almost the same mask distribution as
+for training the image completion networks; the only difference is that patches now have 25 %
+rather than 35 % of the image width". By default that is :data:`ipa_core.masks.
+CLASSIFIER_TRAINING_MASKS`: with probability ``p_freeform`` = 1/2 a free-form mask (strokes and
+boxes, Zhao et al. 2021 / Yu et al. 2018, observed-fraction bin uniform), else 0..5 random square
+patches of 25 % of the width whose centres are uniform over the image (clipped at the border).
+``p_full`` (default 0) is an optional extra share of fully observed images, not in the paper.
+Free-form masks come from a :class:`ipa_core.masks.MaskBank` of ``freeform_bank`` masks drawn once
+(0: drawn fresh each time, exact but ~10 ms of Python per mask).
+
+The loss is the binary cross-entropy over the K = 15 outputs, optionally with per-label
+``pos_weight`` = negatives / positives of the training labels (clipped).
 
 The end-of-run report is the per-label AUROC on the full image and after one random scan patch
 (a uniformly random location of the 17 x 17 scan grid, the ``t = 1`` of the Random baseline).
+The :class:`AVPTrainConfig` is checkpointed through :meth:`AVPTrainTask.provenance` and saved in the
+model's ``config.json`` (``train_config``), so a run folder records how its classifier was trained.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from tqdm.auto import tqdm
 
 from xray.dataset import dataset_images
 from xray.errors import UserError
+from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, MaskBank, MaskMixture
 from xray.labels import LABELS
 
 from .classifier import AVPClassifier
@@ -33,45 +42,60 @@ from .geometry import ScanGeometry, observe
 log = logging.getLogger(__name__)
 
 
+# Defaults of the training distribution, shared with the CLI help.
+DEFAULT_MASKS = CLASSIFIER_TRAINING_MASKS
+DEFAULT_P_FULL = 0.0
+DEFAULT_FREEFORM_BANK = 512  # ~6 s to draw at 64 px; 4 x 512 distinct masks under flips
+
+
 @dataclass
 class AVPTrainConfig:
-    """The training distribution and loss of the AVP-CNN (optimiser settings live in ``TrainConfig``)."""
+    """The training distribution, loss and initialisation of the AVP-CNN (optimiser settings live in ``TrainConfig``)."""
 
-    patch_frac: float = 0.25  # patch side / image side
-    max_patches: int = 5
-    p_full: float = 0.2  # probability of a fully observed training image
-    p_freeform: float = 0.0  # probability of an IPA-style free-form mask instead of patches
+    patch_frac: float = DEFAULT_MASKS.patch_frac  # patch side / image side (25 %, appendix I.4)
+    max_patches: int = DEFAULT_MASKS.max_patches  # 0..max_patches patches, uniform
+    p_freeform: float = DEFAULT_MASKS.p_freeform  # share of free-form masks among the partial masks
+    p_full: float = DEFAULT_P_FULL  # probability of a fully observed training image (not in the paper)
+    freeform_bank: int = DEFAULT_FREEFORM_BANK  # free-form masks drawn once and reused under flips; 0 = fresh each time
     pos_weight: str = "none"  # "none" | "auto" (negatives / positives per label, clipped to [1, max_pos_weight])
     max_pos_weight: float = 50.0
+    init: str = "scratch"  # --init: scratch | imagenet | xrv:NAME | an AVP model path
+    init_weights: str | None = None  # --init-weights: local copy of the imagenet / xrv weights
+    init_digest: str | None = None  # digest of the local initial weights file (None: downloaded or scratch)
     eval_images: int | None = 5000  # test images scored by the end-of-run report (None = all)
     eval_batch: int = 256
-    seed: int = 0  # of the report's random patches and preview masks
+    seed: int = 0  # of the mask bank, the report's random patches and the preview masks
 
     def __post_init__(self):
         if not 0 < self.patch_frac <= 1:
             raise UserError(f"patch fraction must be in (0, 1], got {self.patch_frac}")
         if self.max_patches < 0:
             raise UserError(f"max_patches must be >= 0, got {self.max_patches}")
-        if not (0 <= self.p_full <= 1 and 0 <= self.p_freeform <= 1 and self.p_full + self.p_freeform <= 1):
-            raise UserError(f"p_full and p_freeform must be in [0, 1] with sum <= 1, got {self.p_full} and {self.p_freeform}")
+        if not (0 <= self.p_full <= 1 and 0 <= self.p_freeform <= 1):
+            raise UserError(f"--p-full and --p-freeform must be in [0, 1], got {self.p_full} and {self.p_freeform}")
+        if self.freeform_bank < 0:
+            raise UserError(f"--freeform-bank must be >= 0 (0 = draw every free-form mask fresh), got {self.freeform_bank}")
         if self.pos_weight not in ("none", "auto"):
             raise UserError(f"pos_weight must be 'none' or 'auto', got {self.pos_weight!r}")
+
+    @property
+    def masks(self) -> MaskMixture:
+        """The partial-view mixture (free-form or patches), drawn for the images that are not fully observed."""
+        return MaskMixture(p_freeform=self.p_freeform, patch_frac=self.patch_frac, max_patches=self.max_patches)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def sample_training_masks(B: int, S: int, cfg: AVPTrainConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Training masks ``(B, 1, S, S)`` float on the CPU: full image / free-form / 0..max random patches."""
-    from ipa_core.masks import freeform_masks, random_patch_masks
-
-    m = random_patch_masks(B, S, cfg.patch_frac, max_patches=cfg.max_patches, generator=generator)  # (B, 1, S, S)
-    u = torch.rand(B, generator=generator)  # (B,) which kind of mask each image gets
-    full = u < cfg.p_full
-    m[full] = 1.0
-    ff = (u >= cfg.p_full) & (u < cfg.p_full + cfg.p_freeform)
-    if ff.any():
-        m[ff] = freeform_masks(int(ff.sum()), S, generator)
+def sample_training_masks(B: int, S: int, cfg: AVPTrainConfig, generator: torch.Generator | None = None,
+                          bank: MaskBank | None = None) -> Tensor:
+    """Training masks ``(B, 1, S, S)`` float on the CPU: fully observed with probability ``p_full``,
+    else a draw of ``cfg.masks`` (free-form masks from ``bank`` when given)."""
+    m = torch.ones(B, 1, S, S)
+    partial = torch.rand(B, generator=generator) >= cfg.p_full  # (B,)
+    n = int(partial.sum())
+    if n:
+        m[partial] = bank.sample(n, generator) if bank is not None else cfg.masks.sample(n, S, generator)
     return m
 
 
@@ -144,6 +168,22 @@ class AVPTrainTask:
         if self.pos_weight is not None and self.pos_weight.numel() != K:
             raise UserError(f"the training labels have {self.pos_weight.numel()} columns, the model {K} outputs")
         self.preview = preview  # a dataset to draw the sample-grid images from (e.g. the test split)
+        self._bank: MaskBank | None = None  # built at the first batch (it needs S)
+        model.train_config = self.provenance()  # saved in config.json with the model
+
+    def provenance(self) -> dict:
+        """Every setting of this task that changes the trained model (checkpointed by ``ipa_core.trainer.fit``)."""
+        keep = {k: v for k, v in self.cfg.to_dict().items() if k not in ("eval_images", "eval_batch")}
+        return {**keep, "arch": self.model.config.arch, "input_norm": self.model.config.input_norm}
+
+    def mask_bank(self, S: int) -> MaskBank | None:
+        """The free-form mask bank for images of side ``S`` (None when ``freeform_bank`` is 0)."""
+        if self.cfg.freeform_bank == 0 or self.cfg.p_freeform == 0:
+            return None
+        if self._bank is None or self._bank.S != S:
+            log.info("drawing a bank of %d free-form %dx%d masks (seed %d)", self.cfg.freeform_bank, S, S, self.cfg.seed)
+            self._bank = MaskBank(self.cfg.masks, S, self.cfg.freeform_bank, seed=self.cfg.seed)
+        return self._bank
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -153,7 +193,7 @@ class AVPTrainTask:
         B, _, S, _ = images.shape
         if labels.shape[1] != self.model.config.num_labels:
             raise UserError(f"the data has {labels.shape[1]} labels, the AVP-CNN {self.model.config.num_labels}; use an xray.dataset split")
-        m = sample_training_masks(B, S, self.cfg, _cpu_generator(generator)).to(images.device, non_blocking=True)
+        m = sample_training_masks(B, S, self.cfg, _cpu_generator(generator), self.mask_bank(S)).to(images.device, non_blocking=True)
         y = observe(images.float() / 255, m)  # (B, C + 1, S, S)
         logits = model(y).float()  # (B, K)
         pw = self.pos_weight.to(logits.device) if self.pos_weight is not None else None
@@ -174,7 +214,7 @@ class AVPTrainTask:
         idx = list(range(n))
         x = dataset_images(self.preview, idx)
         S = x.shape[-1]
-        m = sample_training_masks(n, S, AVPTrainConfig(p_full=0.25), torch.Generator().manual_seed(self.cfg.seed))
+        m = sample_training_masks(n, S, self.cfg, torch.Generator().manual_seed(self.cfg.seed), self.mask_bank(S))
         p = model.predict_proba(x, m).cpu()  # (n, K)
         y = _labels(self.preview, idx)
         fig = Figure(figsize=(2 * n, 2.4), layout="constrained")
@@ -204,6 +244,7 @@ class AVPTrainTask:
         return out
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
+        model.train_config = self.provenance()  # the EMA copy too
         model.save_pretrained(out_dir)
 
 

@@ -4,8 +4,10 @@
   Yu et al. 2018), optionally conditioned on an observed-fraction bin (0-20 %, ..., 80-100 %).
 - :func:`random_patch_masks`: 0-5 square patches (35 % of the width for IPA, 25 % for the
   classifier), corners drawn so that patches may be clipped at the border.
-- :class:`MaskMixture`: the training mixture of the two (``IPA_TRAINING_MASKS``,
-  ``CLASSIFIER_TRAINING_MASKS``).
+- :class:`MaskMixture`: the training mixture of the two (``IPA_TRAINING_MASKS``: 35 % patches;
+  ``CLASSIFIER_TRAINING_MASKS``: 25 % patches, paper appendix I.4; free-form share 1/2 in both).
+- :class:`MaskBank`: the same mixture with free-form masks drawn once and reused under random
+  flips (a free-form mask costs ~10 ms of Python; a small CNN's training step less).
 - :func:`parse_mask_spec`: the CLI's ``patches:K``, ``freeform``, ``box:top,left,h,w``, ``none``, ``full``.
 """
 
@@ -66,9 +68,9 @@ def _brush_holes(rng: np.random.Generator, S: int, max_tries: int) -> np.ndarray
         for i in range(n_vertex):
             angle = rng.uniform(a_min, a_max)
             angle = 2 * math.pi - angle if i % 2 == 0 else angle
-            r = float(np.clip(rng.normal(radius, radius / 2), 0, 2 * radius))
-            x = float(np.clip(pts[-1][0] + r * math.cos(angle), 0, S))
-            y = float(np.clip(pts[-1][1] + r * math.sin(angle), 0, S))
+            r = min(max(float(rng.normal(radius, radius / 2)), 0.0), 2 * radius)  # scalar clips (np.clip costs ~10 us a call)
+            x = min(max(pts[-1][0] + r * math.cos(angle), 0.0), float(S))
+            y = min(max(pts[-1][1] + r * math.sin(angle), 0.0), float(S))
             pts.append((x, y))
         w = int(rng.uniform(min_w, max_w))
         draw.line(pts, fill=1, width=w)
@@ -180,7 +182,39 @@ class MaskMixture:
 
 
 IPA_TRAINING_MASKS = MaskMixture(patch_frac=0.35)
-CLASSIFIER_TRAINING_MASKS = MaskMixture(patch_frac=0.25)
+CLASSIFIER_TRAINING_MASKS = MaskMixture(p_freeform=IPA_TRAINING_MASKS.p_freeform, patch_frac=0.25)  # appendix I.4
+
+
+class MaskBank:
+    """:class:`MaskMixture` sampling with the free-form masks taken from a fixed bank.
+
+    ``size`` free-form masks (each in a uniformly drawn observed-fraction bin) are drawn once from
+    ``seed``; every free-form draw picks one uniformly and flips it vertically and/or horizontally
+    at random (the free-form distribution is symmetric under both flips), so the bank offers
+    ``4 * size`` distinct masks. The patch masks and the free-form/patch coin are drawn fresh, in
+    the same order as :meth:`MaskMixture.sample`.
+    """
+
+    def __init__(self, mixture: MaskMixture, S: int, size: int, seed: int = 0):
+        if size < 1:
+            raise UserError(f"mask bank size must be >= 1, got {size}")
+        self.mixture, self.S, self.size, self.seed = mixture, S, size, seed
+        self.freeform = freeform_masks(size, S, torch.Generator().manual_seed(seed)) if mixture.p_freeform > 0 else None  # (size, 1, S, S)
+
+    def sample(self, B: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(B, 1, S, S)`` float, 1 = observed."""
+        mx = self.mixture
+        use_ff = torch.rand(B, generator=generator) < mx.p_freeform  # (B,)
+        out = random_patch_masks(B, self.S, mx.patch_frac, mx.max_patches, mx.min_patches, generator)
+        n_ff = int(use_ff.sum())
+        if n_ff:
+            idx = torch.randint(self.size, (n_ff,), generator=generator)
+            flips = torch.rand(n_ff, 2, generator=generator) < 0.5  # (n_ff, 2): vertical, horizontal
+            ff = self.freeform[idx]  # (n_ff, 1, S, S)
+            ff = torch.where(flips[:, 0, None, None, None], ff.flip(2), ff)
+            ff = torch.where(flips[:, 1, None, None, None], ff.flip(3), ff)
+            out[use_ff] = ff
+        return out
 
 MASK_SPEC_HELP = "patches:K (K random 35%% patches), freeform, box:top,left,h,w, none (nothing observed), full"
 

@@ -3,12 +3,19 @@
 Examples:
   boed train-avp --out runs/demo/avp                     # tiny CNN on the phantom set at 64 px
   boed train-avp --data chestxray --data-root /data/nih --image-size 256 --arch densenet121 \\
-      --init densenet121_imagenet.pth --lr 1e-5 --batch-size 32 --steps 32000 --device cuda --out runs/avp256
+      --init imagenet --lr 1e-5 --batch-size 32 --steps 32000 --device cuda --out runs/avp256   # paper I.4
+  boed train-avp ... --arch densenet121 --init xrv:densenet121-res224-nih        # a chest x-ray backbone
+  boed train-avp ... --init imagenet --init-weights densenet121-a639ec97.pth    # offline: a local copy
   torchrun --nproc-per-node 4 $(which boed) train-avp ...   # data parallel
 
+Training masks (paper I.4): the completion networks' free-form mixture with 25 %-width patches;
+--p-full adds fully observed images (default none). --init imagenet / xrv:NAME download the
+weights (torchvision's weights API / torchxrayvision) unless --init-weights names a local copy.
+
 Re-running the same command resumes from the last checkpoint. The run folder gets model/ (for
-`boed evaluate --avp`), metrics.jsonl, samples/, eval.json and auroc_table.txt (per-label AUROC on
-the full image and after one random scan patch).
+`boed evaluate --avp`; its config.json records the labels, the input normalisation and how it was
+trained), metrics.jsonl, samples/, eval.json and auroc_table.txt (per-label AUROC on the full
+image and after one random scan patch).
 """
 
 from __future__ import annotations
@@ -29,23 +36,42 @@ def _defaults():
                        grad_clip=100.0, skip_threshold=None, log_every=50, sample_every=500, ckpt_every=500)
 
 
+def _default(cls, name: str):
+    return cls.__dataclass_fields__[name].default
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     from ipa_core.trainer import add_train_args
     from xray.dataset import add_data_args
 
-    from boed.classifier import ARCHS
+    from boed.classifier import ARCHS, DEFAULT_INIT, XRV_MODELS, AVPConfig
+    from boed.train_avp import AVPTrainConfig
 
+    arch = _default(AVPConfig, "arch")
     p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, metrics); re-run to resume")
-    p.add_argument("--arch", choices=ARCHS, default="tiny", help="backbone (default: tiny, the fast CPU CNN)")
-    p.add_argument("--width", type=int, default=12, help="tiny only: stem channels (default: 12)")
-    p.add_argument("--pool", type=int, default=4, help="tiny only: pooled grid before the head, 1 = global average (default: 4)")
-    p.add_argument("--init", default=None, metavar="PATH",
-                   help="local weights: an image-only torchvision state dict of --arch (widened for the mask), or an AVP model/run")
-    p.add_argument("--pos-weight", choices=("none", "auto"), default="none",
-                   help="auto: weight positives by negatives/positives per label (default: none)")
-    p.add_argument("--p-full", type=float, default=0.2, help="fraction of fully observed training images (default: 0.2)")
-    p.add_argument("--p-freeform", type=float, default=0.0, help="fraction of IPA-style free-form masks (default: 0)")
-    p.add_argument("--eval-images", type=int, default=5000, help="test images in the end-of-run AUROC report (default: 5000)")
+    p.add_argument("--arch", choices=ARCHS, default=arch, help=f"backbone (default: {arch})")
+    p.add_argument("--width", type=int, default=_default(AVPConfig, "width"),
+                   help=f"tiny only: stem channels (default: {_default(AVPConfig, 'width')})")
+    p.add_argument("--pool", type=int, default=_default(AVPConfig, "pool"),
+                   help=f"tiny only: pooled grid before the head, 1 = global average (default: {_default(AVPConfig, 'pool')})")
+    p.add_argument("--init", default=DEFAULT_INIT, metavar="SPEC",
+                   help="initial weights: scratch; imagenet (torchvision ImageNet weights, ImageNet normalisation); "
+                        f"xrv:NAME (torchxrayvision chest x-ray model, NAME one of {', '.join(XRV_MODELS)}); "
+                        f"or an AVP model/run folder to fine-tune (default: {DEFAULT_INIT})")
+    p.add_argument("--init-weights", default=None, metavar="FILE",
+                   help="a local copy of the --init imagenet or xrv:NAME weights (a state dict); nothing is downloaded (default: none)")
+    p.add_argument("--pos-weight", choices=("none", "auto"), default=_default(AVPTrainConfig, "pos_weight"),
+                   help=f"auto: weight positives by negatives/positives per label (default: {_default(AVPTrainConfig, 'pos_weight')})")
+    p.add_argument("--p-full", type=float, default=_default(AVPTrainConfig, "p_full"),
+                   help=f"share of fully observed training images, not in the paper (default: {_default(AVPTrainConfig, 'p_full')})")
+    p.add_argument("--p-freeform", type=float, default=_default(AVPTrainConfig, "p_freeform"),
+                   help="share of free-form masks among the partial ones, the rest 0-5 random patches of "
+                        f"{round(100 * _default(AVPTrainConfig, 'patch_frac'))}%% width (default: {_default(AVPTrainConfig, 'p_freeform')})")
+    p.add_argument("--freeform-bank", type=int, default=_default(AVPTrainConfig, "freeform_bank"),
+                   help="free-form masks drawn once and reused under random flips; 0 draws each fresh (slow on CPU) "
+                        f"(default: {_default(AVPTrainConfig, 'freeform_bank')})")
+    p.add_argument("--eval-images", type=int, default=_default(AVPTrainConfig, "eval_images"),
+                   help=f"test images in the end-of-run AUROC report (default: {_default(AVPTrainConfig, 'eval_images')})")
     add_data_args(p)
     add_train_args(p, _defaults())
 
@@ -55,17 +81,22 @@ def main(args: argparse.Namespace) -> int:
     from xray.dataset import dataset_from_args
     from xray.io import atomic_write_text
 
-    from boed.classifier import AVPClassifier, AVPConfig, load_init
+    from boed.classifier import AVPClassifier, AVPConfig, init_config, init_state, parse_init
     from boed.train_avp import AVPTrainConfig, AVPTrainTask, format_auroc_table
 
+    # everything is checked (and the initial weights loaded) before a file or folder is created
     tcfg = train_config_from_args(args, _defaults())
-    acfg = AVPTrainConfig(p_full=args.p_full, p_freeform=args.p_freeform, pos_weight=args.pos_weight,
-                          eval_images=args.eval_images, seed=tcfg.seed)
+    init = parse_init(args.init, args.arch, args.init_weights)
+    record = init.describe()
+    acfg = AVPTrainConfig(p_full=args.p_full, p_freeform=args.p_freeform, freeform_bank=args.freeform_bank,
+                          pos_weight=args.pos_weight, eval_images=args.eval_images, seed=tcfg.seed,
+                          init=record["init"], init_weights=init.path if init.kind in ("imagenet", "xrv") else None,
+                          init_digest=record.get("init_digest"))
+    mcfg = init_config(AVPConfig(arch=args.arch, image_size=args.image_size, width=args.width, pool=args.pool), init)
+    model = init_state(AVPClassifier(mcfg), init)
     train_set = dataset_from_args(args, "train")
     test_set = dataset_from_args(args, "test")
-    model = AVPClassifier(AVPConfig(arch=args.arch, image_size=train_set.image_size, width=args.width, pool=args.pool))
-    if args.init is not None:
-        load_init(model, args.init)
+    model.config.image_size = train_set.image_size
     if args.channels_last:
         model.channels_last = True
     task = AVPTrainTask(model, acfg, train_labels=getattr(train_set, "labels", None), preview=test_set)

@@ -1,10 +1,15 @@
 import json
+import socket
+import sys
+import types
+import urllib.error
 
 import pytest
 import torch
 import torchvision
 
-from boed.classifier import AVPClassifier, AVPConfig, load_init
+from boed.classifier import (IMAGENET_MEAN, IMAGENET_STD, AVPClassifier, AVPConfig, InitSpec, init_config, init_state,
+                             load_init, parse_init)
 from boed.geometry import observe
 from xray.errors import UserError
 from xray.labels import LABELS
@@ -86,37 +91,197 @@ def test_mismatched_checkpoint_names_key(tmp_path):
         AVPClassifier.from_pretrained(tmp_path / "a")
 
 
-@pytest.mark.parametrize("arch,rgb", [("resnet18", False), ("resnet18", True), ("densenet121", True)])
-def test_init_from_image_only_backbone_keeps_outputs(tmp_path, arch, rgb):
-    """A widened image-only network gives the same logits whatever the mask channel holds."""
-    torch.manual_seed(0)
-    C_src = 3 if rgb else 1
-    tv = getattr(torchvision.models, arch)(weights=None, num_classes=15)
-    if not rgb:
-        tv.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    torch.save(tv.state_dict(), tmp_path / "backbone.pt")
-    avp = load_init(AVPClassifier(AVPConfig(arch=arch, image_size=32)), tmp_path / "backbone.pt")
-    tv.eval(), avp.eval()
-    x = torch.rand(2, 1, 32, 32)
-    m = (torch.rand(2, 1, 32, 32) > 0.5).float()
+
+
+# ---------------------------------------------------------------- pretrained initialisation (never downloads)
+
+
+def _old_densenet_keys(sd):
+    """torchvision's published DenseNet files use "norm.1"-style keys; write the test file that way."""
+    import re
+
+    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in sd.items()}
+
+
+def _randomise_bn(net):
     with torch.no_grad():
-        ref = tv(x.expand(-1, C_src, -1, -1))
-        torch.testing.assert_close(avp(torch.cat([x, m], 1)), ref, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(avp(torch.cat([x, torch.zeros_like(m)], 1)), ref, atol=1e-4, rtol=1e-4)
+        for b in net.modules():
+            if isinstance(b, torch.nn.BatchNorm2d):
+                b.running_mean.uniform_(-0.5, 0.5)
+                b.running_var.uniform_(0.5, 2.0)
 
 
-def test_init_skips_imagenet_head_and_rejects_wrong_backbone(tmp_path):
-    tv = torchvision.models.resnet18(weights=None)  # 1000-way ImageNet head
-    torch.save(tv.state_dict(), tmp_path / "r18.pt")
-    avp = load_init(AVPClassifier(AVPConfig(arch="resnet18", image_size=32)), tmp_path / "r18.pt")
-    torch.testing.assert_close(avp.net.layer1[0].conv1.weight, tv.layer1[0].conv1.weight)
-    assert avp.net.fc.weight.shape == (15, 512)
-    with pytest.raises(UserError, match="missing"):
-        load_init(AVPClassifier(AVPConfig(arch="tiny", image_size=32)), tmp_path / "r18.pt")
-    with pytest.raises(UserError, match=r"key 'layer4"):  # a truncated state dict
-        sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("layer4")}
-        torch.save(sd, tmp_path / "partial.pt")
-        load_init(AVPClassifier(AVPConfig(arch="resnet18", image_size=32)), tmp_path / "partial.pt")
+def _with_head_of(ref, avp, head):
+    """``ref`` with ``avp``'s freshly initialised 15-way head (the pretrained head is skipped on load)."""
+    src = getattr(avp.net, head)
+    setattr(ref, head, torch.nn.Linear(src.in_features, src.out_features))
+    getattr(ref, head).load_state_dict(src.state_dict())
+    return ref.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_imagenet_init_keeps_image_only_outputs(tmp_path, arch):
+    """ImageNet weights + zero mask channel: the AVP-CNN computes the ImageNet network on the grey
+    image replicated to RGB and ImageNet-normalised, whatever the mask channel holds."""
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(weights=None)  # 1000-way head, 3 input channels
+    _randomise_bn(tv)
+    sd = tv.state_dict()
+    torch.save(_old_densenet_keys(sd) if arch == "densenet121" else sd, tmp_path / "imagenet.pth")
+    init = parse_init("imagenet", arch, tmp_path / "imagenet.pth")
+    avp = init_state(AVPClassifier(init_config(AVPConfig(arch=arch, image_size=32), init)), init).eval()
+    assert avp.config.input_norm == "imagenet" and avp.first_conv.in_channels == 4
+    head = "fc" if arch == "resnet18" else "classifier"
+    ref = _with_head_of(tv, avp, head)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.rand(2, 1, 32, 32)
+    m = (torch.rand(2, 1, 32, 32) > 0.4).float()
+    with torch.no_grad():
+        full = ref((x.expand(-1, 3, -1, -1) - mean) / std)
+        torch.testing.assert_close(avp(observe(x, torch.ones_like(m))), full, atol=1e-4, rtol=1e-4)
+        part = ref((x.expand(-1, 3, -1, -1) - mean) / std * m)  # unobserved pixels = the ImageNet mean
+        torch.testing.assert_close(avp(observe(x, m)), part, atol=1e-4, rtol=1e-4)
+    for k, v in sd.items():  # every backbone weight but the head and the widened first conv came through
+        if not k.startswith(head) and not k.endswith("num_batches_tracked") and k != f"{avp_first(arch)}.weight":
+            torch.testing.assert_close(avp.net.state_dict()[k], v)
+
+
+def avp_first(arch):
+    return {"resnet18": "conv1", "densenet121": "features.conv0"}[arch]
+
+
+def test_xrv_init_uses_xrv_scaling(tmp_path):
+    """A torchxrayvision DenseNet-121 state dict (1 channel, 18 outputs, op_threshs buffer)."""
+    torch.manual_seed(1)
+    xrv_like = torchvision.models.densenet121(weights=None, num_classes=18)
+    xrv_like.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    _randomise_bn(xrv_like)
+    torch.save({**xrv_like.state_dict(), "op_threshs": torch.rand(18)}, tmp_path / "nih.pt")
+    init = parse_init("xrv:densenet121-res224-nih", "densenet121", tmp_path / "nih.pt")
+    avp = init_state(AVPClassifier(init_config(AVPConfig(arch="densenet121", image_size=32), init)), init).eval()
+    assert avp.config.input_norm == "xrv" and avp.first_conv.in_channels == 2
+    ref = _with_head_of(xrv_like, avp, "classifier")
+    x = torch.rand(2, 1, 32, 32)
+    m = (torch.rand(2, 1, 32, 32) > 0.4).float()
+    with torch.no_grad():
+        torch.testing.assert_close(avp(observe(x, m)), ref((2 * x - 1) * 1024 * m), atol=2e-3, rtol=1e-4)
+
+
+def test_normalisation_is_saved_and_reproduced(tmp_path):
+    torch.manual_seed(0)
+    model = AVPClassifier(AVPConfig(arch="resnet18", image_size=32, input_norm="imagenet")).eval()
+    plain = AVPClassifier(AVPConfig(arch="resnet18", image_size=32))
+    assert set(model.state_dict()) == {k for k in plain.state_dict()}  # the norm adds no weights
+    model.train_config = {"masks": {"patch_frac": 0.25}, "init": "imagenet"}
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["input_norm"] == "imagenet" and cfg["train_config"]["init"] == "imagenet" and cfg["label_names"] == list(LABELS)
+    loaded = AVPClassifier.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.train_config == model.train_config
+    x, m = _inputs(S=32)
+    torch.testing.assert_close(loaded.predict_proba(x, m), model.predict_proba(x, m))
+    from boed.scoring import prepare_classifier  # BN folding and channels_last keep the normalisation
+
+    fast = prepare_classifier(model, torch.device("cpu"))
+    torch.testing.assert_close(fast.predict_proba(x, m), model.predict_proba(x, m), atol=1e-4, rtol=1e-3)
+
+
+def test_input_norm_is_pointwise_and_tiny_stays_incremental():
+    from boed.classifier import InputNorm
+    from boed.incremental import from_module
+    from boed.scoring import prepare_classifier
+
+    norm = InputNorm(1, IMAGENET_MEAN, IMAGENET_STD)
+    y = observe(torch.rand(1, 1, 8, 8), (torch.rand(1, 1, 8, 8) > 0.5).float())
+    y2 = y.clone()
+    y2[..., 3, 5] = torch.tensor([0.7, 1.0])
+    diff = (norm(y2) - norm(y)).abs().sum(1)[0]  # (8, 8)
+    assert diff[3, 5] > 0 and diff.sum() == diff[3, 5]  # only that pixel changes
+    assert (norm(torch.zeros(1, 2, 4, 4)) == 0).all()  # no constant term: zero padding stays zero
+    tiny = AVPClassifier(AVPConfig(arch="tiny", image_size=32))
+    assert tiny.norm is None and from_module(prepare_classifier(tiny, torch.device("cpu"))) is not None
+    with pytest.raises(UserError, match="not arch 'tiny'"):
+        AVPConfig(arch="tiny", input_norm="imagenet")
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Every download fails as it would offline (and nothing is read from a real cache)."""
+    def refuse(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: refuse())
+
+
+def test_offline_downloads_fail_with_one_line_hint(no_network, monkeypatch):
+    init = parse_init("imagenet", "resnet18")
+    model = AVPClassifier(init_config(AVPConfig(arch="resnet18", image_size=32), init))
+    with pytest.raises(UserError, match=r"cannot download the ImageNet weights of resnet18 .*--init imagenet --init-weights FILE") as e:
+        init_state(model, init)
+    assert "\n" not in str(e.value)
+    xinit = parse_init("xrv:densenet121-res224-nih", "densenet121")
+    dn = AVPClassifier(init_config(AVPConfig(arch="densenet121", image_size=32), xinit))
+    monkeypatch.setitem(sys.modules, "torchxrayvision", None)  # not installed
+    with pytest.raises(UserError, match=r"pip install torchxrayvision.*--init-weights FILE"):
+        init_state(dn, xinit)
+
+    def offline_get_model(name):
+        raise ConnectionError(f"HTTPSConnectionPool(host='github.com'): Max retries exceeded ({name})")
+
+    fake = types.SimpleNamespace(models=types.SimpleNamespace(get_model=offline_get_model))
+    monkeypatch.setitem(sys.modules, "torchxrayvision", fake)
+    with pytest.raises(UserError, match=r"cannot get the torchxrayvision weights densenet121-res224-nih .*--init-weights FILE"):
+        init_state(dn, xinit)
+
+
+def test_bad_init_is_user_error(tmp_path):
+    cases = [
+        (("xrv:densenet999", "densenet121", None), "unknown torchxrayvision weights"),
+        (("xrv:densenet121-res224-nih", "resnet18", None), "pass --arch densenet121"),
+        (("imagenet", "tiny", None), "no ImageNet weights for --arch tiny"),
+        (("imagenet", "resnet18", tmp_path / "nope.pth"), "no such file"),
+        (("scratch", "resnet18", tmp_path / "nope.pth"), "--init-weights"),
+        (("imagnet", "resnet18", None), "is not one of scratch, imagenet"),
+        (("scratch", "vgg16", None), "unknown --arch"),
+    ]
+    for (spec, arch, wf), msg in cases:
+        with pytest.raises(UserError, match=msg):
+            parse_init(spec, arch, wf)
+    # a weights file of another architecture, a truncated one, a pickled whole model
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    init = parse_init("imagenet", "resnet50", tmp_path / "r18.pth")
+    with pytest.raises(UserError, match=r"key 'layer1\.0\.conv1\.weight' has shape .*pass the --arch these weights were made for"):
+        init_state(AVPClassifier(init_config(AVPConfig(arch="resnet50", image_size=32), init)), init)
+    init = parse_init("imagenet", "densenet121", tmp_path / "r18.pth")
+    with pytest.raises(UserError, match=r"does not match a densenet121 backbone: key 'features\.conv0\.weight' is missing"):
+        init_state(AVPClassifier(init_config(AVPConfig(arch="densenet121", image_size=32), init)), init)
+    sd = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("layer4")}
+    torch.save(sd, tmp_path / "partial.pth")
+    init = parse_init("imagenet", "resnet18", tmp_path / "partial.pth")
+    with pytest.raises(UserError, match=r"key 'layer4"):
+        init_state(AVPClassifier(init_config(AVPConfig(arch="resnet18", image_size=32), init)), init)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # xrv's DenseNet release files are pickled modules
+    init = parse_init("xrv:densenet121-res224-nih", "densenet121", tmp_path / "pickled.pt")
+    with pytest.raises(UserError, match=r"cannot read weights .*state_dict\(\)"):
+        init_state(AVPClassifier(init_config(AVPConfig(arch="densenet121", image_size=32), init)), init)
+    with pytest.raises(UserError, match="without config.json"):
+        parse_init(str(tmp_path / "r18.pth"), "resnet18")  # an image-only file is not an AVP model
+
+
+def test_init_from_avp_run_keeps_its_normalisation(tmp_path):
+    src = AVPClassifier(AVPConfig(arch="resnet18", image_size=32, input_norm="xrv"))
+    src.save_pretrained(tmp_path / "run" / "model")
+    init = parse_init(str(tmp_path / "run"), "resnet18")
+    cfg = init_config(AVPConfig(arch="resnet18", image_size=32), init)
+    assert cfg.input_norm == "xrv"
+    dst = init_state(AVPClassifier(cfg), init)
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(UserError, match="pass --arch resnet18"):
+        init_config(AVPConfig(arch="densenet121", image_size=32), init)
+    assert init.describe()["init_digest"]  # the source weights are named by digest in the provenance
 
 
 def test_init_from_full_avp_checkpoint(tmp_path):

@@ -4,10 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from boed.classifier import AVPClassifier, AVPConfig
 from boed.train_avp import (AVPTrainConfig, AVPTrainTask, format_auroc_table, positive_weights,
                             sample_training_masks)
+from ipa_core.masks import IPA_TRAINING_MASKS
 from tests.xray.conftest import make_nih
 from xray.cli_base import make_main
 from xray.errors import UserError
@@ -15,19 +17,53 @@ from xray.errors import UserError
 S = 64
 
 
-def test_training_masks_distribution():
-    g = torch.Generator().manual_seed(0)
-    cfg = AVPTrainConfig(p_full=0.2)
-    m = sample_training_masks(800, S, cfg, g)
-    assert m.shape == (800, 1, S, S) and set(m.unique().tolist()) <= {0.0, 1.0}
-    frac = m.flatten(1).mean(1)  # (B,)
-    full = frac == 1
-    assert abs(full.float().mean().item() - 0.2) < 0.045  # (5 patches of 1/16 each cannot cover the image)
-    assert (frac[~full] <= 5 * (S // 4) ** 2 / S**2 + 1e-6).all()  # at most 5 patches of side S/4
-    assert (frac == 0).float().mean() > 0.1  # "0 patches" = nothing observed, ~1/6 of the patch masks
-    clipped = frac[~full & (frac > 0)]
-    assert (clipped * S * S % (S // 4) ** 2 != 0).any()  # some patches are clipped at the border
-    torch.testing.assert_close(m, sample_training_masks(800, S, cfg, torch.Generator().manual_seed(0)))
+def _union_of_squares(m: torch.Tensor, P: int) -> torch.Tensor:
+    """``(B,)``: whether each mask is a union of P x P squares, each possibly clipped at the border
+    (every observed pixel lies in a fully observed P x P window, outside the image counting as observed)."""
+    pad = F.pad(m, (P - 1,) * 4, value=1.0)
+    fits = (F.avg_pool2d(pad, P, stride=1) > 1 - 1e-6).float()  # (B, 1, S + P - 1, S + P - 1) windows inside
+    covered = F.max_pool2d(fits, P, stride=1)  # (B, 1, S, S)
+    return (covered == m).flatten(1).all(1)
+
+
+def test_default_masks_follow_appendix_I4():
+    """Paper I.4: the completion networks' mixture (free-form share as IPA's) with 25 %-width patches, clipped
+    at the border, and no fully observed share of its own. Checked on the masks alone over many seeded draws."""
+    cfg = AVPTrainConfig()
+    assert (cfg.p_full, cfg.patch_frac, cfg.max_patches) == (0.0, 0.25, 5)
+    assert cfg.p_freeform == IPA_TRAINING_MASKS.p_freeform == 0.5
+    n, P = 400, S // 4
+    m = sample_training_masks(n, S, AVPTrainConfig(freeform_bank=0), torch.Generator().manual_seed(0))
+    assert m.shape == (n, 1, S, S) and set(m.unique().tolist()) <= {0.0, 1.0}
+    frac = m.flatten(1).mean(1)  # (n,)
+    patchy = _union_of_squares(m, P) & (frac <= 5 * P * P / S**2 + 1e-6)  # at most 5 squares of side >= P
+    assert abs(patchy.float().mean().item() - 0.5) < 0.075  # free-form never passes (checked: 0 of 300)
+    wider = _union_of_squares(m, P + 1) & patchy & (frac > 0)  # squares of side >= P + 1 would pass this too
+    assert wider.float().sum() < 0.15 * (patchy & (frac > 0)).float().sum()  # only corner-clipped ones do
+    assert ((frac[patchy] * S * S) % (P * P) != 0).any()  # some patches clipped at the border
+    assert ((frac[patchy] == 0).float().mean() - 1 / 6).abs() < 0.08  # 0..5 patches uniform
+    assert (frac == 1).float().mean() < 0.05  # only free-form masks without holes (~2.7 %)
+    assert (frac[~patchy] > 5 * P * P / S**2).float().mean() > 0.5  # free-form observed fractions reach 100 %
+    again = sample_training_masks(40, S, AVPTrainConfig(freeform_bank=0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, sample_training_masks(40, S, AVPTrainConfig(freeform_bank=0), torch.Generator().manual_seed(0)))
+
+
+def test_mask_bank_and_p_full():
+    g = torch.Generator().manual_seed(1)
+    cfg = AVPTrainConfig(p_full=0.2, freeform_bank=32)
+    task = AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)), cfg)
+    bank = task.mask_bank(S)
+    assert bank.freeform.shape == (32, 1, S, S) and task.mask_bank(S) is bank
+    m = sample_training_masks(600, S, cfg, g, bank)
+    frac = m.flatten(1).mean(1)
+    assert abs((frac == 1).float().mean().item() - 0.2) < 0.06
+    partial = m[frac < 1]
+    patchy = _union_of_squares(partial, S // 4) & (partial.flatten(1).mean(1) <= 5 / 16 + 1e-6)
+    assert abs(patchy.float().mean().item() - 0.5) < 0.06
+    ff = partial[~patchy]  # each is a bank mask, possibly flipped
+    variants = torch.cat([bank.freeform, bank.freeform.flip(2), bank.freeform.flip(3), bank.freeform.flip(2, 3)])
+    assert all((variants == f).flatten(1).all(1).any() for f in ff[:50])
+    assert len({tuple(f.flatten().tolist()) for f in ff}) > 40  # flips multiply the bank
 
 
 def test_positive_weights_known_answer():
@@ -39,7 +75,7 @@ def test_loss_of_uninformed_model_is_log2():
     model = AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))
     torch.nn.init.zeros_(model.net.head.weight)
     torch.nn.init.zeros_(model.net.head.bias)
-    task = AVPTrainTask(model)
+    task = AVPTrainTask(model, AVPTrainConfig(freeform_bank=4))
     x = torch.randint(0, 256, (4, 1, S, S), dtype=torch.uint8)
     y = (torch.rand(4, 15) > 0.5).float()
     loss, metrics = task.loss(model, (x, y), torch.Generator().manual_seed(0))
@@ -50,8 +86,9 @@ def test_loss_of_uninformed_model_is_log2():
 
 
 def test_bad_config_is_user_error():
-    with pytest.raises(UserError):
-        AVPTrainConfig(p_full=0.8, p_freeform=0.5)
+    for bad in ({"p_full": 1.5}, {"p_freeform": -0.1}, {"freeform_bank": -1}, {"patch_frac": 0}):
+        with pytest.raises(UserError):
+            AVPTrainConfig(**bad)
     with pytest.raises(UserError, match="needs the training labels"):
         AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S)), AVPTrainConfig(pos_weight="auto"))
 
@@ -83,7 +120,7 @@ def test_fit_learns_and_reports(tmp_path):
     torch.manual_seed(0)
     data = BrightCornerSet()
     model = AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))
-    task = AVPTrainTask(model, AVPTrainConfig(p_full=0.3, eval_images=128), progress=False, preview=data)
+    task = AVPTrainTask(model, AVPTrainConfig(p_full=0.3, eval_images=128, freeform_bank=16), progress=False, preview=data)
     cfg = TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup=10, ema_rate=None, log_every=20, sample_every=80, ckpt_every=80)
     fit(task, data, cfg, tmp_path / "run", test_set=data)
     res = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -103,7 +140,7 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     root = make_nih(tmp_path / "nih", n=40, px=48)
     argv = ["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
             "--image-size", str(S), "--width", "4", "--steps", "6", "--batch-size", "4", "--log-every", "3",
-            "--ckpt-every", "3", "--sample-every", "100", "--out", str(tmp_path / "avp"), "--eval-images", "50"]
+            "--ckpt-every", "3", "--sample-every", "100", "--freeform-bank", "8", "--out", str(tmp_path / "avp"), "--eval-images", "50"]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0, capsys.readouterr().err
@@ -111,6 +148,11 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     assert "1 patch" in out and (tmp_path / "avp" / "auroc_table.txt").is_file()
     m1 = AVPClassifier.from_pretrained(tmp_path / "avp")
     assert m1.config.image_size == S and m1.config.width == 4
+    saved = json.loads((tmp_path / "avp" / "model" / "config.json").read_text())
+    assert saved["label_names"] == list(m1.label_names) and len(saved["label_names"]) == 15
+    tc = saved["train_config"]  # how it was trained, with the model
+    assert (tc["init"], tc["p_full"], tc["p_freeform"], tc["patch_frac"], tc["freeform_bank"], tc["arch"]) == ("scratch", 0.0, 0.5, 0.25, 8, "tiny")
+    assert m1.train_config == tc
     with pytest.raises(SystemExit) as e:  # same command again: resumes at step 6, nothing to do, same model
         main(argv)
     assert e.value.code == 0
@@ -120,3 +162,70 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a different architecture in the same run folder
         main(argv[:-4] + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
+
+
+def test_task_provenance_records_the_training_config():
+    model = AVPClassifier(AVPConfig(arch="resnet18", image_size=S, input_norm="imagenet"))
+    cfg = AVPTrainConfig(p_full=0.1, freeform_bank=4, pos_weight="none", init="imagenet", init_weights="/w/densenet.pth",
+                         init_digest="abc123", eval_images=7)
+    prov = AVPTrainTask(model, cfg).provenance()
+    assert json.loads(json.dumps(prov)) == prov  # JSON-able
+    assert prov["arch"] == "resnet18" and prov["input_norm"] == "imagenet" and prov["init"] == "imagenet"
+    assert (prov["patch_frac"], prov["p_freeform"], prov["p_full"], prov["freeform_bank"]) == (0.25, 0.5, 0.1, 4)
+    assert prov["init_digest"] == "abc123" and "eval_images" not in prov  # the report size does not change the model
+    assert model.train_config == prov
+    assert AVPTrainTask(model, AVPTrainConfig(p_full=0.2, freeform_bank=4)).provenance() != prov
+
+
+def _cli():
+    return make_main("boed", "test", {"train-avp": "boed.commands.train_avp"})
+
+
+def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    import socket
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: offline())
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    cases = [
+        (["--init", "imagnet"], "is not one of scratch, imagenet"),
+        (["--init", "xrv:densenet121-res224-foo", "--arch", "densenet121"], "unknown torchxrayvision weights"),
+        (["--init", "xrv:densenet121-res224-nih"], "is a densenet121, but --arch is tiny"),
+        (["--init", "imagenet"], "no ImageNet weights for --arch tiny"),
+        (["--arch", "resnet18", "--init", "imagenet", "--init-weights", str(tmp_path / "none.pth")], "no such file"),
+        (["--arch", "densenet121", "--init", "imagenet", "--init-weights", str(tmp_path / "r18.pth")], "does not match a densenet121"),
+        (["--arch", "resnet18", "--init", "imagenet"], "offline, copy that file here and pass --init imagenet --init-weights FILE"),
+        (["--init-weights", str(tmp_path / "r18.pth")], "pass --init imagenet or --init xrv:NAME with it"),
+        (["--p-full", "1.5"], "--p-full and --p-freeform must be in [0, 1]"),
+        (["--freeform-bank", "-2"], "--freeform-bank must be >= 0"),
+    ]
+    base = ["train-avp", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "1"]
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            _cli()(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (extra, err)
+        assert msg in err, (extra, err)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists(), extra
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal of an unknown --arch
+        _cli()(base + ["--arch", "vgg16"])
+    assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help_states_the_code_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _cli()(["train-avp", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    cfg = AVPTrainConfig()
+    for flag, value in [("--p-full", cfg.p_full), ("--p-freeform", cfg.p_freeform), ("--freeform-bank", cfg.freeform_bank),
+                        ("--init", "scratch"), ("--arch", "tiny"), ("--eval-images", cfg.eval_images)]:
+        assert f"(default: {value})" in out, flag
+    assert "25% width" in out

@@ -92,3 +92,33 @@ def test_observed_bin_edges():
         random_patch_masks(2, 16, 0.0)
     with pytest.raises(UserError):
         freeform_masks(1, 16, gen(), observed_range=(0.5, 0.2))
+
+
+def test_classifier_mixture_is_ipas_with_25pct_patches():
+    from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, IPA_TRAINING_MASKS
+
+    assert CLASSIFIER_TRAINING_MASKS.patch_frac == 0.25 and IPA_TRAINING_MASKS.patch_frac == 0.35
+    assert CLASSIFIER_TRAINING_MASKS.p_freeform == IPA_TRAINING_MASKS.p_freeform == 0.5
+    assert CLASSIFIER_TRAINING_MASKS.max_patches == IPA_TRAINING_MASKS.max_patches == 5
+
+
+def test_mask_bank():
+    from ipa_core.masks import MaskBank
+
+    S = 32
+    no_ff = MaskMixture(p_freeform=0.0, patch_frac=0.25)
+    bank = MaskBank(no_ff, S, size=4, seed=0)
+    assert bank.freeform is None  # nothing drawn when the mixture has no free-form share
+    torch.testing.assert_close(bank.sample(20, gen(2)), no_ff.sample(20, S, gen(2)))  # same draws, same order
+    mix = MaskMixture(p_freeform=1.0)
+    bank = MaskBank(mix, S, size=6, seed=3)
+    assert torch.equal(bank.freeform, MaskBank(mix, S, size=6, seed=3).freeform)  # seeded
+    m = bank.sample(200, gen(4))
+    assert is_binary(m) and m.shape == (200, 1, S, S)
+    variants = torch.cat([bank.freeform, bank.freeform.flip(2), bank.freeform.flip(3), bank.freeform.flip(2, 3)])  # (24, 1, S, S)
+    hits = (m[:, None] == variants[None]).flatten(2).all(2)  # (200, 24)
+    assert hits.any(1).all()  # every draw is a bank mask under some flip
+    assert hits.any(0).sum() > 18  # and the flips are used
+    assert torch.equal(m, bank.sample(200, gen(4)))
+    with pytest.raises(UserError):
+        MaskBank(mix, S, size=0)
