@@ -61,6 +61,7 @@ class DemoProfile:
     eval_batch: int = 16
     eval_procs: int = 1  # evaluation shards run side by side (one thread each) on a multi-core CPU
     repeats: int = 3  # policy seeds of the evaluation (`boed evaluate --repeats`)
+    avp_init: str = "scratch"  # `boed train-avp --init`: scratch or imagenet (paper appendix I.4)
 
 
 PROFILES: dict[str, DemoProfile] = {
@@ -73,7 +74,7 @@ PROFILES: dict[str, DemoProfile] = {
                          repeats=2),
     "paper": DemoProfile("paper", image_size=256, vae_config="xray256", vae_steps=1_000_000, vae_batch=8,
                          ipa_steps=180_000, ipa_batch=8, avp_arch="densenet121", avp_steps=32_000, avp_batch=32,
-                         avp_lr=1e-5, n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
+                         avp_lr=1e-5, avp_init="imagenet", n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
 }
 
 
@@ -89,6 +90,7 @@ class DemoOptions:
     until: str = "eval"  # last stage to run (smoke tests stop early)
     max_images: int | None = None  # cap each split (whole patients first), for a CPU run on real data
     present_only: bool = False  # use the listed images that are present (a partial NIH download)
+    avp_init_weights: Path | None = None  # a local copy of the pretrained AVP backbone's weights (offline)
 
 
 @dataclass
@@ -290,7 +292,9 @@ def ipa_stage(opts: DemoOptions) -> Stage:
 def avp_stage(opts: DemoOptions) -> Stage:
     p = opts.profile
     return Stage("avp", "boed train-avp", "boed.commands.train_avp",
-                 ["--arch", p.avp_arch, "--out", opts.out / "avp", "--lr", p.avp_lr, *_data_args(opts),
+                 ["--arch", p.avp_arch, "--init", p.avp_init,
+                  *(["--init-weights", opts.avp_init_weights] if opts.avp_init_weights and p.avp_init != "scratch" else []),
+                  "--out", opts.out / "avp", "--lr", p.avp_lr, *_data_args(opts),
                   *_train_args(opts, p.avp_steps, p.avp_batch)], upstream=("data",))
 
 

@@ -121,7 +121,7 @@ def test_fit_learns_and_reports(tmp_path):
     data = BrightCornerSet()
     model = AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))
     task = AVPTrainTask(model, AVPTrainConfig(p_full=0.3, eval_images=128, freeform_bank=16), progress=False, preview=data)
-    cfg = TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup=10, ema_rate=None, log_every=20, sample_every=80, ckpt_every=80)
+    cfg = TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup=10, ema_rate=None, log_every=20, sample_every=80, ckpt_every=80, device="cpu")
     fit(task, data, cfg, tmp_path / "run", test_set=data)
     res = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert res["full/Effusion"] > 0.95  # the bright square is seen on the full image
