@@ -36,7 +36,7 @@ def distill_defaults():
 def gdfs_defaults():
     from ipa_core.trainer import TrainConfig
 
-    return TrainConfig(steps=800, batch_size=32, lr=1e-3, warmup=50, weight_decay=1e-4, ema_rate=0.99,
+    return TrainConfig(steps=600, batch_size=24, lr=1e-3, warmup=50, weight_decay=1e-4, ema_rate=0.99,
                        grad_clip=10.0, skip_threshold=None, log_every=50, sample_every=10**9, ckpt_every=200)
 
 

@@ -17,8 +17,8 @@ Examples:
   boed train-policy --method gdfs --avp runs/demo/avp --illness effusion --out runs/demo/policy-gdfs
   # teacher data across machines: --shard 0/4 ... --shard 3/4, then the same command without --shard trains
 
-The training flags default to the distill settings; with --method gdfs the defaults are 800 steps,
-batch 32, lr 0.001. Re-running the same command resumes (teacher shards and training checkpoints).
+The training flags default to the distill settings; with --method gdfs the defaults are 600 steps,
+batch 24, lr 0.001. Re-running the same command resumes (teacher shards and training checkpoints).
 The policy (OUT/model/) is used by `boed run --policy OUT` and as methods distilled / gdfs of
 `boed evaluate`.
 """
