@@ -365,3 +365,28 @@ def test_train_policy_bad_input_is_one_line_and_writes_nothing(models, data64, t
     code, _, err = cli(["train-policy", *[a for kv in args.items() for a in kv], "--out", str(out), "--device", "cpu"], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- demo stage
+
+
+def test_demo_policy_stages_parse_with_the_command_parser(tmp_path):
+    import argparse
+
+    from boed.amortised.demo import policy_stages, train_demo_policies
+    from boed.commands import train_policy
+
+    stages = policy_stages(tmp_path, ["effusion", "no finding"], "quick", scans=3, n_samples=4,
+                           data_args=["--data", "phantom", "--image-size", 64])
+    assert [s[0] for s in stages] == ["policy/effusion-distill", "policy/effusion-gdfs",
+                                      "policy/no-finding-distill", "policy/no-finding-gdfs"]
+    for name, cli_name, module, argv in stages:
+        assert cli_name == "boed train-policy" and module == "boed.commands.train_policy"
+        p = argparse.ArgumentParser()
+        train_policy.configure(p)
+        args = p.parse_args([str(a) for a in argv])
+        assert args.method == name.rsplit("-", 1)[1] and args.scans == 3 and args.out.startswith(str(tmp_path / "policies"))
+    with pytest.raises(UserError, match="no policy settings for demo profile"):
+        policy_stages(tmp_path, ["effusion"], "huge", 3, 4, [])
+    with pytest.raises(UserError, match="run `boed demo --out"):
+        train_demo_policies(tmp_path / "nothing")
