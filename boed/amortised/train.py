@@ -91,11 +91,13 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
     t0 = time.perf_counter()
     missing = generate_teacher_data(teacher_dir, teacher, train_set, teacher_cfg, provenance, first_location,
                                     shard=shard, progress=progress)
+    if shard[1] > 1 and not torchrun:  # --shard i/n: teacher data only; one later run without --shard trains
+        print(f"shard {shard[0]}/{shard[1]}: teacher shards done ({len(missing)} of other workers missing). "
+              f"When all have finished, rerun without --shard to train the student.")
+        return None
     if missing:
         if not torchrun:
-            print(f"shard {shard[0]}/{shard[1]}: teacher shards done; {len(missing)} of other workers missing. "
-                  f"When all have finished, rerun without --shard to train the student.")
-            return None
+            raise UserError(f"teacher shards {missing[:5]} are missing in {teacher_dir}; rerun to generate them")
         _wait_for_shards(teacher_dir, teacher_cfg)
     teacher_s = time.perf_counter() - t0
     first = int(json.loads((teacher_dir / "config.json").read_text())["first_location"])
