@@ -321,9 +321,15 @@ def test_train_policy_distill_end_to_end_then_run_policy(models, data64, tmp_pat
     argv = ["train-policy", "--method", "distill", "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
             "--out", str(out), "--scans", "2", "--teacher-images", "4", "--shard-size", "2", "--off-policy", "1",
             "--n-samples", "2", "--steps", "3", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    for i in (0, 1):  # teacher data split over two workers; neither trains
+        code, stdout, err = cli(argv + ["--shard", f"{i}/2"], capsys)
+        assert code == 0 and "rerun without --shard" in stdout, err
+        assert (out / "teacher" / f"shard-0000{i}.pt").is_file() and not (out / "model").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "teacher").glob("shard-*.pt")}
     code, stdout, err = cli(argv, capsys)
     assert code == 0, err
     assert "top-1 agreement" in stdout
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "teacher").glob("shard-*.pt")}  # reused, not redone
     assert sorted(p.name for p in (out / "teacher").glob("shard-*.pt")) == ["shard-00000.pt", "shard-00001.pt"]
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["top1_agreement"] <= 1 and report["eig_regret"] >= -1e-9 and report["tau"] > 0
