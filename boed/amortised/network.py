@@ -179,9 +179,7 @@ class AmortisedPolicy:
 
     def __init__(self, net: PolicyNet, device: torch.device | str | None = None, name: str | None = None):
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
-        self.net = net.to(self.device).eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        self.net = net.to(self.device).eval()  # decisions run under inference_mode: no gradients
         self.config = net.config
         self.geometry = net.config.geometry
         self.illness = resolve_illness(net.config.illness)
