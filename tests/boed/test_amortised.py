@@ -10,7 +10,7 @@ import torch
 from boed.amortised import AmortisedPolicy, PolicyConfig, PolicyNet, load_policy
 from boed.amortised.distill import auto_tau, choice_metrics, distill_loss
 from boed.amortised.teacher import (TeacherConfig, TeacherStates, generate_teacher_data, load_shards, missing_shards,
-                                    parse_shard, shard_path, states_of)
+                                    parse_shard, states_of)
 from boed.geometry import ScanGeometry
 from boed.policies import GreedyPolicy, ScanState
 from xray.errors import UserError
