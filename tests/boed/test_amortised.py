@@ -316,6 +316,7 @@ def cli(argv, capsys):
     return e.value.code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_train_policy_distill_end_to_end_then_run_policy(models, data64, tmp_path, capsys):
     out = tmp_path / "pol"
     argv = ["train-policy", "--method", "distill", "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
@@ -396,3 +397,21 @@ def test_demo_policy_stages_parse_with_the_command_parser(tmp_path):
         policy_stages(tmp_path, ["effusion"], "huge", 3, 4, [])
     with pytest.raises(UserError, match="run `boed demo --out"):
         train_demo_policies(tmp_path / "nothing")
+
+
+def test_run_policy_without_an_ipa_model_draws_policy_maps_only(models, data64, tmp_path, capsys):
+    torch.manual_seed(0)
+    pol = tmp_path / "gdfs"
+    PolicyNet(PolicyConfig(method="gdfs", illness="edema", image_size=64, patch_size=16, grid=17, width=4)).save_pretrained(pol)
+    scan = tmp_path / "scan"
+    code, stdout, err = cli(["run", "--policy", str(pol), "--illness", "edema", "--ipa", str(tmp_path / "no-ipa"),
+                             "--avp", str(models / "avp"), "--index", "2", "--scans", "3", "--out", str(scan)], capsys)
+    assert code == 0, err
+    rec = json.loads((scan / "scans.json").read_text())
+    assert rec["method"] == "gdfs" and len(set(rec["locations"])) == 3
+    assert all(s["eig"] is None and 0 < s["pi"] <= 1 for s in rec["steps"])
+    assert {"step_1.png", "step_3.png", "summary.png"} <= {p.name for p in scan.iterdir()}
+    code, _, err = cli(["run", "--policy", str(pol), "--illness", "edema", "--ipa", str(tmp_path / "no-ipa"),
+                        "--avp", str(models / "avp"), "--index", "0", "--scans", "1", "--image-size", "32",
+                        "--out", str(tmp_path / "no")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
