@@ -5,6 +5,7 @@ from xray.cli_base import make_main
 main = make_main("boed", __doc__, {
     "run": "boed.commands.run",
     "train-avp": "boed.commands.train_avp",
+    "train-policy": "boed.commands.train_policy",
     "evaluate": "boed.commands.evaluate",
     "demo": "boed.commands.demo",
 })

@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="classifier inputs per forward pass (default: 2048 on CUDA, 256 on CPU)")
     parser.add_argument("--show", type=int, default=5, help="completions shown per figure (default: 5)")
     parser.add_argument("--no-figures", action="store_true", help="print and save scans.json only")
+    parser.add_argument("--policy", metavar="RUN_POL", default=None,
+                        help="scan with an amortised policy from `boed train-policy` instead of greedy EIG-IPA; its "
+                             "probability maps are drawn beside EIG-IPA's EIG maps when --ipa holds a model; None: greedy EIG-IPA (default: None)")
     add_data_args(parser)
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
@@ -139,6 +142,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    if args.policy is not None:  # amortised policy (boed train-policy)
+        return _run_policy(args, illness, device)
     ipa, avp, S = load_models(args.ipa, args.avp, device)
     geometry = ScanGeometry(S)
     if not 1 <= args.scans <= geometry.num_locations:
@@ -199,3 +204,25 @@ def main(args: argparse.Namespace) -> int:
         ipa=str(args.ipa), avp=str(args.avp)))
     print(f"wrote {out / 'scans.json'}" + ("" if args.no_figures else f", {out}/step_*.png and {out / 'summary.png'}"))
     return 0
+
+
+def _run_policy(args, illness, device: torch.device) -> int:
+    """`--policy RUN_POL`: the amortised policy chooses every scan; greedy EIG-IPA's EIG map of the
+    same state is drawn beside it when an IPA model is available at --ipa."""
+    from boed.amortised.run import run_policy
+    from boed.classifier import AVPClassifier
+    from boed.samplers import DatasetSampler
+
+    ipa_here = any((Path(args.ipa) / sub / "config.json").is_file() for sub in ("", "model"))
+    if ipa_here:
+        ipa, avp, S = load_models(args.ipa, args.avp, device)
+    else:
+        avp_dir = _require_model_dir(args.avp, DEFAULT_AVP, "AVP", f"boed train-avp --out {args.avp}")
+        avp, ipa = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval(), None
+        S = avp.config.image_size
+    geometry = ScanGeometry(S)
+    if not 1 <= args.scans <= geometry.num_locations:
+        raise UserError(f"--scans must be in 1..{geometry.num_locations} (the {geometry.grid}x{geometry.grid} grid), got {args.scans}")
+    x, labels, source = load_image(args, S, avp.config.in_channels)
+    first_sampler = DatasetSampler(_dataset(args, S, "train")) if ipa is not None and args.first_draws == "dataset" else None
+    return run_policy(args, args.policy, avp, ipa, x.to(device), labels, source, illness, device, first_sampler)
