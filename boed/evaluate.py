@@ -77,6 +77,7 @@ METHOD_ALIASES = {
     "uncond": "uncond", "nongreedy": "nongreedy", "non-greedy": "nongreedy", "full": "full",
     "eig-ipar": "eig-ipar", "ipar": "eig-ipar", "eig-retrieval": "eig-retrieval", "retrieval": "eig-retrieval",
     "eig-ipa-under": "eig-ipa-under", "ipa-under": "eig-ipa-under",
+    "distilled": "distilled", "distill": "distilled", "gdfs": "gdfs",
 }
 METHODS: tuple[str, ...] = ("eig-ipa", "epe-ipa", "uncond", "nongreedy", "random", "full")  # the default set
 # Methods whose scan locations do not depend on the task: scanned once, scored for every task.
@@ -106,7 +107,7 @@ def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
             continue
         if key not in METHOD_ALIASES:
             raise UserError(f"unknown method {raw.strip()!r}; choose from {', '.join(method_names())} "
-                            "(short forms: eig, epe, ipar, retrieval, ipa-under)")
+                            "(short forms: eig, epe, ipar, retrieval, ipa-under, distill)")
         if METHOD_ALIASES[key] not in out:
             out.append(METHOD_ALIASES[key])
     if not out:

@@ -88,7 +88,19 @@ MODEL_FLAGS: dict[str, ModelFlag] = {
                       lambda f, p, d: _load_ipa_model(f, p, d, "reverse")),
     "ipa-under": ModelFlag("--ipa-under", None, "an under-trained IPA run (e.g. 1/8 of the steps) for method eig-ipa-under",
                            lambda f, p, d: _load_ipa_model(f, p, d, "forward")),
+    # amortised policies: loaded per scan task by their builder (a policy knows its illness and grid)
+    "distilled": ModelFlag("--distilled", None, "policy run of method distilled (`boed train-policy --method distill`)",
+                           lambda f, p, d: _check_policy_dir(f, p)),
+    "gdfs": ModelFlag("--gdfs", None, "policy run of method gdfs (`boed train-policy --method gdfs`)",
+                      lambda f, p, d: _check_policy_dir(f, p)),
 }
+
+
+def _check_policy_dir(flag: str, path: str) -> str:
+    from boed.amortised.network import PolicyNet
+
+    PolicyNet.from_pretrained(path)  # one-line UserError when it is not a policy run
+    return str(path)
 
 
 @dataclass
@@ -150,6 +162,12 @@ def _nongreedy(ctx: BuildContext, method: str, task: str):
                                  first_cache=ctx.first_cache)
 
 
+def _amortised(ctx: BuildContext, method: str, task: str):
+    from boed.amortised import load_policy
+
+    return load_policy(ctx.paths[method], task, ctx.geometry, ctx.device)
+
+
 def _random(ctx: BuildContext, method: str, task):
     from baselines.policies import RandomPolicy
 
@@ -180,6 +198,8 @@ METHOD_BUILDERS: dict[str, MethodBuilder] = {
     "eig-retrieval": MethodBuilder((), True, _retrieval),
     "uncond": MethodBuilder((), True, _uncond),
     "nongreedy": MethodBuilder((), True, _nongreedy),
+    "distilled": MethodBuilder(("distilled",), False, _amortised),
+    "gdfs": MethodBuilder(("gdfs",), False, _amortised),
     "random": MethodBuilder((), False, _random),
     "full": MethodBuilder((), False, _full),
 }

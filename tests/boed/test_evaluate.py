@@ -529,3 +529,27 @@ def test_torchrun_two_ranks_merge(cli_setup, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list((tmp_path / "ev").glob("records-*-of-002.jsonl"))) == 2
     assert (tmp_path / "ev" / "metrics.csv").is_file()
+
+
+def test_cli_evaluates_amortised_policies_and_refuses_a_wrong_one(cli_setup, tmp_path, capsys):
+    from boed.amortised.network import PolicyConfig, PolicyNet
+
+    root, data = cli_setup
+    torch.manual_seed(1)
+    for method, name in (("distill", "distilled"), ("gdfs", "gdfs")):
+        PolicyNet(PolicyConfig(method=method, illness="effusion", image_size=S, patch_size=S // 4, grid=17, width=4,
+                               scans=2)).save_pretrained(root / f"pol-{name}" / "model")
+    common = ["--avp", str(root / "avp"), "--illness", "effusion", "--scans", "2", "--n-test", "4", "--n-boot", "20",
+              "--repeats", "2", "--no-progress", *data]
+    code, out, err = _cli(["--methods", "distilled,gdfs,random", "--distilled", str(root / "pol-distilled"),
+                           "--gdfs", str(root / "pol-gdfs"), "--out", str(tmp_path / "ev"), *common], capsys)
+    assert code == 0, err
+    recs = load_records(tmp_path / "ev")
+    for m in ("distilled", "gdfs"):
+        mine = [r for r in recs if r["method"] == m]
+        assert len(mine) == 2 * 4 and all(len(set(r["locations"])) == 2 for r in mine)
+    # a method without its policy, or a policy of another illness: one line, nothing created
+    for argv in (["--methods", "gdfs"], ["--methods", "distilled", "--distilled", str(root / "pol-distilled"),
+                                         "--illness", "edema"]):
+        code, out, err = _cli([*common, *argv, "--out", str(tmp_path / "bad")], capsys)
+        assert code == 2 and err.count("\n") == 1 and not (tmp_path / "bad").exists(), err
