@@ -36,7 +36,7 @@ from xray.provenance import digest, move_aside
 log = logging.getLogger("boed.demo")
 
 METHODS = ("eig", "epe", "random", "uncond", "nongreedy", "full")
-STAGES = ("data", "vae", "ipa", "avp", "scans", "eval")
+STAGES = ("data", "vae", "ipa", "avp", "policy", "scans", "eval")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class DemoOptions:
     max_images: int | None = None  # cap each split (whole patients first), for a CPU run on real data
     present_only: bool = False  # use the listed images that are present (a partial NIH download)
     avp_init_weights: Path | None = None  # a local copy of the pretrained AVP backbone's weights (offline)
+    with_policies: bool = False  # also train the amortised policies (distilled EIG-IPA, GDFS) and evaluate them
 
 
 @dataclass
@@ -309,10 +310,35 @@ def scan_stage(opts: DemoOptions, illness: str, index: int) -> Stage:
 def eval_stage(opts: DemoOptions, illness: str) -> Stage:
     p, slug = opts.profile, resolve_illness(illness).slug
     return Stage(f"eval/{slug}", "boed evaluate", "boed.commands.evaluate",
-                 ["--illness", illness, "--scans", p.scans, "--methods", ",".join(METHODS), "--n-test", p.n_test,
+                 ["--illness", illness, "--scans", p.scans, "--methods", ",".join(METHODS + _policy_methods(opts)), "--n-test", p.n_test,
                   "--repeats", p.repeats, "--n-samples", p.n_samples, "--seed", opts.seed, "--batch-size", p.eval_batch,
-                  "--out", opts.out / "eval" / slug, *_model_args(opts), *_data_args(opts)],
-                 upstream=("data", "ipa", "avp"))
+                  "--out", opts.out / "eval" / slug, *_model_args(opts), *_data_args(opts), *_policy_args(opts, illness)],
+                 upstream=("data", "ipa", "avp", *(f"policy/{slug}-{m}" for m in POLICY_METHODS if opts.with_policies)))
+
+
+POLICY_METHODS = ("distill", "gdfs")  # `boed train-policy --method`; evaluated as methods distilled and gdfs
+
+
+def _policy_methods(opts: DemoOptions) -> tuple[str, ...]:
+    return ("distilled", "gdfs") if opts.with_policies else ()
+
+
+def _policy_args(opts: DemoOptions, illness: str) -> list:
+    from boed.amortised.demo import policy_dir
+
+    if not opts.with_policies:
+        return []
+    return ["--distilled", policy_dir(opts.out, illness, "distill"), "--gdfs", policy_dir(opts.out, illness, "gdfs")]
+
+
+def policy_stages(opts: DemoOptions) -> list[Stage]:
+    """`boed train-policy` for both amortised policies and every illness (``--with-policies``)."""
+    from boed.amortised.demo import policy_stages as entries
+
+    p = opts.profile
+    return [Stage(name, cli, module, argv, upstream=("data", "ipa", "avp"))
+            for name, cli, module, argv in entries(opts.out, opts.illnesses, p.name, p.scans, p.n_samples,
+                                                   _data_args(opts), str(opts.device), opts.seed)]
 
 
 def plan(opts: DemoOptions) -> list[Stage]:
@@ -322,6 +348,8 @@ def plan(opts: DemoOptions) -> list[Stage]:
     if stages:  # the private phantom set is the data root of every later stage
         opts.data_root = opts.out / "phantom"
     stages += [data_stage(opts), vae_stage(opts), ipa_stage(opts), avp_stage(opts)]
+    if opts.with_policies:
+        stages += policy_stages(opts)
     for ill in opts.illnesses:
         stages += [scan_stage(opts, ill, i) for i in range(p.run_images)]
         stages.append(eval_stage(opts, ill))

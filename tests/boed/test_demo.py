@@ -143,6 +143,29 @@ def test_stage_fingerprints_follow_their_inputs_downstream(tmp_path):
     assert changed(profile=dataclasses.replace(PROFILES["cpu"], vae_steps=5)) == {"vae", "ipa", "scans/effusion-0", "scans/effusion-1", "eval/effusion"}
     assert changed(profile=dataclasses.replace(PROFILES["cpu"], avp_steps=5)) == {"avp", "scans/effusion-0", "scans/effusion-1", "eval/effusion"}
     assert changed(profile=dataclasses.replace(PROFILES["cpu"], n_test=5)) == {"eval/effusion"}
+    assert changed(profile=dataclasses.replace(PROFILES["cpu"], repeats=5)) == {"eval/effusion"}
+    assert changed(max_images=50) == everything
+
+
+def test_with_policies_adds_policy_stages_feeding_the_evaluation(tmp_path):
+    """--with-policies: one distill and one gdfs stage per illness, upstream of the evaluation, whose
+    argv the real `boed evaluate` parser accepts with both policy methods."""
+    import argparse
+
+    from boed.commands import evaluate as ev_cmd
+    from boed.demo import DemoOptions, plan
+
+    opts = DemoOptions(out=tmp_path / "run", profile=PROFILES["cpu"], illnesses=("Effusion",), with_policies=True)
+    stages = {st.name: st for st in plan(opts)}
+    assert {"policy/effusion-distill", "policy/effusion-gdfs"} <= set(stages)
+    ev = stages["eval/effusion"]
+    assert {"policy/effusion-distill", "policy/effusion-gdfs"} <= set(ev.upstream)
+    parser = argparse.ArgumentParser()
+    ev_cmd.configure(parser)
+    args = parser.parse_args([str(a) for a in ev.argv])
+    assert {"distilled", "gdfs"} <= set(args.methods.split(",")) and args.distilled and args.gdfs
+    plain = {st.name for st in plan(DemoOptions(out=tmp_path / "run2", profile=PROFILES["cpu"], illnesses=("Effusion",)))}
+    assert not any(n.startswith("policy/") for n in plain)
 
 
 @pytest.mark.slow  # four short demo runs (~1 min on 2 shared cores)
