@@ -4,7 +4,7 @@ Example:
   boed evaluate --illness effusion --scans 5 --methods eig,epe,random,uncond,nongreedy,full \\
       --n-test 500 --out runs/eval --ipa runs/demo/ipa --avp runs/demo/avp
   # across machines: --shard 0/4 ... --shard 3/4, then `boed evaluate --merge --out runs/eval`
-  # one machine, several GPUs: torchrun --nproc-per-node 4 $(which boed) evaluate ...
+  # one machine, several GPUs: torchrun --nproc-per-node 4 -m boed.cli evaluate ...
 
 Records go to OUT/records*.jsonl as they are computed; re-running the same command resumes. When
 every shard is complete, OUT/metrics.csv, auroc.png, nll.png (and cross_task.* with --cross-task)
@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from xray.cli_base import add_device_arg, parse_device, set_help
 from xray.errors import UserError
 
 HELP = "evaluate scan policies: AUROC/NLL after 0..T scans, bootstrap CIs, plots"
+DEFAULT_METHODS = "eig,epe,random,uncond,nongreedy,full"
 log = logging.getLogger(__name__)
 
 
@@ -34,17 +36,19 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--illness", default="effusion", help="the task whose probability the EIG targets (default: effusion)")
     p.add_argument("--scans", type=int, default=5, help="T, scans per image (default: 5)")
-    p.add_argument("--methods", default="eig,epe,random,uncond,nongreedy,full",
-                   help="comma list of eig, epe, random, uncond, nongreedy, full (default: all)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, metavar="LIST",
+                   help="comma-separated scan policies: eig (greedy expected information gain), epe (greedy expected "
+                        "posterior entropy), random, uncond (EIG from unconditional draws), nongreedy (best fixed "
+                        f"sequence), full (the whole image, an upper bound) (default: {DEFAULT_METHODS})")
     p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test subset and of every policy's randomness")
-    p.add_argument("--out", required=True, help="output folder (records, metrics.csv, plots); re-run to resume")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test subset and of every policy's randomness (default: 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (records, metrics.csv, plots); re-run to resume")
     p.add_argument("--shard", default=None, metavar="I/N", help="evaluate only shard I of N (default: torchrun rank/world, else 0/1)")
     p.add_argument("--merge", action="store_true", help="only merge the records of all shards in --out into metrics and plots")
     p.add_argument("--cross-task", nargs="?", const=",".join(PAPER_TASKS), default=None, metavar="LIST",
-                   help=f"also scan with each of these tasks' locations and score every task (fig. 9); default list: {', '.join(PAPER_TASKS)}")
-    p.add_argument("--ipa", default="runs/demo/ipa", help="IPA run or model dir (default: runs/demo/ipa)")
-    p.add_argument("--avp", default="runs/demo/avp", help="AVP-CNN run or model dir (default: runs/demo/avp)")
+                   help=f"also scan for each of these comma-separated tasks and score every task on every task's scans (paper fig. 9); the flag alone means {','.join(PAPER_TASKS)}")
+    p.add_argument("--ipa", default="runs/demo/ipa", metavar="DIR", help="IPA run or model folder (default: runs/demo/ipa)")
+    p.add_argument("--avp", default="runs/demo/avp", metavar="DIR", help="AVP-CNN run or model folder (default: runs/demo/avp)")
     p.add_argument("--n-samples", type=int, default=10, help="N completions per EIG estimate (default: 10)")
     p.add_argument("--n-sequences", type=int, default=289, help="candidate sequences of the non-greedy baseline (default: 289)")
     p.add_argument("--batch-size", type=int, default=16, help="test images per batch (default: 16)")
@@ -52,11 +56,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="image: a generator per test image, results independent of batching (default); "
                         "batch: one policy call per batch, faster with batched samplers, results depend on --batch-size")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_arg(p)
     p.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature (default: 1.0, the paper's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
     p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
+    set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
 
 
 def _dist_info(shard_flag: str | None) -> tuple[tuple[int, int], int | None]:
@@ -72,11 +77,7 @@ def _dist_info(shard_flag: str | None) -> tuple[tuple[int, int], int | None]:
 
 
 def _pick_device(flag: str | None, local_rank: int | None) -> torch.device:
-    if flag is not None:
-        return torch.device(flag)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank or 0)
-    return torch.device("cpu")
+    return parse_device(flag, local_rank)
 
 
 def build_policies(cfg, classifier, ipa, train_set, device, n_sequences: int = 289, temperature: float = 1.0) -> dict:
@@ -155,7 +156,6 @@ def main(args: argparse.Namespace) -> int:
 
     if args.merge:
         return finish(Path(args.out))
-    out = ensure_writable_dir(args.out)
     shard, local_rank = _dist_info(args.shard)
     device = _pick_device(args.device, local_rank)
     methods = parse_methods(args.methods)
@@ -181,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"test images are {test_set.image_size} px, the AVP-CNN works at {S} px; prepare data with --image-size {S}")
     train_set = dataset_from_args(args, "train") if set(methods) & {"eig-ipa", "epe-ipa", "uncond", "nongreedy"} else None
 
+    out = ensure_writable_dir(args.out)  # only now: a refused command creates nothing
     cfg = EvalConfig(tasks=tasks, methods=methods, scans=args.scans, seed=args.seed,
                      indices=select_test_indices(len(test_set), args.n_test, args.seed), batch_size=args.batch_size,
                      n_samples=args.n_samples, rng=args.rng, image_size=S, n_boot=args.n_boot,

@@ -4,7 +4,7 @@ Examples:
   boed train-avp --out runs/demo/avp                     # tiny CNN on the phantom set at 64 px
   boed train-avp --data chestxray --data-root /data/nih --image-size 256 --arch densenet121 \\
       --init densenet121_imagenet.pth --lr 1e-5 --batch-size 32 --steps 32000 --device cuda --out runs/avp256
-  torchrun --nproc-per-node 4 $(which boed) train-avp ...   # data parallel
+  torchrun --nproc-per-node 4 -m boed.cli train-avp ...   # data parallel
 
 Re-running the same command resumes from the last checkpoint. The run folder gets model/ (for
 `boed evaluate --avp`), metrics.jsonl, samples/, eval.json and auroc_table.txt (per-label AUROC on
@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from xray.cli_base import describe_train_flags, device_flag
 from xray.errors import UserError
 
 HELP = "train the AVP-CNN classifier of partially observed images"
@@ -35,12 +36,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     from boed.classifier import ARCHS
 
-    p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, metrics); re-run to resume")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (model/, checkpoints/, metrics); re-run to resume")
     p.add_argument("--arch", choices=ARCHS, default="tiny", help="backbone (default: tiny, the fast CPU CNN)")
     p.add_argument("--width", type=int, default=12, help="tiny only: stem channels (default: 12)")
     p.add_argument("--pool", type=int, default=4, help="tiny only: pooled grid before the head, 1 = global average (default: 4)")
     p.add_argument("--init", default=None, metavar="PATH",
-                   help="local weights: an image-only torchvision state dict of --arch (widened for the mask), or an AVP model/run")
+                   help="start from local weights: a torchvision state-dict file of --arch (its first layer is widened for the "
+                        "mask channel), or an AVP model/run folder (default: none: random initial weights)")
     p.add_argument("--pos-weight", choices=("none", "auto"), default="none",
                    help="auto: weight positives by negatives/positives per label (default: none)")
     p.add_argument("--p-full", type=float, default=0.2, help="fraction of fully observed training images (default: 0.2)")
@@ -48,6 +50,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-images", type=int, default=5000, help="test images in the end-of-run AUROC report (default: 5000)")
     add_data_args(p)
     add_train_args(p, _defaults())
+    describe_train_flags(p, {"AVP-CNN": _defaults()})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     from boed.classifier import AVPClassifier, AVPConfig, load_init
     from boed.train_avp import AVPTrainConfig, AVPTrainTask, format_auroc_table
 
+    args.device = device_flag(args.device)  # checked before anything is created
     tcfg = train_config_from_args(args, _defaults())
     acfg = AVPTrainConfig(p_full=args.p_full, p_freeform=args.p_freeform, pos_weight=args.pos_weight,
                           eval_images=args.eval_images, seed=tcfg.seed)

@@ -13,11 +13,13 @@ HELP = "generate a synthetic NIH-format phantom set"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--n", required=True, type=int, metavar="N", help="number of images")
-    p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels")
-    p.add_argument("--seed", required=True, type=int, metavar="K", help="random seed (same seed, same set)")
+    p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4 (e.g. 64, 128, 256)")
+    p.add_argument("--seed", required=True, type=int, metavar="K", help="random seed; the same seed gives the same set")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default: all cores)")
     p.add_argument("--demo-prevalence", action="store_true",
-                   help="use the demo label prevalences (xray.phantom.DEMO_PREVALENCE) instead of NIH's")
+                   help="raise the share of a few findings so that small sets have enough positives (effusion and infiltration "
+                        "30 %%, edema 15 %%, cardiomegaly and pneumothorax 10 %%, no finding 35 %%) instead of NIH's own "
+                        "frequencies (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 

@@ -14,7 +14,7 @@ HELP = "build the S x S image cache of an NIH-format folder"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/)")
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4")
-    p.add_argument("--out", metavar="CACHE", default=None, help="cache folder (default: ROOT/prepared-S)")
+    p.add_argument("--out", metavar="DIR", default=None, help="cache folder (default: ROOT/prepared-S)")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="decoding processes (default: all cores; 0 = none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
