@@ -53,8 +53,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-sequences", type=int, default=289, help="candidate sequences of the non-greedy baseline (default: 289)")
     p.add_argument("--batch-size", type=int, default=16, help="test images per batch (default: 16)")
     p.add_argument("--rng", choices=("image", "batch"), default="image",
-                   help="image: a generator per test image, results independent of batching (default); "
-                        "batch: one policy call per batch, faster with batched samplers, results depend on --batch-size")
+                   help="image: a random generator per test image, results independent of batching; "
+                        "batch: one policy call per batch, faster with batched samplers, results depend on --batch-size (default: image)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     add_device_arg(p)
     p.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature (default: 1.0, the paper's)")

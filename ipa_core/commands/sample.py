@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
@@ -69,10 +70,11 @@ def main(args: argparse.Namespace) -> int:
     if args.t < 0:
         raise UserError(f"--t must be >= 0, got {args.t}")
     device = parse_device(args.device)
-    try:
-        model = IPA.from_pretrained(args.run, map_location=device).eval()
-    except UserError as e:
-        raise UserError(f"--run {args.run}: {e} (make a run with `{MAKE_RUN}`, or `boed demo`)") from None
+    run = Path(args.run)
+    if not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):
+        raise UserError(f"--run {run}: no IPA model there (no config.json in it or in {run / 'model'}); "
+                        f"make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
+    model = IPA.from_pretrained(run, map_location=device).eval()
     S, C = model.config.image_size, model.config.image_channels
     if args.image is not None:
         x = load_image(args.image, S)

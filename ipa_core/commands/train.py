@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_flag(args.device)  # checked before anything is created
     if args.stage == "ipa" and args.vae is None:
-        raise UserError("--stage ipa needs --vae RUN (a trained VAE run folder)")
+        raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
     if args.stage == "ipa" and args.import_official:
         raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
     results = {}
