@@ -43,7 +43,9 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
     @cli_entry
     def main(argv: list[str] | None = None) -> int | None:
         parser = build_parser(prog, description, commands)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # name the command whose --help lists the valid flags
+            ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return args._main(args)
 
