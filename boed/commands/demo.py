@@ -37,15 +37,15 @@ def configure(p) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom (default: none: the default phantom set, generated on first use into the cache folder)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="where prepared images and the default phantom set live (default: ~/.cache/boed)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: 64 px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
-                        "paper: the paper's 256 px setup, days on GPUs (default: cpu)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
+                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: cpu)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick: a few minutes, for smoke tests")
     p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), metavar="LIST",
                    help=f"comma-separated tasks to run (default: {','.join(DEFAULT_ILLNESSES)})")
     add_device_arg(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of every stage; same seed, same results (default: 0)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps, for smoke tests (default: none: the profile's)")
-    p.add_argument("--n-test", type=int, default=None, help="test images per illness in the evaluation (default: the profile's: 200 for cpu)")
+    p.add_argument("--n-test", type=int, default=None, help=f"test images per illness in the evaluation (default: the profile's: {PROFILES['cpu'].n_test} for cpu)")
     p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage (default: eval, i.e. run everything)")
     p.add_argument("--max-batch", type=int, default=None, help="cap every training batch size, for smoke tests (default: none: the profile's)")
     p.add_argument("--publish", type=Path, default=None, metavar="DIR",

@@ -6,8 +6,8 @@ Example:
   # across machines: --shard 0/4 ... --shard 3/4, then `boed evaluate --merge --out runs/eval`
   # one machine, several GPUs: torchrun --nproc-per-node 4 -m boed.cli evaluate ...
 
-Records go to OUT/records*.jsonl as they are computed; re-running the same command resumes. When
-every shard is complete, OUT/metrics.csv, auroc.png, nll.png (and cross_task.* with --cross-task)
+Records go to DIR/records*.jsonl (DIR: --out) as they are computed; re-running the same command resumes. When
+every shard is complete, DIR/metrics.csv, auroc.png, nll.png (and cross_task.* with --cross-task)
 are written.
 """
 

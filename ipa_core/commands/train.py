@@ -43,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     set_help(p, "--image-size", "image side in pixels; must equal the model config's (default: the --config's size, e.g. "
              f"{CONFIGS['tiny'].image_size} for tiny)")
     p.add_argument("--stage", choices=STAGES, default=None,
-                   help="vae or ipa (default: both: the VAE in OUT/vae, unless --vae is given, then IPA in OUT/ipa)")
+                   help="vae or ipa (default: both: the VAE in DIR/vae, unless --vae is given, then IPA in DIR/ipa)")
     p.add_argument("--config", default="tiny", help=f"model config: {', '.join(CONFIGS)} (default: tiny)")
     p.add_argument("--vae", metavar="DIR", default=None, help="trained VAE (run folder or model folder) for the IPA stage (default: none: train one first)")
     p.add_argument("--out", metavar="DIR", required=True, help="run folder (created; rerun the command to resume)")

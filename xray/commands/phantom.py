@@ -1,6 +1,6 @@
 """Generate a synthetic chest x-ray set in the exact NIH on-disk format (CSV, images/, split lists).
 
-The result works everywhere a real NIH folder does: `xray prepare --root OUT --size S`.
+The result works everywhere a real NIH folder does: `xray prepare --root DIR --size S`.
 """
 
 from __future__ import annotations
