@@ -72,8 +72,8 @@ def main(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     run = Path(args.run)
     if not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):
-        raise UserError(f"--run {run}: no IPA model there (no config.json in it or in {run / 'model'}); "
-                        f"make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
+        what = "has no IPA model (no config.json in it or in its model/)" if run.is_dir() else "does not exist"
+        raise UserError(f"--run {run} {what}; make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
     model = IPA.from_pretrained(run, map_location=device).eval()
     S, C = model.config.image_size, model.config.image_channels
     if args.image is not None:
