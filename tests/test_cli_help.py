@@ -16,6 +16,7 @@ flag's help (after argparse expands ``%(default)s``):
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from pathlib import Path
 
@@ -33,6 +34,7 @@ DEFAULT_RE = re.compile(r"\(default: ((?:[^()]|\([^()]*\))*)\)")
 NONE_WORDS = {"none", "off", "all"}
 
 
+@functools.lru_cache(maxsize=None)
 def subparser(script: str, command: str) -> argparse.ArgumentParser:
     parser = SCRIPTS[script].build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -181,3 +183,14 @@ def test_torchrun_is_shown_one_way():
         assert "$(which" not in text
         for line in re.findall(r"torchrun [^\n`]*", text):
             assert re.match(r"torchrun --nproc-per-node \S+ -m (boed|ipa_core|xray)\.cli ", line), line
+
+
+def test_list_flags_are_comma_separated():
+    """`boed demo --illness` takes a comma list like every other list flag (spaces still work)."""
+    from xray.cli_base import comma_list
+
+    p = subparser("boed", "demo")
+    assert comma_list(p.parse_args(["--illness", "effusion,edema"]).illness) == ["effusion", "edema"]
+    assert comma_list(p.parse_args(["--illness", "effusion", "edema"]).illness) == ["effusion", "edema"]
+    assert comma_list(p.parse_args([]).illness) == ["effusion", "edema"]
+    assert comma_list(" a, b ,,c ") == ["a", "b", "c"]
