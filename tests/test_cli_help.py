@@ -8,7 +8,7 @@ flag's help (after argparse expands ``%(default)s``):
 - when the parser default is a value, the value must equal it as help texts write it
   (:func:`xray.cli_base.format_default`; numbers compared as numbers);
 - when the parser default is ``None`` (decided later: by a model, a config, a stage), the value
-  must not pretend to be one: it is ``none``/``off``/``all``, or words (contains a space), or a
+  must not pretend to be one: it is ``none``/``off``/``all``/``auto`` (``--device``), or words (contains a space), or a
   placeholder in capitals (``runs/scan-ILLNESS-SOURCE``), or a folder in the user's home that
   the code falls back to (``~/.cache/boed``).
 """
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"boed": boed.cli.main, "ipa_core": ipa_core.cli.main, "xray": xray.cli.main}
 COMMANDS = [(script, name) for script, main in SCRIPTS.items() for name in main.commands]
 DEFAULT_RE = re.compile(r"\(default: ((?:[^()]|\([^()]*\))*)\)")
-NONE_WORDS = {"none", "off", "all"}
+NONE_WORDS = {"none", "off", "all", "auto"}  # None is auto for parse_device
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +114,7 @@ def test_one_device_flag_and_verbose_after_the_command(script, command):
     acts = p._option_string_actions
     assert "-v" in acts and "--verbose" in acts
     if "--device" in acts:
-        assert acts["--device"].default == DEFAULT_DEVICE
+        assert acts["--device"].default in (DEFAULT_DEVICE, None)  # None: parse_device reads it as auto
         assert f"(default: {DEFAULT_DEVICE})" in expanded_help(p, acts["--device"])
 
 

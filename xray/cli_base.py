@@ -168,7 +168,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
 
 def describe_train_flags(parser: argparse.ArgumentParser, stages: Mapping[str, object], note: str = "") -> None:
     """Reword the training flags' help with their defaults taken from ``stages`` (``{stage name:
-    TrainConfig}``), and make ``--device`` the shared one (default ``auto``).
+    TrainConfig}``), and word ``--device`` as the shared one (None = auto; read it with :func:`device_flag`).
 
     One stage: the parser default becomes that value, so ``--help`` shows exactly what runs. Several
     stages (``ipa_core train``): each stage's value is listed (``note`` says what they depend on)
@@ -191,7 +191,9 @@ def describe_train_flags(parser: argparse.ArgumentParser, stages: Mapping[str, o
                 said = " and ".join(f"{format_default(v)} in the {stage} stage" for stage, v in values.items())
             set_help(parser, option, f"{text} (default: {said}{note})")
     if "--device" in parser._option_string_actions:
-        set_help(parser, "--device", DEVICE_HELP, default=DEFAULT_DEVICE, metavar="DEVICE")
+        # the default stays None (= auto for parse_device) so that TrainConfig keeps its own until
+        # the command resolves the flag with device_flag()
+        set_help(parser, "--device", DEVICE_HELP, metavar="DEVICE")
 
 
 def device_flag(spec: str | None) -> str:
