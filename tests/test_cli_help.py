@@ -194,3 +194,13 @@ def test_list_flags_are_comma_separated():
     assert comma_list(p.parse_args(["--illness", "effusion", "edema"]).illness) == ["effusion", "edema"]
     assert comma_list(p.parse_args([]).illness) == ["effusion", "edema"]
     assert comma_list(" a, b ,,c ") == ["a", "b", "c"]
+
+
+def test_phantom_help_states_the_demo_prevalences_and_the_size_rule():
+    from xray.phantom import DEMO_PREVALENCE
+
+    p = subparser("xray", "phantom")
+    text = expanded_help(p, p._option_string_actions["--demo-prevalence"])
+    for name, share in DEMO_PREVALENCE.items():
+        assert f"{name.lower()} {share:.0%}" in text
+    assert "multiple of 4" in expanded_help(p, p._option_string_actions["--size"])

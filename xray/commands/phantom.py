@@ -16,10 +16,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4 (e.g. 64, 128, 256)")
     p.add_argument("--seed", required=True, type=int, metavar="K", help="random seed; the same seed gives the same set")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default: all cores)")
+    from xray.phantom import DEMO_PREVALENCE
+
+    shares = ", ".join(f"{k.lower()} {v:.0%}" for k, v in DEMO_PREVALENCE.items()).replace("%", "%%")
     p.add_argument("--demo-prevalence", action="store_true",
-                   help="raise the share of a few findings so that small sets have enough positives (effusion and infiltration "
-                        "30 %%, edema 15 %%, cardiomegaly and pneumothorax 10 %%, no finding 35 %%) instead of NIH's own "
-                        "frequencies (default: off)")
+                   help=f"set the share of images with these findings ({shares}) so that small sets have enough "
+                        "positives, instead of NIH's own frequencies (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
