@@ -2,7 +2,13 @@
 
 Each command module defines ``HELP`` (one line), ``configure(parser)`` (adds its flags) and
 ``main(args) -> int | None``. Bad input raises :class:`xray.errors.UserError`, which the wrapper
-prints as one line with exit status 2.
+prints as one line with exit status 2; argparse's own complaints (unknown flag, missing
+argument, bad choice) are printed the same way.
+
+Shared flag pieces live here so every command words them alike: :func:`add_device_arg` /
+:data:`DEVICE_HELP` (the one ``--device``), :func:`comma_list` (every list flag is
+comma-separated), :func:`set_help` (reword a flag a shared helper added, e.g. a default that a
+model decides).
 """
 
 from __future__ import annotations
@@ -10,9 +16,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import sys
 from typing import Callable, Mapping
 
 from .errors import cli_entry
+
+DEFAULT_DEVICE = "auto"
+DEVICE_HELP = ("where to compute: auto (the first CUDA GPU when there is one, else the CPU; under torchrun "
+               "the process's own GPU), cpu, cuda or cuda:N (default: %s)" % DEFAULT_DEVICE)
+VERBOSE_HELP = "debug logging (accepted before or after the command)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <prog>: <what>; see <prog> --help``, exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        msg = " ".join(str(message).split())
+        print(f"error: {self.prog}: {msg}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Callable[..., int]:
@@ -20,26 +42,65 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
 
     @cli_entry
     def main(argv: list[str] | None = None) -> int | None:
-        parser = argparse.ArgumentParser(prog=prog, description=description)
-        parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-        for name, path in commands.items():
-            mod = importlib.import_module(path)
-            p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-            mod.configure(p)
-            p.set_defaults(_main=mod.main)
-        args = parser.parse_args(argv)
+        parser = build_parser(prog, description, commands)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # name the command whose --help lists the valid flags
+            ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return args._main(args)
 
+    main.commands = dict(commands)
+    main.prog = prog
+    main.build_parser = lambda: build_parser(prog, description, commands)
     return main
+
+
+def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The console script's parser: ``-v`` plus one subparser per command (also with ``-v``)."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, path in commands.items():
+        mod = importlib.import_module(path)
+        p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: without -v here the value given before the command (or False) stays
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        mod.configure(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def add_device_arg(parser, **kwargs) -> argparse.Action:
+    """The one ``--device`` flag (default ``auto``); read it with :func:`parse_device`."""
+    return parser.add_argument("--device", default=DEFAULT_DEVICE, metavar="DEVICE", help=DEVICE_HELP, **kwargs)
+
+
+def set_help(parser: argparse.ArgumentParser, option: str, help: str, **changes) -> argparse.Action:
+    """Reword the help of a flag that a shared helper added (and change e.g. its ``default``)."""
+    action = parser._option_string_actions[option]
+    action.help = help
+    for k, v in changes.items():
+        setattr(action, k, v)
+        if k == "default":
+            parser.set_defaults(**{action.dest: v})
+    return action
+
+
+def comma_list(values: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"a,b, c"`` (or ``["a,b", "c"]``, what ``nargs="+"`` gives) -> ``["a", "b", "c"]``."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [part.strip() for v in values for part in str(v).split(",") if part.strip()]
 
 
 def parse_device(spec: str | None, local_rank: int | None = None):
     """``--device`` -> ``torch.device``; the one parser every command uses.
 
-    ``None`` or ``"auto"``: CUDA (GPU ``local_rank``, default 0) when available, else the CPU.
+    ``None`` or ``"auto"``: CUDA (GPU ``local_rank``; default: torchrun's ``LOCAL_RANK``, else 0)
+    when available, else the CPU.
     ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``: as given, after checking that it exists here.
     Anything else, or a device this machine lacks: one-line :class:`UserError`.
     """
@@ -47,6 +108,8 @@ def parse_device(spec: str | None, local_rank: int | None = None):
 
     from .errors import UserError
 
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)  # torchrun's process index on this machine
     if spec is None or str(spec).strip().lower() == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
@@ -68,3 +131,72 @@ def parse_device(spec: str | None, local_rank: int | None = None):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {spec!r}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def format_default(value) -> str:
+    """How help texts write a default: ``None`` -> ``none``, booleans -> ``on``/``off``, floats with ``%g``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+# The training flags of ``ipa_core.trainer.add_train_args``: option -> (TrainConfig field, plain words).
+TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "--steps": ("steps", "total optimiser steps"),
+    "--batch-size": ("batch_size", "images per step per process (torchrun with K processes trains on K times as many)"),
+    "--lr": ("lr", "peak learning rate (AdamW)"),
+    "--warmup": ("warmup", "steps of linear learning-rate warmup"),
+    "--weight-decay": ("weight_decay", "AdamW weight decay"),
+    "--ema-rate": ("ema_rate", "rate of the moving average of the weights that is saved as the model, or 'none' to save the raw weights"),
+    "--grad-clip": ("grad_clip", "clip the gradient norm at this value, or 'none'"),
+    "--skip-threshold": ("skip_threshold", "skip an update whose gradient norm exceeds this (VD-VAE's guard against loss spikes), or 'none' to never skip"),
+    "--log-every": ("log_every", "steps between rows of metrics.jsonl"),
+    "--sample-every": ("sample_every", "steps between sample grids in samples/"),
+    "--ckpt-every": ("ckpt_every", "steps between checkpoints (a rerun resumes from the last one)"),
+    "--seed": ("seed", "random seed of the initial weights, the batches and the masks"),
+    "--num-workers": ("num_workers", "data loading processes, 0 = load in the training process"),
+    "--amp": ("amp", "bfloat16 mixed precision (CUDA only)"),
+    "--channels-last": ("channels_last", "channels-last memory layout (faster convolutions on recent GPUs)"),
+}
+
+
+def describe_train_flags(parser: argparse.ArgumentParser, stages: Mapping[str, object], note: str = "") -> None:
+    """Reword the training flags' help with their defaults taken from ``stages`` (``{stage name:
+    TrainConfig}``), and word ``--device`` as the shared one (None = auto; read it with :func:`device_flag`).
+
+    One stage: the parser default becomes that value, so ``--help`` shows exactly what runs. Several
+    stages (``ipa_core train``): each stage's value is listed (``note`` says what they depend on)
+    and the parser default stays ``None`` = "the stage's own".
+    """
+    for option, (field, text) in TRAIN_FLAGS.items():
+        if option not in parser._option_string_actions:
+            continue
+        values = {stage: getattr(cfg, field) for stage, cfg in stages.items()}
+        same = len(set(map(repr, values.values()))) == 1
+        if field in ("amp", "channels_last") and same:  # on/off flags: None = not given = the config's
+            set_help(parser, option, f"{text} (default: {format_default(bool(next(iter(values.values()))))})")
+        elif len(values) == 1:
+            (value,) = values.values()
+            set_help(parser, option, f"{text} (default: {format_default(value)})", default=value)
+        else:
+            if same:
+                said = format_default(next(iter(values.values())))
+            else:
+                said = " and ".join(f"{format_default(v)} in the {stage} stage" for stage, v in values.items())
+            set_help(parser, option, f"{text} (default: {said}{note})")
+    if "--device" in parser._option_string_actions:
+        # the default stays None (= auto for parse_device) so that TrainConfig keeps its own until
+        # the command resolves the flag with device_flag()
+        set_help(parser, "--device", DEVICE_HELP, metavar="DEVICE")
+
+
+def device_flag(spec: str | None) -> str:
+    """``--device`` checked with :func:`parse_device` and written out (``auto`` -> ``cuda:0``/``cpu``),
+    for code that takes the device as a string (``TrainConfig.device``)."""
+    return str(parse_device(spec))

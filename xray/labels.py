@@ -63,6 +63,10 @@ def resolve_illness(name: str) -> Illness:
     """Case-, space- and underscore-insensitive illness lookup ("effusion", "No finding", ...)."""
     ill = _ILLNESSES.get(_key(name))
     if ill is None:
+        import difflib
+
         valid = ", ".join(n.lower() for n in ILLNESS_NAMES)
-        raise UserError(f"unknown illness {name!r}; valid names: {valid}")
+        close = difflib.get_close_matches(_key(name), list(_ILLNESSES), n=1, cutoff=0.6)
+        hint = f"did you mean {_ILLNESSES[close[0]].name.lower()!r}? " if close else ""
+        raise UserError(f"unknown illness {name!r}; {hint}valid names: {valid}")
     return ill

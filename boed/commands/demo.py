@@ -1,4 +1,7 @@
-"""Run the whole pipeline on the embedded phantom data (or an NIH-format folder) and summarise.
+"""Run the whole pipeline on phantom data (or an NIH-format folder) and summarise.
+
+Without --data-root the synthetic phantom set is generated on first use into the cache folder
+(~/.cache/boed) and reused afterwards.
 
 Stages: prepare data -> train the VAE -> train IPA -> train the AVP-CNN -> `boed run` heatmaps on
 a few test images -> `boed evaluate` with every method -> a summary table (printed, and written to
@@ -9,7 +12,10 @@ with every stage after it, its old outputs moved aside (<stage>.old-<time>).
 Examples:
   boed demo                                   # cpu profile, phantom data, runs/demo
   boed demo --quick                           # a few minutes, small everything
-  boed demo --data-root /data/nih --profile paper --device cuda --illness effusion edema
+  boed demo --data-root /data/nih --profile paper --device cuda --illness effusion,edema
+
+`make demo` runs `boed demo --out runs/demo --publish results`: it rewrites the tracked results/
+folder (tables, figures, README) from the new run; `git diff results/` shows what changed.
 """
 
 from __future__ import annotations
@@ -17,31 +23,46 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from xray.cli_base import add_device_arg, comma_list, device_flag
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
-DEFAULT_DEVICE = "auto"
 HELP = "run the whole pipeline (data, VAE, IPA, AVP-CNN, scans, evaluation) and summarise"
 DEFAULT_ILLNESSES = ("effusion", "edema")
+CPU_DEMO_MINUTES = 27  # wall time of the cpu profile on 2 CPU cores (results/README.md has the measured stages)
 
 
 def configure(p) -> None:
     from boed.demo import PROFILES, STAGES
 
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    p.add_argument("--data-root", type=Path, default=None, help="NIH-format folder (real or phantom); default: the embedded phantom set")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where prepared images and the default phantom set live")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="cpu (S=64, ~30 min on 2 cores), quick, or paper (S=256, GPUs)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default: runs/demo)")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom (default: none: the default phantom set, generated on first use into the cache folder)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="where prepared images and the default phantom set live (default: ~/.cache/boed)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
+                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: cpu)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick: a few minutes, for smoke tests")
-    p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), help="tasks to run (default: effusion edema)")
-    p.add_argument("--device", default=DEFAULT_DEVICE,
-                   help=f"auto (CUDA when available), cpu, cuda or cuda:N; every stage uses it (default: {DEFAULT_DEVICE})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps (smoke tests)")
-    p.add_argument("--n-test", type=int, default=None, help="override the profile's number of test images")
-    p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage (default: run everything)")
-    p.add_argument("--max-batch", type=int, default=None, help="cap every training batch size (smoke tests)")
-    p.add_argument("--publish", type=Path, default=None, help="copy the reference outputs (tables, figures, README) to this folder")
+    p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), metavar="LIST",
+                   help=f"comma-separated tasks to run (default: {','.join(DEFAULT_ILLNESSES)})")
+    add_device_arg(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed of every stage; same seed, same results (default: 0)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps, for smoke tests (default: none: the profile's)")
+    p.add_argument("--n-test", type=int, default=None, help=f"test images per illness in the evaluation (default: the profile's: {PROFILES['cpu'].n_test} for cpu)")
+    p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage (default: eval, i.e. run everything)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap every training batch size, for smoke tests (default: none: the profile's)")
+    p.add_argument("--publish", type=Path, default=None, metavar="DIR",
+                   help="copy the reference outputs (tables, figures, README.md) to this folder, replacing what is "
+                        "there; `make demo` publishes to the tracked results/ (default: none)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="cap each split at N images, whole patients first, for a CPU run on real data (default: none: all)")
+    p.add_argument("--present-only", action="store_true",
+                   help="use the listed images that are present (a partial NIH download) (default: off)")
+    p.add_argument("--avp-init-weights", type=Path, default=None, metavar="FILE",
+                   help="local copy of the pretrained weights the paper profile's AVP-CNN starts from, for machines "
+                        "without internet (default: none: downloaded through torchvision)")
+    p.add_argument("--with-policies", action="store_true",
+                   help="also train the amortised policies (distilled EIG-IPA and GDFS) per illness and evaluate them "
+                        "as methods distilled and gdfs; adds about 17 min per illness on the cpu profile (default: off)")
 
 
 def main(args) -> int:
@@ -63,12 +84,12 @@ def main(args) -> int:
         profile = dataclasses.replace(profile, n_test=args.n_test)
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
-    from xray.cli_base import parse_device
-
-    device = str(parse_device(args.device))  # resolved once: the stages and their fingerprints see cpu / cuda:N
-    illnesses = tuple(resolve_illness(i).name for i in args.illness)
+    illnesses = tuple(resolve_illness(i).name for i in comma_list(args.illness))
+    device = device_flag(args.device)
     opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
-                       cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until)
+                       cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until,
+                       max_images=args.max_images, present_only=args.present_only,
+                       avp_init_weights=args.avp_init_weights, with_policies=args.with_policies)
     run_demo(opts)
     print((args.out / "summary.md").read_text())
     if args.publish is not None:

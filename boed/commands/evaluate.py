@@ -6,7 +6,7 @@ Example:
       --repeats 3 --n-test 500 --out runs/eval --ipa runs/demo/ipa --avp runs/demo/avp
   # the completer study: --methods eig,uncond,ipar,retrieval,ipa-under --ipar RUN --ipa-under RUN
   # across machines: --shard 0/4 ... --shard 3/4, then `boed evaluate --merge --out runs/eval`
-  # one machine, several GPUs: torchrun --nproc-per-node 4 $(which boed) evaluate ...
+  # one machine, several GPUs: torchrun --nproc-per-node 4 -m boed.cli evaluate ...
 
 Records go to OUT/records*.jsonl as they are computed; re-running the same command resumes (after
 checking that models, data and flags are the same: otherwise a one-line error; --restart moves the
@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from xray.cli_base import add_device_arg, parse_device, set_help
 from xray.errors import UserError
 
 HELP = "evaluate scan policies: AUROC/NLL after 0..T scans, repeated policy seeds, bootstrap CIs, plots"
@@ -233,21 +234,21 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="R policy seeds: every policy-level random choice (t = 1 draws, Uncond and non-greedy "
                         "sequences, sample streams, Random) is redrawn per repeat; intervals bootstrap repeats and "
                         f"images; R >= 1 (default: {DEFAULT_REPEATS})")
-    p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (all when not given)")
+    p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the test subset and of every policy's randomness (default: {DEFAULT_SEED})")
-    p.add_argument("--out", required=True, help="output folder (records, metrics.csv, plots); re-run to resume")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (records, metrics.csv, plots); re-run to resume")
     p.add_argument("--restart", action="store_true",
                    help="move the old contents of --out aside (OUT.old-<time>) and start over")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="evaluate only shard I of N (all of it when not given); under torchrun each rank takes its part of the shard")
+                   help="evaluate only shard I of N; under torchrun each rank takes its part of the shard (default: all of it)")
     p.add_argument("--merge", action="store_true", help="only merge the records of all shards in --out into metrics and plots")
     p.add_argument("--cross-task", nargs="?", const=",".join(PAPER_TASKS), default=None, metavar="LIST",
                    help=f"also scan with each of these tasks' locations and score every task (fig. 9); off unless "
                         f"given; without a value: {', '.join(PAPER_TASKS)}")
-    p.add_argument("--avp", default=DEFAULT_AVP, help=f"AVP-CNN run or model dir (default: {DEFAULT_AVP})")
+    p.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP-CNN run or model folder (default: {DEFAULT_AVP})")
     for key, mf in MODEL_FLAGS.items():
-        p.add_argument(mf.flag, dest=_attr(key), metavar="RUN", default=mf.default, help=f"{mf.help} (default: {mf.default})")
+        p.add_argument(mf.flag, dest=_attr(key), metavar="DIR", default=mf.default, help=f"{mf.help} (default: {mf.default})")
     p.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES,
                    help=f"N completions per EIG estimate (default: {DEFAULT_N_SAMPLES})")
     p.add_argument("--n-sequences", type=int, default=DEFAULT_N_SEQUENCES,
@@ -259,7 +260,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(default: image)")
     p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT,
                    help=f"bootstrap resamples for the 95%% intervals (default: {DEFAULT_N_BOOT})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_device_arg(p)
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="scoring and sampling precision: auto = bf16 autocast on CUDA, float32 on the CPU "
                         f"(default: {DEFAULT_PRECISION})")
@@ -268,9 +269,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
     p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
-    for action in p._actions:
-        if action.dest == "image_size":
-            action.help = "image side in pixels, a multiple of 4 (the AVP-CNN's image size when not given)"
+    set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
 
 
 def _dist_info(shard_flag: str | None) -> tuple[tuple[int, int], tuple[int, int], int | None]:

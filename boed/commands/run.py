@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
+from xray.cli_base import add_device_arg, parse_device
 from xray.errors import UserError
 from xray.io import atomic_write_json, ensure_writable_dir
 from xray.labels import resolve_illness
@@ -39,18 +40,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scans", type=int, default=5, help="number of patches to scan, T (default: 5)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--image", metavar="FILE", help="a PNG or DICOM x-ray (resized to the models' size)")
-    src.add_argument("--index", type=int, metavar="I", help="image I of the test split of --data (default: 0)")
+    src.add_argument("--index", type=int, metavar="I", help="image I of the test split of --data (default: image 0 when --image is not given)")
     parser.add_argument("--ipa", default=DEFAULT_IPA, metavar="DIR", help=f"IPA model or run dir (default: {DEFAULT_IPA})")
     parser.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP classifier model or run dir (default: {DEFAULT_AVP})")
     parser.add_argument("--n-samples", type=int, default=10, help="completions N per decision (default: 10)")
-    parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: argmax EIG (paper); epe: argmin expected posterior entropy")
-    parser.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature (default: 1.0)")
+    parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: scan where the expected information gain is largest (the paper); epe: where the expected posterior entropy is smallest (default: eig)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
     parser.add_argument("--first-draws", choices=("dataset", "ipa"), default="dataset",
                         help="t = 1 completions: images of the train split of --data (paper) or IPA samples given nothing "
                              "(no data needed) (default: dataset)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/scan-<illness>-<source>)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/scan-ILLNESS-SOURCE, e.g. runs/scan-effusion-test0)")
+    add_device_arg(parser)
     parser.add_argument("--chunk-size", type=int, default=None, help="classifier inputs per forward pass (default: 2048 on CUDA, 256 on CPU)")
     parser.add_argument("--show", type=int, default=5, help="completions shown per figure (default: 5)")
     parser.add_argument("--no-figures", action="store_true", help="print and save scans.json only")
@@ -136,12 +137,7 @@ def main(args: argparse.Namespace) -> int:
     illness = resolve_illness(args.illness)
     if args.n_samples < 1:
         raise UserError(f"--n-samples must be >= 1, got {args.n_samples}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    device = parse_device(args.device)
     if args.policy is not None:  # amortised policy (boed train-policy)
         return _run_policy(args, illness, device)
     ipa, avp, S = load_models(args.ipa, args.avp, device)
@@ -151,11 +147,10 @@ def main(args: argparse.Namespace) -> int:
     C = avp.config.in_channels
     x, labels, source = load_image(args, S, C)
     x = x.to(device)
-    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")
-
     first_sampler = None
     if args.first_draws == "dataset":
         first_sampler = DatasetSampler(_dataset(args, S, "train"))
+    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")  # after every check
     sampler = IPASampler(ipa, temperature=args.temperature)
     policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)

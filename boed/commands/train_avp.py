@@ -6,7 +6,7 @@ Examples:
       --init imagenet --lr 1e-5 --batch-size 32 --steps 32000 --device cuda --out runs/avp256   # paper I.4
   boed train-avp ... --arch densenet121 --init xrv:densenet121-res224-nih        # a chest x-ray backbone
   boed train-avp ... --init imagenet --init-weights densenet121-a639ec97.pth    # offline: a local copy
-  torchrun --nproc-per-node 4 $(which boed) train-avp ...   # data parallel
+  torchrun --nproc-per-node 4 -m boed.cli train-avp ...   # data parallel
 
 Training masks (paper I.4): the completion networks' free-form mixture with 25 %-width patches;
 --p-full adds fully observed images (default none). --init imagenet / xrv:NAME download the
@@ -24,6 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
+from xray.cli_base import describe_train_flags, device_flag
 from xray.errors import UserError
 
 HELP = "train the AVP-CNN classifier of partially observed images"
@@ -48,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     from boed.train_avp import AVPTrainConfig
 
     arch = _default(AVPConfig, "arch")
-    p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, metrics); re-run to resume")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (model/, checkpoints/, metrics); re-run to resume")
     p.add_argument("--arch", choices=ARCHS, default=arch, help=f"backbone (default: {arch})")
     p.add_argument("--width", type=int, default=_default(AVPConfig, "width"),
                    help=f"tiny only: stem channels (default: {_default(AVPConfig, 'width')})")
@@ -74,6 +75,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"test images in the end-of-run AUROC report (default: {_default(AVPTrainConfig, 'eval_images')})")
     add_data_args(p)
     add_train_args(p, _defaults())
+    describe_train_flags(p, {"AVP-CNN": _defaults()})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     from boed.train_avp import AVPTrainConfig, AVPTrainTask, format_auroc_table
 
     # everything is checked (and the initial weights loaded) before a file or folder is created
+    args.device = device_flag(args.device)  # checked before anything is created
     tcfg = train_config_from_args(args, _defaults())
     init = parse_init(args.init, args.arch, args.init_weights)
     record = init.describe()

@@ -7,18 +7,28 @@ size) or from the test split of the data set.
 Examples:
     ipa_core sample --run runs/ipa --index 0 --mask patches:3 --n 8 --out grid.png
     ipa_core sample --run runs/ipa --image chest.png --mask box:8,8,32,32 --t 0.85 --out grid.png
+
+The run folder comes from `ipa_core train` (the IPA stage): `ipa_core train ... --out runs/ipa`
+writes runs/ipa/ipa (or runs/ipa itself with --stage ipa); `boed demo` writes runs/demo/ipa.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
+from xray.cli_base import add_device_arg, parse_device
 from xray.errors import UserError
 
 HELP = "draw IPA completions of a partially observed image (grid PNG)"
+DEFAULT_MASK = "patches:3"
+DEFAULT_N = 8
+DEFAULT_T = 1.0
+DEFAULT_SEED = 0
+MAKE_RUN = "ipa_core train --stage ipa --vae VAE_RUN --out DIR"
 log = logging.getLogger(__name__)
 
 
@@ -27,16 +37,18 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     from ..masks import MASK_SPEC_HELP
 
-    p.add_argument("--run", required=True, metavar="DIR", help="IPA run folder (or its model/ folder) from `ipa_core train --stage ipa`")
+    p.add_argument("--run", required=True, metavar="DIR", help=f"IPA run folder (or its model/ folder), made by `{MAKE_RUN}` or `boed demo` (runs/demo/ipa)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", metavar="FILE", help="PNG/JPEG/DICOM x-ray; resized to the model's image size")
-    src.add_argument("--index", metavar="I", type=int, help="index into the test split of --data")
-    p.add_argument("--mask", default="patches:3", metavar="SPEC", help=f"observed pixels: {MASK_SPEC_HELP} (default: patches:3)")
-    p.add_argument("--n", type=int, default=8, help="number of completions (default: 8)")
-    p.add_argument("--t", type=float, default=1.0, help="sampling temperature, multiplies c's sigma (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the mask and the samples (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--out", required=True, metavar="PNG", help="output figure")
+    src.add_argument("--image", metavar="FILE", help="PNG/JPEG/DICOM x-ray; resized to the model's image size (give --image or --index)")
+    src.add_argument("--index", metavar="I", type=int, help="image I of the test split of --data (give --image or --index)")
+    p.add_argument("--mask", default=DEFAULT_MASK, metavar="SPEC", help=f"observed pixels: {MASK_SPEC_HELP} (default: {DEFAULT_MASK})")
+    p.add_argument("--n", type=int, default=DEFAULT_N, metavar="N", help=f"number of completions (default: {DEFAULT_N})")
+    p.add_argument("--t", type=float, default=DEFAULT_T, metavar="T",
+                   help="sampling temperature: scales the spread of the random latent draws; below 1 gives "
+                        f"smoother, more typical completions, 0 the most likely one (default: {DEFAULT_T})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed of the mask and the completions; same seed, same figure (default: {DEFAULT_SEED})")
+    add_device_arg(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="output figure, a .png file")
     add_data_args(p)
 
 
@@ -57,8 +69,12 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if args.t < 0:
         raise UserError(f"--t must be >= 0, got {args.t}")
-    device = torch.device(args.device)
-    model = IPA.from_pretrained(args.run, map_location=device).eval()
+    device = parse_device(args.device)
+    run = Path(args.run)
+    if not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):
+        what = "has no IPA model (no config.json in it or in its model/)" if run.is_dir() else "does not exist"
+        raise UserError(f"--run {run} {what}; make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
+    model = IPA.from_pretrained(run, map_location=device).eval()
     S, C = model.config.image_size, model.config.image_channels
     if args.image is not None:
         x = load_image(args.image, S)

@@ -4,7 +4,7 @@
   ipa_core train --stage vae --config tiny --out runs/vae      # the VAE only
   ipa_core train --stage ipa --vae runs/vae --out runs/ipa     # IPA on a trained VAE
   ipa_core train --stage vae --config ffhq256 --import-official ffhq256-iter-1700000-model-ema.th --out runs/ft
-  torchrun --nproc_per_node 4 $(which ipa_core) train --device cuda ...   # data parallel (gloo on CPU)
+  torchrun --nproc-per-node 4 -m ipa_core.cli train --device cuda ...   # data parallel (gloo on CPU)
 
 Rerunning the same command resumes from the last checkpoint, and may raise --steps to train on.
 A rerun that changes a setting that changes the result (seed, batch size, learning rate, data,
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from xray.cli_base import describe_train_flags, device_flag, format_default, set_help
 from xray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,34 @@ def configure(p: argparse.ArgumentParser) -> None:
     from xray.dataset import add_data_args
 
     from ..config import CONFIGS
+    from ..ipa_task import IPA_TRAIN_DEFAULTS
     from ..trainer import add_train_args
     from ..vae_task import TRAIN_DEFAULTS
 
     add_data_args(p)
     p.set_defaults(image_size=None)  # None: the model config's image_size
+    set_help(p, "--image-size", "image side in pixels; must equal the model config's (default: the --config's size, e.g. "
+             f"{CONFIGS['tiny'].image_size} for tiny)")
     p.add_argument("--stage", choices=STAGES, default=None,
-                   help="vae or ipa; omitted: the VAE in OUT/vae (unless --vae is given), then IPA in OUT/ipa")
-    p.add_argument("--config", default="tiny", help=f"model config: {', '.join(CONFIGS)} (default tiny)")
-    p.add_argument("--vae", metavar="RUN", default=None, help="trained VAE (run folder or model folder) for the IPA stage")
-    p.add_argument("--out", metavar="RUN", required=True, help="run folder (created; rerun the command to resume)")
-    p.add_argument("--import-official", metavar="PATH", default=None,
+                   help="vae or ipa (default: both: the VAE in DIR/vae, unless --vae is given, then IPA in DIR/ipa)")
+    p.add_argument("--config", default="tiny", help=f"model config: {', '.join(CONFIGS)} (default: tiny)")
+    p.add_argument("--vae", metavar="DIR", default=None, help="trained VAE (run folder or model folder) for the IPA stage (default: none: train one first)")
+    p.add_argument("--out", metavar="DIR", required=True, help="run folder (created; rerun the command to resume)")
+    p.add_argument("--import-official", metavar="FILE", default=None,
                    help="start the VAE from an official VD-VAE *-model(-ema).th file (needs the matching --config)")
     p.add_argument("--objective", choices=("forward", "reverse"), default="forward",
-                   help="IPA stage: forward = O_for, the paper's IPA (default); reverse = O_rev, IPA-R (appendix E)")
-    p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics (default 512, 0 = skip)")
+                   help="IPA stage training objective: forward = the paper's IPA, which fits the partial encoder to the VAE's "
+                        "posterior of the whole image (O_for); reverse = IPA-R, an ELBO of the observed pixels alone "
+                        "(O_rev, paper appendix E) (default: forward)")
+    p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics, 0 = skip them (default: 512)")
     add_train_args(p, TRAIN_DEFAULTS["tiny"], note=" with --config tiny")
-    p.epilog = "training defaults per --config: " + "; ".join(
-        f"{k}: steps {d.steps}, batch {d.batch_size}, lr {d.lr:g}, skip {d.skip_threshold:g}" for k, d in TRAIN_DEFAULTS.items())
+    describe_train_flags(p, {"VAE": TRAIN_DEFAULTS["tiny"], "IPA": IPA_TRAIN_DEFAULTS["tiny"]},
+                         note=" for --config tiny; other configs below")
+    p.epilog = "training defaults per --config (VAE stage | IPA stage):\n" + "\n".join(
+        f"  {k}: " + " | ".join(f"steps {d.steps}, batch {d.batch_size}, lr {format_default(d.lr)}, skip threshold "
+                                f"{format_default(d.skip_threshold)}"
+                                for d in (v, IPA_TRAIN_DEFAULTS.get(k, IPA_TRAIN_DEFAULTS["default"])))
+        for k, v in TRAIN_DEFAULTS.items())
 
 
 def _datasets(args, image_size: int, eval_images: int):
@@ -157,8 +168,9 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    args.device = device_flag(args.device)  # checked before anything is created
     if args.stage == "ipa" and args.vae is None:
-        raise UserError("--stage ipa needs --vae RUN (a trained VAE run folder)")
+        raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
     if args.stage == "ipa" and args.import_official:
         raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
     results = {}

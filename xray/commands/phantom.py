@@ -1,6 +1,6 @@
 """Generate a synthetic chest x-ray set in the exact NIH on-disk format (CSV, images/, split lists).
 
-The result works everywhere a real NIH folder does: `xray prepare --root OUT --size S`.
+The result works everywhere a real NIH folder does: `xray prepare --root DIR --size S`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ HELP = "generate a synthetic NIH-format phantom set"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--n", required=True, type=int, metavar="N", help="number of images")
-    p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels")
-    p.add_argument("--seed", required=True, type=int, metavar="K", help="random seed (same seed, same set)")
+    p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4 (e.g. 64, 128, 256)")
+    p.add_argument("--seed", required=True, type=int, metavar="K", help="random seed; the same seed gives the same set")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default: all cores)")
+    from xray.phantom import DEMO_PREVALENCE
+
+    shares = ", ".join(f"{k.lower()} {v:.0%}" for k, v in DEMO_PREVALENCE.items()).replace("%", "%%")
     p.add_argument("--demo-prevalence", action="store_true",
-                   help="use the demo label prevalences (xray.phantom.DEMO_PREVALENCE) instead of NIH's")
+                   help=f"set the share of images with these findings ({shares}) so that small sets have enough "
+                        "positives, instead of NIH's own frequencies (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 

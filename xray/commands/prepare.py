@@ -20,11 +20,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/)")
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--out", metavar="CACHE", default=None,
+    g.add_argument("--out", metavar="DIR", default=None,
                    help="write the cache to this exact folder; --data-root commands do not look there, so prefer "
-                        "the default or --cache-dir (default: None, meaning ROOT/prepared-S)")
+                        "the default or --cache-dir (default: none: ROOT/prepared-S)")
     g.add_argument("--cache-dir", metavar="DIR", default=None,
-                   help="as the other commands' --cache-dir: write CACHE_DIR/prepared/<hash of ROOT>-S (default: None)")
+                   help="as the other commands' --cache-dir: write CACHE_DIR/prepared/<hash of ROOT>-S (default: none)")
     p.add_argument("--present-only", action="store_true", default=None,
                    help="cache the listed images that are present, count the absent ones (a partial download); "
                         "without it, an existing cache keeps the mode it was prepared with")
