@@ -155,7 +155,7 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig, note:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format")
     g.add_argument("--restart", action="store_true", default=False,
                    help="move an existing run folder aside (to <out>.old-<time>) and train from step 0; without it a "
-                        "rerun resumes, and refuses when a setting that changes the result differs (default: %(default)s)")
+                        "rerun resumes, and refuses when a setting that changes the result differs (default: off)")
 
 
 _FLAG_FIELDS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "ema_rate", "grad_clip", "skip_threshold",

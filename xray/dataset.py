@@ -255,7 +255,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", metavar="DIR", default=None, help="NIH-format folder (needed for --data chestxray)")
     g.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder for prepared caches (as CACHE_DIR/prepared/<hash>-S) and the default phantom set; "
-                        f"left out: DATA_ROOT/prepared-S, and {DEFAULT_CACHE_DIR} for the default phantom set (default: None)")
+                        f"left out: DATA_ROOT/prepared-S, and {DEFAULT_CACHE_DIR} for the default phantom set (default: none)")
     g.add_argument("--image-size", metavar="S", type=int, default=DEFAULT_IMAGE_SIZE,
                    help=f"image side in pixels, a multiple of 4 (default: {DEFAULT_IMAGE_SIZE})")
     g.add_argument("--present-only", action="store_true", default=None,
@@ -263,7 +263,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         "without it, a cache prepared with it keeps its mode")
     g.add_argument("--max-images", metavar="N", type=int, default=None,
                    help="use at most N images of each split, whole patients in a fixed order, for a quick CPU run "
-                        "(default: None, meaning all)")
+                        "(default: none: all)")
 
 
 def dataset_from_args(args: argparse.Namespace, split: str) -> XrayDataset:

@@ -248,7 +248,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         f"given; without a value: {', '.join(PAPER_TASKS)}")
     p.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP-CNN run or model folder (default: {DEFAULT_AVP})")
     for key, mf in MODEL_FLAGS.items():
-        p.add_argument(mf.flag, dest=_attr(key), metavar="DIR", default=mf.default, help=f"{mf.help} (default: {mf.default})")
+        p.add_argument(mf.flag, dest=_attr(key), metavar="DIR", default=mf.default, help=f"{mf.help} (default: {mf.default or 'none'})")
     p.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES,
                    help=f"N completions per EIG estimate (default: {DEFAULT_N_SAMPLES})")
     p.add_argument("--n-sequences", type=int, default=DEFAULT_N_SEQUENCES,

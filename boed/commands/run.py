@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figures", action="store_true", help="print and save scans.json only")
     parser.add_argument("--policy", metavar="RUN_POL", default=None,
                         help="scan with an amortised policy from `boed train-policy` instead of greedy EIG-IPA; its "
-                             "probability maps are drawn beside EIG-IPA's EIG maps when --ipa holds a model; None: greedy EIG-IPA (default: None)")
+                             "probability maps are drawn beside EIG-IPA's EIG maps when --ipa holds a model (default: none: greedy EIG-IPA)")
     add_data_args(parser)
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"

@@ -38,6 +38,7 @@ DEFAULT_AVP = "runs/demo/avp"
 
 def configure(p: argparse.ArgumentParser) -> None:
     from baselines.gdfs import GDFSConfig
+    from xray.cli_base import DEVICE_HELP, set_help
     from ipa_core.trainer import add_train_args
     from xray.dataset import add_data_args
 
@@ -48,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     t, g, pc = TeacherConfig(), GDFSConfig(), PolicyConfig()
     p.add_argument("--method", required=True, help=f"which policy: {' or '.join(METHODS)}")
     p.add_argument("--illness", default="effusion", help="the task the policy scans for (default: effusion)")
-    p.add_argument("--out", required=True, help="run folder (teacher/, checkpoints/, model/, eval.json); re-run to resume")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (teacher/, checkpoints/, model/, eval.json); re-run to resume")
     p.add_argument("--ipa", default=DEFAULT_IPA, help=f"distill: the teacher's IPA run or model dir (default: {DEFAULT_IPA})")
     p.add_argument("--avp", default=DEFAULT_AVP, help=f"AVP-CNN run or model dir (default: {DEFAULT_AVP})")
     p.add_argument("--scans", type=int, default=t.scans, help=f"T, scans per image the policy is trained for (default: {t.scans})")
@@ -62,9 +63,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     d.add_argument("--temperature", type=float, default=t.temperature, help=f"IPA sampling temperature (default: {t.temperature})")
     d.add_argument("--shard-size", type=int, default=t.shard_size, help=f"images per teacher shard file (default: {t.shard_size})")
     d.add_argument("--val-shards", type=int, default=t.val_shards, help=f"teacher shards held out for validation (default: {t.val_shards})")
-    d.add_argument("--tau", type=float, default=None, help="target temperature in nats; None: --tau-scale x the median over teacher states of max minus mean EIG (default: None)")
+    d.add_argument("--tau", type=float, default=None, help="target temperature in nats (default: none: --tau-scale x the median over teacher states of max minus mean EIG)")
     d.add_argument("--tau-scale", type=float, default=0.25, help="auto tau as a fraction of the typical EIG spread (default: 0.25)")
-    d.add_argument("--shard", default=None, metavar="I/N", help="generate only teacher shards k with k %% N == I, then stop; None: all shards (or torchrun's rank/world) (default: None)")
+    d.add_argument("--shard", default=None, metavar="I/N", help="generate only teacher shards k with k %% N == I, then stop (default: none: all shards, or torchrun's rank/world)")
     gg = p.add_argument_group("gdfs")
     gg.add_argument("--gdfs-predictor", default=g.predictor, help=f"finetune (the paper: joint training) or frozen (default: {g.predictor})")
     gg.add_argument("--temp-start", type=float, default=g.temp_start, help=f"first Concrete temperature (default: {g.temp_start})")
@@ -74,6 +75,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
     add_train_args(p, distill_defaults(), note=" with --method distill")
+    set_help(p, "--device", DEVICE_HELP)  # None: auto, resolved with parse_device
+    set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
 
 
 def _load_models(args, method: str, device):

@@ -25,7 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"which of the 12 archives, e.g. 1-3 or 1,3,5 (default: {DEFAULT_PARTS})")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="K", help=f"archives downloaded at once (default: {DEFAULT_JOBS})")
     p.add_argument("--mirror", default=None, metavar="URL_PREFIX",
-                   help="fetch URL_PREFIX/images_NN.tar.gz (and metadata files) instead of the NIH links (default: None)")
+                   help="fetch URL_PREFIX/images_NN.tar.gz (and metadata files) instead of the NIH links (default: none)")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="R",
                    help=f"connection attempts per archive, each resuming (default: {DEFAULT_RETRIES})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SEC",
