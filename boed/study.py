@@ -66,6 +66,12 @@ def mean_span(labels: Sequence[str], scans: int | None = None) -> str | None:
     return (pref or spans or [None])[0]
 
 
+def _sd(row) -> float:
+    """The between-repeat spread of a paired row (``diff_sd_repeats``), NaN when the table has none."""
+    v = row.get("diff_sd_repeats", float("nan"))
+    return float(v) if v == v else float("nan")
+
+
 def gain_over(paired, method: str, baseline: str, illness: str, t: str) -> dict | None:
     """``AUROC(method) - AUROC(baseline)`` at ``t`` from a paired table (a DataFrame with the
     columns of ``boed.report.PAIRED_COLUMNS``); a row ``baseline minus method`` is negated.
@@ -74,13 +80,11 @@ def gain_over(paired, method: str, baseline: str, illness: str, t: str) -> dict 
     row = p[(p["method"] == method) & (p["baseline"] == baseline)]
     if len(row):
         r = row.iloc[0]
-        return {"diff": float(r["diff"]), "lo": float(r["diff_lo"]), "hi": float(r["diff_hi"]),
-                "spread": float(r["spread"]) if "spread" in r and r["spread"] == r["spread"] else float("nan")}
+        return {"diff": float(r["diff"]), "lo": float(r["diff_lo"]), "hi": float(r["diff_hi"]), "sd_repeats": _sd(r)}
     row = p[(p["method"] == baseline) & (p["baseline"] == method)]
     if len(row):
         r = row.iloc[0]
-        return {"diff": -float(r["diff"]), "lo": -float(r["diff_hi"]), "hi": -float(r["diff_lo"]),
-                "spread": float(r["spread"]) if "spread" in r and r["spread"] == r["spread"] else float("nan")}
+        return {"diff": -float(r["diff"]), "lo": -float(r["diff_hi"]), "hi": -float(r["diff_lo"]), "sd_repeats": _sd(r)}
     return None
 
 
@@ -129,19 +133,19 @@ def completer_table(paired, quality, illness: str, eval_dir: Path | None = None)
         if g is None and eval_dir is not None and (eval_dir / "eval_config.json").is_file():
             g = gain_over(_paired_from_records(eval_dir, illness, m), m, "uncond", illness, span)
         row = {"illness": illness, "completer": m, "t": span}
-        row.update({f"gain{'' if k == 'diff' else '_' + k}": (g or {}).get(k, float("nan")) for k in ("diff", "lo", "hi", "spread")})
+        row.update({f"gain{'' if k == 'diff' else '_' + k}": (g or {}).get(k, float("nan")) for k in ("diff", "lo", "hi", "sd_repeats")})
         for col in ("best_mse", "best_mse_se", "mean_mse", "pairwise", "pairwise_se", "pixel_std", "n_images"):
             row[col] = float(q.loc[m, col]) if m in q.index and col in q.columns else float("nan")
         rows.append(row)
     if "uncond" in q.index:  # the reference completer: gain 0 by definition
-        row = {"illness": illness, "completer": "uncond", "t": span, "gain": 0.0, "gain_lo": 0.0, "gain_hi": 0.0, "gain_spread": 0.0}
+        row = {"illness": illness, "completer": "uncond", "t": span, "gain": 0.0, "gain_lo": 0.0, "gain_hi": 0.0, "gain_sd_repeats": 0.0}
         row.update({col: float(q.loc["uncond", col]) for col in ("best_mse", "best_mse_se", "mean_mse", "pairwise", "pairwise_se",
                                                                   "pixel_std", "n_images") if col in q.columns})
         rows.append(row)
     return rows
 
 
-TABLE_COLUMNS = ("illness", "completer", "t", "gain", "gain_lo", "gain_hi", "gain_spread", "best_mse", "best_mse_se",
+TABLE_COLUMNS = ("illness", "completer", "t", "gain", "gain_lo", "gain_hi", "gain_sd_repeats", "best_mse", "best_mse_se",
                  "mean_mse", "pairwise", "pairwise_se", "pixel_std", "n_images")
 
 
@@ -303,39 +307,73 @@ class StudyOptions:
                            cache_dir=self.cache_dir, device=self.device, seed=self.seed)
 
 
-def study_stages(opts: StudyOptions, dopts) -> list[tuple[str, str, object, list]]:
-    """``(name, shown command, module or function, argv)`` of every stage after the data."""
-    from boed.demo import _data_args, _prepare_data, _train_args
+@dataclass
+class StudyStage:
+    """One stage: a command module with ``argv`` or a function of the demo options, in ``<out>/<name>``,
+    rerun when a stage in ``upstream`` changed (as :class:`boed.demo.Stage`)."""
+
+    name: str
+    cli: str
+    target: object
+    argv: list
+    upstream: tuple[str, ...] = ()
+
+
+def study_stages(opts: StudyOptions, dopts) -> list[StudyStage]:
+    """Every stage of the completer study, in order: the demo's own data, VAE, IPA and AVP-CNN
+    stages (so a demo run folder is reused), then IPA-R, the under-trained IPA, the evaluations,
+    the quality measurement and the table."""
+    import boed.demo as demo
 
     p, out = opts.profile, opts.out
-    data = _data_args(dopts)
+    data = demo._data_args(dopts)
+    train = demo._train_args
     under = max(1, p.ipa_steps // UNDER_FRACTION)
-    stages = [
-        ("data", "prepare", _prepare_data, []),
-        ("vae", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "vae", "--config", p.vae_config, "--out", out / "vae", *data, *_train_args(dopts, p.vae_steps, p.vae_batch)]),
-        ("ipa", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa", *data, *_train_args(dopts, p.ipa_steps, p.ipa_batch)]),
-        ("ipar", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "ipa", "--objective", "reverse", "--vae", out / "vae", "--out", out / "ipar", *data,
-          *_train_args(dopts, p.ipa_steps, p.ipa_batch)]),
-        ("ipa-under", "ipa_core train", "ipa_core.commands.train",
-         ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa-under", *data, *_train_args(dopts, under, p.ipa_batch)]),
-        ("avp", "boed train-avp", "boed.commands.train_avp",
-         ["--arch", p.avp_arch, "--out", out / "avp", "--lr", p.avp_lr, *data, *_train_args(dopts, p.avp_steps, p.avp_batch)]),
+    if hasattr(demo, "Stage"):  # the demo's stage builders (fingerprinted stages)
+        base = [demo.phantom_stage(dopts)] if dopts.data_root is not None and opts.data_root is None else []
+        base += [demo.data_stage(dopts), demo.vae_stage(dopts), demo.ipa_stage(dopts), demo.avp_stage(dopts)]
+        stages = [StudyStage(st.name, st.cli, st.target, st.argv, st.upstream) for st in base]
+    else:
+        stages = [
+            StudyStage("data", "prepare", demo._prepare_data, []),
+            StudyStage("vae", "ipa_core train", "ipa_core.commands.train",
+                       ["--stage", "vae", "--config", p.vae_config, "--out", out / "vae", *data, *train(dopts, p.vae_steps, p.vae_batch)]),
+            StudyStage("ipa", "ipa_core train", "ipa_core.commands.train",
+                       ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa", *data, *train(dopts, p.ipa_steps, p.ipa_batch)]),
+            StudyStage("avp", "boed train-avp", "boed.commands.train_avp",
+                       ["--arch", p.avp_arch, "--out", out / "avp", "--lr", p.avp_lr, *data, *train(dopts, p.avp_steps, p.avp_batch)]),
+        ]
+    avp = stages.pop()  # IPA-R and the under-trained IPA right after IPA, the AVP-CNN after them (as in the demo order)
+    stages += [
+        StudyStage("ipar", "ipa_core train", "ipa_core.commands.train",
+                   ["--stage", "ipa", "--objective", "reverse", "--vae", out / "vae", "--out", out / "ipar", *data,
+                    *train(dopts, p.ipa_steps, p.ipa_batch)], ("data", "vae")),
+        StudyStage("ipa-under", "ipa_core train", "ipa_core.commands.train",
+                   ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa-under", *data, *train(dopts, under, p.ipa_batch)],
+                   ("data", "vae")),
+        avp,
     ]
     models = ["--ipa", out / "ipa", "--ipar", out / "ipar", "--ipa-under", out / "ipa-under", "--avp", out / "avp",
               "--device", opts.device]
+    evals = []
     for ill in opts.illnesses:
-        stages.append((f"study-eval/{resolve_illness(ill).slug}", "boed evaluate", "boed.commands.evaluate",
-                       ["--illness", ill, "--scans", p.scans, "--methods", ",".join(STUDY_METHODS), "--n-test", p.n_test,
-                        "--n-samples", p.n_samples, "--repeats", opts.repeats, "--seed", opts.seed,
-                        "--batch-size", p.eval_batch, "--out", out / "study-eval" / resolve_illness(ill).slug, *models, *data]))
+        slug = resolve_illness(ill).slug
+        evals.append(f"study-eval/{slug}")
+        stages.append(StudyStage(evals[-1], "boed evaluate", "boed.commands.evaluate",
+                                 ["--illness", ill, "--scans", p.scans, "--methods", ",".join(STUDY_METHODS), "--n-test", p.n_test,
+                                  "--n-samples", p.n_samples, "--repeats", opts.repeats, "--seed", opts.seed,
+                                  "--batch-size", p.eval_batch, "--out", out / "study-eval" / slug, *models, *data],
+                                 ("data", "ipa", "ipar", "ipa-under", "avp")))
+    stages.append(StudyStage("quality", "completion quality", _quality_stage(opts),
+                             ["--states", opts.n_states, "--scans", p.scans, "--k", QUALITY_K, "--seed", opts.seed],
+                             ("data", "ipa", "ipar", "ipa-under")))
+    stages.append(StudyStage("table", "publish", _table_stage(opts), [], ("quality", *evals)))
     return stages
 
 
 def _quality_stage(opts: StudyOptions):
     def run(dopts) -> None:
+        from xray.cli_base import parse_device
         from xray.dataset import open_dataset
 
         from boed.geometry import ScanGeometry
@@ -345,42 +383,56 @@ def _quality_stage(opts: StudyOptions):
         test = open_dataset(data, dopts.data_root, split="test", **kw)
         train = open_dataset(data, dopts.data_root, split="train", **kw)
         runs = {"eig-ipa": opts.out / "ipa", "eig-ipar": opts.out / "ipar", "eig-ipa-under": opts.out / "ipa-under"}
-        from xray.cli_base import parse_device
-
         measure_quality(test, train, runs, ScanGeometry(opts.profile.image_size), opts.profile.scans, opts.n_states,
                         opts.seed, parse_device(opts.device), ensure_writable_dir(opts.out / "quality") / "quality.csv")
 
     return run
 
 
+def _table_stage(opts: StudyOptions):
+    def run(dopts) -> None:
+        p = opts.profile
+        notes = (f"Profile {p.name} (S = {p.image_size}, N = {p.n_samples}, T = {p.scans}, {p.n_test} test images, "
+                 f"R = {opts.repeats} repeats); under-trained IPA: {max(1, p.ipa_steps // UNDER_FRACTION)} of {p.ipa_steps} steps. "
+                 f"Completion quality on {opts.n_states} random scan states (1..{p.scans} grid patches), the same states and "
+                 f"seeds for every completer, best of {QUALITY_K} completions. Stage wall times: study.json.")
+        publish_completers(opts.out, opts.illnesses, notes)
+
+    return run
+
+
+def _run_stage(dopts, st: StudyStage, fingerprints: dict, timings: dict) -> None:
+    import boed.demo as demo
+
+    if hasattr(demo, "Stage"):
+        demo._stage(dopts, demo.Stage(st.name, st.cli, st.target, st.argv, st.upstream), fingerprints, timings)
+    else:  # the stage machinery without fingerprints
+        demo._stage(dopts, st.name, st.cli, st.target, st.argv, timings)
+
+
 def run_completer_study(opts: StudyOptions) -> dict:
-    """Run (or resume) every stage; publish completers.{csv,md,png} (the last stage); return the summary."""
+    """Run (or resume) every stage, the table (completers.{csv,md,png}) last; return the summary
+    (also written to ``<out>/study.json`` with every stage's wall time)."""
     import pandas as pd
 
-    from boed.demo import _stage
+    import boed.demo as demo
 
     if opts.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {opts.repeats}")
-    ensure_writable_dir(opts.out)
+    opts.out = ensure_writable_dir(opts.out)
     dopts = opts.demo_options()
     timings: dict[str, float] = {}
+    fingerprints: dict[str, str] = {}
     p = opts.profile
     if opts.data_root is None and p.phantom_n is not None:  # the demo's private small phantom set
         dopts.data_root = opts.out / "phantom"
-        _stage(dopts, "phantom", "xray phantom", "xray.commands.phantom",
-               ["--out", dopts.data_root, "--n", p.phantom_n, "--size", p.phantom_size or p.image_size,
-                "--seed", opts.seed, "--demo-prevalence"], timings)
-    for name, cli, target, argv in study_stages(opts, dopts):
-        _stage(dopts, name, cli, target, argv, timings)
-    _stage(dopts, "quality", "completion quality", _quality_stage(opts), [], timings)
-    p_total = sum(timings.values())
-    notes = (f"Profile {p.name} (S = {p.image_size}, N = {p.n_samples}, T = {p.scans}, {p.n_test} test images, "
-             f"R = {opts.repeats} repeats); under-trained IPA: {max(1, p.ipa_steps // UNDER_FRACTION)} of {p.ipa_steps} steps. "
-             f"Completion quality on {opts.n_states} random scan states (1..{p.scans} grid patches), the same states and "
-             f"seeds for every completer, best of {QUALITY_K} completions; wall time {p_total / 60:.0f} min "
-             "(stages done by an earlier run count with their recorded time).")
-    _stage(dopts, "table", "publish", lambda _: publish_completers(opts.out, opts.illnesses, notes), [], timings)
-    timings["total"] = sum(timings.values())
+        if not hasattr(demo, "Stage"):
+            demo._stage(dopts, "phantom", "xray phantom", "xray.commands.phantom",
+                        ["--out", dopts.data_root, "--n", p.phantom_n, "--size", p.phantom_size or p.image_size,
+                         "--seed", opts.seed, "--demo-prevalence"], timings)
+    for st in study_stages(opts, dopts):
+        _run_stage(dopts, st, fingerprints, timings)
+    timings["total"] = sum(timings.values())  # stages done by an earlier run count with their recorded time
     rows = pd.read_csv(opts.out / "completers.csv", dtype={"t": str}).to_dict(orient="records")
     summary = {"profile": dataclasses.asdict(p), "repeats": opts.repeats, "n_states": opts.n_states,
                "illnesses": list(opts.illnesses), "timings_s": timings, "rows": rows}

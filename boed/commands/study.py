@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
 
     from boed.demo import PROFILES
 
-    parse_device(args.device)  # a one-line error now, not after the training stages
+    device = str(parse_device(args.device))  # a one-line error now, not after the training stages
     profile = PROFILES["quick" if args.quick else args.profile]
     repeats, states = (min(args.repeats, 2), min(args.states, 24)) if args.quick else (args.repeats, args.states)
     if repeats < 1:
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
     illnesses = tuple(study.resolve_illness(i).name for i in args.illness)
     opts = study.StudyOptions(out=args.out, profile=profile, illnesses=illnesses, repeats=repeats, n_states=states,
-                              data_root=args.data_root, cache_dir=args.cache_dir, device=args.device, seed=args.seed)
+                              data_root=args.data_root, cache_dir=args.cache_dir, device=device, seed=args.seed)
     study.run_completer_study(opts)
     print((args.out / "completers.md").read_text())
     print(f"wrote {args.out / 'completers.csv'}, {args.out / 'completers.md'}, {args.out / 'completers.png'}")
