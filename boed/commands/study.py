@@ -24,7 +24,7 @@ from xray.errors import UserError
 HELP = "completer study (does the completion model matter?) and training-seed robustness"
 DEFAULT_SEEDS = "0,1,2"
 DEFAULT_PROFILE = "cpu"
-DEFAULT_DEVICE = "cpu"
+DEFAULT_DEVICE = "auto"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     c.add_argument("--quick", action="store_true", help="same as --profile quick, --repeats 2, 24 quality states")
     c.add_argument("--illness", nargs="+", default=list(STUDY_ILLNESSES), help=f"tasks (default: {' '.join(STUDY_ILLNESSES)})")
     c.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"policy repeats R of the evaluation (default: {DEFAULT_REPEATS})")
-    c.add_argument("--n-test", type=int, default=None, help="test images per illness (default: the profile's)")
+    c.add_argument("--n-test", type=int, default=None, help="test images per illness; omitted: the profile's")
     c.add_argument("--states", type=int, default=DEFAULT_STATES, help=f"scan states of the quality measurement (default: {DEFAULT_STATES})")
     c.add_argument("--data-root", type=Path, default=None, help="NIH-format folder; omitted: phantom data as in boed demo")
     c.add_argument("--cache-dir", type=Path, default=None, help="where prepared images live (omitted: the xray default)")
@@ -52,6 +52,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("demo_args", nargs=argparse.REMAINDER, help="after --: flags passed to every boed demo (e.g. -- --quick)")
 
 
+def _check_demo_args(extra: list[str]) -> None:
+    """Refuse flags `boed demo` does not know before any demo starts (one line, nothing created)."""
+    from boed.commands import demo
+
+    parser = argparse.ArgumentParser(prog="boed demo", add_help=False)
+    demo.configure(parser)
+    _, unknown = parser.parse_known_args([*extra, "--seed", "0", "--out", "unused"])
+    if unknown:
+        raise UserError(f"`boed demo` does not take {' '.join(unknown)}; flags after -- go to every demo (see `boed demo --help`)")
+
+
 def main(args: argparse.Namespace) -> int:
     from boed import study
 
@@ -60,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         extra = [a for a in args.demo_args if a != "--"]
         if any(a in ("--seed", "--out") for a in extra):
             raise UserError("pass --seeds and --out to `boed study seeds`, not after --; the study sets each demo's --seed and --out")
+        _check_demo_args(extra)
         rows = study.run_seed_study(seeds, args.out, extra)
         print((args.out / "seeds.md").read_text())
         print(f"wrote {args.out / 'seeds.csv'}, {args.out / 'seeds.md'}, {args.out / 'seeds.png'} ({len(rows)} rows)")

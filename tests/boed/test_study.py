@@ -142,6 +142,7 @@ def _cli(argv, capsys):
     (["seeds", "--seeds", "0", "--out", "X"], "at least 2 distinct seeds"),
     (["seeds", "--seeds", "0,a", "--out", "X"], "comma list of integers"),
     (["seeds", "--out", "X", "--", "--seed", "3"], "not after --"),
+    (["seeds", "--out", "X", "--", "--quick", "--bogus"], "does not take --bogus"),
     (["completers", "--out", "X", "--repeats", "0"], "--repeats must be >= 1"),
     (["completers", "--out", "X", "--states", "0"], "--states must be >= 1"),
     (["completers", "--out", "X", "--device", "gpu9"], "is not a device"),
