@@ -107,7 +107,7 @@ def _paired_from_records(eval_dir: Path, illness: str, method: str):
     from boed.report import paired_rows
 
     cfg = json.loads((eval_dir / CONFIG_NAME).read_text())
-    kw = {k: cfg[k] for k in ("n_boot",) if k in cfg}
+    kw = {"n_boot": cfg.get("n_boot", 1000), "seed": cfg.get("bootstrap_seed", 0)}  # the same bootstrap as paired.csv
     rows = paired_rows(load_records(eval_dir), [illness], int(cfg["scans"]), method=method, **kw)
     return pd.DataFrame(rows).assign(t=lambda d: d["t"].astype(str))
 
