@@ -1,12 +1,12 @@
-# Two commands for a fresh clone (only Python 3.11 + pip needed):
-#   make demo   set up .venv and run the whole pipeline on the embedded phantom data
+# Two commands for a fresh clone (Python 3.11 or newer + pip):
+#   make demo   set up .venv and run the whole pipeline on phantom data (generated on first use into ~/.cache/boed)
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-slow bench setup clean
+.PHONY: demo demo-quick demo-policies study study-seeds test test-slow bench setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,20 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/boed demo --quick --out runs/demo-quick
+
+# the demo plus the amortised policies (distilled EIG-IPA, GDFS) as evaluated methods
+demo-policies: $(STAMP)
+	$(BIN)/boed demo --out runs/demo --with-policies --publish results
+
+# does the completion model matter? EIG with IPA, IPA-R, an under-trained IPA, retrieval vs Uncond
+study: $(STAMP)
+	$(BIN)/boed study completers --out runs/demo
+	cp runs/demo/completers.csv runs/demo/completers.md runs/demo/completers.png results/
+
+# training-seed robustness: one demo per seed, per-seed and pooled paired differences
+study-seeds: $(STAMP)
+	$(BIN)/boed study seeds --seeds 0,1,2 --out runs/seeds
+	cp runs/seeds/seeds.csv runs/seeds/seeds.md runs/seeds/seeds.png results/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

@@ -20,7 +20,7 @@ from torch import Tensor
 from boed import estimators
 from boed.geometry import ScanGeometry
 from boed.policies import FirstChoiceCache, ScanState, first_choice_key, select
-from boed.scoring import candidate_probs, model_device, prepare_classifier, sequence_probs
+from boed.scoring import DEFAULT_AMP, candidate_probs, model_device, prepare_classifier, sequence_probs
 from xray.errors import UserError
 from xray.labels import Illness, resolve_illness
 
@@ -87,7 +87,7 @@ class UncondPolicy(_UncondBase):
 
     def __init__(self, classifier, dataset_sampler, illness, geometry: ScanGeometry, n_samples: int = 10,
                  chunk_size: int | None = None, device=None, *, name: str = "uncond", channels_last: bool = True,
-                 amp: bool = True, first_cache: FirstChoiceCache | None = None):
+                 amp: bool = DEFAULT_AMP, first_cache: FirstChoiceCache | None = None):
         super().__init__(classifier, dataset_sampler, illness, geometry, n_samples, chunk_size, device, channels_last,
                          amp, first_cache)
         self.name = name
@@ -144,7 +144,7 @@ class NonGreedyUncondPolicy(_UncondBase):
 
     def __init__(self, classifier, dataset_sampler, illness, geometry: ScanGeometry, n_samples: int = 10,
                  n_sequences: int = 289, scans: int = 5, chunk_size: int | None = None, device=None, *,
-                 name: str = "nongreedy", channels_last: bool = True, amp: bool = True,
+                 name: str = "nongreedy", channels_last: bool = True, amp: bool = DEFAULT_AMP,
                  first_cache: FirstChoiceCache | None = None):
         super().__init__(classifier, dataset_sampler, illness, geometry, n_samples, chunk_size, device, channels_last,
                          amp, first_cache)

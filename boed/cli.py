@@ -8,6 +8,7 @@ main = make_main("boed", __doc__, {
     "train-policy": "boed.commands.train_policy",
     "evaluate": "boed.commands.evaluate",
     "demo": "boed.commands.demo",
+    "study": "boed.commands.study",
 })
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from boed import estimators
 from boed.estimators import ESTIMATORS
 from boed.geometry import ScanGeometry
-from boed.scoring import candidate_probs, model_device, prepare_classifier
+from boed.scoring import DEFAULT_AMP, candidate_probs, model_device, prepare_classifier
 from xray.errors import UserError
 from xray.labels import Illness, resolve_illness
 
@@ -221,7 +221,7 @@ class GreedyPolicy:
         *,
         name: str | None = None,
         channels_last: bool = True,
-        amp: bool = True,
+        amp: bool = DEFAULT_AMP,
         fold_bn: bool = True,
         progress: bool = False,
         first_cache: FirstChoiceCache | None = None,

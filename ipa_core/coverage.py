@@ -8,7 +8,9 @@ Per image, on the UNOBSERVED pixels only (pixel values scaled to [0, 1]):
 - diversity: mean over unobserved pixels of the per-pixel standard deviation across samples.
 
 :func:`coverage_study` runs a sampler on images and masks grouped by observed-fraction bin and
-returns one row per (bin, K).
+returns one row per (bin, K). :func:`completion_quality` compares several completers on the same
+partially observed states with the same seeds (best-of-K MSE, mean MSE, mean pairwise distance
+between completions: :func:`pairwise_distance`); ``boed study completers`` uses it.
 """
 
 from __future__ import annotations
@@ -188,3 +190,78 @@ def write_results(rows: list[CoverageRow], out_dir: str | Path, notes: str = "")
             lines.append(f"| {mth} | {b} | " + " | ".join(cells) + f" | {get[(mth, b, ks[0])].diversity:.4f} |")
     atomic_write_text(out / "coverage.md", "\n".join(lines) + "\n")
     return {"csv": out / "coverage.csv", "png": out / "coverage.png", "md": out / "coverage.md"}
+
+
+# ----------------------------------------------------------------------------------------------
+# completion quality of several completers on the same states (the completer study)
+
+
+def pairwise_distance(samples: Tensor, m: Tensor) -> Tensor:
+    """Mean over pairs ``i < j`` of the RMS difference of completions i and j on the unobserved
+    pixels, in [0, 1] units: ``(B,)``. 0 when all samples are identical (or N = 1); NaN where
+    nothing is unobserved."""
+    B, N = samples.shape[:2]
+    if N < 2:
+        return torch.zeros(B)
+    s = samples.float().flatten(2) / 255.0  # (B, N, C*S*S)
+    w = _unobserved(m, s).expand(B, 1, samples.shape[2], *samples.shape[-2:]).flatten(1)  # (B, C*S*S)
+    count = w.sum(1)  # (B,) unobserved values per image
+    total = torch.zeros(B)
+    for i in range(N - 1):  # exact differences (a Gram-matrix shortcut loses identical pairs to rounding)
+        d2 = ((s[:, i + 1:] - s[:, i:i + 1]) ** 2 * w[:, None]).sum(-1)  # (B, N - 1 - i)
+        total += (d2 / count[:, None]).sqrt().sum(1)
+    return total / (N * (N - 1) / 2)  # (B,); NaN where nothing is unobserved
+
+
+@dataclass
+class QualityRow:
+    completer: str
+    n_images: int
+    n_samples: int  # K of best-of-K
+    best_mse: float  # mean over images of min over the K completions of the unobserved-pixel MSE
+    best_mse_se: float
+    mean_mse: float  # mean over images and completions (the error of a typical completion)
+    pairwise: float  # mean pairwise RMS distance between completions (diversity)
+    pairwise_se: float
+    pixel_std: float  # mean per-pixel std across completions (:func:`diversity`)
+
+
+def completion_quality(completers: dict[str, SampleFn], images: Tensor, masks: Tensor, n_samples: int = 10,
+                       seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[QualityRow]:
+    """Best-of-``n_samples`` MSE and diversity of every completer on the SAME partially observed states.
+
+    ``images`` uint8 ``(B, C, S, S)``; ``masks`` ``(B, 1, S, S)`` (1 = observed). Each completer is
+    a :data:`SampleFn` given the observations ``x * m`` (never the hidden pixels) and, for the
+    images ``[i, i + batch_size)``, a generator seeded from ``(seed, i)``: the same seeds for
+    every completer. Metrics are on the unobserved pixels only; images with nothing unobserved are
+    skipped. One row per completer, in the order given.
+    """
+    if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+        raise UserError(f"{tuple(masks.shape)} masks for {tuple(images.shape)} images; expected one (1, S, S) mask per image")
+    if n_samples < 1:
+        raise UserError(f"best-of-K needs K >= 1 completions, got {n_samples}")
+    rows = []
+    for name, fn in completers.items():
+        best, mean, pair, std = [], [], [], []
+        for start in tqdm(range(0, images.shape[0], batch_size), desc=f"quality {name}", disable=None if progress else True, leave=False):
+            x, m = images[start:start + batch_size], masks[start:start + batch_size].float()
+            x_obs = x * (m > 0.5).to(x.dtype)  # (b, C, S, S) what the completer may see
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            s = fn(x_obs, m, n_samples, g).cpu()  # (b, N, C, S, S)
+            if s.shape[:2] != (x.shape[0], n_samples) or s.dtype != torch.uint8:
+                raise UserError(f"completer {name} returned {tuple(s.shape)} {s.dtype}; expected uint8 ({x.shape[0]}, {n_samples}, C, S, S)")
+            mse = per_sample_mse(s, x, m)  # (b, N)
+            best.append(mse.min(1).values)
+            mean.append(mse.mean(1))
+            pair.append(pairwise_distance(s, m))
+            std.append(diversity(s, m))
+        b, mn, p, sd = (torch.cat(v) for v in (best, mean, pair, std))
+        ok = ~b.isnan()
+        b, mn, p, sd = b[ok], mn[ok], p[ok], sd[ok]
+        k = int(ok.sum())
+
+        def se(v: Tensor) -> float:
+            return float(v.std() / k ** 0.5) if k > 1 else float("nan")
+
+        rows.append(QualityRow(name, k, n_samples, float(b.mean()), se(b), float(mn.mean()), float(p.mean()), se(p), float(sd.mean())))
+    return rows

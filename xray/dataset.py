@@ -285,3 +285,20 @@ def dataset_images(dataset, idx) -> torch.Tensor:
     if x.dtype != torch.uint8:
         raise UserError(f"dataset images must be uint8, got {x.dtype}; use an xray.dataset split")
     return x  # (B, C, S, S)
+
+
+DATA_RECORD = "data.json"  # what a training run was trained on (read by `boed run` for its t = 1 draws)
+
+
+def write_data_record(run_dir: str | os.PathLike, args: argparse.Namespace, train_set) -> None:
+    """Record in ``run_dir/data.json`` the data a model is trained on (flags of :func:`add_data_args`,
+    the image size and the training split's fingerprint), so later commands can draw from the same data."""
+    from .io import atomic_write_json
+
+    def resolved(p):
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    atomic_write_json(Path(run_dir) / DATA_RECORD, {
+        "data": args.data, "data_root": resolved(args.data_root), "cache_dir": resolved(args.cache_dir),
+        "max_images": getattr(args, "max_images", None), "present_only": getattr(args, "present_only", None),
+        "image_size": int(train_set.image_size), "fingerprint": getattr(train_set, "fingerprint", None)})

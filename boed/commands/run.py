@@ -7,6 +7,11 @@ grid cell, pixel box, EIG and the classifier probability after the scan, and wri
 scan (observations, EIG heatmap with a red x, completions with their information-gain maps) plus a
 summary figure and ``scans.json`` into --out.
 
+The t = 1 completions (and --index images) come from the data the models were trained on, as
+recorded in their run folders (``data.json``, see :func:`recorded_training_data`); --data /
+--data-root override it, and models that record nothing need --data-root (or --first-draws ipa
+with --image).
+
 examples:
   boed run --illness effusion --scans 5 --index 3
   boed run --illness "no finding" --image patient.dcm --ipa runs/demo/ipa --avp runs/demo/avp --out runs/scan1
@@ -15,8 +20,10 @@ examples:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,12 +31,14 @@ import torch
 from boed.geometry import ScanGeometry
 from xray.cli_base import add_device_arg, parse_device
 from xray.errors import UserError
+from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
 from xray.io import atomic_write_json, ensure_writable_dir
 from xray.labels import resolve_illness
 
 HELP = "choose scan locations for one image by EIG (greedy BOED with IPA completions)"
 DEFAULT_IPA = "runs/demo/ipa"
 DEFAULT_AVP = "runs/demo/avp"
+DATA_KEYS = ("data", "data_root", "cache_dir")  # the fields that say where the data is
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_data_args(parser)
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
+    parser.set_defaults(data=None)  # None: the data recorded in the model runs
+    parser._option_string_actions["--data"].help = ("phantom or chestxray; omitted: the data the models were trained on, "
+                                                    f"as recorded in their runs ({DATA_RECORD})")
 
 
 def _image_size_of(model) -> int | None:
@@ -94,6 +106,82 @@ def load_models(ipa_path: str, avp_path: str, device: torch.device):
         raise UserError(f"the IPA model ({ipa_dir}) works at {s_ipa} px but the AVP classifier ({avp_dir}) at {s_avp} px; "
                         "use models trained at the same --image-size")
     return ipa, avp, s_avp
+
+
+def _record_files(model_path: str) -> list[Path]:
+    """Where a run may record its training data: the run folder (and its parent when given ``.../model``)."""
+    p = Path(model_path)
+    dirs = [p] + ([p.parent] if p.name == "model" else [])
+    return [d / name for d in dirs for name in (DATA_RECORD, "provenance.json", "train_config.json")]
+
+
+def recorded_training_data(model_path: str) -> dict | None:
+    """The training data a model run recorded: ``{"data", "data_root", "cache_dir", "image_size",
+    "fingerprint"}`` (missing keys None), or None when the run records nothing.
+
+    Read from ``data.json`` in the run folder (or a ``"data"`` object in ``provenance.json`` /
+    ``train_config.json`` there), next to ``model/``.
+    """
+    for path in _record_files(model_path):
+        if not path.is_file():
+            continue
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{path} is not valid JSON; repair it or pass --data-root DIR explicitly") from None
+        if isinstance(d, dict) and isinstance(d.get("data"), dict):  # nested: {"data": {...}, ...}
+            d = d["data"]
+        if isinstance(d, dict) and isinstance(d.get("data"), str):
+            rec = {k: d.get(k) for k in (*DATA_KEYS, "image_size", "fingerprint")}
+            if rec["data_root"] is not None:
+                root = Path(rec["data_root"]).expanduser()
+                rec["data_root"] = str(root if root.is_absolute() else (path.parent / root))
+            return rec
+    return None
+
+
+def training_data(ipa_path: str | None, avp_path: str) -> dict | None:
+    """The data both models were trained on (one record); UserError when their records disagree."""
+    recs = {what: recorded_training_data(p) for what, p in (("IPA", ipa_path), ("AVP", avp_path)) if p is not None}
+    known = {w: r for w, r in recs.items() if r is not None}
+    if len(known) == 2:
+        a, b = known["IPA"], known["AVP"]
+        for k in DATA_KEYS:
+            if a[k] != b[k]:
+                raise UserError(f"the IPA run was trained on {k}={a[k]} but the AVP run on {k}={b[k]}; "
+                                "pass --data/--data-root to say which data the t = 1 draws come from")
+    return next(iter(known.values()), None)
+
+
+def resolve_data_args(args, needs_data: bool) -> dict | None:
+    """Fill ``args.data``/``data_root``/``cache_dir`` from the models' record unless given; returns the record.
+
+    Explicit --data/--data-root win. With neither given nor recorded and data needed: one-line error.
+    """
+    rec = training_data(args.ipa, args.avp)
+    if args.data is not None or args.data_root is not None:
+        if args.data is None:
+            args.data = "chestxray"  # an NIH-format folder
+        return rec
+    if not needs_data:
+        return rec
+    if rec is None:
+        raise UserError(f"the models in {args.ipa} and {args.avp} do not record the data they were trained on "
+                        f"(no {DATA_RECORD}); pass --data-root DIR (the NIH-format folder they were trained on), "
+                        "or --data phantom for the default phantom set")
+    args.data, args.data_root = rec["data"], rec["data_root"]
+    if args.cache_dir is None:
+        args.cache_dir = rec["cache_dir"]
+    return rec
+
+
+def check_fingerprint(train_set, rec: dict | None) -> None:
+    """Warn when the t = 1 draws come from other data than the models recorded."""
+    want = (rec or {}).get("fingerprint")
+    have = getattr(train_set, "fingerprint", None)
+    if want and have and want != have:
+        warnings.warn(f"the train split used for the t = 1 draws (fingerprint {have}) is not the one the models "
+                      f"were trained on ({want}); pass the --data-root they were trained on", stacklevel=2)
 
 
 def load_image(args, S: int, channels: int):
@@ -141,6 +229,7 @@ def main(args: argparse.Namespace) -> int:
     if args.policy is not None:  # amortised policy (boed train-policy)
         return _run_policy(args, illness, device)
     ipa, avp, S = load_models(args.ipa, args.avp, device)
+    rec = resolve_data_args(args, needs_data=args.first_draws == "dataset" or args.image is None)
     geometry = ScanGeometry(S)
     if not 1 <= args.scans <= geometry.num_locations:
         raise UserError(f"--scans must be in 1..{geometry.num_locations} (the {geometry.grid}x{geometry.grid} grid), got {args.scans}")
@@ -149,7 +238,9 @@ def main(args: argparse.Namespace) -> int:
     x = x.to(device)
     first_sampler = None
     if args.first_draws == "dataset":
-        first_sampler = DatasetSampler(_dataset(args, S, "train"))
+        train = _dataset(args, S, "train")
+        check_fingerprint(train, rec)
+        first_sampler = DatasetSampler(train)
     out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")  # after every check
     sampler = IPASampler(ipa, temperature=args.temperature)
     policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
@@ -170,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         use = first_sampler if (t == 1 and first_sampler is not None) else None
         res = policy.score(state, generator, sampler=use)
-        loc = int(res.choose(args.estimator)[0])
+        loc = int(res.choose(args.estimator, generator)[0])  # ties: a uniform pick
         new = state.scan(x, torch.tensor([loc]), geometry)
         probs.append(prob(new))
         row, col = divmod(loc, geometry.grid)
@@ -196,7 +287,9 @@ def main(args: argparse.Namespace) -> int:
         illness=illness.name, source=str(args.image) if args.image else source, target=target,
         estimator=args.estimator, n_samples=args.n_samples, seed=args.seed, first_draws=args.first_draws,
         geometry=geometry.to_dict(), prob_before=probs[0], steps=steps, locations=locations,
-        ipa=str(args.ipa), avp=str(args.avp)))
+        ipa=str(args.ipa), avp=str(args.avp),
+        data=None if args.data is None else {"data": args.data, "data_root": None if args.data_root is None else str(args.data_root),
+                                             "recorded": rec}))
     print(f"wrote {out / 'scans.json'}" + ("" if args.no_figures else f", {out}/step_*.png and {out / 'summary.png'}"))
     return 0
 

@@ -85,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
     from boed.classifier import AVPClassifier, AVPConfig, init_config, init_state, parse_init
     from boed.train_avp import AVPTrainConfig, AVPTrainTask, format_auroc_table
+    from xray.dataset import write_data_record
 
     # everything is checked (and the initial weights loaded) before a file or folder is created
     args.device = device_flag(args.device)  # checked before anything is created
@@ -104,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
         model.channels_last = True
     task = AVPTrainTask(model, acfg, train_labels=getattr(train_set, "labels", None), preview=test_set)
     fit(task, train_set, tcfg, args.out, test_set=test_set)
+    write_data_record(args.out, args, train_set)  # `boed run` draws its t = 1 images from the same data
 
     out = Path(args.out)
     eval_path = out / "eval.json"

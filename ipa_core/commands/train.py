@@ -71,6 +71,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         for k, v in TRAIN_DEFAULTS.items())
 
 
+def _record_data(out, args, train) -> None:
+    """``out/data.json``: the data this run trained on (`boed run` draws its t = 1 images from it)."""
+    from xray.dataset import write_data_record
+
+    write_data_record(out, args, train)
+
+
 def _datasets(args, image_size: int, eval_images: int):
     from xray.dataset import dataset_from_args
 
@@ -121,6 +128,7 @@ def run_vae_stage(args, out: Path) -> Path:
         init = file_digest(args.import_official)
     task = VAETask(model, eval_max_images=args.eval_images or None, init_digest=init)
     fit(task, train, cfg, out, test_set=test)
+    _record_data(out, args, train)
     return out
 
 
@@ -163,6 +171,7 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
                         vae_dir, out, old_vae, new_vae)
             cfg = dataclasses.replace(cfg, restart=True)
     fit(task, train, cfg, out, test_set=test)
+    _record_data(out, args, train)
     return out
 
 

@@ -94,7 +94,8 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
     monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
     out = tmp_path / "idx"
     code, stdout, err = run(["--illness", "effusion", "--scans", "1", "--index", "2", "--ipa", str(models / "ipa"),
-                             "--avp", str(models / "avp"), "--n-samples", "2", "--out", str(out), "--no-figures"], capsys)
+                             "--avp", str(models / "avp"), "--n-samples", "2", "--out", str(out), "--no-figures",
+                             "--data", "phantom"], capsys)
     assert code == 0, err
     assert ("test", S) in asked and ("train", S) in asked
     assert "label: 1" in stdout
@@ -102,7 +103,7 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
     assert rec["target"] == 1.0 and rec["first_draws"] == "dataset"
     assert not list(out.glob("*.png"))
     code, _, err = run(["--scans", "1", "--index", "9", "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
-                        "--out", str(out)], capsys)
+                        "--out", str(out), "--data", "phantom"], capsys)
     assert code == 2 and "outside the test split" in err
 
 
@@ -137,3 +138,91 @@ def test_default_model_paths_name_the_demo_command(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     code, _, err = run(["--scans", "1"], capsys)
     assert code == 2 and "boed demo" in err
+
+
+def _fake_data(monkeypatch, fingerprint="fp-train"):
+    """Replace dataset_from_args; returns the list of (split, data, data_root, cache_dir) asked for."""
+    import xray.dataset
+
+    ds = ImageSet(6, S=S)
+    ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds.labels = torch.zeros(6, 15)
+    ds.get_batch = lambda idx: ds.images[torch.as_tensor(idx)]
+    ds.fingerprint = fingerprint
+    asked = []
+
+    def fake(args, split):
+        asked.append((split, args.data, None if args.data_root is None else str(args.data_root), args.cache_dir))
+        return ds
+
+    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    return asked
+
+
+@pytest.fixture
+def recorded(models, tmp_path):
+    """Copies of the tiny models whose run folders record NIH-folder training data (as data.json)."""
+    import shutil
+
+    root = tmp_path / "nih"
+    root.mkdir()
+    runs = tmp_path / "runs"
+    shutil.copytree(models / "ipa", runs / "ipa")
+    shutil.copytree(models / "avp", runs / "avp" / "model")
+    rec = {"data": "chestxray", "data_root": str(root), "cache_dir": str(tmp_path / "cache"), "image_size": S,
+           "fingerprint": "fp-train"}
+    for d in ("ipa", "avp"):
+        (runs / d / "data.json").write_text(json.dumps(rec))
+    return runs, rec
+
+
+def test_run_draws_t1_images_from_the_recorded_training_data(recorded, image_png, tmp_path, capsys, monkeypatch):
+    runs, rec = recorded
+    asked = _fake_data(monkeypatch)
+    out = tmp_path / "scan"
+    code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp" / "model"),
+                        "--n-samples", "2", "--out", str(out), "--no-figures", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert asked == [("train", "chestxray", rec["data_root"], rec["cache_dir"])]  # never the default phantom set
+    saved = json.loads((out / "scans.json").read_text())["data"]
+    assert saved["data"] == "chestxray" and saved["data_root"] == rec["data_root"]
+    # explicit flags win over the record, and other data than the models saw gives a warning
+    asked = _fake_data(monkeypatch, fingerprint="fp-other")
+    with pytest.warns(UserWarning, match="not the one the models were trained on"):
+        code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
+                            "--n-samples", "2", "--out", str(out), "--no-figures", "--data", "phantom"], capsys)
+    assert code == 0, err
+    assert asked == [("train", "phantom", None, None)]
+
+
+def test_run_without_recorded_data_needs_data_root(models, image_png, tmp_path, capsys, monkeypatch):
+    asked = _fake_data(monkeypatch)
+    base = ["--scans", "1", "--ipa", str(models / "ipa"), "--avp", str(models / "avp"), "--n-samples", "2",
+            "--out", str(tmp_path / "o"), "--no-figures"]
+    for src in (["--image", str(image_png)], ["--index", "0"]):
+        code, _, err = run(base + src, capsys)
+        assert code == 2 and "--data-root" in err and "do not record" in err and len(err.strip().splitlines()) == 1
+    assert asked == [] and not (tmp_path / "o").exists()  # nothing opened, nothing written
+    code, _, err = run(base + ["--image", str(image_png), "--data-root", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert asked == [("train", "chestxray", str(tmp_path), None)]
+    code, _, err = run(base + ["--image", str(image_png), "--first-draws", "ipa"], capsys)  # no data needed
+    assert code == 0, err
+
+
+def test_run_refuses_models_trained_on_different_data(recorded, image_png, tmp_path, capsys, monkeypatch):
+    runs, rec = recorded
+    _fake_data(monkeypatch)
+    (runs / "avp" / "data.json").write_text(json.dumps({**rec, "data_root": str(tmp_path / "elsewhere")}))
+    code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "data_root" in err and "--data-root" in err
+
+
+@pytest.mark.parametrize("device, message", [("gpu9", "is not a device"), ("cuda:7", "CUDA")])
+def test_run_device_uses_the_shared_parser(models, image_png, tmp_path, capsys, device, message):
+    if device.startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA machine")
+    code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
+                        "--first-draws", "ipa", "--device", device, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()

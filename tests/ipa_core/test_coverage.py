@@ -83,3 +83,56 @@ def test_ipa_sampler_bins_and_outputs(tmp_path):
     assert Image.open(paths["png"]).size[0] > 500
     md = paths["md"].read_text()
     assert "IPA t=0.5" in md and "unit test" in md and md.count("\n| IPA") == 10
+
+
+def test_pairwise_distance_known_answers():
+    from ipa_core.coverage import pairwise_distance
+
+    x, m, s = setup([0, 51, 102])  # unobserved values 0, 0.2, 0.4: pair distances 0.2, 0.4, 0.2
+    torch.testing.assert_close(pairwise_distance(s, m), torch.tensor([(0.2 + 0.4 + 0.2) / 3]))
+    torch.testing.assert_close(pairwise_distance(setup([9, 9, 9, 9])[2], m), torch.tensor([0.0]))
+    torch.testing.assert_close(pairwise_distance(s[:, :1], m), torch.tensor([0.0]))  # one sample: no pairs
+    assert pairwise_distance(s, torch.ones_like(m)).isnan().all()
+
+
+def test_completion_quality_same_states_and_seeds():
+    from ipa_core.coverage import completion_quality
+
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (7, 1, 8, 8), generator=g).to(torch.uint8)
+    masks = (torch.rand(7, 1, 8, 8, generator=g) < 0.4).float()
+    masks[0] = 1.0  # nothing unobserved: skipped
+    seen = {}
+
+    def truth(x_obs, m, n, generator):  # cheats by lookup: returns the hidden image (known answer: MSE 0)
+        hidden = masks[:, None] < 0.5
+        assert torch.equal(x_obs, x_obs * (m > 0.5)), "completers must only see observed pixels"
+        return torch.stack([imgs[(imgs * (masks > 0.5) == xo).flatten(1).all(1)][0] for xo in x_obs])[:, None].expand(-1, n, -1, -1, -1)
+
+    def draw(x_obs, n, generator):
+        return torch.randint(0, 256, (x_obs.shape[0], n, *x_obs.shape[1:]), generator=generator).to(torch.uint8)
+
+    def noise(x_obs, m, n, generator):
+        seen.setdefault("noise", []).append(generator.initial_seed())
+        return draw(x_obs, n, generator)
+
+    def noise_twin(x_obs, m, n, generator):
+        seen.setdefault("twin", []).append(generator.initial_seed())
+        return draw(x_obs, n, generator)
+
+    def constant(x_obs, m, n, generator):
+        return torch.full((x_obs.shape[0], n, *x_obs.shape[1:]), 128, dtype=torch.uint8)
+
+    rows = completion_quality({"truth": truth, "noise": noise, "twin": noise_twin, "constant": constant},
+                              imgs, masks, n_samples=10, seed=3, batch_size=3, progress=False)
+    by = {r.completer: r for r in rows}
+    assert [r.completer for r in rows] == ["truth", "noise", "twin", "constant"]
+    assert by["truth"].best_mse == 0 and by["truth"].pairwise == 0 and by["truth"].n_images == 6
+    assert by["constant"].pairwise == 0 and by["constant"].pixel_std == 0
+    assert by["constant"].best_mse == pytest.approx(by["constant"].mean_mse)
+    assert by["noise"].best_mse < by["noise"].mean_mse  # best of 10 beats a typical draw
+    assert 0.3 < by["noise"].pairwise < 0.5  # RMS of U - V for independent uniforms: sqrt(1/6)
+    assert seen["noise"] == seen["twin"] and len(set(seen["noise"])) == 3  # the same seeds for every completer
+    assert by["noise"].best_mse == by["twin"].best_mse  # hence identical numbers for identical completers
+    with pytest.raises(UserError, match="masks for"):
+        completion_quality({"t": truth}, imgs, masks[:2], progress=False)

@@ -1,0 +1,103 @@
+"""Studies over whole pipelines: the completer study and training-seed robustness.
+
+  boed study completers --out runs/study            # cpu profile, effusion, R = 3 (about an hour on 2 cores)
+  boed study completers --out runs/demo             # reuse a finished demo's VAE, IPA and AVP-CNN
+  boed study completers --quick --out runs/study-q  # minutes, small everything
+  boed study seeds --seeds 0,1,2 --out runs/seeds   # boed demo --seed K per seed, then pooled differences
+  boed study seeds --seeds 0,1 --out runs/seeds-q -- --quick   # flags after -- go to every boed demo
+
+completers: trains (or reuses) the VAE, IPA, IPA-R (reverse KL), an under-trained IPA (1/8 of the
+steps) and the AVP-CNN, evaluates eig-ipa, eig-ipar, eig-ipa-under, eig-retrieval and uncond with R
+repeats, measures every completer's completion quality on the same scan states, and writes
+completers.csv, completers.md and completers.png. seeds: writes seeds.csv, seeds.md, seeds.png.
+Every stage skips when done and resumes after a kill: rerun the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from xray.errors import UserError
+
+HELP = "completer study (does the completion model matter?) and training-seed robustness"
+DEFAULT_SEEDS = "0,1,2"
+DEFAULT_PROFILE = "cpu"
+DEFAULT_DEVICE = "auto"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from boed.demo import PROFILES
+    from boed.study import DEFAULT_REPEATS, DEFAULT_STATES, STUDY_ILLNESSES
+
+    sub = p.add_subparsers(dest="study", required=True, metavar="{completers,seeds}")
+    c = sub.add_parser("completers", help="AUROC gain over Uncond of EIG with each completer, against completion quality",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--out", type=Path, required=True, help="run folder (a finished boed demo folder reuses its models)")
+    c.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help=f"demo profile (default: {DEFAULT_PROFILE})")
+    c.add_argument("--quick", action="store_true", help="same as --profile quick, --repeats 2, 24 quality states")
+    c.add_argument("--illness", nargs="+", default=list(STUDY_ILLNESSES), help=f"tasks (default: {' '.join(STUDY_ILLNESSES)})")
+    c.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"policy repeats R of the evaluation (default: {DEFAULT_REPEATS})")
+    c.add_argument("--n-test", type=int, default=None, help="test images per illness; omitted: the profile's")
+    c.add_argument("--states", type=int, default=DEFAULT_STATES, help=f"scan states of the quality measurement (default: {DEFAULT_STATES})")
+    c.add_argument("--data-root", type=Path, default=None, help="NIH-format folder; omitted: phantom data as in boed demo")
+    c.add_argument("--cache-dir", type=Path, default=None, help="where prepared images live (omitted: the xray default)")
+    c.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device: auto, cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})")
+    c.add_argument("--seed", type=int, default=0, help="training and evaluation seed (default: 0)")
+    s = sub.add_parser("seeds", help="boed demo per training seed, then per-seed and pooled paired differences",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list of training seeds (default: {DEFAULT_SEEDS})")
+    s.add_argument("--out", type=Path, required=True, help="folder holding seed-K/ per seed and the pooled tables")
+    s.add_argument("demo_args", nargs=argparse.REMAINDER, help="after --: flags passed to every boed demo (e.g. -- --quick)")
+
+
+def _check_demo_args(extra: list[str]) -> None:
+    """Refuse flags `boed demo` does not know before any demo starts (one line, nothing created)."""
+    from boed.commands import demo
+
+    parser = argparse.ArgumentParser(prog="boed demo", add_help=False)
+    demo.configure(parser)
+    _, unknown = parser.parse_known_args([*extra, "--seed", "0", "--out", "unused"])
+    if unknown:
+        raise UserError(f"`boed demo` does not take {' '.join(unknown)}; flags after -- go to every demo (see `boed demo --help`)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from boed import study
+
+    if args.study == "seeds":
+        seeds = study.parse_seeds(args.seeds)
+        extra = [a for a in args.demo_args if a != "--"]
+        if any(a in ("--seed", "--out") for a in extra):
+            raise UserError("pass --seeds and --out to `boed study seeds`, not after --; the study sets each demo's --seed and --out")
+        _check_demo_args(extra)
+        rows = study.run_seed_study(seeds, args.out, extra)
+        print((args.out / "seeds.md").read_text())
+        print(f"wrote {args.out / 'seeds.csv'}, {args.out / 'seeds.md'}, {args.out / 'seeds.png'} ({len(rows)} rows)")
+        return 0
+
+    from xray.cli_base import parse_device
+
+    from boed.demo import PROFILES
+
+    device = str(parse_device(args.device))  # a one-line error now, not after the training stages
+    profile = PROFILES["quick" if args.quick else args.profile]
+    repeats, states = (min(args.repeats, 2), min(args.states, 24)) if args.quick else (args.repeats, args.states)
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if states < 1:
+        raise UserError(f"--states must be >= 1, got {args.states}")
+    if args.n_test is not None:
+        if args.n_test < 1:
+            raise UserError(f"--n-test must be >= 1, got {args.n_test}")
+        profile = dataclasses.replace(profile, n_test=args.n_test)
+    if args.data_root is not None and not args.data_root.is_dir():
+        raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+    illnesses = tuple(study.resolve_illness(i).name for i in args.illness)
+    opts = study.StudyOptions(out=args.out, profile=profile, illnesses=illnesses, repeats=repeats, n_states=states,
+                              data_root=args.data_root, cache_dir=args.cache_dir, device=device, seed=args.seed)
+    study.run_completer_study(opts)
+    print((args.out / "completers.md").read_text())
+    print(f"wrote {args.out / 'completers.csv'}, {args.out / 'completers.md'}, {args.out / 'completers.png'}")
+    return 0
