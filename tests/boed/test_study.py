@@ -243,6 +243,6 @@ def test_study_evaluate_arguments_parse_with_the_evaluate_command(tmp_path):
         pytest.skip("boed evaluate has no --ipar/--ipa-under/--repeats yet (issue 10 protocol work)")
     opts = study.StudyOptions(out=tmp_path, profile=PROFILES["quick"])
     dopts = DemoOptions(out=tmp_path, profile=PROFILES["quick"], illnesses=opts.illnesses)
-    (argv,) = [a for n, _, _, a in study.study_stages(opts, dopts) if n.startswith("study-eval/")]
+    (argv,) = [st.argv for st in study.study_stages(opts, dopts) if st.name.startswith("study-eval/")]
     args = parser.parse_args([str(a) for a in argv])
     assert args.repeats == study.DEFAULT_REPEATS
