@@ -301,4 +301,4 @@ def write_data_record(run_dir: str | os.PathLike, args: argparse.Namespace, trai
     atomic_write_json(Path(run_dir) / DATA_RECORD, {
         "data": args.data, "data_root": resolved(args.data_root), "cache_dir": resolved(args.cache_dir),
         "max_images": getattr(args, "max_images", None), "present_only": getattr(args, "present_only", None),
-        "image_size": int(train_set.image_size), "fingerprint": getattr(train_set, "fingerprint", None)})
+        "image_size": getattr(train_set, "image_size", None), "fingerprint": getattr(train_set, "fingerprint", None)})

@@ -229,12 +229,15 @@ def main(args: argparse.Namespace) -> int:
     if args.policy is not None:  # amortised policy (boed train-policy)
         return _run_policy(args, illness, device)
     ipa, avp, S = load_models(args.ipa, args.avp, device)
-    rec = resolve_data_args(args, needs_data=args.first_draws == "dataset" or args.image is None)
     geometry = ScanGeometry(S)
     if not 1 <= args.scans <= geometry.num_locations:
         raise UserError(f"--scans must be in 1..{geometry.num_locations} (the {geometry.grid}x{geometry.grid} grid), got {args.scans}")
     C = avp.config.in_channels
-    x, labels, source = load_image(args, S, C)
+    if args.image is not None:  # a file: checked before the data it needs no part of
+        x, labels, source = load_image(args, S, C)
+    rec = resolve_data_args(args, needs_data=args.first_draws == "dataset" or args.image is None)
+    if args.image is None:  # --index: an image of the (recorded) test split
+        x, labels, source = load_image(args, S, C)
     x = x.to(device)
     first_sampler = None
     if args.first_draws == "dataset":

@@ -59,6 +59,8 @@ def test_vae_stage_trains_and_resumes(tmp_path, fake_data, capsys):
     assert (out / "eval.json").is_file() and "bits_per_dim" in capsys.readouterr().out
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["lr"] == TRAIN_DEFAULTS["tiny"].lr and saved["steps"] == 2
+    data = json.loads((out / "data.json").read_text())  # what `boed run` draws its t = 1 images from
+    assert data["data"] == "phantom" and data["data_root"] is None and "fingerprint" in data
     # rerun with more steps: resumes at 2
     assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST[2:], "--steps", "3"]) == 0
     assert checkpoint_paths(out)[0].name == "ckpt-00000003.pt"
