@@ -37,13 +37,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from ipa_core.persist import DictConfig
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
 from xray.labels import LABELS
@@ -72,7 +73,8 @@ XRV_MODELS = {**{f"densenet121-res224-{d}": "densenet121" for d in ("all", "nih"
 
 
 @dataclass
-class AVPConfig:
+class AVPConfig(DictConfig):
+    _config_name = "AVP config"  # in error messages
     arch: str = "tiny"
     image_size: int = 64  # S
     in_channels: int = 1  # C (image channels; the model takes C + 1 with the mask)
@@ -108,19 +110,6 @@ class AVPConfig:
     def net_channels(self) -> int:
         """Image channels the backbone sees after :class:`InputNorm` (3 for ImageNet, else C)."""
         return 3 if self.input_norm == "imagenet" else self.in_channels
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["label_names"] = list(self.label_names)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "AVPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown AVP config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(d))
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:

@@ -46,7 +46,6 @@ files without modifying them (a torn last line there is skipped). The metrics co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -54,7 +53,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch

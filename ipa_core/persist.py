@@ -22,6 +22,28 @@ from xray.io import atomic_write_json
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
+class DictConfig:
+    """``to_dict``/``from_dict`` for a config dataclass saved as ``config.json`` (tuples become
+    lists; an unknown key is a one-line :class:`UserError` naming the expected ones)."""
+
+    _config_name = "config"  # how errors name it, e.g. "AVP config"
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d):
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown {cls._config_name} keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(d))
+
+
 def resolve_model_dir(path: str | Path, what: str = "model", hint: str = "train one first or pass the right path") -> Path:
     """A model folder (with config.json and weights), or a run folder whose ``model/`` holds one."""
     p = Path(path)

@@ -14,14 +14,14 @@ caller's task before anything runs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from boed.geometry import ScanGeometry
+from ipa_core.persist import DictConfig
 from xray.errors import UserError
 from xray.labels import LABELS, resolve_illness
 
@@ -32,7 +32,8 @@ MASKED_LOGIT = -1e4  # logit given to candidates that add nothing (finite: no Na
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(DictConfig):
+    _config_name = "policy config"  # in error messages
     method: str = "distill"  # "distill" | "gdfs"
     illness: str = "Effusion"  # canonical name (xray.labels.resolve_illness)
     image_size: int = 64  # S
@@ -67,19 +68,6 @@ class PolicyConfig:
     @property
     def num_locations(self) -> int:  # L
         return self.grid * self.grid
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["label_names"] = list(self.label_names)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "PolicyConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown policy config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(d))
 
 
 class SmallPolicyCNN(nn.Module):
