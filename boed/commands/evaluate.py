@@ -332,7 +332,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from xray.cli_base import parse_device
     from xray.dataset import dataset_from_args
     from xray.io import ensure_writable_dir
     from xray.provenance import move_aside
