@@ -14,8 +14,12 @@ crop, apply the pointwise layers. The last window is pasted into the base
 final map and the tail runs on the full (small) map. Window sizes are the max over locations
 (start clamped into the map), so all items have the same shapes and batch.
 
-:func:`from_module` returns a :class:`PatchIncrementalNet` or None (then use the full path). A
-module is accepted when it is an ``nn.Sequential`` or defines ``sequential_layers() -> list of
+:func:`from_module` returns a :class:`PatchIncrementalNet` for a plain chain, a
+:class:`PatchIncrementalGraph` for a network with branches (torchvision ResNet and DenseNet as
+wrapped by :class:`boed.classifier.AVPClassifier`: residual adds, downsample branches, dense
+concatenations, max/avg pooling, pointwise input normalisation; traced with ``torch.fx``, see the
+"graphs" section below), or None (then use the full path; the reason is logged at debug level).
+Both have the same :meth:`logits`. A chain module is accepted when it is an ``nn.Sequential`` or defines ``sequential_layers() -> list of
 modules`` whose composition is its forward (see :class:`boed.classifier.TinyCNN`), and the layers
 are ``[pointwise]* (Conv2d [pointwise]*)+ tail`` with no convolution in the tail. Convs need
 dilation 1, zero padding given as numbers; any kernel, stride, groups. Pointwise: activations,
@@ -38,6 +42,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boed.geometry import ScanGeometry
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.Sigmoid, nn.Tanh,
                 nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU, nn.Identity)
@@ -591,7 +597,7 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((id(m), m.training) for m in model.modules())
 
 
-def incremental_for(model: nn.Module) -> PatchIncrementalNet | None:
+def incremental_for(model: nn.Module) -> PatchIncrementalNet | PatchIncrementalGraph | None:
     """:func:`from_module` cached per model object (re-analysed when its modules or modes change)."""
     sig = _signature(model)
     hit = _CACHE.get(model)
@@ -617,7 +623,7 @@ def incremental_for(model: nn.Module) -> PatchIncrementalNet | None:
 # ``[base rows; window rows; fill rows]``). Other nodes are *virtual*: a crop of them is computed
 # from crops of their inputs. The nodes the global tail reads (the *frontier*) get their full map
 # (base with the window pasted in) and the tail (pool, flatten, head) runs on it as traced.
-log = logging.getLogger(__name__)
+# Convs followed by their only user, an eval BatchNorm, use the folded weights (read per call).
 
 _POINTWISE_FUNCS = {F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6, torch.sigmoid: torch.sigmoid,
                     torch.tanh: torch.tanh, F.silu: F.silu, F.gelu: F.gelu, F.hardswish: F.hardswish, F.elu: F.elu,
