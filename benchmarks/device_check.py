@@ -53,6 +53,7 @@ from xray.labels import resolve_illness  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("eig", "epe", "random", "uncond", "nongreedy", "full")
 PAPER_TEST_IMAGES = 5000
+BUDGET_S = 450.0  # the whole check fits in 8 minutes on a CUDA machine
 
 
 @dataclasses.dataclass
@@ -176,7 +177,7 @@ def agreement(sz: Sizes, device: torch.device, decisions: int, per_call: int = 1
 
 
 # ----------------------------------------------------------------------------- (4) evaluation
-def evaluate_rates(sz: Sizes, device: torch.device, work: Path) -> list[dict]:
+def evaluate_rates(sz: Sizes, device: torch.device, work: Path, deadline: float) -> list[dict]:
     from xray.phantom import generate
 
     root = generate(work / "nih", n=sz.phantom_n, size=sz.S, seed=0, workers=1, progress=False)
@@ -185,7 +186,8 @@ def evaluate_rates(sz: Sizes, device: torch.device, work: Path) -> list[dict]:
     IPA.from_vae(VAE(cfg)).save_pretrained(work / "ipa" / "model")
     AVPClassifier(AVPConfig(arch=sz.eval_arch, image_size=sz.S)).save_pretrained(work / "avp" / "model")
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    launcher = ["torchrun", f"--nproc_per_node={gpus}", "-m", "boed.cli"] if gpus > 1 else [sys.executable, "-m", "boed.cli"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "boed.cli"] if gpus > 1  # torchrun
+                else [sys.executable, "-m", "boed.cli"])
     common = ["--data", "chestxray", "--data-root", str(root), "--cache-dir", str(work / "cache"), "--image-size", str(sz.S),
               "--ipa", str(work / "ipa"), "--avp", str(work / "avp"), "--scans", str(sz.scans), "--n-boot", "20",
               "--no-progress"] + ([] if gpus > 1 else ["--device", str(device)])
@@ -194,8 +196,15 @@ def evaluate_rates(sz: Sizes, device: torch.device, work: Path) -> list[dict]:
     for k, method in enumerate(("random",) + METHODS):  # the first run builds the cache: not timed
         n = 1 if k == 0 else sz.eval_images
         t = time.perf_counter()
-        res = subprocess.run(launcher + ["evaluate", "--methods", method, "--n-test", str(n), "--out", str(work / f"ev_{k}")] + common,
-                             capture_output=True, text=True, env=env)
+        if t > deadline:
+            rows.append(dict(method=method, error="skipped: the time budget (--budget-s) is spent"))
+            continue
+        try:
+            res = subprocess.run(launcher + ["evaluate", "--methods", method, "--n-test", str(n), "--out", str(work / f"ev_{k}")]
+                                 + common, capture_output=True, text=True, env=env, timeout=deadline - t)
+        except subprocess.TimeoutExpired:
+            rows.append(dict(method=method, error="stopped: the time budget (--budget-s) is spent"))
+            continue
         wall = time.perf_counter() - t
         if res.returncode:
             rows.append(dict(method=method, error=(res.stderr.strip().splitlines() or ["?"])[-1][:300]))
@@ -212,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decisions", type=int, default=None, help="decisions for the bf16/fp32 agreement (default: 100 on CUDA, 4 on the CPU)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/device_check_<cpu|cuda>.json)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help=f"seconds after which the remaining parts are skipped (default: {BUDGET_S:g})")
     ap.add_argument("--skip", nargs="*", default=[], choices=("train", "decision", "agreement", "evaluate"),
                     help="parts to leave out (default: none)")
     args = ap.parse_args(argv)
@@ -230,25 +241,36 @@ def main(argv=None) -> int:
     res: dict = dict(device=str(device), device_name=name, reduced=reduced, sizes=dataclasses.asdict(sz), torch=torch.__version__,
                      gpus=torch.cuda.device_count() if device.type == "cuda" else 0, threads=args.threads)
     t_all = time.perf_counter()
-    if "train" not in args.skip:
+    deadline = t_all + args.budget_s
+
+    def wanted(part: str) -> bool:
+        if part in args.skip:
+            return False
+        if time.perf_counter() > deadline:
+            print(f"({part}: skipped, the time budget of {args.budget_s:g} s is spent)", flush=True)
+            res.setdefault("skipped", []).append(part)
+            return False
+        return True
+
+    if wanted("train"):
         res["train"] = train_steps(sz, device)
         print(f"(1) training steps, {sz.vae_config} at {sz.S} px, batch {sz.batch}, checkpointing on")
         print(f"    {'stage':5} {'precision':9} {'steps/s':>8} {'images/s':>9} {'peak GB':>8}")
         for r in res["train"]:
             print(f"    {r['stage']:5} {r['precision']:9} {r['steps_per_s']:8.3f} {r['images_per_s']:9.2f} {r['peak_memory_gb']:8.2f}")
         print(f"    (peak GB: {'torch.cuda.max_memory_allocated per row' if not reduced else 'process peak RSS so far (CPU)'})", flush=True)
-    if "decision" not in args.skip:
+    if wanted("decision"):
         d = res["decision"] = greedy_decision(sz, device)
         bench_greedy.print_arch(d, args.threads)
-    if "agreement" not in args.skip:
+    if wanted("agreement"):
         a = res["agreement"] = agreement(sz, device, decisions)
         print(f"(3) bf16 vs fp32 EIG argmax agreement, {a['arch']} at {a['S']} px: {100 * a['agree']:.1f} % of {a['decisions']} "
               f"decisions; largest fp32 EIG lost {a['max_eig_lost']:.2e} nats"
               + ("" if a["bf16_active"] else " (bf16 autocast is CUDA-only in boed.scoring: both fp32 here)"), flush=True)
-    if "evaluate" not in args.skip:
+    if wanted("evaluate"):
         work = Path(tempfile.mkdtemp(prefix="device_check_"))
         try:
-            rows = res["evaluate"] = evaluate_rates(sz, device, work)
+            rows = res["evaluate"] = evaluate_rates(sz, device, work, deadline)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"(4) boed evaluate, {sz.eval_arch} AVP-CNN + {sz.vae_config} IPA (untrained) at {sz.S} px, {sz.scans} scans, "
