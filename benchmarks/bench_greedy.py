@@ -312,8 +312,8 @@ def bench_arch(clf: AVPClassifier, size: int, candidates: int, repeats: int) -> 
                 extrapolated=k < L)
 
 
-def print_arch(d: dict, threads: int) -> None:
-    print(f"(3) one greedy decision's candidate scoring, {d['arch']} at S={d['size']}, N={d['N']}, L={d['L']}, "
+def print_arch(d: dict, threads: int, label: str = "(3)") -> None:
+    print(f"{label} one greedy decision's candidate scoring, {d['arch']} at S={d['size']}, N={d['N']}, L={d['L']}, "
           f"{threads} thread(s), {DEVICE}, best of {max(1, d['repeats'])}")
     if d["extrapolated"]:
         print(f"    timed on {len(d['candidates_timed'])} candidates {d['candidates_timed']}, extrapolated to {d['L']}")

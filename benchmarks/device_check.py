@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         print(f"    (peak GB: {'torch.cuda.max_memory_allocated per row' if not reduced else 'process peak RSS so far (CPU)'})", flush=True)
     if wanted("decision"):
         d = res["decision"] = greedy_decision(sz, device)
-        bench_greedy.print_arch(d, args.threads)
+        bench_greedy.print_arch(d, args.threads, label="(2)")
     if wanted("agreement"):
         a = res["agreement"] = agreement(sz, device, decisions)
         print(f"(3) bf16 vs fp32 EIG argmax agreement, {a['arch']} at {a['S']} px: {100 * a['agree']:.1f} % of {a['decisions']} "
