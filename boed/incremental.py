@@ -448,14 +448,17 @@ def _trace(model: nn.Module):
     backbone when the model's forward only validates its input (e.g. :class:`AVPClassifier`)."""
     import torch.fx as fx
 
+    if not any(type(m) is nn.Conv2d for m in model.modules()):
+        raise Unsupported("it has no nn.Conv2d")
+    # trace shallow copies: a forward that sets attributes (counters) must not leave proxies behind
     try:
-        return fx.symbolic_trace(model), False
+        return fx.symbolic_trace(copy.copy(model)), False
     except Exception as e:  # data-dependent control flow (input checks)
         net = getattr(model, "net", None)
         if not isinstance(net, nn.Module):
             raise Unsupported(f"torch.fx cannot trace it ({type(e).__name__}: {e})") from None
         try:
-            return fx.symbolic_trace(net), True
+            return fx.symbolic_trace(copy.copy(net)), True
         except Exception as e2:
             raise Unsupported(f"torch.fx cannot trace its .net ({type(e2).__name__}: {e2})") from None
 

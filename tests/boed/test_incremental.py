@@ -341,3 +341,20 @@ def test_candidate_probs_takes_the_graph_path_for_resnet():
     fast = candidate_probs(model, x, mask, geo, ill, chunk_size=64, skip=skip)
     full = candidate_probs(model, x, mask, geo, ill, chunk_size=64, skip=skip, incremental=False)
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+
+
+def test_tracing_leaves_the_model_untouched():
+    class Counting(nn.Module):  # a forward with a side effect: tracing must not store proxies in it
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(3, 2))
+            self.inputs = 0
+
+        def forward(self, y):
+            self.inputs += y.shape[0]
+            return self.net(y)
+
+    model = Counting().eval()
+    assert isinstance(from_module(model), PatchIncrementalGraph)
+    assert model.inputs == 0 and type(model.inputs) is int
