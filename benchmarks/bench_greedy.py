@@ -333,10 +333,10 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--device", default="auto", help="auto, cpu (CPU-time clock) or cuda[:N] (synchronised wall clock) (default: auto)")
-    ap.add_argument("--arch", default="tiny", help=f"classifier backbone: {', '.join(ARCHS)}; not tiny: part (3) only (default: tiny)")
+    ap.add_argument("--device", default="auto", help="auto, cpu (CPU-time clock) or cuda[:N] (synchronised wall clock) (default: %(default)s)")
+    ap.add_argument("--arch", default="tiny", help=f"classifier backbone: {', '.join(ARCHS)}; not tiny: part (3) only (default: %(default)s)")
     ap.add_argument("--size", type=int, default=S, help=f"image size S for --arch (default: {S})")
-    ap.add_argument("--candidates", type=int, default=6, help="candidates timed on both paths for --arch (default: 6)")
+    ap.add_argument("--candidates", type=int, default=6, help="candidates timed on both paths for --arch (default: %(default)s)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="an AVP model dir for --arch instead of random weights")
     args = ap.parse_args()
     global CLOCK, DEVICE

@@ -217,14 +217,14 @@ def evaluate_rates(sz: Sizes, device: torch.device, work: Path, deadline: float)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--decisions", type=int, default=None, help="decisions for the bf16/fp32 agreement (default: 100 on CUDA, 4 on the CPU)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/device_check_<cpu|cuda>.json)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S,
                     help=f"seconds after which the remaining parts are skipped (default: {BUDGET_S:g})")
     ap.add_argument("--skip", nargs="*", default=[], choices=("train", "decision", "agreement", "evaluate"),
-                    help="parts to leave out (default: none)")
+                    help="parts to leave out: train, decision, agreement, evaluate (default: none)")
     args = ap.parse_args(argv)
     device = parse_device(args.device)
     if device.type not in ("cpu", "cuda"):
