@@ -15,7 +15,15 @@ Models: the demo classifier ``AVPClassifier(AVPConfig(arch="tiny", image_size=64
 "tiny" IPA config (random weights: the cost does not depend on training). Prints a table and
 writes benchmarks/results/greedy.json.
 
-    python benchmarks/bench_greedy.py [--quick] [--threads 1] [--images 6] [--scans 5] [--device cpu|cuda]
+(3) ``--arch resnet18|resnet50|densenet121 [--size 256]``: the candidate scoring of one decision
+    (N = 10, 289 candidates, one patch scanned) with a torchvision backbone, incremental (block-aware
+    windows, boed.incremental) against the full path, plus the multiply-adds the windows imply. A
+    full decision takes many minutes on one CPU core, so both paths are timed on the same fixed
+    subset of ``--candidates`` candidates and extrapolated to 289 (the incremental base pass, run
+    once per decision, is timed separately). Writes benchmarks/results/greedy_<arch>_<size>.json.
+
+    python benchmarks/bench_greedy.py [--quick] [--threads 1] [--images 6] [--scans 5] [--device auto]
+    python benchmarks/bench_greedy.py --arch densenet121 --size 256 [--candidates 6] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 import torch
 
 from boed import estimators
-from boed.classifier import AVPClassifier, AVPConfig
+from boed.classifier import ARCHS, AVPClassifier, AVPConfig
 from boed.geometry import ScanGeometry, observe
 from boed.incremental import incremental_for
 from boed.policies import GreedyPolicy, ScanState
@@ -37,6 +45,8 @@ from boed.samplers import DatasetSampler, IPASampler
 from boed.scoring import candidate_probs
 from ipa_core.config import get_config
 from ipa_core.ipa import IPA, IPAConfig
+from xray.cli_base import parse_device
+from xray.errors import UserError, cli_entry
 from xray.io import atomic_write_json
 from xray.labels import resolve_illness
 
@@ -238,6 +248,83 @@ def bench_throughput(clf, ipa, bank, images: int, T: int) -> dict:
                 batched_wall_s=wall["batched"], speedup_wall=wall["reference"] / wall["batched"])
 
 
+# ----------------------------------------------------------------------------- (3) torchvision backbones
+def load_classifier(arch: str, size: int, checkpoint: Path | None, device: torch.device) -> AVPClassifier:
+    """An AVP classifier of ``arch`` at ``size`` px: random weights, or ``checkpoint`` (must match both)."""
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if checkpoint is not None:
+        clf = AVPClassifier.from_pretrained(checkpoint)
+        if clf.config.arch != arch:
+            raise UserError(f"--checkpoint {checkpoint} holds a {clf.config.arch} backbone, --arch is {arch}; pass --arch {clf.config.arch}")
+        if clf.config.image_size != size:
+            raise UserError(f"--checkpoint {checkpoint} was trained at {clf.config.image_size} px, --size is {size}; pass --size {clf.config.image_size}")
+        return clf.to(device).eval()
+    torch.manual_seed(0)
+    clf = AVPClassifier(AVPConfig(arch=arch, image_size=size))
+    with torch.no_grad():
+        clf.first_conv.weight[:, -1].normal_(0, 0.3)  # a live mask channel
+    return clf.to(device).eval()
+
+
+def subset(L: int, k: int) -> list[int]:
+    """``k`` candidates spread over the grid (fixed: the same for both paths and every run)."""
+    return sorted({round(i * (L - 1) / max(1, k - 1)) for i in range(k)})
+
+
+def bench_arch(clf: AVPClassifier, size: int, candidates: int, repeats: int) -> dict:
+    from boed.scoring import prepare_classifier
+
+    geo = ScanGeometry(size)
+    ill = resolve_illness("effusion")
+    model = prepare_classifier(clf, DEVICE)
+    inc = incremental_for(model)
+    if inc is None:
+        raise SystemExit(f"{clf.config.arch} is not accepted by boed.incremental (see the debug log)")
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 256, (1, N, 1, size, size), dtype=torch.uint8, generator=g).to(DEVICE)
+    mask = geo.mask([geo.num_locations // 2], DEVICE)[None]  # (1, 1, S, S): one patch scanned
+    locs = subset(geo.num_locations, candidates)
+    skip = torch.ones(1, geo.num_locations, dtype=torch.bool, device=DEVICE)
+    skip[0, locs] = False
+    rows = []
+    for r in range(repeats + 1):  # the first round warms up
+        _, t_base = timed(inc.logits, samples, mask, geo, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        p_inc, t_inc = timed(candidate_probs, model, samples, mask, geo, ill, None, skip)
+        p_full, t_full = timed(candidate_probs, model, samples, mask, geo, ill, None, skip, incremental=False)
+        if r or not repeats:
+            rows.append(dict(base=t_base, incremental=t_inc, full=t_full, max_abs_dp=float((p_inc - p_full).abs().max())))
+    best = {k: min(r[k] for r in rows) for k in ("base", "incremental", "full")}
+    k, L = len(locs), geo.num_locations
+    per_cand_inc = max(0.0, best["incremental"] - best["base"]) / k  # N windows per candidate
+    per_cand_full = (best["full"] - best["full"] / (k + 1)) / k  # the full path also classifies the current observation once
+    fl = inc.flops(geo)
+    dec_inc = best["base"] + L * per_cand_inc
+    dec_full = (L + 1) * per_cand_full
+    return dict(arch=clf.config.arch, size=size, N=N, candidates_timed=locs, L=L, repeats=repeats,
+                base_pass_s=best["base"], incremental_subset_s=best["incremental"], full_subset_s=best["full"],
+                per_candidate_incremental_s=per_cand_inc, per_candidate_full_s=per_cand_full,
+                decision_incremental_s=dec_inc, decision_full_s=dec_full, speedup=dec_full / dec_inc,
+                max_abs_dp=max(r["max_abs_dp"] for r in rows),
+                macs_full_per_input=fl["full_macs"], macs_window_per_input=fl["window_macs"], flop_ratio_windows=fl["ratio"],
+                flop_ratio_decision=(L + 1) * fl["full_macs"] / (fl["full_macs"] + L * fl["window_macs"]),
+                windows=[[n, list(w), list(hw)] for n, w, hw in inc.window_sizes(geo)],
+                extrapolated=k < L)
+
+
+def print_arch(d: dict, threads: int, label: str = "(3)") -> None:
+    print(f"{label} one greedy decision's candidate scoring, {d['arch']} at S={d['size']}, N={d['N']}, L={d['L']}, "
+          f"{threads} thread(s), {DEVICE}, best of {max(1, d['repeats'])}")
+    if d["extrapolated"]:
+        print(f"    timed on {len(d['candidates_timed'])} candidates {d['candidates_timed']}, extrapolated to {d['L']}")
+    print(f"    {'path':28s} {'per candidate':>14s} {'decision':>10s}")
+    print(f"    {'full (every input)':28s} {d['per_candidate_full_s']:13.3f}s {d['decision_full_s']:9.1f}s")
+    print(f"    {'incremental (windows)':28s} {d['per_candidate_incremental_s']:13.3f}s {d['decision_incremental_s']:9.1f}s"
+          f"  (base pass {d['base_pass_s']:.2f} s once)")
+    print(f"    speedup {d['speedup']:.2f}x; multiply-adds full/window per input {d['flop_ratio_windows']:.2f}x, "
+          f"per decision {d['flop_ratio_decision']:.2f}x; max |p_inc - p_full| = {d['max_abs_dp']:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats (smoke test)")
@@ -246,15 +333,35 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--device", default="cpu", help="cpu (CPU-time clock) or cuda (synchronised wall clock)")
+    ap.add_argument("--device", default="auto", help="auto, cpu (CPU-time clock) or cuda[:N] (synchronised wall clock) (default: %(default)s)")
+    ap.add_argument("--arch", default="tiny", help=f"classifier backbone: {', '.join(ARCHS)}; not tiny: part (3) only (default: %(default)s)")
+    ap.add_argument("--size", type=int, default=S, help=f"image size S for --arch (default: {S})")
+    ap.add_argument("--candidates", type=int, default=6, help="candidates timed on both paths for --arch (default: %(default)s)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="an AVP model dir for --arch instead of random weights")
     args = ap.parse_args()
     global CLOCK, DEVICE
-    DEVICE = torch.device(args.device)
+    DEVICE = parse_device(args.device)
+    if args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if args.candidates < 1:
+        raise UserError(f"--candidates must be >= 1, got {args.candidates}")
+    ScanGeometry(args.size)  # validates the size
     if DEVICE.type == "cuda":
         CLOCK = _cuda_clock
     torch.set_num_threads(args.threads)
     if args.quick:
         args.images, args.scans, args.repeats = 2, 3, 1
+    if args.arch != "tiny" or args.size != S or args.checkpoint is not None:
+        clf = load_classifier(args.arch, args.size, args.checkpoint, DEVICE)
+        d = bench_arch(clf, args.size, min(args.candidates, ScanGeometry(args.size).num_locations), 0 if args.quick else 1)
+        print_arch(d, args.threads)
+        out = args.out if args.out != RESULTS else RESULTS.with_name(f"greedy_{args.arch}_{args.size}.json")
+        atomic_write_json(out, dict(decision=d, threads=args.threads, torch=torch.__version__, device=str(DEVICE),
+                                    machine=platform.processor() or platform.machine(),
+                                    clock="process CPU time" if DEVICE.type == "cpu" else "synchronised wall time",
+                                    weights="random" if args.checkpoint is None else str(args.checkpoint)))
+        print(f"wrote {out}")
+        return
     clf, ipa = build_models()
     bank = ImageBank(64)
 
@@ -299,4 +406,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_entry(main)()

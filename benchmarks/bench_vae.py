@@ -4,7 +4,12 @@ Per config: one training step split into forward (loss) / backward / clip + Adam
 images/s, and peak resident memory of a fresh process that runs only that config (ru_maxrss);
 unconditional sampling throughput for tiny. Prints a table and writes ``benchmarks/results/vae.json``.
 
+``--memory``: peak resident memory of one training step (forward, backward, AdamW) at 256 px
+(``xray256``, batch 1, CPU) for the VAE and the IPA stage, activation checkpointing off and on,
+each in a fresh process (``ru_maxrss``); writes ``benchmarks/results/memory256.json``.
+
     .venv/bin/python benchmarks/bench_vae.py [--configs tiny mid] [--batch 8] [--reps 5] [--threads 2]
+    .venv/bin/python benchmarks/bench_vae.py --memory [--memory-config xray256] [--batch 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -71,6 +76,57 @@ def bench_train(name: str, batch: int, reps: int, channels_last: bool = False) -
             "steps_per_s": 1 / med(step), "images_per_s": batch / med(step), "peak_rss_MB": maxrss_mb()}
 
 
+def memory_step(name: str, stage: str, checkpointing: bool, batch: int) -> dict:
+    """One training step of ``stage`` (vae or ipa) in this (fresh) process; peak RSS before/after."""
+    from ipa_core.ipa import IPA
+
+    cfg = config(name)
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    if stage == "ipa":
+        model = IPA.from_vae(model)
+    model.set_checkpointing(checkpointing).train()
+    params = model.partial_parameters() if stage == "ipa" else list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    S = cfg.image_size
+    x = torch.randint(0, 256, (batch, cfg.image_channels, S, S), dtype=torch.uint8, generator=g)
+    m = (torch.rand(batch, 1, S // 4, S // 4, generator=g) < 0.3).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
+    rss_model = maxrss_mb()
+    t0 = time.perf_counter()
+    loss = (model.objective(x, m, g) if stage == "ipa" else model.loss(x, g))["loss" if stage == "ipa" else "elbo"]
+    loss.backward()
+    opt.step()
+    loss = loss.detach()
+    return {"config": name, "stage": stage, "checkpointing": checkpointing, "batch": batch, "loss": float(loss),
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": time.perf_counter() - t0,
+            "rss_model_MB": rss_model, "peak_rss_MB": maxrss_mb()}
+
+
+def bench_memory(name: str, batch: int, threads: int, out: Path, stages=("vae", "ipa"), modes=("off", "on")) -> None:
+    rows = []
+    for stage in stages:
+        for ck in ["0" if m == "off" else "1" for m in modes]:
+            cmd = [sys.executable, __file__, "--memory-child", name, stage, ck, "--batch", str(batch), "--threads", str(threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(f"memory child {stage} checkpointing={ck} failed:\n{res.stderr[-2000:]}")
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['stage']:4} checkpointing {str(r['checkpointing']):5}  batch {r['batch']}  peak RSS {r['peak_rss_MB'] / 1024:6.2f} GB "
+                  f"(model + optimiser {r['rss_model_MB'] / 1024:5.2f} GB)  step {r['step_s']:7.1f} s  loss {r['loss']:.6f}", flush=True)
+    for stage in stages:
+        if len(modes) < 2:
+            continue
+        off, on = [r for r in rows if r["stage"] == stage]
+        print(f"{stage}: peak per image {off['peak_rss_MB'] / 1024 / batch:.2f} GB -> {on['peak_rss_MB'] / 1024 / batch:.2f} GB "
+              f"with checkpointing ({off['peak_rss_MB'] / on['peak_rss_MB']:.1f}x less; step time x{on['step_s'] / off['step_s']:.2f})")
+    atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
+                            "load_avg_1m": os.getloadavg()[0], "device": "cpu", "measure": "ru_maxrss of a fresh process per row",
+                            "rows": rows})
+    print(f"wrote {out}")
+
+
 @torch.no_grad()
 def bench_sample(name: str, n: int, reps: int) -> dict:
     model = VAE(config(name)).eval()
@@ -92,8 +148,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vae.json"))
     ap.add_argument("--one", nargs=2, metavar=("CONFIG", "CHANNELS_LAST"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true", help="peak memory of a 256-px training step, checkpointing off and on")
+    ap.add_argument("--memory-config", default="xray256", help="config for --memory (default: %(default)s)")
+    ap.add_argument("--memory-stages", nargs="+", choices=("vae", "ipa"), default=["vae", "ipa"], help="stages for --memory (default: all)")
+    ap.add_argument("--memory-modes", nargs="+", choices=("off", "on"), default=["off", "on"], help="checkpointing for --memory (default: both)")
+    ap.add_argument("--memory-child", nargs=3, metavar=("CONFIG", "STAGE", "CKPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        name, stage, ck = args.memory_child
+        print(json.dumps(memory_step(name, stage, ck == "1", args.batch)))
+        return
+    if args.memory:
+        tag = "" if (args.memory_stages, args.memory_modes) == (["vae", "ipa"], ["off", "on"]) else \
+            "_" + "_".join(args.memory_stages + ["checkpointing_" + m for m in args.memory_modes])
+        out = Path(args.out).with_name(f"memory256{tag}.json") if args.out == ap.get_default("out") else Path(args.out)
+        bench_memory(args.memory_config, args.batch, args.threads, out, args.memory_stages, args.memory_modes)
+        return
     if args.one:  # child process: one config, result as JSON on stdout
         print(json.dumps(bench_train(args.one[0], args.batch, args.reps, channels_last=args.one[1] == "1")))
         return

@@ -62,6 +62,7 @@ class DemoProfile:
     eval_procs: int = 1  # evaluation shards run side by side (one thread each) on a multi-core CPU
     repeats: int = 3  # policy seeds of the evaluation (`boed evaluate --repeats`)
     avp_init: str = "scratch"  # `boed train-avp --init`: scratch or imagenet (paper appendix I.4)
+    checkpointing: bool = False  # activation checkpointing of the VAE/IPA blocks (`ipa_core train --checkpointing`)
 
 
 PROFILES: dict[str, DemoProfile] = {
@@ -74,7 +75,7 @@ PROFILES: dict[str, DemoProfile] = {
                          repeats=2),
     "paper": DemoProfile("paper", image_size=256, vae_config="xray256", vae_steps=1_000_000, vae_batch=8,
                          ipa_steps=180_000, ipa_batch=8, avp_arch="densenet121", avp_steps=32_000, avp_batch=32,
-                         avp_lr=1e-5, avp_init="imagenet", n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
+                         avp_lr=1e-5, avp_init="imagenet", checkpointing=True, n_samples=10, n_test=5000, scans=5, run_images=3, eval_batch=8),
 }
 
 
@@ -238,6 +239,10 @@ def _train_args(opts: DemoOptions, steps: int, batch: int) -> list:
     return ["--steps", steps, "--batch-size", batch, "--device", opts.device, "--seed", opts.seed]
 
 
+def _ckpt_args(opts: DemoOptions) -> list:
+    return ["--checkpointing"] if opts.profile.checkpointing else []
+
+
 def _model_args(opts: DemoOptions) -> list:
     return ["--ipa", opts.out / "ipa", "--avp", opts.out / "avp", "--device", opts.device]
 
@@ -279,14 +284,14 @@ def data_stage(opts: DemoOptions) -> Stage:
 def vae_stage(opts: DemoOptions) -> Stage:
     p = opts.profile
     return Stage("vae", "ipa_core train", "ipa_core.commands.train",
-                 ["--stage", "vae", "--config", p.vae_config, "--out", opts.out / "vae", *_data_args(opts),
+                 ["--stage", "vae", "--config", p.vae_config, "--out", opts.out / "vae", *_data_args(opts), *_ckpt_args(opts),
                   *_train_args(opts, p.vae_steps, p.vae_batch)], upstream=("data",))
 
 
 def ipa_stage(opts: DemoOptions) -> Stage:
     p = opts.profile
     return Stage("ipa", "ipa_core train", "ipa_core.commands.train",
-                 ["--stage", "ipa", "--vae", opts.out / "vae", "--out", opts.out / "ipa", *_data_args(opts),
+                 ["--stage", "ipa", "--vae", opts.out / "vae", "--out", opts.out / "ipa", *_data_args(opts), *_ckpt_args(opts),
                   *_train_args(opts, p.ipa_steps, p.ipa_batch)], upstream=("data", "vae"))
 
 

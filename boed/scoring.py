@@ -14,8 +14,9 @@ bf16 autocast differs from float32 (tiny AVP-CNN, S = 64, N = 10, t = 1..5, CPU 
 218 of 220 decisions agreed (99.1 %, 95 % interval 96.7-99.8 %; both disagreements near-ties,
 largest EIG lost 0.5 %). Agreement >= 99 % is not established, so bf16 is opt-in.
 
-When the classifier is a plain conv chain (:func:`boed.incremental.from_module` accepts it, e.g.
-the ``tiny`` AVP-CNN), candidates are scored incrementally by default: the trunk runs once per
+When the classifier is a conv chain or a traceable ResNet/DenseNet-style graph
+(:func:`boed.incremental.from_module` accepts it) and its windows save enough compute (always for
+chains such as the ``tiny`` AVP-CNN; for graphs from about 128 px up), candidates are scored incrementally by default: the trunk runs once per
 ``(b, n)`` on the current observation and each candidate only recomputes the windows its patch
 can change (``incremental=False`` forces the full path; the outputs agree to float tolerance).
 """
@@ -45,7 +46,7 @@ class ScoringConfig:
     channels_last: bool = True
     amp: bool = DEFAULT_AMP  # True: bf16 autocast, CUDA only
     progress: bool = False  # tqdm over chunks
-    incremental: bool = True  # patch-local inference (boed.incremental) when the classifier allows it
+    incremental: bool | str = True  # patch-local inference (boed.incremental) when supported and it saves compute; "always": whenever supported
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -172,7 +173,7 @@ def candidate_probs(
     channels_last: bool = True,
     amp: bool = DEFAULT_AMP,
     progress: bool = False,
-    incremental: bool = True,
+    incremental: bool | str = True,
 ) -> Tensor:
     """``p (B, L, N)``: g(v=1 | observe(samples[b, n] / 255, mask[b] ∪ patch_l)).
 
@@ -180,7 +181,8 @@ def candidate_probs(
     candidates not to classify; default: patches already fully observed. A skipped candidate
     adds nothing, so its row is ``g(observe(samples[b, n] / 255, mask[b]))`` (the current
     posterior per sample), computed once per image instead of once per skipped location.
-    ``incremental``: use patch-local inference when the classifier is a supported conv chain.
+    ``incremental``: use patch-local inference when the classifier supports it and it saves compute
+    (:meth:`worthwhile`; ``"always"``: whenever supported, ``False``: never).
     """
     B, N, C, S, _ = samples.shape
     L = geometry.num_locations
@@ -193,7 +195,7 @@ def candidate_probs(
         skip = geometry.fully_observed(m)  # (B, L)
     skip = skip.to(device)
     inc = incremental_for(classifier) if (cfg.incremental and B) else None
-    if inc is not None:
+    if inc is not None and (cfg.incremental == "always" or inc.worthwhile(geometry)):
         return _candidate_probs_incremental(inc, samples, m, geometry, illness, skip, cfg)
 
     obs = _Observations(samples, device, channels_last)

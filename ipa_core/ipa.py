@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json
-from .vae import VAE, Block, DecBlock, Encoder, LatentStep, gaussian_kl, sample_gaussian
+from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, sample_gaussian
 
 OBJECTIVES = ("forward", "reverse")
 
@@ -159,7 +159,7 @@ class IPA(VAE):
     @staticmethod
     def conditional(block: DecBlock, x: Tensor, pacts: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
         """c(z_l | z<l, y): mean and log sigma from ``part_enc(cat(state, partial activations))``."""
-        return block.part_enc(torch.cat([x, pacts[block.base]], dim=1)).chunk(2, dim=1)
+        return cat_block(block.part_enc, x, pacts[block.base], block.checkpointing).chunk(2, dim=1)
 
     def partial_step(self, pacts: dict[int, Tensor], t: float | Sequence[float] | None = 1.0,
                      generator: torch.Generator | None = None, kl_to_prior: bool = False) -> LatentStep:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from xray.errors import UserError
 
@@ -53,7 +54,15 @@ class Block(nn.Module):
         self.c3 = conv(mid_w, mid_w, k)
         self.c4 = conv(mid_w, out_w, 1, zero_weights=zero_last)
 
+    checkpointing = False  # recompute the block's activations in backward (VAE.set_checkpointing)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # keep only the block input; the 4 convs and GELUs run again in backward (deterministic)
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         h = self.c1(F.gelu(x))
         h = self.c2(F.gelu(h))
         h = self.c3(F.gelu(h))
@@ -146,9 +155,29 @@ class DecBlock(nn.Module):
             x = x + up
         return x
 
+    checkpointing = False  # see VAE.set_checkpointing
+
     def posterior(self, x: Tensor, acts: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | z<l, x): mean and log sigma from cat(state, encoder activations)."""
-        return self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        return cat_block(self.enc, x, acts, self.checkpointing).chunk(2, dim=1)
+
+    def update(self, x: Tensor, xpp: Tensor, z: Tensor) -> Tensor:
+        """The next state: ``resnet(x + xpp + z_proj(z))`` (one recomputed unit when checkpointing)."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._update, x, xpp, z, True, use_reentrant=False)
+        return self._update(x, xpp, z)
+
+    def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
+        x = x + xpp
+        h = x + self.z_proj(z)
+        return self.resnet._forward(h) if inner else self.resnet(h)
+
+
+def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Tensor:
+    """``block(cat([x, acts], 1))``; checkpointed, the concatenation is recomputed too (not stored)."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(lambda a, b: block._forward(torch.cat([a, b], dim=1)), x, acts, use_reentrant=False)
+    return block(torch.cat([x, acts], dim=1))
 
 
 # A latent step decides z for one layer: (layer index, block, state x, prior mean, prior log sigma)
@@ -187,8 +216,7 @@ class Decoder(nn.Module):
             x = block.input_state(xs, n, ref)
             pm, pv, xpp = torch.split(block.prior(x), [block.zdim, block.zdim, x.shape[1]], dim=1)
             z, s = step(i, block, x, pm, pv)
-            x = x + xpp
-            x = block.resnet(x + block.z_proj(z))
+            x = block.update(x, xpp, z)
             xs[block.base] = x
             stats.append(s)
         return xs[self.cfg.image_size] * self.gain + self.bias, stats
@@ -213,6 +241,30 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    # --- memory -----------------------------------------------------------------------------
+    @property
+    def checkpointing(self) -> bool:
+        """Activation checkpointing of every residual block (encoders, decoder, partial encoder).
+
+        A run-time switch, not part of the architecture (not in the config, not saved): training
+        keeps only the inputs of each residual block, of each posterior head (not the concatenation
+        it reads) and of each decoder state update, and recomputes the rest in backward (about one
+        extra forward). Only deterministic parts are recomputed (never a sampling step), so the
+        loss and the gradients are the same.
+        """
+        return any(b.checkpointing for b in self.modules() if isinstance(b, (Block, DecBlock)))
+
+    @checkpointing.setter
+    def checkpointing(self, enabled: bool) -> None:
+        for b in self.modules():
+            if isinstance(b, (Block, DecBlock)):
+                b.checkpointing = bool(enabled)
+
+    def set_checkpointing(self, enabled: bool = True) -> "VAE":
+        """Turn activation checkpointing on or off (see :attr:`checkpointing`); returns ``self``."""
+        self.checkpointing = enabled
+        return self
 
     # --- data <-> network -------------------------------------------------------------------
     def preprocess(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,6 +64,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_train_args(p, TRAIN_DEFAULTS["tiny"], note=" with --config tiny")
     describe_train_flags(p, {"VAE": TRAIN_DEFAULTS["tiny"], "IPA": IPA_TRAIN_DEFAULTS["tiny"]},
                          note=" for --config tiny; other configs below")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute block activations in backward: much less memory at 256 px, "
+                        "about one extra forward per step, same gradients (default: off)")
     p.epilog = "training defaults per --config (VAE stage | IPA stage):\n" + "\n".join(
         f"  {k}: " + " | ".join(f"steps {d.steps}, batch {d.batch_size}, lr {format_default(d.lr)}, skip threshold "
                                 f"{format_default(d.skip_threshold)}"
@@ -117,7 +120,7 @@ def run_vae_stage(args, out: Path) -> Path:
         raise UserError(f"unknown config {args.config!r}; valid configs: {', '.join(CONFIGS)}")
     cfg = train_config_from_args(args, TRAIN_DEFAULTS[args.config])
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    model = _vae_model(args)
+    model = _vae_model(args).set_checkpointing(args.checkpointing)
     if args.image_size is not None and args.image_size != model.config.image_size:
         raise UserError(f"--image-size {args.image_size} does not match config {args.config!r} ({model.config.image_size}px); drop the flag or pick another config")
     train, test = _datasets(args, model.config.image_size, args.eval_images)
@@ -156,7 +159,7 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
     name = _config_name(vae.config) or args.config
     cfg = train_config_from_args(args, IPA_TRAIN_DEFAULTS.get(name, IPA_TRAIN_DEFAULTS["default"]))
     torch.manual_seed(cfg.seed)
-    model = IPA.from_vae(vae, warm_start=True, objective=args.objective)
+    model = IPA.from_vae(vae, warm_start=True, objective=args.objective).set_checkpointing(args.checkpointing)
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     shown = test if test is not None else train  # the same images in every sample grid, also after a resume
     grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8

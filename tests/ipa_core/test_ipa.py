@@ -155,3 +155,24 @@ def test_save_load_round_trip_and_wrong_folders(tmp_path):
         IPA.from_vae(ipa)
     with pytest.raises(UserError, match="objective"):
         IPAConfig.from_vae(micro_config(), objective="sideways")
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_checkpointing_gives_the_same_objective_and_gradients(kind):
+    model = IPA.from_vae(micro_vae(), objective=kind).train()
+    x, m = images(3), half_mask(3)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss = model.objective(x, m, torch.Generator().manual_seed(4))["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss0, g0 = grads()
+    model.set_checkpointing(True)
+    assert model.checkpointing and all(b.checkpointing for b in model.part_encoder.enc_blocks)
+    loss1, g1 = grads()
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys() and all(IPA.is_partial_name(n) for n in g0) and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)

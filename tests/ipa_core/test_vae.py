@@ -108,3 +108,46 @@ def test_tiny_config_builds_and_runs():
     out = model.loss(images(2, size=cfg.image_size))
     assert torch.isfinite(out["elbo"])
     assert get_config("tiny").shift is None  # named configs are copied, never mutated
+
+
+def _grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients():
+    model = small()
+    x = images()
+    loss0, g0 = _grads(model, lambda: model.loss(x, torch.Generator().manual_seed(3))["elbo"])
+    assert not model.checkpointing
+    calls = []
+    hook = torch.utils.checkpoint.checkpoint  # every residual block goes through torch.utils.checkpoint
+    import ipa_core.vae as vae_mod
+
+    vae_mod.checkpoint = lambda *a, **kw: calls.append(kw) or hook(*a, **kw)
+    try:
+        model.set_checkpointing(True)
+        loss1, g1 = _grads(model, lambda: model.loss(x, torch.Generator().manual_seed(3))["elbo"])
+    finally:
+        vae_mod.checkpoint = hook
+    # each encoder block; per decoder layer the prior, the posterior head (with its concatenation), the state update
+    assert len(calls) == len(model.encoder.enc_blocks) + 3 * len(model.decoder.dec_blocks)
+    assert all(kw == {"use_reentrant": False} for kw in calls)
+    assert model.checkpointing and torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():  # inference: nothing is recomputed
+        calls.clear()
+        model.loss(x, torch.Generator().manual_seed(3))
+    assert not calls
+
+
+def test_checkpointing_is_not_saved(tmp_path):
+    model = small().set_checkpointing(True)
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "checkpointing" not in cfg
+    assert not VAE.from_pretrained(tmp_path / "m").checkpointing
