@@ -108,6 +108,31 @@ def publish(run: str | Path, dest: str | Path) -> Path:
           (run / "summary.md").read_text(), ""]
     for title, name in figures:
         md += [f"## {title}", "", f"![{title}]({name})", ""]
+    md += [FILES_SECTION]
     atomic_write_text(dest / "README.md", "\n".join(md))
     return dest
 
+
+FILES_SECTION = """## Files in this folder
+
+Written by `make demo` (`boed demo --out runs/demo --publish results`), which replaces them on every run:
+
+| file | what |
+|---|---|
+| `README.md` | this page: the tables above (from `runs/demo/summary.md`) and the figures below them |
+| `metrics.csv` | one row per method, illness and t = 0..T: AUROC with its two-level bootstrap 95 % interval (`auroc_lo`, `auroc_hi`; policy seeds, then test images), `auroc_sd_repeats` (spread between policy seeds), the classifier's NLL with its interval, `n` test images and `repeats` |
+| `paired.csv` | EIG-IPA minus each other method (`baseline`) per illness, per t and averaged over t = 2..T (`t` = `2-T`), on the same images and seeds: difference, paired two-level bootstrap 95 % interval, `diff_sd_repeats`, `p_above` (fraction of resamples with EIG-IPA ahead) |
+| `auroc.png`, `nll.png` | AUROC and NLL against t for every method (paper fig. 5 left and fig. 8) |
+| `paired.png` | the differences of `paired.csv` with their bands |
+| `heatmap-<illness>.png` | the second scan of one test image: observations, EIG over the 17 x 17 grid with the chosen cell, completions and their information gains (`boed run`) |
+| `scans-<illness>.png` | all scans chosen for that image and the classifier's probability after each |
+| `vae-samples.png`, `ipa-samples.png` | the last sample grids of the VAE and IPA training runs |
+
+Written by other tools (not touched by `make demo`):
+
+| file | what | made by |
+|---|---|---|
+| `coverage.csv`, `coverage.md`, `coverage.png` | do IPA completions cover the truth: best-of-K pixel MSE on the unobserved pixels (K = 1, 10, 100) and sample diversity per observed-fraction bin, for IPA at t = 1 and 0.85 and IPA-R; `coverage.md` says which models and images | `python benchmarks/coverage.py --ipa DIR [--ipa-r DIR]` |
+| `phantom_contact_sheet.png` | a few phantom images per label, with the NIH-derived boxes drawn: what the synthetic findings look like | `xray.phantom.contact_sheet(ROOT, "results/phantom_contact_sheet.png")` on a phantom set |
+| `completers.*` (`make study`), `seeds.*` (`make study-seeds`) | the completer study and the training-seed study, when they have been run | `boed study completers`, `boed study seeds` |
+"""

@@ -29,7 +29,7 @@ from xray.labels import resolve_illness
 
 HELP = "run the whole pipeline (data, VAE, IPA, AVP-CNN, scans, evaluation) and summarise"
 DEFAULT_ILLNESSES = ("effusion", "edema")
-CPU_DEMO_MINUTES = 27  # wall time of the cpu profile on 2 CPU cores (results/README.md has the measured stages)
+CPU_DEMO_MINUTES = 35  # cpu profile on 2 idle CPU cores: training ~16 min (session 2, idle) + evaluation 18 min (R = 3 x 100 images, session 3)
 
 
 def configure(p) -> None:
