@@ -87,6 +87,18 @@ class ScanState:
         return ScanState(self.x_obs.to(device), self.mask.to(device), [list(l) for l in self.locations])
 
 
+def scan_start(classifier, illness: Illness, labels, C: int, S: int, device) -> tuple:
+    """The start of a one-image scan loop (``boed run``): ``(prob, state, target)``, where
+    ``prob(state)`` is the classifier's illness probability, ``state`` is empty (1, C, S, S) and
+    ``target`` the image's label (None when unknown)."""
+
+    def prob(state: ScanState) -> float:
+        return float(illness.prob(classifier.predict_proba(state.x_obs, state.mask))[0])
+
+    target = None if labels is None else float(illness.target(torch.as_tensor(labels)))
+    return prob, ScanState.empty(1, C, S, device), target
+
+
 @runtime_checkable
 class Policy(Protocol):
     """Chooses the next scan location of every image in a batch."""

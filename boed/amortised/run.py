@@ -43,7 +43,7 @@ def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source:
                first_sampler=None) -> int:
     """The scan loop of `boed run --policy` (``x`` uint8 (1, C, S, S); ``ipa`` may be None: no EIG maps)."""
     from boed.heatmaps import plot_summary
-    from boed.policies import GreedyPolicy, ScanState
+    from boed.policies import GreedyPolicy, scan_start
     from boed.samplers import IPASampler
 
     from .network import load_policy
@@ -58,11 +58,7 @@ def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source:
                               n_samples=args.n_samples, first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
     generator = torch.Generator().manual_seed(args.seed)
 
-    def prob(state: ScanState) -> float:
-        return float(illness.prob(avp.predict_proba(state.x_obs, state.mask))[0])
-
-    state = ScanState.empty(1, C, S, device)
-    target = None if labels is None else float(illness.target(torch.as_tensor(labels)))
+    prob, state, target = scan_start(avp, illness, labels, C, S, device)
     probs, steps = [prob(state)], []
     print(f"{illness.name} on {source}: {policy.name} policy from {policy_dir}"
           + ("" if target is None else f" (label: {int(target)})"))

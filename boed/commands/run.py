@@ -219,7 +219,7 @@ def _dataset(args, S: int, split: str):
 
 def main(args: argparse.Namespace) -> int:
     from boed.heatmaps import plot_decision, plot_summary
-    from boed.policies import GreedyPolicy, ScanState
+    from boed.policies import GreedyPolicy, scan_start
     from boed.samplers import DatasetSampler, IPASampler
 
     illness = resolve_illness(args.illness)
@@ -250,11 +250,7 @@ def main(args: argparse.Namespace) -> int:
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
     generator = torch.Generator().manual_seed(args.seed)
 
-    def prob(state: ScanState) -> float:
-        return float(illness.prob(avp.predict_proba(state.x_obs, state.mask))[0])
-
-    state = ScanState.empty(1, C, S, device)
-    target = None if labels is None else float(illness.target(torch.as_tensor(labels)))
+    prob, state, target = scan_start(avp, illness, labels, C, S, device)
     probs, steps = [prob(state)], []
     truth = "" if target is None else f" (label: {int(target)})"
     print(f"{illness.name} on {source}{truth}: {geometry.grid}x{geometry.grid} grid, patch {geometry.patch_size} px, "
