@@ -134,5 +134,6 @@ Written by other tools (not touched by `make demo`):
 |---|---|---|
 | `coverage.csv`, `coverage.md`, `coverage.png` | do IPA completions cover the truth: best-of-K pixel MSE on the unobserved pixels (K = 1, 10, 100) and sample diversity per observed-fraction bin, for IPA at t = 1 and 0.85 and IPA-R; `coverage.md` says which models and images | `python benchmarks/coverage.py --ipa DIR [--ipa-r DIR]` |
 | `phantom_contact_sheet.png` | a few phantom images per label, with the NIH-derived boxes drawn: what the synthetic findings look like | `xray.phantom.contact_sheet(ROOT, "results/phantom_contact_sheet.png")` on a phantom set |
+| `policies.md`, `policies-*.csv`, `policies-*.png` | the amortised policies (distilled EIG-IPA, GDFS) on the demo's models, evaluated beside EIG-IPA, Uncond and Random with the same protocol; `policies.md` says how they were made and what they show | `boed train-policy`, `boed evaluate --methods eig,uncond,random,distilled,gdfs` (or `make demo-policies`) |
 | `completers.*` (`make study`), `seeds.*` (`make study-seeds`) | the completer study and the training-seed study, when they have been run | `boed study completers`, `boed study seeds` |
 """
