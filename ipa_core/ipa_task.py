@@ -52,6 +52,9 @@ def fixed_sample_masks(n: int, S: int) -> Tensor:
     return torch.cat(out)  # (n, 1, S, S)
 
 
+SAMPLE_N = 6  # completions per image in an IPA sample grid (`ipa_core train --sample-n`)
+
+
 class IPATask:
     """Train the partial encoder of an :class:`IPA` (``model.config.objective``: forward = IPA, reverse = IPA-R).
 
@@ -60,7 +63,7 @@ class IPATask:
     """
 
     def __init__(self, model: IPA, masks: MaskMixture = IPA_TRAINING_MASKS, sample_images: Tensor | None = None,
-                 sample_n: int = 6, sample_t: float = 1.0, eval_max_images: int = 64, eval_batch_size: int = 16):
+                 sample_n: int = SAMPLE_N, sample_t: float = 1.0, eval_max_images: int = 64, eval_batch_size: int = 16):
         if not isinstance(model, IPA):
             raise UserError(f"IPATask needs an IPA model, got {type(model).__name__}; build it with IPA.from_vae(vae)")
         self.model = model
@@ -98,6 +101,8 @@ class IPATask:
     @torch.no_grad()
     def on_sample(self, model: nn.Module, step: int, out_png: Path) -> None:
         """Rows: ground truth, masked input, completions, pixel mean and variance (same noise every time)."""
+        if self.sample_n < 1:  # sample grids off
+            return
         ipa = _unwrap(model)
         cfg = ipa.config
         device = ipa.decoder.gain.device
