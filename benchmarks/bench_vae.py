@@ -86,6 +86,7 @@ def memory_step(name: str, stage: str, checkpointing: bool, batch: int, steps: i
     from ipa_core.ema import EMA, ema_copy
     from ipa_core.ipa import IPA
     from ipa_core.ipa_task import IPA_TRAIN_DEFAULTS, IPATask
+    from ipa_core.memory import release_freed_memory
     from ipa_core.skip_rule import SkipRule
     from ipa_core.trainer import make_optimizer, train_step, warmup_lr
     from ipa_core.vae_task import TRAIN_DEFAULTS, VAETask
@@ -100,6 +101,7 @@ def memory_step(name: str, stage: str, checkpointing: bool, batch: int, steps: i
     else:
         task = VAETask(model)
         tcfg = TRAIN_DEFAULTS.get(name, TRAIN_DEFAULTS["xray256"])
+    release_freed_memory()  # as fit() does on the CPU
     model.set_checkpointing(checkpointing).train()
     params = list(task.trainable_parameters())
     ema = ema_copy(model, params) if tcfg.ema_rate is not None else None

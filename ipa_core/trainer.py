@@ -41,6 +41,7 @@ from .batch_order import BatchOrder, check_batch, fetch_batch, iterate_batches
 from .checkpoint import (CKPT_DIR, CKPT_FORMAT, KEEP_CKPTS, checkpoint_paths, config_dict, load_latest_checkpoint,
                          merge_model_config, read_provenance, rng_state, save_checkpoint, set_rng_state, train_provenance)
 from .ema import EMA, ema_copy
+from .memory import release_freed_memory
 from .image_grid import save_image_grid
 from .metric_log import MetricLog, log_file, truncate_metrics
 from .skip_rule import SkipRule
@@ -98,6 +99,8 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         check_same(f"checkpoint {state['path']}", state["provenance"], provenance,
                    hint=f"resume with the same settings and data, or pass --restart to move {run_dir} aside and start over")
 
+    if device.type == "cpu":
+        release_freed_memory()  # peak RSS follows the live tensors (see ipa_core.memory)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
