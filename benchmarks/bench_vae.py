@@ -126,7 +126,14 @@ def memory_step(name: str, stage: str, checkpointing: bool, batch: int, steps: i
             "rss_model_MB": rss_model, "rss_after_first_step_MB": rss_steps[0], "peak_rss_MB": maxrss_mb()}
 
 
+MEMORY_TARGET_GB = 4.0  # issue 13: a 256 px training step within 4 GB per image at batch 1 on the CPU
+
+
 def bench_memory(name: str, batch: int, threads: int, out: Path, stages=("vae", "ipa"), modes=("off", "on")) -> None:
+    """One fresh child process per (stage, checkpointing) row. The rows are merged into ``out``
+    (a row of the same config, stage, checkpointing and batch is replaced), written after each
+    child: a partial run keeps what it measured, and a run of some rows keeps the others."""
+    old = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     rows = []
     for stage in stages:
         for ck in ["0" if m == "off" else "1" for m in modes]:
@@ -136,18 +143,27 @@ def bench_memory(name: str, batch: int, threads: int, out: Path, stages=("vae", 
                 raise SystemExit(f"memory child {stage} checkpointing={ck} failed:\n{res.stderr[-2000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
+            r["load_avg_1m"] = os.getloadavg()[0]
+            per_image = r["peak_rss_MB"] / 1024 / batch
             print(f"{r['stage']:4} checkpointing {str(r['checkpointing']):5}  batch {r['batch']}  peak RSS {r['peak_rss_MB'] / 1024:6.2f} GB "
                   f"(model + EMA {r['rss_model_MB'] / 1024:5.2f} GB, after step 1 {r['rss_after_first_step_MB'] / 1024:5.2f} GB)  "
-                  f"step {r['step_cpu_s']:7.1f} s CPU  loss {r['loss']:.6f}", flush=True)
+                  f"step {r['step_cpu_s']:7.1f} s CPU  loss {r['loss']:.6f}  "
+                  f"{'within' if per_image <= MEMORY_TARGET_GB else 'above'} {MEMORY_TARGET_GB} GB per image", flush=True)
+            key = ("config", "stage", "checkpointing", "batch")
+            kept = [o for o in old if not any(all(o.get(k) == n.get(k) for k in key) for n in rows)]
+            atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
+                                    "device": "cpu", "target_GB_per_image": MEMORY_TARGET_GB,
+                                    "measure": "ru_maxrss of a fresh process per row, 2 steps of ipa_core.trainer.train_step "
+                                               "(EMA, clipping, skip rule, AdamW state from step 2 on); GB = 1024 MB; "
+                                               "step_cpu_s = CPU time (user + sys) of the 2nd step",
+                                    "rows": kept + rows})
     for stage in stages:
-        if len(modes) < 2:
+        both = [r for r in rows if r["stage"] == stage]
+        if len(both) < 2:
             continue
-        off, on = [r for r in rows if r["stage"] == stage]
+        off, on = both
         print(f"{stage}: peak per image {off['peak_rss_MB'] / 1024 / batch:.2f} GB -> {on['peak_rss_MB'] / 1024 / batch:.2f} GB "
               f"with checkpointing ({off['peak_rss_MB'] / on['peak_rss_MB']:.1f}x less; step CPU time x{on['step_cpu_s'] / off['step_cpu_s']:.2f})")
-    atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
-                            "load_avg_1m": os.getloadavg()[0], "device": "cpu", "measure": "ru_maxrss of a fresh process per row (2 trainer steps); step_cpu_s = CPU time of the 2nd step",
-                            "rows": rows})
     print(f"wrote {out}")
 
 
@@ -184,9 +200,7 @@ def main() -> None:
         print(json.dumps(memory_step(name, stage, ck == "1", args.batch)))
         return
     if args.memory:
-        tag = "" if (args.memory_stages, args.memory_modes) == (["vae", "ipa"], ["off", "on"]) else \
-            "_" + "_".join(args.memory_stages + ["checkpointing_" + m for m in args.memory_modes])
-        out = Path(args.out).with_name(f"memory256{tag}.json") if args.out == ap.get_default("out") else Path(args.out)
+        out = Path(args.out).with_name("memory256.json") if args.out == ap.get_default("out") else Path(args.out)
         bench_memory(args.memory_config, args.batch, args.threads, out, args.memory_stages, args.memory_modes)
         return
     if args.one:  # child process: one config, result as JSON on stdout
