@@ -4,9 +4,10 @@ Per config: one training step split into forward (loss) / backward / clip + Adam
 images/s, and peak resident memory of a fresh process that runs only that config (ru_maxrss);
 unconditional sampling throughput for tiny. Prints a table and writes ``benchmarks/results/vae.json``.
 
-``--memory``: peak resident memory of one training step (forward, backward, AdamW) at 256 px
-(``xray256``, batch 1, CPU) for the VAE and the IPA stage, activation checkpointing off and on,
-each in a fresh process (``ru_maxrss``); writes ``benchmarks/results/memory256.json``.
+``--memory``: peak resident memory of training at 256 px (``xray256``, batch 1, CPU) for the VAE
+and the IPA stage, activation checkpointing off and on, each in a fresh process (``ru_maxrss``):
+two steps of the trainer's own ``train_step`` (AdamW state, EMA copy, clipping, skip rule, as
+``ipa_core train`` runs them); writes ``benchmarks/results/memory256.json``.
 
     .venv/bin/python benchmarks/bench_vae.py [--configs tiny mid] [--batch 8] [--reps 5] [--threads 2]
     .venv/bin/python benchmarks/bench_vae.py --memory [--memory-config xray256] [--batch 1] [--threads 1]
@@ -76,34 +77,63 @@ def bench_train(name: str, batch: int, reps: int, channels_last: bool = False) -
             "steps_per_s": 1 / med(step), "images_per_s": batch / med(step), "peak_rss_MB": maxrss_mb()}
 
 
-def memory_step(name: str, stage: str, checkpointing: bool, batch: int) -> dict:
-    """One training step of ``stage`` (vae or ipa) in this (fresh) process; peak RSS before/after."""
+def memory_step(name: str, stage: str, checkpointing: bool, batch: int, steps: int = 2) -> dict:
+    """``steps`` training steps of ``stage`` (vae or ipa) in this (fresh) process, exactly as
+    :func:`ipa_core.trainer.fit` takes them (its own ``make_optimizer``, ``train_step``, EMA copy,
+    clipping and skip rule, the stage's xray256 training defaults): from the second step on the
+    AdamW state and the EMA weights sit beside the activations, as in every step of a real run.
+    Peak RSS of the process (``ru_maxrss``), also after the model and after the first step."""
+    from ipa_core.ema import EMA, ema_copy
     from ipa_core.ipa import IPA
+    from ipa_core.ipa_task import IPA_TRAIN_DEFAULTS, IPATask
+    from ipa_core.memory import release_freed_memory
+    from ipa_core.skip_rule import SkipRule
+    from ipa_core.trainer import make_optimizer, train_step, warmup_lr
+    from ipa_core.vae_task import TRAIN_DEFAULTS, VAETask
 
     cfg = config(name)
     torch.manual_seed(0)
     model = VAE(cfg)
     if stage == "ipa":
         model = IPA.from_vae(model)
+        task = IPATask(model)
+        tcfg = IPA_TRAIN_DEFAULTS.get(name, IPA_TRAIN_DEFAULTS["default"])
+    else:
+        task = VAETask(model)
+        tcfg = TRAIN_DEFAULTS.get(name, TRAIN_DEFAULTS["xray256"])
+    release_freed_memory()  # as fit() does on the CPU
     model.set_checkpointing(checkpointing).train()
-    params = model.partial_parameters() if stage == "ipa" else list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    params = list(task.trainable_parameters())
+    ema = ema_copy(model, params) if tcfg.ema_rate is not None else None
+    ema_updater = EMA(ema, model, tcfg.ema_rate) if ema is not None else None
+    opt, skip = make_optimizer(params, tcfg), SkipRule.from_config(tcfg)
     g = torch.Generator().manual_seed(0)
     S = cfg.image_size
     x = torch.randint(0, 256, (batch, cfg.image_channels, S, S), dtype=torch.uint8, generator=g)
-    m = (torch.rand(batch, 1, S // 4, S // 4, generator=g) < 0.3).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
+    labels = torch.zeros(batch, 15)
     rss_model = maxrss_mb()
-    t0 = time.perf_counter()
-    loss = (model.objective(x, m, g) if stage == "ipa" else model.loss(x, g))["loss" if stage == "ipa" else "elbo"]
-    loss.backward()
-    opt.step()
-    loss = loss.detach()
-    return {"config": name, "stage": stage, "checkpointing": checkpointing, "batch": batch, "loss": float(loss),
-            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": time.perf_counter() - t0,
-            "rss_model_MB": rss_model, "peak_rss_MB": maxrss_mb()}
+    times, rss_steps, losses = [], [], []
+    for step in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss, _, norm, _, skipped = train_step(task, model, params, opt, (x, labels), g, warmup_lr(step, tcfg), tcfg, skip, ema_updater)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+        rss_steps.append(maxrss_mb())
+        losses.append(float(loss))
+    return {"config": name, "stage": stage, "checkpointing": checkpointing, "batch": batch, "steps": steps, "loss": losses[0],
+            "losses": losses, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "trainable_M": sum(p.numel() for p in params) / 1e6, "ema": tcfg.ema_rate is not None,
+            "step_s": times[-1][0], "step_cpu_s": times[-1][1], "first_step_cpu_s": times[0][1],
+            "rss_model_MB": rss_model, "rss_after_first_step_MB": rss_steps[0], "peak_rss_MB": maxrss_mb()}
+
+
+MEMORY_TARGET_GB = 4.0  # issue 13: a 256 px training step within 4 GB per image at batch 1 on the CPU
 
 
 def bench_memory(name: str, batch: int, threads: int, out: Path, stages=("vae", "ipa"), modes=("off", "on")) -> None:
+    """One fresh child process per (stage, checkpointing) row. The rows are merged into ``out``
+    (a row of the same config, stage, checkpointing and batch is replaced), written after each
+    child: a partial run keeps what it measured, and a run of some rows keeps the others."""
+    old = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     rows = []
     for stage in stages:
         for ck in ["0" if m == "off" else "1" for m in modes]:
@@ -113,17 +143,27 @@ def bench_memory(name: str, batch: int, threads: int, out: Path, stages=("vae", 
                 raise SystemExit(f"memory child {stage} checkpointing={ck} failed:\n{res.stderr[-2000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
+            r["load_avg_1m"] = os.getloadavg()[0]
+            per_image = r["peak_rss_MB"] / 1024 / batch
             print(f"{r['stage']:4} checkpointing {str(r['checkpointing']):5}  batch {r['batch']}  peak RSS {r['peak_rss_MB'] / 1024:6.2f} GB "
-                  f"(model + optimiser {r['rss_model_MB'] / 1024:5.2f} GB)  step {r['step_s']:7.1f} s  loss {r['loss']:.6f}", flush=True)
+                  f"(model + EMA {r['rss_model_MB'] / 1024:5.2f} GB, after step 1 {r['rss_after_first_step_MB'] / 1024:5.2f} GB)  "
+                  f"step {r['step_cpu_s']:7.1f} s CPU  loss {r['loss']:.6f}  "
+                  f"{'within' if per_image <= MEMORY_TARGET_GB else 'above'} {MEMORY_TARGET_GB} GB per image", flush=True)
+            key = ("config", "stage", "checkpointing", "batch")
+            kept = [o for o in old if not any(all(o.get(k) == n.get(k) for k in key) for n in rows)]
+            atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
+                                    "device": "cpu", "target_GB_per_image": MEMORY_TARGET_GB,
+                                    "measure": "ru_maxrss of a fresh process per row, 2 steps of ipa_core.trainer.train_step "
+                                               "(EMA, clipping, skip rule, AdamW state from step 2 on); GB = 1024 MB; "
+                                               "step_cpu_s = CPU time (user + sys) of the 2nd step",
+                                    "rows": kept + rows})
     for stage in stages:
-        if len(modes) < 2:
+        both = [r for r in rows if r["stage"] == stage]
+        if len(both) < 2:
             continue
-        off, on = [r for r in rows if r["stage"] == stage]
+        off, on = both
         print(f"{stage}: peak per image {off['peak_rss_MB'] / 1024 / batch:.2f} GB -> {on['peak_rss_MB'] / 1024 / batch:.2f} GB "
-              f"with checkpointing ({off['peak_rss_MB'] / on['peak_rss_MB']:.1f}x less; step time x{on['step_s'] / off['step_s']:.2f})")
-    atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
-                            "load_avg_1m": os.getloadavg()[0], "device": "cpu", "measure": "ru_maxrss of a fresh process per row",
-                            "rows": rows})
+              f"with checkpointing ({off['peak_rss_MB'] / on['peak_rss_MB']:.1f}x less; step CPU time x{on['step_cpu_s'] / off['step_cpu_s']:.2f})")
     print(f"wrote {out}")
 
 
@@ -160,9 +200,7 @@ def main() -> None:
         print(json.dumps(memory_step(name, stage, ck == "1", args.batch)))
         return
     if args.memory:
-        tag = "" if (args.memory_stages, args.memory_modes) == (["vae", "ipa"], ["off", "on"]) else \
-            "_" + "_".join(args.memory_stages + ["checkpointing_" + m for m in args.memory_modes])
-        out = Path(args.out).with_name(f"memory256{tag}.json") if args.out == ap.get_default("out") else Path(args.out)
+        out = Path(args.out).with_name("memory256.json") if args.out == ap.get_default("out") else Path(args.out)
         bench_memory(args.memory_config, args.batch, args.threads, out, args.memory_stages, args.memory_modes)
         return
     if args.one:  # child process: one config, result as JSON on stdout

@@ -93,6 +93,8 @@ class DemoOptions:
     present_only: bool = False  # use the listed images that are present (a partial NIH download)
     avp_init_weights: Path | None = None  # a local copy of the pretrained AVP backbone's weights (offline)
     with_policies: bool = False  # also train the amortised policies (distilled EIG-IPA, GDFS) and evaluate them
+    eval_images: int | None = None  # `--eval-images` of every training stage (None: the commands' own)
+    sample_n: int | None = None  # `ipa_core train --sample-n` (None: the command's own)
 
 
 @dataclass
@@ -243,6 +245,13 @@ def _ckpt_args(opts: DemoOptions) -> list:
     return ["--checkpointing"] if opts.profile.checkpointing else []
 
 
+def _smoke_args(opts: DemoOptions, samples: bool = True) -> list:
+    """``--eval-images``/``--sample-n`` when the demo was given them (smoke checks); nothing
+    otherwise, so the stages of a default run keep their commands (and fingerprints)."""
+    args = [] if opts.eval_images is None else ["--eval-images", opts.eval_images]
+    return args + ([] if opts.sample_n is None or not samples else ["--sample-n", opts.sample_n])
+
+
 def _model_args(opts: DemoOptions) -> list:
     return ["--ipa", opts.out / "ipa", "--avp", opts.out / "avp", "--device", opts.device]
 
@@ -285,14 +294,14 @@ def vae_stage(opts: DemoOptions) -> Stage:
     p = opts.profile
     return Stage("vae", "ipa_core train", "ipa_core.commands.train",
                  ["--stage", "vae", "--config", p.vae_config, "--out", opts.out / "vae", *_data_args(opts), *_ckpt_args(opts),
-                  *_train_args(opts, p.vae_steps, p.vae_batch)], upstream=("data",))
+                  *_train_args(opts, p.vae_steps, p.vae_batch), *_smoke_args(opts)], upstream=("data",))
 
 
 def ipa_stage(opts: DemoOptions) -> Stage:
     p = opts.profile
     return Stage("ipa", "ipa_core train", "ipa_core.commands.train",
                  ["--stage", "ipa", "--vae", opts.out / "vae", "--out", opts.out / "ipa", *_data_args(opts), *_ckpt_args(opts),
-                  *_train_args(opts, p.ipa_steps, p.ipa_batch)], upstream=("data", "vae"))
+                  *_train_args(opts, p.ipa_steps, p.ipa_batch), *_smoke_args(opts)], upstream=("data", "vae"))
 
 
 def avp_stage(opts: DemoOptions) -> Stage:
@@ -301,7 +310,7 @@ def avp_stage(opts: DemoOptions) -> Stage:
                  ["--arch", p.avp_arch, "--init", p.avp_init,
                   *(["--init-weights", opts.avp_init_weights] if opts.avp_init_weights and p.avp_init != "scratch" else []),
                   "--out", opts.out / "avp", "--lr", p.avp_lr, *_data_args(opts),
-                  *_train_args(opts, p.avp_steps, p.avp_batch)], upstream=("data",))
+                  *_train_args(opts, p.avp_steps, p.avp_batch), *_smoke_args(opts, samples=False)], upstream=("data",))
 
 
 def scan_stage(opts: DemoOptions, illness: str, index: int) -> Stage:

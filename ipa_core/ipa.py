@@ -188,17 +188,28 @@ class IPA(VAE):
         alone) run under ``no_grad``, and the output network is skipped.
         """
         m = self.check_mask(m, x)
-        with torch.no_grad():
-            inp, _ = self.preprocess(x)
-            acts = self.encoder(inp)
-            layers: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer (state, q mean, q log sigma)
+        return self.forward_kl_given(self.posterior_path(x, generator), x, m)
 
-            def step(i, block, h, pm, pv):
-                qm, qv = block.posterior(h, acts[block.base])
-                layers.append((h, qm, qv))
-                return sample_gaussian(qm, qv, generator), {}
+    @torch.no_grad()
+    def posterior_path(self, x: Tensor, generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The frozen half of O_for: per decoder layer (state, q mean, q log sigma) along z ~ q(z | x).
+        It does not depend on the mask: :meth:`forward_kl_given` scores any number of masks on it."""
+        inp, _ = self.preprocess(x)
+        acts = self.encoder(inp)
+        layers: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer (state, q mean, q log sigma)
 
-            self.decoder.run(x.shape[0], step)
+        def step(i, block, h, pm, pv):
+            qm, qv = block.posterior(h, acts[block.base])
+            layers.append((h, qm, qv))
+            return sample_gaussian(qm, qv, generator), {}
+
+        self.decoder.run(x.shape[0], step)
+        return layers
+
+    def forward_kl_given(self, layers: list[tuple[Tensor, Tensor, Tensor]], x: Tensor, m: Tensor) -> Tensor:
+        """O_for per image ``(B,)`` on the :meth:`posterior_path` ``layers`` of ``x`` and the mask ``m``."""
+        m = self.check_mask(m, x)
+        inp, _ = self.preprocess(x)
         pacts = self.partial_acts(inp, m)
         kl = x.new_zeros(x.shape[0], dtype=torch.float32, device=inp.device)
         for block, (h, qm, qv) in zip(self.decoder.dec_blocks, layers):

@@ -52,6 +52,9 @@ def fixed_sample_masks(n: int, S: int) -> Tensor:
     return torch.cat(out)  # (n, 1, S, S)
 
 
+SAMPLE_N = 6  # completions per image in an IPA sample grid (`ipa_core train --sample-n`)
+
+
 class IPATask:
     """Train the partial encoder of an :class:`IPA` (``model.config.objective``: forward = IPA, reverse = IPA-R).
 
@@ -60,7 +63,7 @@ class IPATask:
     """
 
     def __init__(self, model: IPA, masks: MaskMixture = IPA_TRAINING_MASKS, sample_images: Tensor | None = None,
-                 sample_n: int = 6, sample_t: float = 1.0, eval_max_images: int = 64, eval_batch_size: int = 16):
+                 sample_n: int = SAMPLE_N, sample_t: float = 1.0, eval_max_images: int = 64, eval_batch_size: int = 16):
         if not isinstance(model, IPA):
             raise UserError(f"IPATask needs an IPA model, got {type(model).__name__}; build it with IPA.from_vae(vae)")
         self.model = model
@@ -98,6 +101,8 @@ class IPATask:
     @torch.no_grad()
     def on_sample(self, model: nn.Module, step: int, out_png: Path) -> None:
         """Rows: ground truth, masked input, completions, pixel mean and variance (same noise every time)."""
+        if self.sample_n < 1:  # sample grids off
+            return
         ipa = _unwrap(model)
         cfg = ipa.config
         device = ipa.decoder.gain.device
@@ -121,15 +126,16 @@ class IPATask:
         mask_g = torch.Generator().manual_seed(0)
         mask_sets = {f"kl_{bin_name(b)}": freeform_masks(n, S, mask_g, observed_range=b) for b in OBSERVED_BINS}
         mask_sets["kl_patches"] = random_patch_masks(n, S, self.masks.patch_frac, self.masks.max_patches, 0, mask_g)
-        res: dict[str, float] = {}
-        for name, masks in mask_sets.items():
-            g = torch.Generator(device=device).manual_seed(0)
-            total = 0.0
-            for start in range(0, n, self.eval_batch_size):
-                idx = np.arange(start, min(start + self.eval_batch_size, n))
-                x = dataset_images(dataset, idx).to(device)
-                total += float(ipa.forward_kl(x, masks[idx].to(device), g).sum())
-            res[name] = total / max(n, 1)
+        totals = dict.fromkeys(mask_sets, 0.0)
+        g = torch.Generator(device=device).manual_seed(0)  # the same z ~ q(z | x) for every mask set
+        for start in range(0, n, self.eval_batch_size):
+            idx = np.arange(start, min(start + self.eval_batch_size, n))
+            x = dataset_images(dataset, idx).to(device)
+            layers = ipa.posterior_path(x, g)  # the frozen VAE's half: once per batch, not once per mask set
+            for name, masks in mask_sets.items():
+                totals[name] += float(ipa.forward_kl_given(layers, x, masks[idx].to(device)).sum())
+            del layers
+        res: dict[str, float] = {name: total / max(n, 1) for name, total in totals.items()}
         res["kl_mean_bins"] = float(np.mean([res[f"kl_{bin_name(b)}"] for b in OBSERVED_BINS]))
         res["n_images"] = n
         return res

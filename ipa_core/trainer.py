@@ -20,7 +20,6 @@ A model plugs in as a :class:`TrainTask`; :func:`fit` does the rest:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -41,14 +40,15 @@ from . import distributed as dist_utils
 from .batch_order import BatchOrder, check_batch, fetch_batch, iterate_batches
 from .checkpoint import (CKPT_DIR, CKPT_FORMAT, KEEP_CKPTS, checkpoint_paths, config_dict, load_latest_checkpoint,
                          merge_model_config, read_provenance, rng_state, save_checkpoint, set_rng_state, train_provenance)
-from .ema import EMA
+from .ema import EMA, ema_copy
+from .memory import release_freed_memory
 from .image_grid import save_image_grid
 from .metric_log import MetricLog, log_file, truncate_metrics
 from .skip_rule import SkipRule
 from .train_config import RESULT_FIELDS, TrainConfig, TrainTask, add_train_args, train_config_from_args, warmup_lr
 
 __all__ = ["fit", "TrainConfig", "TrainTask", "RESULT_FIELDS", "add_train_args", "train_config_from_args", "warmup_lr",
-           "SkipRule", "BatchOrder", "fetch_batch", "iterate_batches", "check_batch", "EMA", "save_image_grid",
+           "make_optimizer", "train_step", "SkipRule", "BatchOrder", "fetch_batch", "iterate_batches", "check_batch", "EMA", "ema_copy", "save_image_grid",
            "checkpoint_paths", "load_latest_checkpoint", "save_checkpoint", "read_provenance", "train_provenance",
            "CKPT_DIR", "CKPT_FORMAT", "KEEP_CKPTS"]
 
@@ -99,6 +99,8 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         check_same(f"checkpoint {state['path']}", state["provenance"], provenance,
                    hint=f"resume with the same settings and data, or pass --restart to move {run_dir} aside and start over")
 
+    if device.type == "cpu":
+        release_freed_memory()  # peak RSS follows the live tensors (see ipa_core.memory)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -107,9 +109,8 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         raise UserError("the task has no trainable parameters")
     # DDP broadcasts rank 0's weights when it wraps the model: wrap before the EMA copy is taken
     train_model = dist_utils.wrap_ddp(model, device, getattr(task, "find_unused_parameters", False)) if world > 1 else model
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_rate is not None else None
-    # foreach: one fused kernel per op over all tensors (PyTorch only picks it itself on CUDA)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    ema = ema_copy(model, params) if cfg.ema_rate is not None else None
+    opt = make_optimizer(params, cfg)
     skip = SkipRule.from_config(cfg)
     step, readable = 0, []  # readable: steps of the checkpoints known to load (pruning keeps the newest)
     metrics_path = run_dir / "metrics.jsonl"
@@ -166,25 +167,11 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = warmup_lr(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with _autocast(device, cfg.amp):
-                loss, metrics = task.loss(train_model, (images, labels), generator)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # even when non-finite: under DDP every rank must join the all-reduce
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
-            if not math.isfinite(float(loss.detach())):
-                norm = math.nan
-            norm = dist_utils.max_scalar(norm) if world > 1 else norm  # same skip decision on every rank
-            threshold = skip.current_threshold()
-            skipped = skip(norm)
+            loss, metrics, norm, threshold, skipped = train_step(task, train_model, params, opt, (images, labels), generator,
+                                                                 lr, cfg, skip, ema_updater, world)
             if skipped and rank == 0 and (skip.skipped <= 10 or skip.skipped % 100 == 0):
                 log.warning("step %d: update skipped (gradient norm %.4g, threshold %.4g; %d skipped so far)",
                             step + 1, norm, threshold, skip.skipped)
-            if not skipped:
-                opt.step()
-                if ema_updater is not None:
-                    ema_updater.update()
             epoch = order.position(step)[0]  # the epoch of the batch just used
             step += 1
             imgs += len(images)
@@ -216,6 +203,40 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
             log.info("test metrics at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
     dist_utils.barrier()
     return out_model
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The trainer's AdamW. foreach: one kernel per op over all tensors (PyTorch only picks it
+    itself on CUDA); its temporaries come after the backward, below the step's memory peak."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def train_step(task, model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, batch: tuple, generator,
+               lr: float, cfg: TrainConfig, skip: SkipRule, ema_updater: EMA | None, world: int = 1) -> tuple:
+    """One optimiser step of :func:`fit` (also what ``benchmarks/bench_vae.py --memory`` measures):
+    loss, backward, clipping, the skip rule, AdamW, EMA. Returns ``(loss, metrics, norm,
+    threshold, skipped)``; ``norm`` is the pre-clip gradient norm (NaN when the loss is not finite).
+
+    Memory: the last step's gradients are dropped before the forward, so they never sit beside
+    its activations; the new ones live until the next call."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    device = batch[0].device
+    with _autocast(device, cfg.amp):
+        loss, metrics = task.loss(model, batch, generator)
+    loss.backward()  # even when non-finite: under DDP every rank must join the all-reduce
+    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
+    if not math.isfinite(float(loss.detach())):
+        norm = math.nan
+    norm = dist_utils.max_scalar(norm) if world > 1 else norm  # same skip decision on every rank
+    threshold = skip.current_threshold()
+    skipped = skip(norm)
+    if not skipped:
+        opt.step()
+        if ema_updater is not None:
+            ema_updater.update()
+    return loss.detach(), metrics, norm, threshold, skipped
 
 
 def _load_on_rank0(run_dir: Path, rank: int) -> dict | None:

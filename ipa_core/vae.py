@@ -116,15 +116,53 @@ class Encoder(nn.Module):
         for b in self.enc_blocks:
             b.c4.weight.data *= math.sqrt(1 / len(blocks))
 
+    checkpointing = False  # see VAE.set_checkpointing
+
     def forward(self, x: Tensor) -> dict[int, Tensor]:
+        if self.checkpointing and torch.is_grad_enabled():
+            return self._forward_segments(x)
         x = self.in_conv(x)
         acts = {x.shape[2]: x}
         for block in self.enc_blocks:
-            x = block(x)
-            res = x.shape[2]
-            if x.shape[1] != self.widths[res]:
-                x = pad_channels(x, self.widths[res])
-            acts[res] = x
+            x = self._block(block, x)
+            acts[x.shape[2]] = x
+        return acts
+
+    def _block(self, block: Block, x: Tensor) -> Tensor:
+        x = block(x)
+        res = x.shape[2]
+        return pad_channels(x, self.widths[res]) if x.shape[1] != self.widths[res] else x
+
+    def _forward_segments(self, x: Tensor) -> dict[int, Tensor]:
+        """The same activations, checkpointed per resolution: a segment runs the blocks whose output
+        has one resolution (the first one starts with ``in_conv``), and only its input and its last
+        output (the kept activation ``acts[res]``) stay in memory. In backward a segment is run
+        again with its blocks checkpointed one by one (nested), so at most one segment's block
+        inputs exist at a time."""
+        S = x.shape[2]
+        res_of = [S // math.prod(b.down_rate or 1 for b in self.enc_blocks[: i + 1]) for i in range(len(self.enc_blocks))]
+        segments: list[list[Block]] = []
+        for i, block in enumerate(self.enc_blocks):
+            if i and res_of[i] == res_of[i - 1]:
+                segments[-1].append(block)
+            else:
+                segments.append([block])
+
+        def run(blocks: list[Block], first: bool, h: Tensor) -> Tensor:
+            if first:
+                h = self.in_conv(h)
+            for block in blocks:
+                h = self._block(block, h)
+            return h
+
+        acts: dict[int, Tensor] = {}
+        if not segments or res_of[0] != S:  # no block keeps the resolution of in_conv: its output is acts[S]
+            x = self.in_conv(x)
+            acts[S] = x
+        for k, blocks in enumerate(segments):
+            first = k == 0 and S not in acts
+            x = checkpoint(run, blocks, first, x, use_reentrant=False)
+            acts[x.shape[2]] = x
         return acts
 
 
@@ -161,6 +199,21 @@ class DecBlock(nn.Module):
         """q(z | z<l, x): mean and log sigma from cat(state, encoder activations)."""
         return cat_block(self.enc, x, acts, self.checkpointing).chunk(2, dim=1)
 
+    def prior_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """p(z | z<l): mean and log sigma alone, checkpointed; the rest of the prior's output (the
+        state residual, ``(B, W, r, r)``) is not kept: :meth:`update_from_state` computes it again."""
+        pm, pv, _ = torch.split(checkpoint(self.prior._forward, x, use_reentrant=False), [self.zdim, self.zdim, x.shape[1]], dim=1)
+        return pm.clone(), pv.clone()  # (B, zdim, r, r) each: own storage, the full prior output is freed
+
+    def update_from_state(self, x: Tensor, z: Tensor) -> Tensor:
+        """:meth:`update` with the prior's state residual computed from ``x`` again (checkpointed:
+        only ``x`` and ``z`` are kept)."""
+        def fn(x: Tensor, z: Tensor) -> Tensor:
+            # one expression: the prior output and the partial sums are freed before the resnet runs
+            return self.resnet._forward(x + self.prior._forward(x)[:, 2 * self.zdim:] + self.z_proj(z))
+
+        return checkpoint(fn, x, z, use_reentrant=False)
+
     def update(self, x: Tensor, xpp: Tensor, z: Tensor) -> Tensor:
         """The next state: ``resnet(x + xpp + z_proj(z))`` (one recomputed unit when checkpointing)."""
         if self.checkpointing and torch.is_grad_enabled():
@@ -168,8 +221,7 @@ class DecBlock(nn.Module):
         return self._update(x, xpp, z)
 
     def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
-        x = x + xpp
-        h = x + self.z_proj(z)
+        h = x + xpp + self.z_proj(z)  # (x + xpp) first, as the official code; no partial sum outlives the line
         return self.resnet._forward(h) if inner else self.resnet(h)
 
 
@@ -214,9 +266,15 @@ class Decoder(nn.Module):
             if upto is not None and i >= upto:
                 return None, stats
             x = block.input_state(xs, n, ref)
-            pm, pv, xpp = torch.split(block.prior(x), [block.zdim, block.zdim, x.shape[1]], dim=1)
-            z, s = step(i, block, x, pm, pv)
-            x = block.update(x, xpp, z)
+            if block.checkpointing and torch.is_grad_enabled():
+                # keep x and z only: the prior runs again for the state update (forward and backward)
+                pm, pv = block.prior_head(x)
+                z, s = step(i, block, x, pm, pv)
+                x = block.update_from_state(x, z)
+            else:
+                pm, pv, xpp = torch.split(block.prior(x), [block.zdim, block.zdim, x.shape[1]], dim=1)
+                z, s = step(i, block, x, pm, pv)
+                x = block.update(x, xpp, z)
             xs[block.base] = x
             stats.append(s)
         return xs[self.cfg.image_size] * self.gain + self.bias, stats
@@ -247,18 +305,23 @@ class VAE(nn.Module):
     def checkpointing(self) -> bool:
         """Activation checkpointing of every residual block (encoders, decoder, partial encoder).
 
-        A run-time switch, not part of the architecture (not in the config, not saved): training
-        keeps only the inputs of each residual block, of each posterior head (not the concatenation
-        it reads) and of each decoder state update, and recomputes the rest in backward (about one
-        extra forward). Only deterministic parts are recomputed (never a sampling step), so the
-        loss and the gradients are the same.
+        A run-time switch, not part of the architecture (not in the config, not saved). Training
+        keeps, of the encoder, only its activations per resolution (each resolution's blocks are
+        one recomputed segment, with its blocks checkpointed inside it), and of each decoder layer
+        its input state and latent: the prior's mean and log sigma are copied out of its output,
+        which is dropped, and the state update runs the prior again for its state residual.
+        Everything else is recomputed in backward: about 1.2 extra forwards per step (the encoder
+        twice, each prior three times). Only deterministic parts are recomputed (never a sampling
+        step): the loss is the same and the gradients equal up to float summation order.
+        At 256 px (xray256, batch 1) a training step's live tensors peak at about 3.5 GB, 1.7 GB
+        of them weights, EMA and AdamW state (``benchmarks/bench_vae.py --memory`` measures RSS).
         """
         return any(b.checkpointing for b in self.modules() if isinstance(b, (Block, DecBlock)))
 
     @checkpointing.setter
     def checkpointing(self, enabled: bool) -> None:
         for b in self.modules():
-            if isinstance(b, (Block, DecBlock)):
+            if isinstance(b, (Block, DecBlock, Encoder)):
                 b.checkpointing = bool(enabled)
 
     def set_checkpointing(self, enabled: bool = True) -> "VAE":

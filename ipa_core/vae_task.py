@@ -56,11 +56,14 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
     return x
 
 
+SAMPLE_N = 8  # samples per temperature row of a VAE sample grid (`ipa_core train --sample-n`)
+
+
 class VAETask:
     """Train a :class:`VAE` by its negative ELBO. ``on_sample`` draws the same noise every time
     (rows at temperatures ``sample_temps``) so that grids from different steps compare."""
 
-    def __init__(self, model: VAE, sample_n: int = 8, sample_temps: tuple[float, ...] = (1.0, 0.85),
+    def __init__(self, model: VAE, sample_n: int = SAMPLE_N, sample_temps: tuple[float, ...] = (1.0, 0.85),
                  eval_batch_size: int = 32, eval_max_images: int | None = None, init_digest: str | None = None):
         self.model = model
         self.init_digest = init_digest  # file digest of the weights training started from (--import-official)
@@ -87,6 +90,8 @@ class VAETask:
 
     @torch.no_grad()
     def on_sample(self, model: VAE, step: int, out_png: Path) -> None:
+        if self.sample_n < 1:  # sample grids off
+            return
         device = next(model.parameters()).device
         rows = []
         for t in self.sample_temps:

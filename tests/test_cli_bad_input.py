@@ -84,6 +84,7 @@ CASES = [
     ("train-unknown-config", "ipa_core", ["train", "--stage", "vae", "--config", "nope", "--out", D], "nope"),
     ("train-missing-official", "ipa_core", ["train", "--stage", "vae", "--config", "tiny", "--import-official", "{t}/x.th", "--out", D], "x.th"),
     ("train-bad-int", "ipa_core", ["train", "--out", D, "--steps", "many"], "--steps"),
+    ("train-sample-n", "ipa_core", ["train", "--out", D, "--sample-n", "-1"], "--sample-n"),
     # boed run
     ("run-near-miss", "boed", ["run", "--illness", "Effusions", *MODELS, "--out", D], "'effusion'"),
     ("run-device-gpu", "boed", ["run", *MODELS, "--device", "gpu", "--out", D], "--device"),
@@ -109,6 +110,7 @@ CASES = [
     ("demo-unknown-illness", "boed", ["demo", "--illness", "effusion,foo", "--out", D], "foo"),
     ("demo-device-gpu", "boed", ["demo", "--device", "gpu", "--out", D], "--device"),
     ("demo-max-steps", "boed", ["demo", "--max-steps", "0", "--out", D], "--max-steps"),
+    ("demo-eval-images", "boed", ["demo", "--eval-images", "0", "--out", D], "--eval-images"),
     ("demo-missing-data-root", "boed", ["demo", "--data-root", "{t}/nowhere", "--out", D], "nowhere"),
 ]
 if NO_CUDA:

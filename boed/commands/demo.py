@@ -29,6 +29,8 @@ from xray.labels import resolve_illness
 
 HELP = "run the whole pipeline (data, VAE, IPA, AVP-CNN, scans, evaluation) and summarise"
 DEFAULT_ILLNESSES = ("effusion", "edema")
+SMOKE_EVAL_IMAGES = 1  # with --max-steps: test images of each training stage's end-of-run metrics
+SMOKE_SAMPLE_N = 1  # with --max-steps: images per row of the VAE/IPA sample grids
 CPU_DEMO_MINUTES = 35  # cpu profile on 2 idle CPU cores: training ~16 min (session 2, idle) + evaluation 18 min (R = 3 x 100 images, session 3)
 
 
@@ -46,7 +48,16 @@ def configure(p) -> None:
                    help=f"comma-separated tasks to run (default: {','.join(DEFAULT_ILLNESSES)})")
     add_device_arg(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of every stage; same seed, same results (default: 0)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps, for smoke tests (default: none: the profile's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap every training stage at this many steps, for smoke tests; the stages' end-of-run metrics "
+                        "and sample grids shrink with it (see --eval-images, --sample-n) (default: none: the profile's)")
+    p.add_argument("--eval-images", type=int, default=None, metavar="N",
+                   help="test images for the end-of-run metrics of every training stage (VAE, IPA, AVP-CNN); "
+                        "at 256 px each costs about one to two model passes per image and mask set "
+                        f"(default: the commands' own; {SMOKE_EVAL_IMAGES} with --max-steps)")
+    p.add_argument("--sample-n", type=int, default=None, metavar="N",
+                   help="images per row of the VAE and IPA sample grids (`ipa_core train --sample-n`), 0 = no grids "
+                        f"(default: the command's own; {SMOKE_SAMPLE_N} with --max-steps)")
     p.add_argument("--n-test", type=int, default=None, help=f"test images per illness in the evaluation (default: the profile's: {PROFILES['cpu'].n_test} for cpu)")
     p.add_argument("--until", choices=STAGES, default="eval", help="stop after this stage (default: eval, i.e. run everything)")
     p.add_argument("--max-batch", type=int, default=None, help="cap every training batch size, for smoke tests (default: none: the profile's)")
@@ -75,6 +86,13 @@ def main(args) -> int:
             raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
         profile = dataclasses.replace(profile, vae_steps=min(profile.vae_steps, args.max_steps),
                                       ipa_steps=min(profile.ipa_steps, args.max_steps), avp_steps=min(profile.avp_steps, args.max_steps))
+    eval_images, sample_n = args.eval_images, args.sample_n
+    for flag, v, low in (("--eval-images", eval_images, 1), ("--sample-n", sample_n, 0)):
+        if v is not None and v < low:
+            raise UserError(f"{flag} must be >= {low}, got {v}")
+    if args.max_steps is not None:  # a smoke check: a step or two per stage should not wait on hours of metrics
+        eval_images = SMOKE_EVAL_IMAGES if eval_images is None else eval_images
+        sample_n = SMOKE_SAMPLE_N if sample_n is None else sample_n
     if args.max_batch is not None:
         if args.max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -89,7 +107,8 @@ def main(args) -> int:
     opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
                        cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until,
                        max_images=args.max_images, present_only=args.present_only,
-                       avp_init_weights=args.avp_init_weights, with_policies=args.with_policies)
+                       avp_init_weights=args.avp_init_weights, with_policies=args.with_policies,
+                       eval_images=eval_images, sample_n=sample_n)
     run_demo(opts)
     print((args.out / "summary.md").read_text())
     if args.publish is not None:

@@ -61,6 +61,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "posterior of the whole image (O_for); reverse = IPA-R, an ELBO of the observed pixels alone "
                         "(O_rev, paper appendix E) (default: forward)")
     p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics, 0 = skip them (default: 512)")
+    from ..ipa_task import SAMPLE_N as IPA_SAMPLE_N
+    from ..vae_task import SAMPLE_N as VAE_SAMPLE_N
+
+    p.add_argument("--sample-n", type=int, default=None, metavar="N",
+                   help="images per row of the sample grids (VAE: samples per temperature; IPA: completions per image); "
+                        "0 = no sample grids; each sample at 256 px costs about one decoder pass "
+                        f"(default: {VAE_SAMPLE_N} for the VAE, {IPA_SAMPLE_N} for IPA)")
     add_train_args(p, TRAIN_DEFAULTS["tiny"], note=" with --config tiny")
     describe_train_flags(p, {"VAE": TRAIN_DEFAULTS["tiny"], "IPA": IPA_TRAIN_DEFAULTS["tiny"]},
                          note=" for --config tiny; other configs below")
@@ -129,10 +136,15 @@ def run_vae_stage(args, out: Path) -> Path:
         from xray.provenance import file_digest
 
         init = file_digest(args.import_official)
-    task = VAETask(model, eval_max_images=args.eval_images or None, init_digest=init)
+    task = VAETask(model, eval_max_images=args.eval_images or None, init_digest=init, **_sample_kw(args))
     fit(task, train, cfg, out, test_set=test)
     _record_data(out, args, train)
     return out
+
+
+def _sample_kw(args) -> dict:
+    """``sample_n`` for the task when --sample-n was given (else the task's default)."""
+    return {} if getattr(args, "sample_n", None) is None else {"sample_n": args.sample_n}
 
 
 def _config_name(cfg) -> str | None:
@@ -163,7 +175,7 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     shown = test if test is not None else train  # the same images in every sample grid, also after a resume
     grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8
-    task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1)
+    task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1, **_sample_kw(args))
     if follow_vae and not cfg.restart:
         from ..trainer import read_provenance
 
@@ -181,6 +193,8 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_flag(args.device)  # checked before anything is created
+    if getattr(args, "sample_n", None) is not None and args.sample_n < 0:
+        raise UserError(f"--sample-n must be >= 0 (0 = no sample grids), got {args.sample_n}")
     if args.stage == "ipa" and args.vae is None:
         raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
     if args.stage == "ipa" and args.import_official:

@@ -76,3 +76,29 @@ def test_provenance_names_the_frozen_vae():
         next(iter(vae.parameters())).add_(1e-3)
     assert IPATask(IPA.from_vae(vae)).provenance()["vae"] != prov["vae"]
     assert IPATask(IPA.from_vae(micro_vae(), objective="reverse")).provenance()["objective"] == "reverse"
+
+
+def test_evaluate_scores_every_mask_set_on_one_frozen_pass():
+    """The frozen VAE's half of O_for runs once per batch; the numbers are those of one full
+    ``forward_kl`` per mask set with the noise restarted per set (the definition)."""
+    import numpy as np
+
+    from ipa_core.ipa_task import OBSERVED_BINS, bin_name, freeform_masks, random_patch_masks
+
+    torch.manual_seed(0)
+    model = IPA.from_vae(micro_vae()).eval()
+    for p in model.partial_parameters():  # psi away from the warm start: c differs from q
+        p.data.add_(0.01 * torch.randn_like(p))
+    task = IPATask(model, eval_max_images=5, eval_batch_size=2)
+    data = Bank(7, 3)
+    res = task.evaluate(model, data)
+    n, S = 5, model.config.image_size
+    mask_g = torch.Generator().manual_seed(0)
+    sets = {f"kl_{bin_name(b)}": freeform_masks(n, S, mask_g, observed_range=b) for b in OBSERVED_BINS}
+    sets["kl_patches"] = random_patch_masks(n, S, task.masks.patch_frac, task.masks.max_patches, 0, mask_g)
+    with torch.no_grad():
+        for name, masks in sets.items():
+            g = torch.Generator().manual_seed(0)
+            total = sum(float(model.forward_kl(data.x[i:i + 2][: n - i], masks[i:min(i + 2, n)], g).sum()) for i in range(0, n, 2))
+            assert res[name] == pytest.approx(total / n, rel=1e-6, abs=1e-9), name
+    assert res["n_images"] == n and res["kl_mean_bins"] == pytest.approx(np.mean([res[f"kl_{bin_name(b)}"] for b in OBSERVED_BINS]))

@@ -429,3 +429,40 @@ def test_restart_flag_is_shared_by_every_train_cli():
     assert train_config_from_args(p.parse_args([]), TrainConfig()).restart is False
     assert train_config_from_args(p.parse_args(["--restart"]), TrainConfig()).restart is True
     assert TrainConfig().device == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# memory of a step (issue 13): no stale gradients beside the activations, frozen weights not copied
+
+
+def test_gradients_of_the_last_step_are_gone_before_the_forward(tmp_path):
+    seen = []
+
+    class Watch(VAETask):
+        def loss(self, model, batch, generator):
+            seen.append(sum(p.grad is not None for p in model.parameters()))
+            return super().loss(model, batch, generator)
+
+    fit(Watch(new_vae()), ImageSet(16), tcfg(steps=3, ema_rate=None), tmp_path)
+    assert seen == [0, 0, 0]
+
+
+def test_ema_copy_shares_only_the_frozen_weights():
+    from ipa_core.ema import EMA, ema_copy
+
+    model = new_vae()
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = ema_copy(model, trainable)
+    for (name, e), m in zip(ema.named_parameters(), model.parameters()):
+        assert (e is m) == name.startswith("encoder."), name  # frozen: the model's own tensor; trainable: a copy
+        assert torch.equal(e, m) and not e.requires_grad
+    assert not ema.training and model.encoder.in_conv.weight.requires_grad is False
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(1.0)
+    EMA(ema, model, 0.5).update()
+    for (name, e), m in zip(ema.named_parameters(), model.parameters()):
+        if not name.startswith("encoder."):
+            torch.testing.assert_close(e, m - 0.5)  # halfway to the moved weights
