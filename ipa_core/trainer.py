@@ -99,8 +99,8 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         check_same(f"checkpoint {state['path']}", state["provenance"], provenance,
                    hint=f"resume with the same settings and data, or pass --restart to move {run_dir} aside and start over")
 
-    if device.type == "cpu":
-        release_freed_memory()  # peak RSS follows the live tensors (see ipa_core.memory)
+    if device.type == "cpu" and any(getattr(m, "checkpointing", False) for m in model.modules()):
+        release_freed_memory()  # memory-bound runs: peak RSS follows the live tensors (see ipa_core.memory)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
