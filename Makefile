@@ -28,7 +28,7 @@ demo-policies: $(STAMP)
 
 # does the completion model matter? EIG with IPA, IPA-R, an under-trained IPA, retrieval vs Uncond
 study: $(STAMP)
-	$(BIN)/boed study completers --out runs/demo
+	$(BIN)/boed study completers --n-test 60 --out runs/demo
 	cp runs/demo/completers.csv runs/demo/completers.md runs/demo/completers.png results/
 
 # training-seed robustness: one demo per seed, per-seed and pooled paired differences
