@@ -101,8 +101,9 @@ def memory_step(name: str, stage: str, checkpointing: bool, batch: int, steps: i
     else:
         task = VAETask(model)
         tcfg = TRAIN_DEFAULTS.get(name, TRAIN_DEFAULTS["xray256"])
-    release_freed_memory()  # as fit() does on the CPU
     model.set_checkpointing(checkpointing).train()
+    if checkpointing:
+        release_freed_memory()  # as fit() does for checkpointed CPU runs
     params = list(task.trainable_parameters())
     ema = ema_copy(model, params) if tcfg.ema_rate is not None else None
     ema_updater = EMA(ema, model, tcfg.ema_rate) if ema is not None else None
