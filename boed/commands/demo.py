@@ -31,7 +31,7 @@ HELP = "run the whole pipeline (data, VAE, IPA, AVP-CNN, scans, evaluation) and 
 DEFAULT_ILLNESSES = ("effusion", "edema")
 SMOKE_EVAL_IMAGES = 1  # with --max-steps: test images of each training stage's end-of-run metrics
 SMOKE_SAMPLE_N = 1  # with --max-steps: images per row of the VAE/IPA sample grids
-CPU_DEMO_MINUTES = 35  # cpu profile on 2 idle CPU cores: training ~16 min (session 2, idle) + evaluation 18 min (R = 3 x 100 images, session 3)
+CPU_DEMO_MINUTES = 20  # cpu profile on 2 idle CPU cores: 18.4 min measured in session 5 (about 36 min on the 1.7x slower CPUs of sessions 3-4)
 
 
 def configure(p) -> None:
