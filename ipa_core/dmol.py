@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lean import lean_conv
+
 
 class DmolNet(nn.Module):
     def __init__(self, width: int, num_mixtures: int, channels: int = 1, low_bit: bool = False):
@@ -22,10 +24,14 @@ class DmolNet(nn.Module):
         self.out_conv = nn.Conv2d(width, num_mixtures * per_mix, 1)
         nn.init.zeros_(self.out_conv.bias)
 
+    checkpointing = False  # memory-bound training (VAE.set_checkpointing): out_conv through ipa_core.lean
+
     def params(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Mixture logits (B, M, H, W); means, log scales (B, C, M, H, W); colour coeffs (B, 3, M, H, W) or None."""
         M, C = self.num_mixtures, self.channels
-        l = self.out_conv(h).float()  # the likelihood in fp32 even under autocast
+        # the likelihood in fp32 even under autocast; checkpointing, the conv's backward makes one
+        # gradient of h (B, W, H, W), not two (0.125 GB each at 256 px; ipa_core.lean.GeluConv)
+        l = (lean_conv(self.out_conv, h, gelu=False) if self.checkpointing else self.out_conv(h)).float()
         B, _, H, W = l.shape
         logits = l[:, :M]
         if C == 1:

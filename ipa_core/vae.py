@@ -27,6 +27,7 @@ from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json, parse_layer_string
 from .dmol import DmolNet
+from .lean import AvgPool, lean_conv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,15 +63,29 @@ class Block(nn.Module):
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-    def _forward(self, x: Tensor) -> Tensor:
-        h = self.c1(F.gelu(x))
-        h = self.c2(F.gelu(h))
-        h = self.c3(F.gelu(h))
-        h = self.c4(F.gelu(h))
-        out = x + h if self.residual else h
-        if self.down_rate is not None:
-            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
-        return out
+    def _forward(self, x: Tensor, rows: int | None = None) -> Tensor:
+        return self._after_c1(x, self._gelu_conv(self.c1, x), rows)
+
+    def _after_c1(self, x: Tensor | None, h: Tensor, rows: int | None = None) -> Tensor:
+        """The block from c1's output ``h`` on (``x``: the block input, for the residual); ``rows``:
+        only the first ``rows`` output channels (a block without residual and pooling)."""
+        h = self._gelu_conv(self.c2, h)
+        h = self._gelu_conv(self.c3, h)
+        h = self._gelu_conv(self.c4, h, rows=rows)
+        if not self.checkpointing:
+            out = x + h if self.residual else h
+            return out if self.down_rate is None else F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        # the same numbers, less kept: the sum in place (c4 keeps its input, not its output) and a
+        # pooling that keeps nothing (B, W, r, r) -> (B, W, r / d, r / d)
+        out = h.add_(x) if self.residual else h
+        return out if self.down_rate is None else AvgPool.apply(out, self.down_rate)
+
+    def _gelu_conv(self, c: nn.Conv2d, *xs: Tensor, rows: int | None = None) -> Tensor:
+        """``c(gelu(cat(xs, 1)))[:, :rows]``; checkpointing, through :func:`ipa_core.lean.lean_conv` (keeps ``xs``, not their GELU)."""
+        if self.checkpointing:
+            return lean_conv(c, *xs, rows=rows)
+        out = c(F.gelu(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)))
+        return out if rows is None else out[:, :rows]
 
 
 def width_settings(width: int, custom: str) -> defaultdict[int, int]:
@@ -201,18 +216,26 @@ class DecBlock(nn.Module):
 
     def prior_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """p(z | z<l): mean and log sigma alone, checkpointed; the rest of the prior's output (the
-        state residual, ``(B, W, r, r)``) is not kept: :meth:`update_from_state` computes it again."""
-        pm, pv, _ = torch.split(checkpoint(self.prior._forward, x, use_reentrant=False), [self.zdim, self.zdim, x.shape[1]], dim=1)
-        return pm.clone(), pv.clone()  # (B, zdim, r, r) each: own storage, the full prior output is freed
+        state residual, ``(B, W, r, r)``) is not kept, and gets no (zero) gradient from here:
+        :meth:`update_from_state` computes it again."""
+        return checkpoint(self.prior._forward, x, 2 * self.zdim, use_reentrant=False).chunk(2, dim=1)  # (B, zdim, r, r) each
 
     def update_from_state(self, x: Tensor, z: Tensor) -> Tensor:
         """:meth:`update` with the prior's state residual computed from ``x`` again (checkpointed:
         only ``x`` and ``z`` are kept)."""
         def fn(x: Tensor, z: Tensor) -> Tensor:
-            # one expression: the prior output and the partial sums are freed before the resnet runs
-            return self.resnet._forward(x + self.prior._forward(x)[:, 2 * self.zdim:] + self.z_proj(z))
+            # nested units: when this one is recomputed in backward it keeps only x, z and the
+            # resnet's input h (B, W, r, r); the prior's and the resnet's internals are recomputed
+            # one unit at a time in their own backward, never both at once (at 256 px each holds
+            # about 0.45 GB); the same operations on the same values: the numbers do not change
+            h = (x + checkpoint(self._state_residual, x, use_reentrant=False)).add_(self.z_proj(z))  # (B, W, r, r)
+            return checkpoint(self.resnet._forward, h, use_reentrant=False)
 
         return checkpoint(fn, x, z, use_reentrant=False)
+
+    def _state_residual(self, x: Tensor) -> Tensor:
+        """The prior's state residual ``(B, W, r, r)`` (a view of its whole output)."""
+        return self.prior._forward(x)[:, 2 * self.zdim:]
 
     def update(self, x: Tensor, xpp: Tensor, z: Tensor) -> Tensor:
         """The next state: ``resnet(x + xpp + z_proj(z))`` (one recomputed unit when checkpointing)."""
@@ -221,14 +244,19 @@ class DecBlock(nn.Module):
         return self._update(x, xpp, z)
 
     def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
-        h = x + xpp + self.z_proj(z)  # (x + xpp) first, as the official code; no partial sum outlives the line
+        # (x + xpp) first, as the official code; the second sum in place (the same numbers, one map less)
+        h = (x + xpp).add_(self.z_proj(z))  # (B, W, r, r)
         return self.resnet._forward(h) if inner else self.resnet(h)
 
 
 def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Tensor:
-    """``block(cat([x, acts], 1))``; checkpointed, the concatenation is recomputed too (not stored)."""
-    if checkpointing and torch.is_grad_enabled():
-        return checkpoint(lambda a, b: block._forward(torch.cat([a, b], dim=1)), x, acts, use_reentrant=False)
+    """``block(cat([x, acts], 1))``; checkpointed, the concatenation is never kept (see :class:`ipa_core.lean.GeluConv`)."""
+    if checkpointing:
+        def fn(a: Tensor, b: Tensor) -> Tensor:
+            return block._after_c1(None, lean_conv(block.c1, a, b))
+
+        # without a graph (the frozen half of IPA's objective, sampling) the same lean forward
+        return checkpoint(fn, x, acts, use_reentrant=False) if torch.is_grad_enabled() else fn(x, acts)
     return block(torch.cat([x, acts], dim=1))
 
 
@@ -257,7 +285,7 @@ class Decoder(nn.Module):
         """The top-down pass for ``n`` images; ``step`` picks each latent.
 
         Returns the final feature map ``(n, W, S, S)`` fed to the output network (``None`` when
-        ``upto`` stops early, after ``upto`` layers) and the list of per-layer stats.
+        ``upto`` is given: the run stops after ``upto`` layers) and the list of per-layer stats.
         """
         ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
         xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
@@ -277,6 +305,8 @@ class Decoder(nn.Module):
                 x = block.update(x, xpp, z)
             xs[block.base] = x
             stats.append(s)
+        if upto is not None:
+            return None, stats
         return xs[self.cfg.image_size] * self.gain + self.bias, stats
 
 
@@ -321,7 +351,7 @@ class VAE(nn.Module):
     @checkpointing.setter
     def checkpointing(self, enabled: bool) -> None:
         for b in self.modules():
-            if isinstance(b, (Block, DecBlock, Encoder)):
+            if isinstance(b, (Block, DecBlock, Encoder, DmolNet)):
                 b.checkpointing = bool(enabled)
 
     def set_checkpointing(self, enabled: bool = True) -> "VAE":

@@ -1,0 +1,110 @@
+"""Layers that keep less for backward, for checkpointed (memory-bound) training.
+
+A checkpointed unit is recomputed in backward with autograd saving what its ops need; at 256 px
+(xray256, batch 1) a 512-channel map is 0.125 GB, and what autograd keeps beside the inputs the
+unit keeps anyway (the GELU of an input, a pooling's input, a concatenation) sets the peak of a
+training step. These functions give the plain layers' forward numbers (the same kernels on the
+same values) and keep only what cannot be taken again cheaply:
+
+- :class:`GeluConv` ``conv2d(gelu(cat(xs, 1)), w, b)``: keeps ``xs``, not their GELU or their
+  concatenation; a 1x1 conv's input gradient is one ``bmm`` into its own tensor (the CPU conv
+  backward needs twice that memory);
+- :class:`AvgPool`: keeps nothing (autograd's keeps the input).
+
+Gradients equal autograd's up to float summation order (the same numbers where the same kernels
+run: 3x3 convs, and 1x1 ones on one CPU thread). ``tests/ipa_core/test_lean.py`` checks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def lean_conv(c: nn.Conv2d, *xs: Tensor, gelu: bool = True, rows: int | None = None) -> Tensor:
+    """``c(gelu(cat(xs, 1)))[:, :rows]`` through :class:`GeluConv` (``gelu=False``: no GELU).
+    ``xs[i]`` ``(B, C_i, r, r)`` -> ``(B, rows or out, r, r)``."""
+    return GeluConv.apply(c.weight, c.bias, c.padding, rows, gelu, *xs)
+
+
+class GeluConv(torch.autograd.Function):
+    """``conv2d(gelu(cat(xs, 1)), w, b, padding)[:, :rows]`` that keeps for backward its inputs
+    ``xs`` and ``w``; the backward takes their GELU again (each conv of a recomputed block keeps
+    its pre-activation alone, half of what autograd keeps).
+
+    - Two inputs (the heads over ``cat([state, activations])``, 1x1): the concatenation exists only
+      in forward, its GELU taken in place (the same values as ``F.gelu``); the backward takes each
+      half's gradients on its own, each into its own tensor (the gradient of the activations as a
+      slice of the whole would keep the whole alive until the encoder's backward). At 256 px the
+      concatenation, its GELU and their gradient are 0.25 GB each.
+    - ``rows``: only the first output channels, in their own storage (the prior's mean and log
+      sigma, 32 of its 544 channels); the others get zero gradients without a zero-padded
+      gradient of the whole output (0.13 GB at 256 px).
+    - 1x1: the input's gradient is ``w^T @ gy`` as one ``bmm``, written once (the CPU conv
+      backward makes 0.25 GB for a 512-channel input at 256 px); the GELU's backward runs in place
+      on it.
+    Under autocast the conv runs in ``gy``'s dtype, and so does its backward, as autograd's would.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, b: Tensor, padding: tuple, rows: int | None, gelu: bool, *xs: Tensor) -> Tensor:
+        ctx.save_for_backward(w, *xs)
+        ctx.padding, ctx.rows, ctx.gelu, ctx.b_dtype = tuple(padding), rows, gelu, b.dtype
+        u = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)  # (B, sum C_i, r, r)
+        if gelu:
+            u = F.gelu(u) if len(xs) == 1 else torch._C._nn.gelu_(u)  # in place on the concatenation only
+        y = F.conv2d(u, w, b, 1, padding)  # (B, out, r, r)
+        return y if rows is None else y[:, :rows].clone()  # (B, rows, r, r) in its own storage
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # gy (B, rows or out, r, r)
+        w_all, *xs = ctx.saved_tensors
+        w = w_all if ctx.rows is None else w_all[: ctx.rows]  # the rows gy covers
+        need_w, need_b, _, _, _, *need_x = ctx.needs_input_grad
+        dt = gy.dtype
+        one_by_one = w.shape[-2:] == (1, 1) and ctx.padding == (0, 0)
+        grads_x, grads_w, grad_b, start = [None] * len(xs), [], None, 0
+        for i, x in enumerate(xs):
+            wi = (w if len(xs) == 1 else w[:, start:start + x.shape[1]]).to(dt).contiguous()  # (out, C_i, k, k)
+            start += x.shape[1]
+            bias = need_b and i == 0
+            via_conv = need_x[i] and not one_by_one
+            if via_conv or need_w or bias:  # the weight's gradient first, while the GELU of x exists
+                u = (F.gelu(x) if ctx.gelu else x).to(dt)
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    gy, u, wi, [w.shape[0]] if bias else None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+                    [via_conv, need_w, bias])
+                del u
+                grads_w.append(gw)
+                if bias:
+                    grad_b = gb.to(ctx.b_dtype)
+            if need_x[i]:
+                if one_by_one:
+                    wt = wi.flatten(1).t().expand(x.shape[0], -1, -1)  # (B, C_i, out)
+                    gx = torch.bmm(wt, gy.flatten(2)).view(x.shape)  # (B, C_i, r, r)
+                gx = gx.to(x.dtype)
+                # the GELU's backward in place on the conv's input gradient: one tensor of x's size
+                grads_x[i] = torch.ops.aten.gelu_backward.grad_input(gx, x, grad_input=gx) if ctx.gelu else gx
+        gw = (grads_w[0] if len(xs) == 1 else torch.cat(grads_w, dim=1)).to(w.dtype) if need_w else None
+        if ctx.rows is not None:  # the rows not returned: zero gradients
+            extra = w_all.shape[0] - ctx.rows
+            gw = None if gw is None else torch.cat([gw, gw.new_zeros(extra, *gw.shape[1:])])
+            grad_b = None if grad_b is None else torch.cat([grad_b, grad_b.new_zeros(extra)])
+        return (gw, grad_b, None, None, None, *grads_x)
+
+
+class AvgPool(torch.autograd.Function):
+    """``F.avg_pool2d(x, d, d)`` that keeps nothing for backward (autograd's keeps the input, 0.125
+    GB for a 256 px block); its backward spreads each gradient, divided by ``d * d`` (exact: a power
+    of two for the downsampling rates here), over its window, as ``avg_pool2d_backward`` does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, d: int) -> Tensor:  # (B, C, r, r) -> (B, C, r / d, r / d)
+        ctx.d = d
+        return F.avg_pool2d(x, kernel_size=d, stride=d)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        d = ctx.d
+        return F.interpolate(g / (d * d), scale_factor=d, mode="nearest"), None
