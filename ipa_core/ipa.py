@@ -223,9 +223,9 @@ class IPA(VAE):
         m = self.check_mask(m, x)
         inp, target = self.preprocess(x)
         pacts = self.partial_acts(inp, m)
-        h, stats = self.decoder.run(x.shape[0], self.partial_step(pacts, 1.0, generator, kl_to_prior=True))
+        h, affine, stats = self.decoder.run_for_likelihood(x.shape[0], self.partial_step(pacts, 1.0, generator, kl_to_prior=True))
         ndims = math.prod(x.shape[1:])
-        nll = self.decoder.out_net.nll_map(h, target)  # (B, H, W)
+        nll = self.decoder.out_net.nll_map(h, target, affine)  # (B, H, W)
         distortion = (nll * m[:, 0]).sum(dim=(1, 2)) / ndims
         rate = sum(s["kl"].sum(dim=(1, 2, 3)) for s in stats) / ndims
         return {"distortion": distortion, "rate": rate}

@@ -230,3 +230,15 @@ def test_checkpointed_vae_gives_the_same_loss_and_gradients_with_the_output_conv
     assert torch.equal(la, lb)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_decoder_run_upto_stops_without_the_output_map():
+    model = small()
+    n = len(model.decoder.dec_blocks)
+    step = model.prior_step(1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, stats = model.decoder.run(2, step, upto=n)
+        h_full, stats_full = model.decoder.run(2, model.prior_step(1.0, torch.Generator().manual_seed(0)))
+        h_part, stats_part = model.decoder.run(2, model.prior_step(1.0, torch.Generator().manual_seed(0)), upto=2)
+    assert h is None and h_part is None and h_full.shape == (2, 8, 16, 16)
+    assert len(stats) == len(stats_full) == n and len(stats_part) == 2
