@@ -11,7 +11,8 @@ same values) and keep only what cannot be taken again cheaply:
   (the CPU conv backward needs twice that memory); output rows without a zero-padded gradient;
 - :class:`AffineConv` ``conv1x1(x * g + b)`` (the decoder's output affine and the likelihood's
   conv): keeps ``x``, not ``x * g + b`` too;
-- :class:`AvgPool`: keeps nothing (autograd's keeps the input).
+- :class:`AvgPool`: keeps nothing (autograd's keeps the input);
+- :func:`add_`: a sum in place where that changes no number.
 
 Gradients equal autograd's up to float summation order (the same numbers where the same kernels
 run: 3x3 convs, and 1x1 ones on one CPU thread). ``tests/ipa_core/test_lean.py`` checks them.
@@ -22,6 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def add_(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``, written into ``a`` where that gives the same tensor (``a`` has the sum's dtype and
+    shape: under autocast a bf16 ``a`` plus an fp32 ``b`` is fp32, made out of place); ``a`` must
+    not be needed by autograd (an op's output that no backward keeps)."""
+    if a.dtype == torch.result_type(a, b) and a.shape == torch.broadcast_shapes(a.shape, b.shape):
+        return a.add_(b)
+    return a + b
 
 
 def lean_conv(c: nn.Conv2d, *xs: Tensor, gelu: bool = True, rows: slice | None = None, add: Tensor | None = None) -> Tensor:

@@ -27,7 +27,7 @@ from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json, parse_layer_string
 from .dmol import DmolNet
-from .lean import AvgPool, lean_conv
+from .lean import AvgPool, add_, lean_conv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class Block(nn.Module):
             return out if self.down_rate is None else F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         # the same numbers, less kept: the sum in place (c4 keeps its input, not its output) and a
         # pooling that keeps nothing (B, W, r, r) -> (B, W, r / d, r / d)
-        out = h.add_(x) if self.residual else h
+        out = add_(h, x) if self.residual else h
         return out if self.down_rate is None else AvgPool.apply(out, self.down_rate)
 
     def _gelu_conv(self, c: nn.Conv2d, *xs: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
@@ -230,7 +230,7 @@ class DecBlock(nn.Module):
             # resnet's input h (B, W, r, r); the prior's and the resnet's internals are recomputed
             # one unit at a time in their own backward, never both at once (at 256 px each holds
             # about 0.45 GB); the same operations on the same values: the numbers do not change
-            h = checkpoint(self._plus_state_residual, x, use_reentrant=False).add_(self.z_proj(z))  # (B, W, r, r)
+            h = add_(checkpoint(self._plus_state_residual, x, use_reentrant=False), self.z_proj(z))  # (B, W, r, r)
             return checkpoint(self.resnet._forward, h, use_reentrant=False)
 
         return checkpoint(fn, x, z, use_reentrant=False)
@@ -248,7 +248,7 @@ class DecBlock(nn.Module):
 
     def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
         # (x + xpp) first, as the official code; the second sum in place (the same numbers, one map less)
-        h = (x + xpp).add_(self.z_proj(z))  # (B, W, r, r)
+        h = add_(x + xpp, self.z_proj(z))  # (B, W, r, r)
         return self.resnet._forward(h) if inner else self.resnet(h)
 
 
