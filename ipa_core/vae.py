@@ -64,30 +64,29 @@ class Block(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
-        return self._after_c1(x, self._gelu_conv(self.c1, x), rows, add)
+        """The block; a block without residual and pooling may return ``add + out[:, rows]``."""
+        if self.checkpointing:
+            return self._lean_after_c1(x, lean_conv(self.c1, x), rows, add)
+        h = self.c1(F.gelu(x))
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        h = self.c4(F.gelu(h))
+        h = h if rows is None else h[:, rows]
+        out = x + h if self.residual else (h if add is None else add + h)
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
 
-    def _after_c1(self, x: Tensor | None, h: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
-        """The block from c1's output ``h`` on (``x``: the block input, for the residual). A block
-        without residual and pooling may return ``add + out[:, rows]`` (``add``, ``rows`` optional)."""
-        h = self._gelu_conv(self.c2, h)
-        h = self._gelu_conv(self.c3, h)
-        h = self._gelu_conv(self.c4, h, rows=rows, add=add)
-        if not self.checkpointing:
-            out = x + h if self.residual else h
-            return out if self.down_rate is None else F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
-        # the same numbers, less kept: the sum in place (c4 keeps its input, not its output) and a
-        # pooling that keeps nothing (B, W, r, r) -> (B, W, r / d, r / d)
+    def _lean_after_c1(self, x: Tensor | None, h: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
+        """Checkpointing: the block from c1's output ``h`` on (``x``: its input, for the residual),
+        the same numbers with less kept for backward: each conv keeps its input, not its GELU
+        (:func:`ipa_core.lean.lean_conv`), the residual sum is made in place (c4 keeps its input,
+        not its output) and the pooling keeps nothing. ``(B, W, r, r) -> (B, W, r / d, r / d)``."""
+        h = lean_conv(self.c2, h)
+        h = lean_conv(self.c3, h)
+        h = lean_conv(self.c4, h, rows=rows, add=add)
         out = add_(h, x) if self.residual else h
         return out if self.down_rate is None else AvgPool.apply(out, self.down_rate)
-
-    def _gelu_conv(self, c: nn.Conv2d, *xs: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
-        """``add + c(gelu(cat(xs, 1)))[:, rows]``; checkpointing, through :func:`ipa_core.lean.lean_conv`
-        (keeps ``xs``, not their GELU)."""
-        if self.checkpointing:
-            return lean_conv(c, *xs, rows=rows, add=add)
-        out = c(F.gelu(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)))
-        out = out if rows is None else out[:, rows]
-        return out if add is None else add + out
 
 
 def width_settings(width: int, custom: str) -> defaultdict[int, int]:
@@ -247,8 +246,9 @@ class DecBlock(nn.Module):
         return self._update(x, xpp, z)
 
     def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
-        # (x + xpp) first, as the official code; the second sum in place (the same numbers, one map less)
-        h = add_(x + xpp, self.z_proj(z))  # (B, W, r, r)
+        # (x + xpp) first, as the official code; checkpointing, the second sum in place (the same
+        # numbers, one map less: the frozen half of IPA's objective runs here without a graph)
+        h = add_(x + xpp, self.z_proj(z)) if self.checkpointing else x + xpp + self.z_proj(z)  # (B, W, r, r)
         return self.resnet._forward(h) if inner else self.resnet(h)
 
 
@@ -256,7 +256,7 @@ def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Ten
     """``block(cat([x, acts], 1))``; checkpointed, the concatenation is never kept (see :class:`ipa_core.lean.GeluConv`)."""
     if checkpointing:
         def fn(a: Tensor, b: Tensor) -> Tensor:
-            return block._after_c1(None, lean_conv(block.c1, a, b))
+            return block._lean_after_c1(None, lean_conv(block.c1, a, b))
 
         # without a graph (the frozen half of IPA's objective, sampling) the same lean forward
         return checkpoint(fn, x, acts, use_reentrant=False) if torch.is_grad_enabled() else fn(x, acts)
