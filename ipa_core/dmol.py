@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lean import AffineConv, lean_conv
+
 
 class DmolNet(nn.Module):
     def __init__(self, width: int, num_mixtures: int, channels: int = 1, low_bit: bool = False):
@@ -22,10 +24,23 @@ class DmolNet(nn.Module):
         self.out_conv = nn.Conv2d(width, num_mixtures * per_mix, 1)
         nn.init.zeros_(self.out_conv.bias)
 
-    def params(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Mixture logits (B, M, H, W); means, log scales (B, C, M, H, W); colour coeffs (B, 3, M, H, W) or None."""
+    checkpointing = False  # memory-bound training (VAE.set_checkpointing): out_conv through ipa_core.lean
+
+    def params(self, h: Tensor, affine: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Mixture logits (B, M, H, W); means, log scales (B, C, M, H, W); colour coeffs (B, 3, M, H, W) or None.
+
+        ``affine`` ``(gain, bias)``: ``h`` is the decoder's last state, its output map is
+        ``h * gain + bias`` (checkpointing: :meth:`ipa_core.vae.Decoder.run_for_likelihood`)."""
         M, C = self.num_mixtures, self.channels
-        l = self.out_conv(h).float()  # the likelihood in fp32 even under autocast
+        # the likelihood in fp32 even under autocast; checkpointing, the conv's backward keeps and
+        # makes less (ipa_core.lean: 0.125 GB each at 256 px)
+        if affine is not None:
+            l = AffineConv.apply(h, *affine, self.out_conv.weight, self.out_conv.bias)
+        elif self.checkpointing:
+            l = lean_conv(self.out_conv, h, gelu=False)
+        else:
+            l = self.out_conv(h)
+        l = l.float()
         B, _, H, W = l.shape
         logits = l[:, :M]
         if C == 1:
@@ -46,14 +61,14 @@ class DmolNet(nn.Module):
         m2 = means[:, 2] + coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]
         return torch.stack([means[:, 0], m1, m2], dim=1)  # (B, 3, M, H, W)
 
-    def nll(self, h: Tensor, x: Tensor) -> Tensor:
+    def nll(self, h: Tensor, x: Tensor, affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Negative log-likelihood per dimension of targets ``x (B, C, H, W)`` in [-1, 1] -> ``(B,)``."""
-        return self.nll_map(h, x).sum(dim=(1, 2)) / math.prod(x.shape[1:])  # (B,)
+        return self.nll_map(h, x, affine).sum(dim=(1, 2)) / math.prod(x.shape[1:])  # (B,)
 
-    def nll_map(self, h: Tensor, x: Tensor) -> Tensor:
+    def nll_map(self, h: Tensor, x: Tensor, affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Per-pixel negative log-likelihood ``(B, H, W)``, summed over channels (O_rev needs the
         likelihood of the observed pixels alone)."""
-        logits, means, log_scales, coeffs = self.params(h)
+        logits, means, log_scales, coeffs = self.params(h, affine)
         means = self._coupled_means(means, coeffs, x)
         half_bin, log_bins = (1.0 / 31.0, math.log(15.5)) if self.low_bit else (1.0 / 255.0, math.log(127.5))
         xc = x.unsqueeze(2) - means  # (B, C, M, H, W)

@@ -27,6 +27,7 @@ from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json, parse_layer_string
 from .dmol import DmolNet
+from .lean import AvgPool, add_, lean_conv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,15 +63,30 @@ class Block(nn.Module):
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
+        """The block; a block without residual and pooling may return ``add + out[:, rows]``."""
+        if self.checkpointing:
+            return self._lean_after_c1(x, lean_conv(self.c1, x), rows, add)
         h = self.c1(F.gelu(x))
         h = self.c2(F.gelu(h))
         h = self.c3(F.gelu(h))
         h = self.c4(F.gelu(h))
-        out = x + h if self.residual else h
+        h = h if rows is None else h[:, rows]
+        out = x + h if self.residual else (h if add is None else add + h)
         if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
+
+    def _lean_after_c1(self, x: Tensor | None, h: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
+        """Checkpointing: the block from c1's output ``h`` on (``x``: its input, for the residual),
+        the same numbers with less kept for backward: each conv keeps its input, not its GELU
+        (:func:`ipa_core.lean.lean_conv`), the residual sum is made in place (c4 keeps its input,
+        not its output) and the pooling keeps nothing. ``(B, W, r, r) -> (B, W, r / d, r / d)``."""
+        h = lean_conv(self.c2, h)
+        h = lean_conv(self.c3, h)
+        h = lean_conv(self.c4, h, rows=rows, add=add)
+        out = add_(h, x) if self.residual else h
+        return out if self.down_rate is None else AvgPool.apply(out, self.down_rate)
 
 
 def width_settings(width: int, custom: str) -> defaultdict[int, int]:
@@ -201,18 +217,27 @@ class DecBlock(nn.Module):
 
     def prior_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """p(z | z<l): mean and log sigma alone, checkpointed; the rest of the prior's output (the
-        state residual, ``(B, W, r, r)``) is not kept: :meth:`update_from_state` computes it again."""
-        pm, pv, _ = torch.split(checkpoint(self.prior._forward, x, use_reentrant=False), [self.zdim, self.zdim, x.shape[1]], dim=1)
-        return pm.clone(), pv.clone()  # (B, zdim, r, r) each: own storage, the full prior output is freed
+        state residual, ``(B, W, r, r)``) is not kept, and gets no (zero) gradient from here:
+        :meth:`update_from_state` computes it again."""
+        return checkpoint(self.prior._forward, x, slice(0, 2 * self.zdim), use_reentrant=False).chunk(2, dim=1)  # (B, zdim, r, r) each
 
     def update_from_state(self, x: Tensor, z: Tensor) -> Tensor:
         """:meth:`update` with the prior's state residual computed from ``x`` again (checkpointed:
         only ``x`` and ``z`` are kept)."""
         def fn(x: Tensor, z: Tensor) -> Tensor:
-            # one expression: the prior output and the partial sums are freed before the resnet runs
-            return self.resnet._forward(x + self.prior._forward(x)[:, 2 * self.zdim:] + self.z_proj(z))
+            # nested units: when this one is recomputed in backward it keeps only x, z and the
+            # resnet's input h (B, W, r, r); the prior's and the resnet's internals are recomputed
+            # one unit at a time in their own backward, never both at once (at 256 px each holds
+            # about 0.45 GB); the same operations on the same values: the numbers do not change
+            h = add_(checkpoint(self._plus_state_residual, x, use_reentrant=False), self.z_proj(z))  # (B, W, r, r)
+            return checkpoint(self.resnet._forward, h, use_reentrant=False)
 
         return checkpoint(fn, x, z, use_reentrant=False)
+
+    def _plus_state_residual(self, x: Tensor) -> Tensor:
+        """``x`` plus the prior's state residual ``(B, W, r, r)`` (its output's last W channels: their
+        gradient is taken without the rest's zeros)."""
+        return self.prior._forward(x, slice(2 * self.zdim, None), x)
 
     def update(self, x: Tensor, xpp: Tensor, z: Tensor) -> Tensor:
         """The next state: ``resnet(x + xpp + z_proj(z))`` (one recomputed unit when checkpointing)."""
@@ -221,14 +246,20 @@ class DecBlock(nn.Module):
         return self._update(x, xpp, z)
 
     def _update(self, x: Tensor, xpp: Tensor, z: Tensor, inner: bool = False) -> Tensor:
-        h = x + xpp + self.z_proj(z)  # (x + xpp) first, as the official code; no partial sum outlives the line
+        # (x + xpp) first, as the official code; checkpointing, the second sum in place (the same
+        # numbers, one map less: the frozen half of IPA's objective runs here without a graph)
+        h = add_(x + xpp, self.z_proj(z)) if self.checkpointing else x + xpp + self.z_proj(z)  # (B, W, r, r)
         return self.resnet._forward(h) if inner else self.resnet(h)
 
 
 def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Tensor:
-    """``block(cat([x, acts], 1))``; checkpointed, the concatenation is recomputed too (not stored)."""
-    if checkpointing and torch.is_grad_enabled():
-        return checkpoint(lambda a, b: block._forward(torch.cat([a, b], dim=1)), x, acts, use_reentrant=False)
+    """``block(cat([x, acts], 1))``; checkpointed, the concatenation is never kept (see :class:`ipa_core.lean.GeluConv`)."""
+    if checkpointing:
+        def fn(a: Tensor, b: Tensor) -> Tensor:
+            return block._lean_after_c1(None, lean_conv(block.c1, a, b))
+
+        # without a graph (the frozen half of IPA's objective, sampling) the same lean forward
+        return checkpoint(fn, x, acts, use_reentrant=False) if torch.is_grad_enabled() else fn(x, acts)
     return block(torch.cat([x, acts], dim=1))
 
 
@@ -253,11 +284,12 @@ class Decoder(nn.Module):
         self.gain = nn.Parameter(torch.ones(1, top, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, top, 1, 1))
 
-    def run(self, n: int, step: LatentStep, upto: int | None = None) -> tuple[Tensor | None, list[dict]]:
+    def run(self, n: int, step: LatentStep, upto: int | None = None, raw: bool = False) -> tuple[Tensor | None, list[dict]]:
         """The top-down pass for ``n`` images; ``step`` picks each latent.
 
         Returns the final feature map ``(n, W, S, S)`` fed to the output network (``None`` when
-        ``upto`` stops early, after ``upto`` layers) and the list of per-layer stats.
+        ``upto`` is given: the run stops after ``upto`` layers; ``raw``: the last state, before
+        the output affine ``gain``, ``bias``) and the list of per-layer stats.
         """
         ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
         xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
@@ -277,7 +309,19 @@ class Decoder(nn.Module):
                 x = block.update(x, xpp, z)
             xs[block.base] = x
             stats.append(s)
-        return xs[self.cfg.image_size] * self.gain + self.bias, stats
+        if upto is not None:
+            return None, stats
+        h = xs[self.cfg.image_size]
+        return (h if raw else h * self.gain + self.bias), stats
+
+    def run_for_likelihood(self, n: int, step: LatentStep) -> tuple[Tensor, tuple[Tensor, Tensor] | None, list[dict]]:
+        """:meth:`run` for the output network's likelihood: ``(h, affine, stats)`` for
+        ``out_net.nll(h, target, affine)``. Checkpointing with gradients, ``h`` is the last state and
+        ``affine`` ``(gain, bias)``, applied inside the output conv (:class:`ipa_core.lean.AffineConv`
+        keeps 0.125 GB less at 256 px); otherwise ``h`` is :meth:`run`'s map and ``affine`` None."""
+        fused = self.out_net.checkpointing and torch.is_grad_enabled()
+        h, stats = self.run(n, step, raw=fused)
+        return h, ((self.gain, self.bias) if fused else None), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,20 +352,23 @@ class VAE(nn.Module):
         A run-time switch, not part of the architecture (not in the config, not saved). Training
         keeps, of the encoder, only its activations per resolution (each resolution's blocks are
         one recomputed segment, with its blocks checkpointed inside it), and of each decoder layer
-        its input state and latent: the prior's mean and log sigma are copied out of its output,
-        which is dropped, and the state update runs the prior again for its state residual.
-        Everything else is recomputed in backward: about 1.2 extra forwards per step (the encoder
-        twice, each prior three times). Only deterministic parts are recomputed (never a sampling
-        step): the loss is the same and the gradients equal up to float summation order.
-        At 256 px (xray256, batch 1) a training step's live tensors peak at about 3.5 GB, 1.7 GB
-        of them weights, EMA and AdamW state (``benchmarks/bench_vae.py --memory`` measures RSS).
+        its input state and latent: the prior's mean and log sigma are its only output kept, and
+        the state update runs the prior again for its state residual, as a nested unit beside the
+        resnet (their internals are never recomputed at once). Inside recomputed units the layers
+        of :mod:`ipa_core.lean` keep less than autograd (a conv keeps its pre-activation, not its
+        GELU; no concatenation, pooling input or zero-padded gradient is kept). Everything else is
+        recomputed in backward. Only deterministic parts are recomputed (never a sampling step):
+        the loss is the same and the gradients equal up to float summation order.
+        At 256 px (xray256, batch 1) a training step with AdamW and EMA peaks at 3.97 GB resident
+        (VAE; IPA 3.50 GB), 1.7 GB of it weights, EMA and AdamW state and 0.6 GB the torch import
+        (``benchmarks/bench_vae.py --memory``).
         """
         return any(b.checkpointing for b in self.modules() if isinstance(b, (Block, DecBlock)))
 
     @checkpointing.setter
     def checkpointing(self, enabled: bool) -> None:
         for b in self.modules():
-            if isinstance(b, (Block, DecBlock, Encoder)):
+            if isinstance(b, (Block, DecBlock, Encoder, DmolNet)):
                 b.checkpointing = bool(enabled)
 
     def set_checkpointing(self, enabled: bool = True) -> "VAE":
@@ -379,9 +426,9 @@ class VAE(nn.Module):
         """
         inp, target = self.preprocess(x)
         acts = self.encoder(inp)
-        h, stats = self.decoder.run(x.shape[0], self.posterior_step(acts, generator))
+        h, affine, stats = self.decoder.run_for_likelihood(x.shape[0], self.posterior_step(acts, generator))
         ndims = math.prod(x.shape[1:])
-        distortion = self.decoder.out_net.nll(h, target)  # (B,) per dimension
+        distortion = self.decoder.out_net.nll(h, target, affine)  # (B,) per dimension
         rate = sum(s["kl"].sum(dim=(1, 2, 3)) for s in stats) / ndims  # (B,)
         return {"elbo": (distortion + rate).mean(), "distortion": distortion.mean(), "rate": rate.mean()}
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ipa_core import VAE, VAEConfig, get_config
 from xray.errors import UserError
@@ -134,8 +135,10 @@ def test_checkpointing_gives_the_same_loss_and_gradients():
         vae_mod.checkpoint = hook
     # the encoder per resolution (here 16, 8, 4, 1), and inside it each block, in forward and again
     # when the segment is recomputed; per decoder layer the prior head, the posterior head (with
-    # its concatenation) and the state update (which recomputes the prior's state residual)
-    assert len(calls) == 4 + 2 * len(model.encoder.enc_blocks) + 3 * len(model.decoder.dec_blocks)
+    # its concatenation) and the state update (which recomputes the prior's state residual), and
+    # inside the update its two nested units (the prior's residual, the resnet), in forward and again
+    # when the update is recomputed
+    assert len(calls) == 4 + 2 * len(model.encoder.enc_blocks) + 7 * len(model.decoder.dec_blocks)
     assert all(kw == {"use_reentrant": False} for kw in calls)
     assert model.checkpointing and torch.equal(loss0, loss1)
     assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
@@ -153,3 +156,104 @@ def test_checkpointing_is_not_saved(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "checkpointing" not in cfg
     assert not VAE.from_pretrained(tmp_path / "m").checkpointing
+
+
+# --- checkpointing keeps less (ipa_core.lean) -------------------------------------------------
+
+
+class _Storages(TorchDispatchMode):
+    """Records (shape, storage) of every tensor an op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(tuple(t.shape), t.untyped_storage().data_ptr())
+                      for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+    def storages(self, shape) -> int:
+        return len({ptr for s, ptr in self.made if s == shape})
+
+
+def test_checkpointed_head_never_makes_the_concatenation_in_backward():
+    from ipa_core.vae import cat_block
+
+    model = small().set_checkpointing(True)
+    block = model.decoder.dec_blocks[-1]  # the 16 px layer: state and activations 8 channels each
+    g = torch.Generator().manual_seed(4)
+    x, acts = (torch.randn(2, 8, 16, 16, generator=g).requires_grad_() for _ in range(2))
+    out = cat_block(block.enc, x, acts, True)  # (2, 2 * zdim, 16, 16)
+    rec = _Storages()
+    with rec:
+        out.sum().backward()
+    # the recompute makes the concatenation once (its GELU in place) and no gradient of its size
+    # (autograd: the concatenation, its GELU and the gradients of both)
+    assert rec.storages((2, 16, 16, 16)) == 1
+    assert x.grad.shape == acts.grad.shape == (2, 8, 16, 16)
+    assert x.grad.untyped_storage().nbytes() == acts.grad.untyped_storage().nbytes() == x.numel() * 4  # own storage each
+
+
+def test_checkpointed_blocks_keep_less_for_backward():
+    """A checkpointed block keeps per conv its pre-activation, not its GELU too, and nothing for
+    its pooling: fewer bytes than autograd saves for the plain block, the same numbers."""
+    model = small()
+    block = model.encoder.enc_blocks[1]  # 16d2: residual and downsampling
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(5)).requires_grad_()
+
+    def run() -> tuple[int, torch.Tensor, torch.Tensor]:
+        n = []
+        x.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+            out = block._forward(x)
+        out.backward(torch.ones_like(out))
+        return sum(n), out.detach(), x.grad.clone()
+
+    plain, out0, g0 = run()
+    block.checkpointing = True
+    lean, out1, g1 = run()
+    assert lean < 0.6 * plain
+    assert torch.equal(out1, out0)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpointed_vae_gives_the_same_loss_and_gradients_with_the_output_conv():
+    a, b = small(), small().set_checkpointing(True)
+    assert b.decoder.out_net.checkpointing and not a.decoder.out_net.checkpointing
+    x = images()
+    la = a.loss(x, torch.Generator().manual_seed(5))["elbo"]
+    lb = b.loss(x, torch.Generator().manual_seed(5))["elbo"]
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_decoder_run_upto_stops_without_the_output_map():
+    model = small()
+    n = len(model.decoder.dec_blocks)
+    step = model.prior_step(1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, stats = model.decoder.run(2, step, upto=n)
+        h_full, stats_full = model.decoder.run(2, model.prior_step(1.0, torch.Generator().manual_seed(0)))
+        h_part, stats_part = model.decoder.run(2, model.prior_step(1.0, torch.Generator().manual_seed(0)), upto=2)
+    assert h is None and h_part is None and h_full.shape == (2, 8, 16, 16)
+    assert len(stats) == len(stats_full) == n and len(stats_part) == 2
+
+
+def test_checkpointing_under_bf16_autocast_gives_the_same_loss():
+    """The lean pieces keep autocast's dtypes (a bf16 map plus an fp32 one is summed in fp32)."""
+    def run(ck: bool):
+        model = small().set_checkpointing(ck)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(images(), torch.Generator().manual_seed(1))["elbo"]
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (l0, g0), (l1, g1) = run(False), run(True)
+    assert torch.equal(l0, l1)
+    for n in g0:  # bf16 backward: rounding of its 8-bit mantissa
+        torch.testing.assert_close(g1[n], g0[n], rtol=5e-2, atol=1e-3, msg=n)
