@@ -1,7 +1,7 @@
 """The training data order: a pure function of (seed, epoch, position, world size, dataset
-fingerprint), so a checkpoint needs only the step to resume it, with or without worker processes.
+data key), so a checkpoint needs only the step to resume it, with or without worker processes.
 
-    order = BatchOrder(len(train_set), batch_size=8, seed=0, rank=0, world=1, fingerprint=train_set.fingerprint)
+    order = BatchOrder(len(train_set), batch_size=8, seed=0, rank=0, world=1, fingerprint=data_order_key(train_set))
     idx = order.indices(k)          # dataset positions of this rank's share of global batch k
     epoch, pos = order.position(k)  # k = epoch * per_epoch + pos
 """
@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 from xray.errors import UserError
+
+
+def data_order_key(dataset) -> str | None:
+    """The dataset's key for the training order: ``order_key`` (which images and labels, not file
+    mtimes; :class:`xray.dataset.XrayDataset`), else ``fingerprint``, else None."""
+    return getattr(dataset, "order_key", None) or getattr(dataset, "fingerprint", None)
 
 
 class BatchOrder:

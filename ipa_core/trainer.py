@@ -37,7 +37,7 @@ from xray.io import atomic_write_json, ensure_writable_dir
 from xray.provenance import check_same, move_aside
 
 from . import distributed as dist_utils
-from .batch_order import BatchOrder, check_batch, fetch_batch, iterate_batches
+from .batch_order import BatchOrder, check_batch, data_order_key, fetch_batch, iterate_batches
 from .checkpoint import (CKPT_DIR, CKPT_FORMAT, KEEP_CKPTS, checkpoint_paths, config_dict, load_latest_checkpoint,
                          merge_model_config, read_provenance, rng_state, save_checkpoint, set_rng_state, train_provenance)
 from .ema import EMA, ema_copy
@@ -66,7 +66,7 @@ def fit(task: TrainTask, train_set, cfg: TrainConfig, run_dir: str | os.PathLike
         raise UserError("the training set is empty; check --data/--data-root")
     with dist_utils.process_group(cfg.device) as ctx:
         # validated before anything is moved or created
-        order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed, ctx.rank, ctx.world, getattr(train_set, "fingerprint", None))
+        order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed, ctx.rank, ctx.world, data_order_key(train_set))
         if cfg.restart and ctx.rank == 0:
             moved = move_aside(run_dir)
             if moved is not None:

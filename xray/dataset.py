@@ -90,6 +90,18 @@ class XrayDataset(Dataset):
         return digest({"source": m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
                        "split": self.split, "n": len(self), "max_images": self.max_images})
 
+    @property
+    def order_key(self) -> str:
+        """What the training order may depend on: which images (names, in order), their labels,
+        the image size, the split and ``max_images``; not when the files were written. The
+        :attr:`fingerprint` covers file mtimes (a cache is never served stale), so a phantom set
+        generated again, or a copy of the data, would otherwise be shuffled differently and
+        train other models from the same seed."""
+        from .provenance import digest
+
+        return digest({"names": self.names, "labels": self.labels.astype(np.uint8).tobytes().hex(), "size": self.image_size,
+                       "split": self.split, "max_images": self.max_images})
+
     def _images(self) -> np.memmap:
         if self._mm is None:
             S = self.image_size

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
+from ipa_core.seeding import seeded
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
@@ -112,7 +113,8 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
                       grid=geometry.grid, in_channels=C, label_names=avp.config.label_names, arch=arch, width=width,
                       scans=teacher_cfg.scans, tau=float(f"{tau:.6g}"), first_location=first,
                       provenance={**provenance, "teacher": teacher_cfg.to_dict()})
-    model = PolicyNet(pc)
+    with seeded(train_cfg.seed):  # the initial weights depend on the seed alone
+        model = PolicyNet(pc)
     tcfg = dataclasses.replace(train_cfg, device=str(device))
     t1 = time.perf_counter()
     fit(DistillTask(model, pc.tau, progress=progress), train_states, tcfg, out, test_set=val_states)
@@ -130,7 +132,8 @@ def train_gdfs(out: str | Path, avp, avp_path, train_set, test_set, illness: str
     geometry = ScanGeometry(avp.config.image_size)
     provenance = {"avp": model_digest(avp_path), "data": getattr(train_set, "fingerprint", None),
                   "gdfs": gdfs_cfg.to_dict()}
-    model = build_gdfs(avp, resolve_illness(illness).name, geometry, arch, width, gdfs_cfg, provenance)
+    with seeded(train_cfg.seed):  # the initial weights depend on the seed alone
+        model = build_gdfs(avp, resolve_illness(illness).name, geometry, arch, width, gdfs_cfg, provenance)
     tcfg = dataclasses.replace(train_cfg, device=str(device))
     t0 = time.perf_counter()
     fit(GDFSTask(model, gdfs_cfg, tcfg.steps, progress), train_set, tcfg, out, test_set=test_set)

@@ -79,6 +79,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ipa_core.seeding import seeded
     from ipa_core.trainer import fit, train_config_from_args
     from xray.dataset import dataset_from_args
     from xray.io import atomic_write_text
@@ -97,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
                           init=record["init"], init_weights=init.path if init.kind in ("imagenet", "xrv") else None,
                           init_digest=record.get("init_digest"))
     mcfg = init_config(AVPConfig(arch=args.arch, image_size=args.image_size, width=args.width, pool=args.pool), init)
-    model = init_state(AVPClassifier(mcfg), init)
+    with seeded(tcfg.seed):  # the initial weights depend on the seed alone
+        model = init_state(AVPClassifier(mcfg), init)
     train_set = dataset_from_args(args, "train")
     test_set = dataset_from_args(args, "test")
     model.config.image_size = train_set.image_size

@@ -229,3 +229,25 @@ def test_cli_help_states_the_code_defaults(capsys):
                         ("--init", "scratch"), ("--arch", "tiny"), ("--eval-images", cfg.eval_images)]:
         assert f"(default: {value})" in out, flag
     assert "25% width" in out
+
+
+def test_cli_initial_weights_depend_on_the_seed_alone(tmp_path, capsys):
+    """Two runs of the same command start from the same weights, whatever the global generator
+    did before (recent PyTorch seeds it differently in every process)."""
+    main = _cli()
+    root = make_nih(tmp_path / "nih", n=24, px=48)
+    models = []
+    for run, global_seed in (("a", 1), ("b", 2), ("c", 1)):
+        torch.manual_seed(global_seed)  # another process, another global generator state
+        argv = ["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+                "--image-size", str(S), "--width", "4", "--steps", "2", "--batch-size", "4", "--sample-every", "100",
+                "--freeform-bank", "4", "--eval-images", "4", "--out", str(tmp_path / run)]
+        argv += ["--seed", "3"] if run == "c" else []
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0, capsys.readouterr().err
+        models.append(AVPClassifier.from_pretrained(tmp_path / run).state_dict())
+    a, b, c = models
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())  # another --seed, other weights

@@ -239,3 +239,27 @@ def test_data_summary_counts_what_a_run_uses(tmp_path):
     assert (d["listed"], d["prepared"], d["absent"], d["train_images"]) == (30, 28, 2, 5)
     assert d["test_images"] == min(5, len(XrayDataset(root / "prepared-8", "test")))
     assert d["text"].startswith("5 training and ") and "real images at 8 px" in d["text"] and "2 absent" in d["text"]
+
+
+def test_order_key_ignores_when_files_were_written_but_not_what_they_are(prepared, tiny_nih, tmp_path):
+    """The same images written again (a regenerated phantom set, a copy: new mtimes) get a new
+    fingerprint (the cache is not served stale) but the same training order key, so the same
+    seed trains the same model; other labels change the key."""
+    import os
+    import shutil
+
+    from ipa_core.batch_order import BatchOrder, data_order_key
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_nih, copy, copy_function=shutil.copy)  # contents alike, mtimes not
+    for f in copy.rglob("*.png"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    a, b = XrayDataset(prepared, "train"), XrayDataset(cache.prepare(copy, S, out=tmp_path / "c2", workers=0, progress=False), "train")
+    assert a.fingerprint != b.fingerprint
+    assert a.order_key == b.order_key == data_order_key(b)
+    n = len(a)
+    assert np.array_equal(BatchOrder(n, 2, seed=0, fingerprint=data_order_key(a)).permutation(0),
+                          BatchOrder(n, 2, seed=0, fingerprint=data_order_key(b)).permutation(0))
+    b.labels = b.labels.copy()
+    b.labels[0, 0] = 1 - b.labels[0, 0]
+    assert b.order_key != a.order_key
