@@ -26,7 +26,7 @@ def data_order_key(dataset) -> str | None:
 
 class BatchOrder:
     """Global batch ``k`` is batch ``k % per_epoch`` of the permutation of epoch ``k // per_epoch``,
-    drawn from ``(seed, epoch, fingerprint)``. With ``world`` processes each global batch of
+    drawn from ``(seed, epoch, data key)`` (:func:`data_order_key`). With ``world`` processes each global batch of
     ``world x batch_size`` positions is cut into per-rank slices (what a DistributedSampler does);
     the last incomplete batch of an epoch is dropped.
 
