@@ -35,6 +35,7 @@ from boed.amortised.network import PolicyNet, masked_logits
 from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
 from boed.policies import patch_masks_of
+from ipa_core.seeding import draw
 from xray.dataset import dataset_images
 from xray.errors import UserError
 from xray.labels import resolve_illness
@@ -73,7 +74,7 @@ def temperature_at(step: int, total_steps: int, cfg: GDFSConfig) -> float:
 
 
 def gumbel_noise(shape, generator: torch.Generator | None, device) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-10, 1 - 1e-7)
+    u = draw(torch.rand, shape, generator, device).clamp_(1e-10, 1 - 1e-7)
     return -torch.log(-torch.log(u))
 
 

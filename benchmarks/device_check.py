@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def train_steps(sz: Sizes, device: torch.device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (sz.batch, 1, sz.S, sz.S), dtype=torch.uint8, generator=g).to(device)
     m = (torch.rand(sz.batch, 1, 4, 4, generator=g) < 0.4).float().repeat_interleave(sz.S // 4, 2).repeat_interleave(sz.S // 4, 3)
+    g = torch.Generator(device=device).manual_seed(0)  # the training noise on the device, as ipa_core.trainer draws it
     for stage in ("vae", "ipa"):
         torch.manual_seed(0)
         model = VAE(cfg)
@@ -207,7 +209,7 @@ def evaluate_rates(sz: Sizes, device: torch.device, work: Path, deadline: float)
             continue
         wall = time.perf_counter() - t
         if res.returncode:
-            rows.append(dict(method=method, error=(res.stderr.strip().splitlines() or ["?"])[-1][:300]))
+            rows.append(dict(method=method, error=" / ".join(res.stderr.strip().splitlines()[-3:] or ["?"])[-600:]))
             continue
         if k:
             rows.append(dict(method=method, images=n, scans=sz.scans, wall_s=wall, images_per_s=n / wall, processes=max(1, gpus),
@@ -252,22 +254,43 @@ def main(argv=None) -> int:
             return False
         return True
 
-    if wanted("train"):
+    def part(name: str, fn) -> None:
+        """Run one part; a failure is recorded (type, message, innermost frames) and the next part runs."""
+        if not wanted(name):
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- a device check reports every part, not only the first failure
+            frames = traceback.extract_tb(e.__traceback__)[-3:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e} ({where})"
+            print(f"({name}: FAILED: {res['errors'][name]})", flush=True)
+
+    def run_train() -> None:
         res["train"] = train_steps(sz, device)
         print(f"(1) training steps, {sz.vae_config} at {sz.S} px, batch {sz.batch}, checkpointing on")
         print(f"    {'stage':5} {'precision':9} {'steps/s':>8} {'images/s':>9} {'peak GB':>8}")
         for r in res["train"]:
             print(f"    {r['stage']:5} {r['precision']:9} {r['steps_per_s']:8.3f} {r['images_per_s']:9.2f} {r['peak_memory_gb']:8.2f}")
         print(f"    (peak GB: {'torch.cuda.max_memory_allocated per row' if not reduced else 'process peak RSS so far (CPU)'})", flush=True)
-    if wanted("decision"):
+
+    part('train', run_train)
+
+    def run_decision() -> None:
         d = res["decision"] = greedy_decision(sz, device)
         bench_greedy.print_arch(d, args.threads, label="(2)")
-    if wanted("agreement"):
+
+    part('decision', run_decision)
+
+    def run_agreement() -> None:
         a = res["agreement"] = agreement(sz, device, decisions)
         print(f"(3) bf16 vs fp32 EIG argmax agreement, {a['arch']} at {a['S']} px: {100 * a['agree']:.1f} % of {a['decisions']} "
               f"decisions; largest fp32 EIG lost {a['max_eig_lost']:.2e} nats"
               + ("" if a["bf16_active"] else " (bf16 autocast is CUDA-only in boed.scoring: both fp32 here)"), flush=True)
-    if wanted("evaluate"):
+
+    part('agreement', run_agreement)
+
+    def run_evaluate() -> None:
         work = Path(tempfile.mkdtemp(prefix="device_check_"))
         try:
             rows = res["evaluate"] = evaluate_rates(sz, device, work, deadline)
@@ -285,10 +308,13 @@ def main(argv=None) -> int:
         res["projected_5000_all_methods_h"] = sum(r["projected_5000_h"] for r in ok)
         print(f"    projected wall time of the paper's {PAPER_TEST_IMAGES}-image evaluation of one task, all methods: "
               f"{res['projected_5000_all_methods_h']:.1f} h" + (" (at reduced size, CPU)" if reduced else ""))
+
+    part('evaluate', run_evaluate)
+
     res["wall_s"] = time.perf_counter() - t_all
     atomic_write_json(out, res)
-    print(f"total {res['wall_s']:.0f} s; wrote {out}")
-    return 0
+    print(f"total {res['wall_s']:.0f} s; wrote {out}" + (f"; FAILED parts: {', '.join(res['errors'])}" if "errors" in res else ""))
+    return 1 if "errors" in res else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ largest EIG lost 0.5 %). Agreement >= 99 % is not established, so bf16 is opt-in
 
 When the classifier is a conv chain or a traceable ResNet/DenseNet-style graph
 (:func:`boed.incremental.from_module` accepts it) and its windows save enough compute (always for
-chains such as the ``tiny`` AVP-CNN; for graphs from about 128 px up), candidates are scored incrementally by default: the trunk runs once per
+chains such as the ``tiny`` AVP-CNN; for graphs from about 128 px up) and the classifier is on the CPU, candidates are scored incrementally by default: the trunk runs once per
 ``(b, n)`` on the current observation and each candidate only recomputes the windows its patch
 can change (``incremental=False`` forces the full path; the outputs agree to float tolerance).
 """
@@ -161,6 +161,21 @@ class _Observations:
         return y.view(k * N, C + 1, S, S)  # (k*N, C+1, S, S)
 
 
+def use_incremental(inc, geometry: ScanGeometry, device: torch.device, mode: bool | str = True) -> bool:
+    """Whether :func:`candidate_probs` scores through the patch-local engine ``inc``.
+
+    ``mode="always"``: yes; ``False``: no; ``True`` (default): on the CPU when the windows save
+    enough compute (:meth:`worthwhile`), never on other devices. On an H200 the window gathers made
+    one DenseNet-121 decision at 256 px (N = 10, L = 289) 50x *slower* than the full path (25.1 s
+    vs 0.5 s, ``benchmarks/results/device_check_cuda.md``): the GPU is bound by launches and
+    gathers, not by the multiply-adds the windows save."""
+    if mode == "always":
+        return True
+    if not mode or torch.device(device).type != "cpu":
+        return False
+    return inc.worthwhile(geometry)
+
+
 def candidate_probs(
     classifier: nn.Module,
     samples: Tensor,
@@ -182,7 +197,7 @@ def candidate_probs(
     adds nothing, so its row is ``g(observe(samples[b, n] / 255, mask[b]))`` (the current
     posterior per sample), computed once per image instead of once per skipped location.
     ``incremental``: use patch-local inference when the classifier supports it and it saves compute
-    (:meth:`worthwhile`; ``"always"``: whenever supported, ``False``: never).
+    (:func:`use_incremental`: on the CPU only; ``"always"``: whenever supported, ``False``: never).
     """
     B, N, C, S, _ = samples.shape
     L = geometry.num_locations
@@ -195,7 +210,7 @@ def candidate_probs(
         skip = geometry.fully_observed(m)  # (B, L)
     skip = skip.to(device)
     inc = incremental_for(classifier) if (cfg.incremental and B) else None
-    if inc is not None and (cfg.incremental == "always" or inc.worthwhile(geometry)):
+    if inc is not None and use_incremental(inc, geometry, device, cfg.incremental):
         return _candidate_probs_incremental(inc, samples, m, geometry, illness, skip, cfg)
 
     obs = _Observations(samples, device, channels_last)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lean import AffineConv, lean_conv
+from .seeding import draw
 
 
 class DmolNet(nn.Module):
@@ -97,7 +98,7 @@ class DmolNet(nn.Module):
         logits, means, log_scales, coeffs = self.params(h)
 
         def uniform(shape):
-            return torch.rand(shape, generator=generator, device=h.device, dtype=h.dtype) * (1 - 2e-5) + 1e-5
+            return draw(torch.rand, shape, generator, h.device, h.dtype) * (1 - 2e-5) + 1e-5
 
         gumbel = -torch.log(-torch.log(uniform(logits.shape)))
         # Gumbel-max component choice; max(dim).indices is several times faster than argmax over a

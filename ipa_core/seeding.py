@@ -21,3 +21,13 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def draw(fn, shape, generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``fn(shape)`` (``torch.rand`` or ``torch.randn``) from ``generator``, returned on ``device``.
+
+    A generator draws on its own device: a CPU generator driving a CUDA model draws on the CPU and the
+    draws are moved (the same numbers on every device), a CUDA generator draws on the GPU. Without a
+    generator the draw is made on ``device`` from torch's default generator there."""
+    where = generator.device if generator is not None else torch.device(device)
+    return fn(shape, generator=generator, device=where, dtype=dtype).to(device, non_blocking=True)

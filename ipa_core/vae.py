@@ -28,6 +28,7 @@ from xray.errors import UserError
 from .config import VAEConfig, load_config_json, parse_layer_string
 from .dmol import DmolNet
 from .lean import AvgPool, add_, lean_conv
+from .seeding import draw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def gaussian_kl(mu1: Tensor, mu2: Tensor, logsigma1: Tensor, logsigma2: Tensor) 
 
 
 def sample_gaussian(mu: Tensor, logsigma: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    eps = draw(torch.randn, mu.shape, generator, mu.device, mu.dtype)
     return mu + logsigma.exp() * eps
 
 

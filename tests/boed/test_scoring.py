@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from boed.geometry import ScanGeometry, observe
-from boed.scoring import candidate_probs, sequence_probs
+from boed.scoring import candidate_probs, sequence_probs, use_incremental
 from xray.labels import NUM_LABELS, resolve_illness
 
 
@@ -137,3 +137,21 @@ def test_scoring_defaults_to_float32_as_measured():
     if res.is_file():  # the recorded measurement agrees with the default
         rec = json.loads(res.read_text())
         assert (rec["pooled"]["ci95"][0] >= rec["threshold"]) == DEFAULT_AMP
+
+
+def test_incremental_only_on_the_cpu_unless_forced():
+    """The patch-local engine ran 50x slower than the full path on an H200 (device_check_cuda.md):
+    the default keeps it to the CPU, where it follows ``worthwhile``; "always" and False override."""
+    class Engine:
+        def __init__(self, gain):
+            self.gain = gain
+
+        def worthwhile(self, geometry):
+            return self.gain
+
+    geo = ScanGeometry(64)
+    assert use_incremental(Engine(True), geo, torch.device("cpu"))
+    assert not use_incremental(Engine(False), geo, torch.device("cpu"))
+    assert not use_incremental(Engine(True), geo, torch.device("cuda"))
+    assert use_incremental(Engine(False), geo, torch.device("cuda"), "always")
+    assert not use_incremental(Engine(True), geo, torch.device("cpu"), False)
