@@ -64,4 +64,18 @@ def information_gain(p: Tensor) -> Tensor:
     return kl.clamp_min(0.0).to(_out_dtype(torch.as_tensor(p)))
 
 
+def belief_shift(p: Tensor, q: Tensor) -> Tensor:
+    """``KL(Bern(p) || Bern(q))``: how far an observation moves the belief ``q`` to ``p``.
+
+    ``p (..., L)`` after each candidate, ``q (...)`` the current belief (broadcast over L). With
+    ``p`` computed on the true image this is the clairvoyant criterion (eq. 69 with x* the true
+    image and the current predictive as reference); averaged over completions ``x(n)`` in place of
+    the true image and with the mean prediction as reference it is :func:`eig`.
+    """
+    a, b = _as_prob(p), _as_prob(torch.as_tensor(q))[..., None].expand_as(_as_prob(p))  # (..., L) each
+    kl = (torch.special.xlogy(a, a) - torch.special.xlogy(a, b)
+          + torch.special.xlogy(1 - a, 1 - a) - torch.special.xlogy(1 - a, 1 - b))
+    return kl.clamp_min(0.0).to(_out_dtype(torch.as_tensor(p)))
+
+
 ESTIMATORS = ("eig", "epe")

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from boed.estimators import binary_entropy, eig, epe, information_gain
+from boed.estimators import belief_shift, binary_entropy, eig, epe, information_gain
 
 
 def H(p):
@@ -51,3 +51,16 @@ def test_properties_nonnegative_identical_zero_shapes_dtypes():
     sat = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     assert torch.allclose(eig(sat), torch.tensor([math.log(2)])) and torch.equal(epe(sat), torch.zeros(1))
     assert torch.isfinite(information_gain(sat)).all()
+
+
+def test_belief_shift_known_values_and_relation_to_information_gain():
+    p = torch.tensor([[0.9, 0.5, 0.2]])  # (B=1, L=3) after each candidate
+    q = torch.tensor([0.5])  # (B,) current belief
+    kl = belief_shift(p, q)
+    assert kl.shape == (1, 3)
+    assert math.isclose(float(kl[0, 0]), 0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel_tol=1e-6)
+    assert float(kl[0, 1]) == 0.0  # no change of belief, no shift
+    assert float(kl[0, 2]) > 0
+    # the per-sample information gain is the shift from the mean prediction
+    samples = torch.tensor([[0.1, 0.7, 0.4]])  # (L=1, N=3)
+    assert torch.allclose(information_gain(samples), belief_shift(samples, samples.mean(-1)))
