@@ -148,7 +148,7 @@ def verify_folder(folder: str | os.PathLike, what: str = "model folder",
         warnings.warn(msg, stacklevel=2)
         return False
     for name, expected in sorted(files.items()):
-        verify_file(d / name, expected, what=f"{what} file", hint=hint)
+        verify_file(d / name, expected, what="file", hint=hint)
     return True
 
 
