@@ -22,6 +22,7 @@ import logging
 import pickle
 import random
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -174,21 +175,38 @@ def _remove_stray_files(ckpt_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def _digest_differs(path: Path) -> bool:
-    expected = read_sidecar(path)
-    return expected is not None and sha256_file(path) != expected
+class _Hasher:
+    """``sha256_file(path)`` in a background thread (hashlib releases the GIL on large blocks)."""
+
+    def __init__(self, path: Path):
+        self._value: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._value = sha256_file(path)
+        except OSError as e:
+            self._value = f"unreadable ({e.strerror})"
+
+    def result(self) -> str:
+        self._thread.join()
+        return self._value or ""
 
 
 def read_checkpoint(path: Path) -> dict:
     """``torch.load(weights_only=True)`` of one checkpoint. A file holding pickled objects raises a
     one-line :class:`UserError`; a damaged one (its SHA-256 differs from the recorded one, or it
-    does not parse) raises ``ValueError``."""
+    does not parse) raises ``ValueError``. The SHA-256 is computed in a thread while ``torch.load``
+    (weights_only: safe on any bytes) reads the file, which hides most of its cost."""
+    expected = read_sidecar(path)
+    hasher = _Hasher(path) if expected is not None else None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # not a torch.save file at all: damaged
             raise ValueError("not a zip archive written by torch.save") from None
-        if _digest_differs(path):  # a flipped bit in a name can look like a foreign class: damaged, not hostile
+        if hasher is not None and hasher.result() != expected:  # a flipped bit in a name can look like a foreign class: damaged, not hostile
             raise ValueError("SHA-256 differs from the recorded one (unpickling failed)") from None
         found = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l), "")
         found = re.sub(r"^.*?(GLOBAL \S+).*$", r"\1", found)
@@ -197,9 +215,8 @@ def read_checkpoint(path: Path) -> dict:
                         "loading it could run code, so it is refused: pass --restart to move the run aside and start over") from None
     except Exception as e:  # truncated zip, bad header, ...
         raise ValueError(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}") from None
-    expected = read_sidecar(path)  # checked after the (safe, weights_only) load, so a pickled object is named as such
-    if expected is not None:
-        actual = sha256_file(path)
+    if hasher is not None:
+        actual = hasher.result()
         if actual != expected:
             raise ValueError(f"SHA-256 {actual[:12]}... differs from the recorded {expected[:12] or '(unreadable)'}...")
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
