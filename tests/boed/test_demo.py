@@ -317,6 +317,8 @@ def test_rerun_waits_for_live_orphan_shards(tmp_path):
 
     marker = str(tmp_path / "eval-out")
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)", marker])
+    while marker not in open(f"/proc/{orphan.pid}/cmdline").read():  # exec'd (not the forked test process yet)
+        time.sleep(0.01)
     pid_file = tmp_path / "eval.pids"
     pid_file.write_text(json.dumps({"pids": [orphan.pid, 999999]}))
     t0 = time.perf_counter()
