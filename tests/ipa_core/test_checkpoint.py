@@ -106,3 +106,69 @@ def test_full_disk_is_one_line_and_leaves_old_checkpoints(tmp_path, monkeypatch)
         save_checkpoint(tmp_path, {**state, "step": 9}, [3])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert errno.ENOSPC  # (the errno the atomic writer maps, with EFBIG and EDQUOT)
+
+
+@pytest.mark.slow
+def test_bit_flip_harness(trained, tmp_path, capsys):
+    """Random single-bit flips anywhere in a checkpoint, a model.safetensors, a config.json and a
+    prepared cache's files: every one is detected (fallback, refusal or repair), none is a traceback."""
+    import random
+    import shutil
+
+    from ipa_core import VAE
+    from tests.ipa_core.test_trainer import micro_cfg
+    from tests.xray.conftest import make_nih
+    from xray import cache
+    from xray.integrity import DamagedError
+
+    rng, n = random.Random(22), 32
+    figures = {}
+
+    def flip_random(path):
+        data = bytearray(path.read_bytes())
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+
+    # checkpoints: the resume must fall back to step 3 with a warning
+    caught = 0
+    for i in range(n):
+        run = tmp_path / f"ck{i}"
+        shutil.copytree(trained[0], run)
+        flip_random(checkpoint_paths(run)[0])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            state = load_latest_checkpoint(run)
+        caught += state["step"] == 3 and any("damaged" in str(x.message) for x in w)
+    figures["checkpoint"] = caught
+    # model folders: from_pretrained refuses with one line
+    torch.manual_seed(0)
+    VAE(micro_cfg()).save_pretrained(tmp_path / "m")
+    for name in ("model.safetensors", "config.json"):
+        caught = 0
+        for i in range(n):
+            d = tmp_path / f"m-{name}-{i}"
+            shutil.copytree(tmp_path / "m", d)
+            flip_random(d / name)
+            try:
+                VAE.from_pretrained(d)
+            except DamagedError as e:
+                caught += "\n" not in str(e)
+        figures[name] = caught
+    # the prepared cache: the full check finds every flip, prepare repairs it
+    root = make_nih(tmp_path / "nih", n=40, px=32)
+    ref = cache.prepare(root, 16, out=tmp_path / "c", workers=0, progress=False)
+    for name in ("images.u8", "labels.csv"):
+        caught = 0
+        for i in range(n // 2):
+            c = tmp_path / f"c-{name}-{i}"
+            shutil.copytree(ref, c)
+            flip_random(c / name)
+            caught += cache.check_files(c, 16, full=True) is not None
+            cache.prepare(root, 16, out=c, workers=0, progress=False, verify=True)
+            caught -= cache.check_files(c, 16, full=True) is not None  # repaired
+        figures[name] = caught
+    total = {k: (v, n // 2 if k in ("images.u8", "labels.csv") else n) for k, v in figures.items()}
+    with capsys.disabled():
+        print("\nbit flips detected: " + ", ".join(f"{k} {v}/{m}" for k, (v, m) in total.items())
+              + f"; all {sum(v for v, _ in total.values())}/{sum(m for _, m in total.values())}")
+    assert all(v == m for v, m in total.values()), total
