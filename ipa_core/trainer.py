@@ -115,6 +115,9 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     step, readable = 0, []  # readable: steps of the checkpoints known to load (pruning keeps the newest)
     metrics_path = run_dir / "metrics.jsonl"
 
+    if state is not None and int(state["step"]) > cfg.steps:  # before anything is written: train_config.json stays true
+        raise UserError(f"{run_dir} is already trained to step {int(state['step'])}, more than --steps {cfg.steps}; pass "
+                        f"--steps {int(state['step'])} or more to keep it (or train on), or --restart to start over")
     if state is not None:
         step = _restore(state, model, ema, opt, skip, order, generator, rank)
         readable = [step]

@@ -172,3 +172,14 @@ def test_bit_flip_harness(trained, tmp_path, capsys):
         print("\nbit flips detected: " + ", ".join(f"{k} {v}/{m}" for k, (v, m) in total.items())
               + f"; all {sum(v for v, _ in total.values())}/{sum(m for _, m in total.values())}")
     assert all(v == m for v, m in total.values()), total
+
+
+def test_lower_steps_on_a_finished_run_is_refused_and_writes_nothing(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"already trained to step 6, more than --steps 4; pass --steps 6"):
+        fit(VAETask(new_vae()), ImageSet(), tcfg(steps=4, ckpt_every=3), run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
