@@ -45,6 +45,11 @@ class DamagedError(UserError):
     """An artifact's bytes do not match the digest recorded when it was written."""
 
 
+class DamagedLineError(DamagedError, ValueError):
+    """A record line that is not a JSON object or does not match its checksum (a ``ValueError`` too,
+    so a reader that drops a torn last line on ``ValueError`` keeps doing so)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # files
 
@@ -186,7 +191,7 @@ def seal_line(obj: dict) -> str:
 def open_line(line: str, source: str = "records", lineno: int | None = None, require: bool = True) -> dict:
     """Parse a line written by :func:`seal_line` and verify its checksum; returns the record without ``"_sum"``.
 
-    Raises :class:`DamagedError` (one line naming ``source`` and the line number) when the line is
+    Raises :class:`DamagedLineError` (one line naming ``source`` and the line number) when the line is
     not a JSON object or its checksum does not match. ``require=False`` accepts a line without a
     checksum (records written before this layer).
     """
@@ -195,14 +200,14 @@ def open_line(line: str, source: str = "records", lineno: int | None = None, req
     try:
         obj = json.loads(line)
     except ValueError:
-        raise DamagedError(f"{where} is not valid JSON; {hint}") from None
+        raise DamagedLineError(f"{where} is not valid JSON; {hint}") from None
     if not isinstance(obj, dict):
-        raise DamagedError(f"{where} is a JSON {type(obj).__name__}, expected an object; {hint}")
+        raise DamagedLineError(f"{where} is a JSON {type(obj).__name__}, expected an object; {hint}")
     stored = obj.pop(LINE_KEY, None)
     if stored is None:
         if require:
-            raise DamagedError(f"{where} has no checksum field {LINE_KEY!r}; {hint}")
+            raise DamagedLineError(f"{where} has no checksum field {LINE_KEY!r}; {hint}")
         return obj
     if stored != _line_sum(obj):
-        raise DamagedError(f"{where} does not match its checksum; {hint}")
+        raise DamagedLineError(f"{where} does not match its checksum; {hint}")
     return obj

@@ -103,3 +103,12 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match=r"no space left on .*need about 1000000 GB|no space left on .*need about"):
         check_free_space(tmp_path, 10 ** 18)
+
+
+def test_damaged_line_is_a_value_error_for_torn_line_readers():
+    from xray.integrity import DamagedLineError
+
+    with pytest.raises(ValueError):
+        open_line(seal_line(RECORD)[:-5])
+    with pytest.raises(DamagedLineError):
+        open_line(seal_line(RECORD).replace("0.25", "0.26"))
