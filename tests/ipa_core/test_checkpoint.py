@@ -183,3 +183,53 @@ def test_lower_steps_on_a_finished_run_is_refused_and_writes_nothing(trained, tm
     with pytest.raises(UserError, match=r"already trained to step 6, more than --steps 4; pass --steps 6"):
         fit(VAETask(new_vae()), ImageSet(), tcfg(steps=4, ckpt_every=3), run)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_kill_loop_harness(tmp_path, capsys):
+    """kill -9 a training run at random instants (and flip a bit in its newest checkpoint every other
+    time), rerun until it finishes: the final model equals an uninterrupted run's, bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(22)
+    run = tmp_path / "run"
+    script = ("import sys, warnings, torch; warnings.simplefilter('ignore'); torch.set_num_threads(1)\n"
+              "from ipa_core.trainer import fit; from ipa_core.vae_task import VAETask\n"
+              "from tests.ipa_core.test_trainer import ImageSet, new_vae, tcfg\n"
+              "print('start', flush=True)\n"
+              f"fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), {str(run)!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    kills, flips, finished = 0, 0, False
+    for attempt in range(10):
+        p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.readline()  # imports done
+        try:
+            p.wait(timeout=rng.uniform(0.5, 6.0))
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            kills += 1
+            if kills % 2 == 0 and checkpoint_paths(run):
+                flip_bit(checkpoint_paths(run)[0], rng.randrange(checkpoint_paths(run)[0].stat().st_size), rng.randrange(8))
+                flips += 1
+            continue
+        err = p.stderr.read()
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+        finished = True
+        break
+    if not finished:
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    ref = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), tmp_path / "ref")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), run)  # finished: loads the final state
+    same = torch.equal(flat(out), flat(ref))
+    with capsys.disabled():
+        print(f"\nkill loop: {kills} kills (+{flips} bit flips in the newest checkpoint), final model identical: {same}")
+    assert same
+    assert not list((run / "checkpoints").glob(".*.tmp"))
