@@ -184,23 +184,24 @@ def wait_for_orphans(pid_file: Path, marker: str, poll: float = 0.5, timeout: fl
     return [p for p in pids if p not in live]
 
 
-def run_sharded(module: str, argv: Sequence[str], procs: int, pid_file: Path | None = None) -> None:
+def run_sharded(module: str, argv: Sequence[str], procs: int) -> None:
     """Run ``python -m <package>.cli <command> argv --shard i/procs`` in ``procs`` processes, one
     thread each (small networks use 2 cores better as 2 processes than as 2 threads), then merge.
 
-    The shards die with this process (:func:`spawn_tied`); their pids go to ``pid_file``, and a
-    rerun first waits for any shard of a killed earlier run that is still alive (other platforms).
+    The shards die with this process (:func:`spawn_tied`); their pids go to ``.<out name>.pids.json``
+    beside ``--out``, and a rerun first waits for any shard of a killed earlier run that is still
+    alive (where the kernel does not end them: other platforms).
     """
     pkg, _, cmd = module.partition(".commands.")
     base = [sys.executable, "-m", f"{pkg}.cli", cmd.replace("_", "-"), *map(str, argv)]
     out = str(list(argv)[list(argv).index("--out") + 1])
-    if pid_file is not None:
-        wait_for_orphans(pid_file, out)
+    pid_file = Path(out).parent / f".{Path(out).name}.pids.json"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    wait_for_orphans(pid_file, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     children = [spawn_tied(base + ["--shard", f"{i}/{procs}"] + ([] if i == 0 else ["--no-progress"]), env=env)
                 for i in range(procs)]
-    if pid_file is not None:
-        atomic_write_json(pid_file, {"pids": [c.pid for c in children], "command": " ".join(base[2:5])})
+    atomic_write_json(pid_file, {"pids": [c.pid for c in children], "command": " ".join(base[2:5])})
     try:
         codes = [c.wait() for c in children]
     except BaseException:  # Ctrl-C, an exception: never leave shards behind
@@ -211,8 +212,7 @@ def run_sharded(module: str, argv: Sequence[str], procs: int, pid_file: Path | N
         raise
     if any(codes):
         raise UserError(f"{' '.join(base[2:5])}: shard exit codes {codes}; rerun the demo to resume the unfinished shards")
-    if pid_file is not None:
-        pid_file.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
     run_command(module, ["--merge", "--out", out])
 
 
@@ -329,7 +329,7 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
         if callable(st.target):
             result = st.target(opts)
         elif st.cli == "boed evaluate" and opts.profile.eval_procs > 1:
-            run_sharded(st.target, st.argv, opts.profile.eval_procs, pid_file=started.with_suffix(".pids"))
+            run_sharded(st.target, st.argv, opts.profile.eval_procs)
         else:
             run_command(st.target, st.argv)
         seconds = time.perf_counter() - t0
