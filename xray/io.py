@@ -101,10 +101,15 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[Pa
     ``EFBIG``, ``EDQUOT``, or torch's wrapped write errors) is a one-line :class:`UserError`.
     """
     dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if need is not None:
-        check_free_space(dst.parent, need)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if need is not None:
+            check_free_space(dst.parent, need)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only disk, no permission, a full disk, a path through a file
+        if is_disk_full(e):
+            raise disk_full_error(e, dst, need) from None
+        raise UserError(f"cannot write {dst}: {e.strerror or e}; choose a writable path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
