@@ -24,7 +24,7 @@ from torch import nn
 
 from xray.errors import UserError
 from xray.integrity import FOLDER_DIGEST, folder_digest, verify_folder, write_folder_digest
-from xray.io import _umask, atomic_write_json, check_free_space, disk_full_error, is_disk_full
+from xray.io import atomic_write_json, check_free_space, disk_full_error, is_disk_full, normal_mode
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -73,11 +73,11 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | 
     need = sum(v.numel() * v.element_size() for v in sd.values()) + (1 << 20)
     check_free_space(out.parent, need)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    os.chmod(tmp, normal_mode(directory=True))  # mkdtemp makes 0700
     try:
         try:
             save_file(sd, str(tmp / WEIGHTS_NAME))
-            os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~_umask())
+            os.chmod(tmp / WEIGHTS_NAME, normal_mode())
             atomic_write_json(tmp / CONFIG_NAME, {"model_type": model.model_type, **model.config.to_dict(), **(extra_config or {})})
             write_folder_digest(tmp, (WEIGHTS_NAME, CONFIG_NAME))
         except (OSError, RuntimeError) as e:

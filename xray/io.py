@@ -20,6 +20,11 @@ def _umask() -> int:
     return mask
 
 
+def normal_mode(directory: bool = False) -> int:
+    """The permissions a new file (``0o666``) or folder (``0o777``) gets under the user's umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 # ----------------------------------------------------------------------------------------------
 # disk space
 
