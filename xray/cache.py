@@ -299,9 +299,10 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
         check_size(size)
         out = cache_location(root, size)
     mode = _inherit_mode(out, present_only)
-    if _unchanged(root, size, out, mode):  # the common case: no CSV parsing, no lock, no writes
+    seen = _unchanged(root, size, out, mode)
+    if seen is not None:  # the common case: no CSV parsing, no lock, no writes
         damage = check_files(out, size, full=verify)
-        changed = [] if damage is not None else check_sources(out, root, sample=None if verify else SAMPLE_SOURCES)
+        changed = [] if damage is not None else check_sources(out, root, sample=None if verify else SAMPLE_SOURCES, seen=seen)
         if damage is None and not changed:
             return out
         what = damage.what if damage is not None else (f"{len(changed)} source image(s) have other bytes than when "
@@ -359,29 +360,32 @@ def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
     return _finish(plan, bad)
 
 
-def _unchanged(root, size: int, out: Path, present_only: bool) -> bool:
+def _unchanged(root, size: int, out: Path, present_only: bool) -> dict | None:
     """The cheap check of a complete cache against its source: the label CSV's and split lists'
     bytes hash as recorded, and every image file (each row's, and each absent one's) has the size
     and mtime recorded in ``sources.json``. One ``stat`` per file and one read of the small text
-    files; no CSV parsing. False means "plan it properly", never "stale".
+    files; no CSV parsing. None means "plan it properly", never "stale"; else what it read
+    (``sources.json`` and the image files found), which the content check reuses.
     """
     m, src = _read_json(out / MANIFEST_FILE), _read_json(out / SOURCES_FILE)
     if (m is None or src is None or src.get("fingerprint") != m.get("fingerprint") or m.get("format") != FORMAT_VERSION
             or m.get("image_size") != size or bool(m.get("present_only")) != present_only):
-        return False
+        return None
     try:
         root = Path(root).expanduser()
         csv = nih.find_csv(root)
         if csv.name != m.get("csv") or _file_hash((csv, root / "train_val_list.txt", root / "test_list.txt")) != m.get("labels_hash"):
-            return False
+            return None
         files = nih.scan_images(root)
     except (UserError, OSError):
-        return False
+        return None
     for name, nbytes, mtime, *_ in src.get("rows", []):
         f = files.get(name)
         if (None if f is None else (f[1], f[2])) != (None if nbytes is None else (nbytes, mtime)):
-            return False
-    return not any(name in files for name in src.get("absent", []))
+            return None
+    if any(name in files for name in src.get("absent", [])):
+        return None
+    return {"sources": src, "files": files}
 
 
 def _images_ok(out: Path, n: int, size: int) -> bool:
@@ -654,16 +658,19 @@ def check_files(out: str | os.PathLike, size: int | None = None, full: bool = Fa
 
 
 def check_sources(out: str | os.PathLike, root: str | os.PathLike, sample: int | None = SAMPLE_SOURCES,
-                  rng: random.Random | None = None) -> list[str]:
+                  rng: random.Random | None = None, seen: dict | None = None) -> list[str]:
     """Names of source images whose bytes differ from those the cache was made from (``sample``
-    random ones, or all with ``sample=None``): a same-size file replaced with its mtime kept."""
-    src = _read_json(Path(out) / SOURCES_FILE) or {}
+    random ones, or all with ``sample=None``): a same-size file replaced with its mtime kept.
+    ``seen``: what :func:`_unchanged` read (``sources.json`` and the image files), not read again."""
+    src = (seen or {}).get("sources") or _read_json(Path(out) / SOURCES_FILE) or {}
     rows = [r for r in src.get("rows", []) if len(r) > 3 and r[3]]
     if sample is not None:
         rows = (rng or random.Random()).sample(rows, min(sample, len(rows)))
     if not rows:
         return []
-    files = nih.find_images(Path(root).expanduser()) if sample is None else None
+    found = (seen or {}).get("files")
+    files = {k: v[0] for k, v in found.items()} if found is not None else (
+        nih.find_images(Path(root).expanduser()) if sample is None else None)
     changed = []
     for name, _, _, digest in rows:
         path = files.get(name) if files is not None else _find_one(Path(root).expanduser(), name)
