@@ -124,8 +124,8 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         if rank == 0:
             log.info("resumed from %s at step %d", state["path"], step)
             truncate_metrics(metrics_path, step)
-            for tmp in (run_dir / CKPT_DIR).glob(".ckpt-*.tmp"):  # left by a kill during a write
-                tmp.unlink(missing_ok=True)
+            for tmp in [*(run_dir / CKPT_DIR).glob(".ckpt-*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
+                tmp.unlink(missing_ok=True)  # left by a kill during a write
         del state
     elif rank == 0:
         truncate_metrics(metrics_path, 0)  # a fresh start in a used folder: no rows of an unreadable run

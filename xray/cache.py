@@ -325,6 +325,8 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
 
 
 def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
+    for tmp in plan.out.glob(".*.tmp"):  # temp files of a killed run (we hold the lock: no writer is live)
+        tmp.unlink(missing_ok=True)
     manifest = _read_json(plan.out / MANIFEST_FILE)
     if manifest is not None:
         damage = check_files(plan.out, plan.size, sample=0)

@@ -507,3 +507,11 @@ def test_full_disk_while_preparing_is_one_line_and_leaves_nothing(tiny_nih, tmp_
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "c").glob("*.tmp")) and not list((tmp_path / "c").glob(".*.tmp"))
     assert not (tmp_path / "c" / "images.u8").exists() and not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_temp_files_of_a_killed_prepare_are_removed(tiny_nih, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / ".images.u8.abc.tmp").write_bytes(b"x" * 100)
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
+    assert not list(out.glob(".*.tmp"))
