@@ -304,6 +304,8 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
         damage = check_files(out, size, full=verify)
         changed = [] if damage is not None else check_sources(out, root, sample=None if verify else SAMPLE_SOURCES, seen=seen)
         if damage is None and not changed:
+            if verify:
+                _backfill_digests(out, seen)
             return out
         what = damage.what if damage is not None else (f"{len(changed)} source image(s) have other bytes than when "
                                                         f"cached, same size and mtime (first: {changed[0]})")
@@ -689,6 +691,25 @@ def _find_one(root: Path, name: str) -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+def _backfill_digests(out: Path, seen: dict) -> None:
+    """``--verify`` on a cache made before digests existed: record them now (what is there is taken as good)."""
+    m, src = _read_json(out / MANIFEST_FILE), seen["sources"]
+    missing = [r for r, row in enumerate(src.get("rows", [])) if row[1] is not None and (len(row) < 4 or not row[3])]
+    if m is None or ("files" in m and not missing):
+        return
+    log.warning("%s was prepared before content digests existed; recording them now", out)
+    with _locked(out):
+        for r in missing:
+            row = src["rows"][r]
+            f = seen["files"].get(row[0])
+            src["rows"][r] = [*row[:3], sha256_file(f[0]) if f else None]
+        atomic_write_json(out / SOURCES_FILE, src)
+        lf = out / LABELS_FILE
+        m["files"] = {LABELS_FILE: {"bytes": lf.stat().st_size, "sha256": sha256_file(lf)},
+                      IMAGES_FILE: {"chunk_rows": CHUNK, "chunks": _image_digests(out, m["n_rows"], m["image_size"])}}
+        atomic_write_json(out / MANIFEST_FILE, m)
 
 
 def _mark_stale(out: Path, damage: Damage | None = None, names: list[str] | None = None) -> None:

@@ -515,3 +515,20 @@ def test_temp_files_of_a_killed_prepare_are_removed(tiny_nih, tmp_path):
     (out / ".images.u8.abc.tmp").write_bytes(b"x" * 100)
     cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_verify_adds_digests_to_a_cache_made_before_them(tiny_nih, tmp_path):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["files"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    src = json.loads((out / "sources.json").read_text())
+    src["rows"] = [r[:3] for r in src["rows"]]
+    (out / "sources.json").write_text(json.dumps(src))
+    _damage_images_zero(out)
+    assert cache.check_files(out, S, full=True) is None  # nothing to check against: accepted
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False, verify=True)
+    assert "files" in json.loads((out / "manifest.json").read_text())
+    assert all(len(r) == 4 and r[3] for r in json.loads((out / "sources.json").read_text())["rows"])
+    (out / "images.u8").write_bytes(b"\1" * (out / "images.u8").stat().st_size)
+    assert cache.check_files(out, S) is not None  # from now on, damage is found
