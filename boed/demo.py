@@ -289,10 +289,14 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: dict,
-           models: dict[str, str] | None = None) -> None:
+           models: dict[str, str] | None = None, legacy: dict[str, str] | None = None) -> None:
     """Run a stage unless ``<out>/<name>/done.json`` holds its current fingerprint. A stage
     folder made with another fingerprint (finished or not) is moved aside first, never mixed; a
-    complete output of this fingerprint without ``done.json`` is adopted."""
+    complete output of this fingerprint without ``done.json`` is adopted.
+
+    ``legacy``: the fingerprints as computed before they held model digests; a stage recorded
+    with its legacy fingerprint (by an older boed) is accepted with a warning, not rerun.
+    """
     folder, line = opts.out / st.name, f"{st.cli} " + " ".join(shlex.quote(str(a)) for a in st.argv)
     result = None
     if callable(st.target) and st.name == "data":  # cheap once prepared; its result is the data fingerprint
@@ -303,6 +307,13 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
     fp = stage_fingerprint(opts, st, fingerprints, identity, models)  # what the data are, not where they were found
     fingerprints[st.name] = fp
     done = _read_json(folder / "done.json")
+    if legacy is not None:
+        legacy[st.name] = stage_fingerprint(opts, st, legacy, identity)
+        if (done is not None and done.get("fingerprint") == legacy[st.name] != fp and not done.get("model_digests")):
+            log.warning("[%s] finished by an older boed, whose stage fingerprints held no model digests: assuming the "
+                        "models it read are unchanged (delete %s to rerun it)", st.name, folder / "done.json")
+            done = {**done, "fingerprint": fp, "model_digests": True}
+            atomic_write_json(folder / "done.json", done)
     if done is not None and done.get("fingerprint") == fp:
         timings[st.name] = done["seconds"]
         log.info("[%s] done already (%.0f s): %s", st.name, timings[st.name], line)
@@ -334,7 +345,8 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
             run_command(st.target, st.argv)
         seconds = time.perf_counter() - t0
     timings[st.name] = seconds
-    atomic_write_json(folder / "done.json", {"seconds": seconds, "command": line, "fingerprint": fp, "result": result})
+    atomic_write_json(folder / "done.json", {"seconds": seconds, "command": line, "fingerprint": fp, "result": result,
+                                             "model_digests": True})
     log.info("[%s] finished in %.0f s", st.name, seconds)
 
 
@@ -496,11 +508,12 @@ def run_demo(opts: DemoOptions) -> dict:
     timings: dict[str, float] = {}
     fingerprints: dict[str, str] = {}
     models: dict[str, str] = {}
+    legacy: dict[str, str] = {}
     last = STAGES.index(opts.until)
     for st in plan(opts):
         kind = st.name.split("/")[0]
         if kind == "phantom" or STAGES.index(kind) <= last:
-            _stage(opts, st, fingerprints, timings, models)
+            _stage(opts, st, fingerprints, timings, models, legacy)
             d = stage_model_digest(st)
             if d is not None:
                 models[st.name] = d

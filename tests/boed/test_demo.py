@@ -379,3 +379,21 @@ def test_model_retrained_in_place_changes_downstream_fingerprints(tmp_path):
     new = fps()[0]
     # the stage reading the VAE and, through its fingerprint, every later one; not the AVP-CNN
     assert {k for k in ref if new[k] != ref[k]} == {"ipa", "scans/effusion-0", "eval/effusion"}
+
+
+def test_stage_finished_by_an_older_boed_is_not_rerun_for_the_new_fingerprint(tmp_path, caplog):
+    """A finished stage recorded before fingerprints held model digests is accepted (with a warning)."""
+    from boed.demo import Stage, _stage, stage_fingerprint
+
+    opts = _tiny_opts(tmp_path)
+    calls = []
+    st = Stage("scans/x-0", "boed run", lambda o: calls.append(1), ["--out", opts.out / "scans" / "x-0"], upstream=("ipa",))
+    old = stage_fingerprint(opts, st, {"ipa": "ipa-old"})  # as an older boed computed it
+    (opts.out / "scans" / "x-0").mkdir(parents=True)
+    (opts.out / "scans" / "x-0" / "done.json").write_text(json.dumps({"fingerprint": old, "seconds": 2.0}))
+    fps, legacy = {"ipa": "ipa-new"}, {"ipa": "ipa-old"}
+    _stage(opts, st, fps, {}, {"ipa": "digest"}, legacy)
+    assert calls == [] and "older boed" in caplog.text
+    assert json.loads((opts.out / "scans" / "x-0" / "done.json").read_text())["fingerprint"] == fps["scans/x-0"]
+    _stage(opts, st, {"ipa": "ipa-new"}, {}, {"ipa": "retrained"}, {"ipa": "ipa-old"})  # a model retrained since
+    assert calls == [1]
