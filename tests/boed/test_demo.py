@@ -397,3 +397,15 @@ def test_stage_finished_by_an_older_boed_is_not_rerun_for_the_new_fingerprint(tm
     assert json.loads((opts.out / "scans" / "x-0" / "done.json").read_text())["fingerprint"] == fps["scans/x-0"]
     _stage(opts, st, {"ipa": "ipa-new"}, {}, {"ipa": "retrained"}, {"ipa": "ipa-old"})  # a model retrained since
     assert calls == [1]
+
+
+@pytest.mark.slow  # two short demo runs up to the data stage
+def test_demo_rerun_after_a_kill_before_phantom_done_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    base = ["demo", "--quick", "--until", "data", "--illness", "effusion", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--device", "cpu"]
+    assert _run(base) == 0
+    (out / "phantom" / "done.json").unlink()  # the reproduction of a kill after the rename
+    assert _run(base) == 0
+    assert json.loads((out / "phantom" / "done.json").read_text())["adopted"]
+    assert json.loads((out / "summary.json").read_text())["metrics"] == []
