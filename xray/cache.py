@@ -515,6 +515,18 @@ def _run_chunks(plan: Plan, todo: list[int], done: set[int], bad: dict[str, str]
         del mm
 
 
+def _known_or_new_digests(plan: Plan) -> list[str]:
+    """The chunk digests of ``images.u8``: the manifest's when the pixels did not change (a labels-only
+    rewrite, checked on a sample), else read from the file."""
+    old = _read_json(plan.out / MANIFEST_FILE) or {}
+    chunks = ((old.get("files") or {}).get(IMAGES_FILE) or {}).get("chunks")
+    if (old.get("fingerprint") == plan.fingerprint and old.get("image_size") == plan.size and chunks
+            and len(chunks) == plan.n_chunks and _images_ok(plan.out, plan.n, plan.size)
+            and not _bad_chunks(plan.out, plan.n, plan.size, chunks, random.Random().sample(range(len(chunks)), min(SAMPLE_CHUNKS, len(chunks))))):
+        return chunks
+    return _image_digests(plan.out, plan.n, plan.size)
+
+
 def _record_source_digests(plan: Plan) -> None:
     """Add each row's source file SHA-256 to ``sources.json`` (kept for rows already hashed with the same size and mtime)."""
     src = _read_json(plan.out / SOURCES_FILE)
@@ -583,7 +595,7 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
         "counts": counts,
         "splits": split_counts,
         "bad_images": [{"image": names[r], "reason": bad[str(r)]} for r in bad_rows],
-        "files": {LABELS_FILE: labels_file, IMAGES_FILE: {"chunk_rows": CHUNK, "chunks": _image_digests(plan.out, plan.n, plan.size)}},
+        "files": {LABELS_FILE: labels_file, IMAGES_FILE: {"chunk_rows": CHUNK, "chunks": _known_or_new_digests(plan)}},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(plan.out / MANIFEST_FILE, manifest)  # last: marks the cache complete
@@ -603,6 +615,15 @@ def _image_digests(out: Path, n: int, size: int) -> list[str]:
     mm = np.memmap(out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size))
     try:
         return [_chunk_digest(mm[c * CHUNK:(c + 1) * CHUNK]) for c in range((n + CHUNK - 1) // CHUNK)]  # (k, S, S) each
+    finally:
+        del mm
+
+
+def _bad_chunks(out: Path, n: int, size: int, digests: list[str], chunks) -> list[int]:
+    """The chunks (of ``chunks``) of ``images.u8`` whose pixels differ from ``digests``."""
+    mm = np.memmap(out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size))
+    try:
+        return [c for c in chunks if _chunk_digest(mm[c * CHUNK:(c + 1) * CHUNK]) != digests[c]]  # (k, S, S)
     finally:
         del mm
 
@@ -650,11 +671,7 @@ def check_files(out: str | os.PathLike, size: int | None = None, full: bool = Fa
     digests = (files.get(IMAGES_FILE) or {}).get("chunks")
     if digests and len(digests) == (n + CHUNK - 1) // CHUNK:
         chunks = range(len(digests)) if full else (rng or random.Random()).sample(range(len(digests)), min(sample, len(digests)))
-        mm = np.memmap(f, dtype=np.uint8, mode="r", shape=(n, s, s))
-        try:
-            bad = [c for c in chunks if _chunk_digest(mm[c * CHUNK:(c + 1) * CHUNK]) != digests[c]]  # (k, S, S)
-        finally:
-            del mm
+        bad = _bad_chunks(out, n, s, digests, chunks)
         if bad:
             rows = frozenset(r for c in bad for r in range(c * CHUNK, min((c + 1) * CHUNK, n)))
             return Damage(f"{f}: the pixels of {len(bad)} chunk(s) of {CHUNK} rows differ from those written", rows=rows)

@@ -532,3 +532,13 @@ def test_verify_adds_digests_to_a_cache_made_before_them(tiny_nih, tmp_path):
     assert all(len(r) == 4 and r[3] for r in json.loads((out / "sources.json").read_text())["rows"])
     (out / "images.u8").write_bytes(b"\1" * (out / "images.u8").stat().st_size)
     assert cache.check_files(out, S) is not None  # from now on, damage is found
+
+
+def test_labels_only_rewrite_keeps_the_chunk_digests_without_rereading(tiny_nih, tmp_path, monkeypatch):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    before = json.loads((out / "manifest.json").read_text())["files"]["images.u8"]
+    _damage_labels_flip(out)
+    monkeypatch.setattr(cache, "_image_digests", lambda *a: pytest.fail("images.u8 read again for a labels-only rewrite"))
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["files"]["images.u8"] == before
+    assert cache.check_files(out, S, full=True) is None
