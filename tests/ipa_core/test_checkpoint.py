@@ -84,8 +84,6 @@ def test_checkpoint_without_digest_is_read_with_a_warning(trained, tmp_path):
 
 
 def test_full_disk_is_one_line_and_leaves_old_checkpoints(tmp_path, monkeypatch):
-    import errno
-
     fit(VAETask(new_vae()), ImageSet(), tcfg(steps=3, ckpt_every=3), tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     state = read_checkpoint(checkpoint_paths(tmp_path)[0])
@@ -105,7 +103,6 @@ def test_full_disk_is_one_line_and_leaves_old_checkpoints(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="no space left.*need about"):  # checked before writing anything
         save_checkpoint(tmp_path, {**state, "step": 9}, [3])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    assert errno.ENOSPC  # (the errno the atomic writer maps, with EFBIG and EDQUOT)
 
 
 @pytest.mark.slow
@@ -194,7 +191,6 @@ def test_kill_loop_harness(tmp_path, capsys):
     import signal
     import subprocess
     import sys
-    import time
 
     rng = random.Random(22)
     run = tmp_path / "run"
