@@ -7,7 +7,19 @@ command's own checkpointing. ``done.json`` also holds the stage's *fingerprint* 
 result-changing arguments, the data fingerprint, the fingerprints of the stages it depends on):
 when it differs (another ``--data-root``, profile, seed, step cap, device ...) the stage's old
 folder is moved aside (``<name>.old-<time>``) and the stage reruns, and so does every stage after
-it, whose fingerprints include this one's. Profiles size the run: ``cpu`` (S = 64, tiny models, about half an
+it, whose fingerprints include this one's. A stage's fingerprint also holds the digests of the
+models it reads (``digest.json`` of ``vae/model``, ``ipa/model``, ...): a model trained on in place
+makes every stage that reads it rerun.
+
+**Kills at any instant.** A stage killed after its output became complete but before its
+``done.json`` (the phantom folder is renamed into place whole) is *adopted* when the started marker
+``.stages/<stage>.json`` holds the same fingerprint; temp folders of a killed phantom run are
+removed. ``boed evaluate`` shards are tied to the demo (``PR_SET_PDEATHSIG`` on Linux: a killed demo
+takes its shards with it), and their process ids are recorded so a rerun waits for any still alive.
+``summary.json`` (and so ``--publish``) holds only the stages whose ``done.json`` carries this run's
+fingerprint: a partial run (``--until``) or another seed never reports older results.
+
+Profiles size the run: ``cpu`` (S = 64, tiny models, about half an
 hour on 2 cores), ``quick`` (a few minutes; used by the end-to-end test) and ``paper`` (S = 256,
 the xray256 VAE, a DenseNet-121 AVP-CNN, N = 10, 5 000 test images, the paper's step counts).
 """
@@ -19,8 +31,13 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import platform
 import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ipa_core.persist import model_digest, resolve_model_dir
 from xray.errors import UserError
 from xray.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from xray.labels import resolve_illness
@@ -124,22 +142,77 @@ def run_command(module: str, argv: Sequence[str]) -> None:
         raise UserError(f"stage command {module} exited with status {code}")
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the demo dies (even by SIGKILL); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn_tied(cmd: Sequence[str], env: dict | None = None) -> subprocess.Popen:
+    """``Popen`` of a child that dies with this process (Linux) and in its process group (Ctrl-C reaches it)."""
+    return subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """True when ``pid`` runs and its command line holds ``marker`` (not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True  # no /proc: trust the pid
+
+
+def wait_for_orphans(pid_file: Path, marker: str, poll: float = 0.5, timeout: float | None = None) -> list[int]:
+    """Wait until the processes listed in ``pid_file`` (a killed earlier run's shards) are gone; returns those waited for."""
+    pids = [int(p) for p in ((_read_json(pid_file) or {}).get("pids") or [])]
+    live = [p for p in pids if _alive(p, marker)]
+    if live:
+        log.warning("waiting for %d shard process(es) of an earlier, killed demo still running: pids %s", len(live), live)
+    t0 = time.monotonic()
+    while live:
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise UserError(f"shard processes {live} of an earlier demo are still running; wait for them or end them, then rerun")
+        time.sleep(poll)
+        live = [p for p in live if _alive(p, marker)]
+    return [p for p in pids if p not in live]
+
+
 def run_sharded(module: str, argv: Sequence[str], procs: int) -> None:
     """Run ``python -m <package>.cli <command> argv --shard i/procs`` in ``procs`` processes, one
-    thread each (small networks use 2 cores better as 2 processes than as 2 threads), then merge."""
-    import os
-    import subprocess
-    import sys
+    thread each (small networks use 2 cores better as 2 processes than as 2 threads), then merge.
 
+    The shards die with this process (:func:`spawn_tied`); their pids go to ``.<out name>.pids.json``
+    beside ``--out``, and a rerun first waits for any shard of a killed earlier run that is still
+    alive (where the kernel does not end them: other platforms).
+    """
     pkg, _, cmd = module.partition(".commands.")
     base = [sys.executable, "-m", f"{pkg}.cli", cmd.replace("_", "-"), *map(str, argv)]
+    out = str(list(argv)[list(argv).index("--out") + 1])
+    pid_file = Path(out).parent / f".{Path(out).name}.pids.json"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    wait_for_orphans(pid_file, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    children = [subprocess.Popen(base + ["--shard", f"{i}/{procs}"] + ([] if i == 0 else ["--no-progress"]), env=env)
+    children = [spawn_tied(base + ["--shard", f"{i}/{procs}"] + ([] if i == 0 else ["--no-progress"]), env=env)
                 for i in range(procs)]
-    codes = [c.wait() for c in children]
+    atomic_write_json(pid_file, {"pids": [c.pid for c in children], "command": " ".join(base[2:5])})
+    try:
+        codes = [c.wait() for c in children]
+    except BaseException:  # Ctrl-C, an exception: never leave shards behind
+        for c in children:
+            c.kill()
+        for c in children:
+            c.wait()
+        raise
     if any(codes):
         raise UserError(f"{' '.join(base[2:5])}: shard exit codes {codes}; rerun the demo to resume the unfinished shards")
-    out = list(argv)[list(argv).index("--out") + 1]
+    pid_file.unlink(missing_ok=True)
     run_command(module, ["--merge", "--out", out])
 
 
@@ -164,11 +237,48 @@ def _fingerprint_argv(opts: DemoOptions, argv: Sequence) -> list[str]:
     return items
 
 
-def stage_fingerprint(opts: DemoOptions, st: Stage, upstream: dict[str, str], result: Any = None) -> str:
+def stage_fingerprint(opts: DemoOptions, st: Stage, upstream: dict[str, str], result: Any = None,
+                      models: dict[str, str] | None = None) -> str:
     """A digest of the stage's command and result-changing arguments, the fingerprints of the
-    stages it depends on and (data stage) the data fingerprint."""
+    stages it depends on, the digests of the upstream stages' models it reads (``models``:
+    ``{stage: model digest}``) and (data stage) the data fingerprint."""
+    used = {u: models[u] for u in st.upstream if models and u in models}
     return digest({"command": st.cli, "argv": _fingerprint_argv(opts, st.argv),
-                   "upstream": {u: upstream[u] for u in st.upstream if u in upstream}, "result": result})
+                   "upstream": {u: upstream[u] for u in st.upstream if u in upstream}, "result": result,
+                   **({"models": used} if used else {})})
+
+
+def stage_output(st: Stage) -> Path | None:
+    """The folder a stage's command writes (its ``--out``), if it has one."""
+    argv = [str(a) for a in st.argv]
+    return Path(argv[argv.index("--out") + 1]) if "--out" in argv[:-1] else None
+
+
+def stage_model_digest(st: Stage) -> str | None:
+    """The digest of the model a stage produced (its ``--out`` holds ``model/`` or is one), else None."""
+    out = stage_output(st)
+    if out is None or st.name in ("data", "phantom") or st.cli in ("boed run", "boed evaluate"):
+        return None
+    try:
+        return model_digest(resolve_model_dir(out))
+    except UserError:
+        return None
+
+
+def _complete_output(st: Stage, folder: Path) -> bool:
+    """True when a stage's output is complete without its ``done.json`` (a kill after the output's
+    last rename): only the phantom set, which is renamed into place whole."""
+    return (st.name == "phantom" and any(folder.glob("Data_Entry_2017*.csv")) and (folder / "test_list.txt").is_file()
+            and (folder / "images").is_dir())
+
+
+def _remove_temps(folder: Path) -> None:
+    """Temp folders and files a killed command left beside ``folder`` (``.<name>.partial-*``, ``.<name>.*.tmp``)."""
+    for p in folder.parent.glob(f".{folder.name}.*"):
+        if p.is_dir() and ".partial-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -178,9 +288,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: dict) -> None:
+def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: dict,
+           models: dict[str, str] | None = None, legacy: dict[str, str] | None = None) -> None:
     """Run a stage unless ``<out>/<name>/done.json`` holds its current fingerprint. A stage
-    folder made with another fingerprint (finished or not) is moved aside first, never mixed."""
+    folder made with another fingerprint (finished or not) is moved aside first, never mixed; a
+    complete output of this fingerprint without ``done.json`` is adopted.
+
+    ``legacy``: the fingerprints as computed before they held model digests; a stage recorded
+    with its legacy fingerprint (by an older boed) is accepted with a warning, not rerun.
+    """
     folder, line = opts.out / st.name, f"{st.cli} " + " ".join(shlex.quote(str(a)) for a in st.argv)
     result = None
     if callable(st.target) and st.name == "data":  # cheap once prepared; its result is the data fingerprint
@@ -188,9 +304,16 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
         result = st.target(opts)
         prepare_seconds = time.perf_counter() - t0
     identity = None if result is None else {"fingerprint": result.get("fingerprint"), "images": result.get("images")}
-    fp = stage_fingerprint(opts, st, fingerprints, identity)  # what the data are, not where they were found
+    fp = stage_fingerprint(opts, st, fingerprints, identity, models)  # what the data are, not where they were found
     fingerprints[st.name] = fp
     done = _read_json(folder / "done.json")
+    if legacy is not None:
+        legacy[st.name] = stage_fingerprint(opts, st, legacy, identity)
+        if (done is not None and done.get("fingerprint") == legacy[st.name] != fp and not done.get("model_digests")):
+            log.warning("[%s] finished by an older boed, whose stage fingerprints held no model digests: assuming the "
+                        "models it read are unchanged (delete %s to rerun it)", st.name, folder / "done.json")
+            done = {**done, "fingerprint": fp, "model_digests": True}
+            atomic_write_json(folder / "done.json", done)
     if done is not None and done.get("fingerprint") == fp:
         timings[st.name] = done["seconds"]
         log.info("[%s] done already (%.0f s): %s", st.name, timings[st.name], line)
@@ -200,6 +323,14 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
     if folder.exists() and old_fp != fp:
         moved = move_aside(folder)
         log.warning("[%s] its inputs changed since it ran: old outputs moved to %s", st.name, moved)
+    elif done is None and old_fp == fp and _complete_output(st, folder):
+        log.warning("[%s] adopting the complete output of a run killed before it recorded done.json", st.name)
+        timings[st.name] = 0.0
+        atomic_write_json(folder / "done.json", {"seconds": 0.0, "command": line, "fingerprint": fp, "result": None, "adopted": True})
+        return
+    elif st.name == "phantom" and folder.exists():  # incomplete (and so never renamed into place): start over
+        move_aside(folder)
+    _remove_temps(folder)
     atomic_write_json(started, {"fingerprint": fp, "command": line})
     log.info("[%s] %s", st.name, line)
     t0 = time.perf_counter()
@@ -214,7 +345,8 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
             run_command(st.target, st.argv)
         seconds = time.perf_counter() - t0
     timings[st.name] = seconds
-    atomic_write_json(folder / "done.json", {"seconds": seconds, "command": line, "fingerprint": fp, "result": result})
+    atomic_write_json(folder / "done.json", {"seconds": seconds, "command": line, "fingerprint": fp, "result": result,
+                                             "model_digests": True})
     log.info("[%s] finished in %.0f s", st.name, seconds)
 
 
@@ -375,22 +507,40 @@ def run_demo(opts: DemoOptions) -> dict:
     opts.out = ensure_writable_dir(opts.out)
     timings: dict[str, float] = {}
     fingerprints: dict[str, str] = {}
+    models: dict[str, str] = {}
+    legacy: dict[str, str] = {}
     last = STAGES.index(opts.until)
     for st in plan(opts):
         kind = st.name.split("/")[0]
         if kind == "phantom" or STAGES.index(kind) <= last:
-            _stage(opts, st, fingerprints, timings)
+            _stage(opts, st, fingerprints, timings, models, legacy)
+            d = stage_model_digest(st)
+            if d is not None:
+                models[st.name] = d
     timings["total"] = sum(timings.values())  # the whole demo's wall time, skipped stages included
-    data = (_read_json(opts.out / "data" / "done.json") or {}).get("result")
-    return summarize(opts, timings, data=data, fingerprints=fingerprints)
+    current = current_stages(opts, fingerprints)
+    data = (_read_json(opts.out / "data" / "done.json") or {}).get("result") if "data" in current else None
+    return summarize(opts, timings, data=data, fingerprints=fingerprints, current=current)
 
 
-def summarize(opts: DemoOptions, timings: dict[str, float], data: dict | None = None, fingerprints: dict | None = None) -> dict:
-    """Collect every illness's metrics.csv into one table; write summary.{json,md}."""
+def current_stages(opts: DemoOptions, fingerprints: dict[str, str]) -> list[str]:
+    """The stages of this run whose ``done.json`` holds this run's fingerprint (what the summary may report)."""
+    return [name for name, fp in fingerprints.items()
+            if (_read_json(opts.out / name / "done.json") or {}).get("fingerprint") == fp]
+
+
+def summarize(opts: DemoOptions, timings: dict[str, float], data: dict | None = None, fingerprints: dict | None = None,
+              current: Sequence[str] | None = None) -> dict:
+    """Collect every illness's metrics.csv into one table; write summary.{json,md}.
+
+    ``current``: the stages finished with this run's fingerprint (:func:`current_stages`); only
+    their results are collected (None: every illness's, for a summary rebuilt by hand).
+    """
     import pandas as pd
 
     def collect(name: str):
-        files = [opts.out / "eval" / resolve_illness(ill).slug / name for ill in opts.illnesses]
+        slugs = [resolve_illness(ill).slug for ill in opts.illnesses]
+        files = [opts.out / "eval" / slug / name for slug in slugs if current is None or f"eval/{slug}" in current]
         frames = [pd.read_csv(f, dtype={"t": str} if name == "paired.csv" else None) for f in files if f.is_file()]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -398,6 +548,7 @@ def summarize(opts: DemoOptions, timings: dict[str, float], data: dict | None = 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = {"profile": dataclasses.asdict(opts.profile), "illnesses": list(opts.illnesses), "timings_s": timings,
                "data": data, "seed": opts.seed, "device": opts.device, "stages": fingerprints or {},
+               "current_stages": None if current is None else list(current),
                "machine": machine, "metrics": table.to_dict(orient="records"), "paired": paired.to_dict(orient="records")}
     atomic_write_json(opts.out / "summary.json", summary)
     atomic_write_text(opts.out / "summary.md", render_summary(table, timings, machine, paired))

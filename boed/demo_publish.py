@@ -72,6 +72,12 @@ def publish(run: str | Path, dest: str | Path) -> Path:
         raise UserError(f"{summary_file} does not exist; run `boed demo --out {run}` first")
     summary = json.loads(summary_file.read_text())
     slugs = [resolve_illness(i).slug for i in summary.get("illnesses", [])]
+    current = summary.get("current_stages")  # None: a summary from before it was recorded
+    if current is not None:  # only results of this run's settings, never an older run's left in the folder
+        slugs = [s for s in slugs if f"eval/{s}" in current]
+        if not slugs:
+            raise UserError(f"{summary_file} holds no evaluation made with the last run's settings (it stopped before "
+                            f"the eval stage, or its settings differ); run `boed demo --out {run}` to the end, then publish")
     dest.mkdir(parents=True, exist_ok=True)
     rows = _read_rows(run, slugs, "metrics.csv", CSV_COLUMNS)
     atomic_write_text(dest / "metrics.csv", to_csv(rows, CSV_COLUMNS))
@@ -85,7 +91,8 @@ def publish(run: str | Path, dest: str | Path) -> Path:
         atomic_write_text(dest / "paired.csv", to_csv(paired, PAIRED_COLUMNS))
         plot_paired(paired, dest / "paired.png")
         figures.append(("EIG-IPA minus each method on the same images, paired 95 % bands", "paired.png"))
-    for scan_dir in [run / "scans" / f"{slug}-0" for slug in slugs if (run / "scans" / f"{slug}-0").is_dir()]:
+    for scan_dir in [run / "scans" / f"{slug}-0" for slug in slugs if (run / "scans" / f"{slug}-0").is_dir()
+                     and (current is None or f"scans/{slug}-0" in current)]:
         # scan 2 is the first choice that depends on this image (scan 1 uses dataset draws)
         step = scan_dir / "step_2.png" if (scan_dir / "step_2.png").is_file() else _latest(scan_dir, "step_*.png")
         name = _copy(step, dest / f"heatmap-{scan_dir.name[:-2]}.png")

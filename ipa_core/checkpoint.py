@@ -6,6 +6,13 @@ A checkpoint ``run_dir/checkpoints/ckpt-<step>.pt`` holds only tensors and plain
 folder from someone else cannot execute code. Each one stores the run's *provenance* (the settings
 and data that change the result, see :func:`train_provenance`), compared on every resume.
 ``run_dir/provenance.json`` is a readable copy of the latest one.
+
+**Damage is detected.** Each checkpoint's SHA-256 is recorded in ``ckpt-<step>.pt.sha256`` before
+the file is renamed into place (:mod:`xray.integrity`) and checked before it is read: a flipped bit
+anywhere (a tensor payload, a key name) makes it *damaged*, and the resume falls back to the
+previous checkpoint with a one-line warning. A checkpoint without a sidecar (written before the
+digests existed) is read with a warning. Free space for the state's tensors is checked before the
+write; a full disk is a one-line :class:`UserError` and leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import pickle
 import random
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from xray.errors import UserError
+from xray.integrity import read_sidecar, sha256_file, sidecar_path, write_sidecar
 from xray.io import atomic_path, atomic_write_json
 from xray.provenance import canonical
 
@@ -131,26 +140,74 @@ def save_checkpoint(run_dir: Path, state: dict, readable: list[int]) -> Path:
     a torch upgrade) never makes a fresh one disappear.
     """
     path = Path(run_dir) / CKPT_DIR / f"ckpt-{state['step']:08d}.pt"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=state_nbytes(state) + (1 << 20)) as tmp:
         torch.save(state, tmp)
+        write_sidecar(path, content_of=tmp)  # digest first, rename second: never an unrecorded checkpoint
     atomic_write_json(Path(run_dir) / PROVENANCE_FILE, {"step": state["step"], **state["provenance"]})
     readable[:] = sorted(set(readable) | {int(state["step"])})
     kept = readable[-KEEP_CKPTS:]
     for old in checkpoint_paths(run_dir):
         if checkpoint_step(old) < kept[0]:
             old.unlink(missing_ok=True)
+            sidecar_path(old).unlink(missing_ok=True)
+    _remove_stray_files(path.parent)
     readable[:] = kept
     return path
 
 
+def state_nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def _remove_stray_files(ckpt_dir: Path) -> None:
+    """Sidecars whose checkpoint is gone and temp files of killed writes (``.ckpt-*.tmp``)."""
+    for f in ckpt_dir.iterdir():
+        if f.name.endswith(".pt.sha256") and not f.with_name(f.name[:-len(".sha256")]).exists():
+            f.unlink(missing_ok=True)
+        elif f.name.startswith(".ckpt-") and f.name.endswith(".tmp"):
+            f.unlink(missing_ok=True)
+
+
+class _Hasher:
+    """``sha256_file(path)`` in a background thread (hashlib releases the GIL on large blocks)."""
+
+    def __init__(self, path: Path):
+        self._value: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._value = sha256_file(path)
+        except OSError as e:
+            self._value = f"unreadable ({e.strerror})"
+
+    def result(self) -> str:
+        self._thread.join()
+        return self._value or ""
+
+
 def read_checkpoint(path: Path) -> dict:
     """``torch.load(weights_only=True)`` of one checkpoint. A file holding pickled objects raises a
-    one-line :class:`UserError`; a damaged one raises ``ValueError``."""
+    one-line :class:`UserError`; a damaged one (its SHA-256 differs from the recorded one, or it
+    does not parse) raises ``ValueError``. The SHA-256 is computed in a thread while ``torch.load``
+    (weights_only: safe on any bytes) reads the file, which hides most of its cost."""
+    expected = read_sidecar(path)
+    hasher = _Hasher(path) if expected is not None else None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # not a torch.save file at all: damaged
             raise ValueError("not a zip archive written by torch.save") from None
+        if hasher is not None and hasher.result() != expected:  # a flipped bit in a name can look like a foreign class: damaged, not hostile
+            raise ValueError("SHA-256 differs from the recorded one (unpickling failed)") from None
         found = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l), "")
         found = re.sub(r"^.*?(GLOBAL \S+).*$", r"\1", found)
         raise UserError(f"checkpoint {path} holds pickled Python objects, not only tensors and plain containers"
@@ -158,8 +215,16 @@ def read_checkpoint(path: Path) -> dict:
                         "loading it could run code, so it is refused: pass --restart to move the run aside and start over") from None
     except Exception as e:  # truncated zip, bad header, ...
         raise ValueError(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}") from None
+    if hasher is not None:
+        actual = hasher.result()
+        if actual != expected:
+            raise ValueError(f"SHA-256 {actual[:12]}... differs from the recorded {expected[:12] or '(unreadable)'}...")
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise ValueError(f"not a checkpoint of format {CKPT_FORMAT} (found {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    if expected is None:
+        msg = f"checkpoint {path} has no recorded digest (written by an older version); it cannot be checked for damage"
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=3)
     return state
 
 

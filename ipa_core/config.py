@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xray.errors import UserError
+from xray.integrity import read_folder_digest, verify_file
 
 
 @dataclass
@@ -135,10 +136,19 @@ def get_config(name: str) -> VAEConfig:
 
 
 def load_config_json(path: str | Path) -> dict:
+    """A model folder's ``config.json`` as a dict, checked against the folder's ``digest.json``
+    (an edited or damaged config is a one-line :class:`UserError`, never silently used)."""
     p = Path(path)
+    recorded = read_folder_digest(p.parent) if p.is_file() else None
+    if recorded is not None and p.name in recorded:
+        verify_file(p, recorded[p.name], what="model config", hint="it was edited or damaged after saving; restore the "
+                    "original (the model's weights were trained with it) or retrain the model")
     try:
-        return json.loads(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"no config.json at {p}; expected a model folder written by save_pretrained") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {p}: {e}; the model folder is damaged, re-export it") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise UserError(f"cannot read {p}: {type(e).__name__}: {str(e)[:100]}; the model folder is damaged, re-export it") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{p} holds a JSON {type(d).__name__}, expected an object; the model folder is damaged, re-export it")
+    return d

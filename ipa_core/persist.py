@@ -1,6 +1,12 @@
 """Saving and loading models: ``save_pretrained(dir)`` writes ``config.json`` beside
 ``model.safetensors``; ``from_pretrained(dir)`` is the one loader (a model dir, or a training run
-dir holding ``model/``). Mismatched weights are refused with the first key that differs."""
+dir holding ``model/``). Mismatched weights are refused with the first key that differs.
+
+Every save also writes ``digest.json`` (the SHA-256 of ``model.safetensors`` and ``config.json``,
+:mod:`xray.integrity`), and every load checks it first: a flipped bit in the weights or an edited
+config is a one-line :class:`UserError` naming the file. A folder saved before digests existed
+loads with a warning. Model folders get the user's normal permissions (umask), not 0700.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xray.errors import UserError
-from xray.io import atomic_write_json
+from xray.integrity import FOLDER_DIGEST, folder_digest, verify_folder, write_folder_digest
+from xray.io import atomic_write_json, check_free_space, disk_full_error, is_disk_full, normal_mode
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -61,11 +68,22 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | 
     """Write ``config.json`` + ``model.safetensors`` into ``out_dir``, replacing it atomically."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    need = sum(v.numel() * v.element_size() for v in sd.values()) + (1 << 20)
+    check_free_space(out.parent, need)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(tmp, normal_mode(directory=True))  # mkdtemp makes 0700
     try:
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp / WEIGHTS_NAME))
-        atomic_write_json(tmp / CONFIG_NAME, {"model_type": model.model_type, **model.config.to_dict(), **(extra_config or {})})
+        try:
+            save_file(sd, str(tmp / WEIGHTS_NAME))
+            os.chmod(tmp / WEIGHTS_NAME, normal_mode())
+            atomic_write_json(tmp / CONFIG_NAME, {"model_type": model.model_type, **model.config.to_dict(), **(extra_config or {})})
+            write_folder_digest(tmp, (WEIGHTS_NAME, CONFIG_NAME))
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e):
+                raise disk_full_error(e, out / WEIGHTS_NAME, need) from None
+            raise
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -79,10 +97,33 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict | 
     return out
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Temp folders of a killed save of ``out`` (``.<name>.<random>``, ``.<name>.old``)."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def model_digest(path: str | Path) -> str:
+    """A short identity of a saved model folder (or a run folder holding ``model/``): the digest of
+    its ``digest.json``, or of its weights' bytes for a folder saved before digests existed."""
+    from xray.provenance import file_digest
+
+    d = resolve_model_dir(path)
+    return folder_digest(d) or file_digest(d / WEIGHTS_NAME)
+
+
+def verify_model_dir(d: Path, what: str = "model") -> bool:
+    """Check ``d/digest.json`` against the files (one-line :class:`UserError` on a mismatch)."""
+    return verify_folder(d, what=f"{what} folder", hint="the file was damaged or edited after saving; restore "
+                         f"the folder from a backup or retrain it (deleting {FOLDER_DIGEST} accepts the files unchecked)")
+
+
 def load_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
                     what: str = "model", hint: str = "train one first or pass the right path"):
     """Build ``cls`` from ``config.json`` and load its weights strictly (``what``/``hint`` word the errors)."""
     d = resolve_model_dir(path, what, hint)
+    verify_model_dir(d, what)
     from .config import load_config_json
 
     kind = load_config_json(d / CONFIG_NAME).get("model_type")

@@ -115,14 +115,17 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     step, readable = 0, []  # readable: steps of the checkpoints known to load (pruning keeps the newest)
     metrics_path = run_dir / "metrics.jsonl"
 
+    if state is not None and int(state["step"]) > cfg.steps:  # before anything is written: train_config.json stays true
+        raise UserError(f"{run_dir} is already trained to step {int(state['step'])}, more than --steps {cfg.steps}; pass "
+                        f"--steps {int(state['step'])} or more to keep it (or train on), or --restart to start over")
     if state is not None:
         step = _restore(state, model, ema, opt, skip, order, generator, rank)
         readable = [step]
         if rank == 0:
             log.info("resumed from %s at step %d", state["path"], step)
             truncate_metrics(metrics_path, step)
-            for tmp in (run_dir / CKPT_DIR).glob(".ckpt-*.tmp"):  # left by a kill during a write
-                tmp.unlink(missing_ok=True)
+            for tmp in [*(run_dir / CKPT_DIR).glob(".ckpt-*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
+                tmp.unlink(missing_ok=True)  # left by a kill during a write
         del state
     elif rank == 0:
         truncate_metrics(metrics_path, 0)  # a fresh start in a used folder: no rows of an unreadable run

@@ -27,6 +27,17 @@ touched images rebuild the cache, copying over the rows whose file is unchanged.
 ROOT's absolute path>-S``. ``xray prepare --root ROOT --size S`` writes exactly what every
 ``--data-root ROOT --image-size S`` command reads.
 
+**The cache checks its own files** (:func:`check_files`). The manifest records the size and
+SHA-256 of ``labels.csv`` and a digest of every chunk of :data:`CHUNK` rows of ``images.u8``;
+``sources.json`` records the SHA-256 of every source image file. Every open checks, besides the
+source stat check above: the manifest's image size against the requested one, the sizes of
+``images.u8`` and ``labels.csv``, the SHA-256 of ``labels.csv`` (a few ms per 100 000 rows), the
+pixels of :data:`SAMPLE_CHUNKS` random chunks of ``images.u8`` and the bytes of
+:data:`SAMPLE_SOURCES` random source images (about 30 ms at 256 px). ``xray prepare --verify``
+checks everything: every chunk and every source file's content (a same-size file swapped with
+its mtime kept). Damage found is repaired: ``labels.csv`` is rewritten, damaged or stale rows are
+decoded again (a truncated or deleted ``images.u8``: all of them).
+
 Images are centre-cropped to a square and resized with Lanczos antialiasing.
 """
 
@@ -39,6 +50,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import random
 import sys
 import warnings
 from dataclasses import dataclass
@@ -53,7 +65,8 @@ from tqdm.auto import tqdm
 from . import nih
 from .errors import UserError
 from .imageio import read_image
-from .io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from .integrity import sha256_file
+from .io import atomic_path, atomic_write_json, atomic_write_text, check_free_space, ensure_writable_dir
 from .labels import ANY_FINDING, NO_FINDING
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,9 @@ FORMAT_VERSION = 2
 CHUNK = 64  # images per unit of work and of recorded progress
 MAX_BAD_FRACTION = 0.01
 COPY_BLOCK = 1024  # rows copied at a time when a rebuild reuses unchanged images
+SAMPLE_CHUNKS = 4  # chunks of images.u8 whose digest every open checks
+SAMPLE_SOURCES = 4  # source image files whose content every open checks
+STALE = -1  # bytes/mtime recorded for a row found damaged or stale: it is decoded again
 IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, BAD_FILE, PROGRESS_FILE, SOURCES_FILE, LOCK_FILE = (
     "images.u8", "labels.csv", "manifest.json", "bad_images.txt", "progress.json", "sources.json", ".lock")
 
@@ -253,11 +269,13 @@ def _inherit_mode(out: Path, present_only: bool | None) -> bool:
 def is_current(p: Plan) -> bool:
     """True when the cache at ``p.out`` is complete and was made from exactly this source."""
     m = _read_json(p.out / MANIFEST_FILE)
-    return m is not None and m.get("fingerprint") == p.fingerprint and m.get("labels_hash") == p.labels_hash
+    return (m is not None and m.get("fingerprint") == p.fingerprint and m.get("labels_hash") == p.labels_hash
+            and m.get("image_size") == p.size and check_files(p.out, p.size, sample=0) is None)
 
 
 def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = None,
-            workers: int | None = None, progress: bool = True, present_only: bool | None = None) -> Path:
+            workers: int | None = None, progress: bool = True, present_only: bool | None = None,
+            verify: bool = False) -> Path:
     """Build (or finish, or bring up to date, or reuse) the S x S cache of ``root``; return its path.
 
     ``out`` defaults to :func:`cache_location` ``(root, size)`` = ``root/prepared-<size>``.
@@ -270,6 +288,10 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
     file did not change; a killed run resumes from its last recorded chunk. Missing (without
     ``present_only``) or corrupt images are skipped and listed in ``bad_images.txt``; more than
     1 % bad raises :class:`UserError`. Two processes preparing one cache take turns (a lock file).
+
+    Every open also checks the cache's own files and a sample of chunks and source files
+    (:func:`check_files`, :func:`check_sources`); ``verify`` checks every chunk and every source
+    file's bytes. Damage or changed content found is repaired (those rows are decoded again).
     """
     if out is not None:
         out = Path(out).expanduser()
@@ -277,8 +299,19 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
         check_size(size)
         out = cache_location(root, size)
     mode = _inherit_mode(out, present_only)
-    if _unchanged(root, size, out, mode):  # the common case: no CSV parsing, no lock, no writes
-        return out
+    seen = _unchanged(root, size, out, mode)
+    if seen is not None:  # the common case: no CSV parsing, no lock, no writes
+        damage = check_files(out, size, full=verify)
+        changed = [] if damage is not None else check_sources(out, root, sample=None if verify else SAMPLE_SOURCES, seen=seen)
+        if damage is None and not changed:
+            if verify:
+                _backfill_digests(out, seen)
+            return out
+        what = damage.what if damage is not None else (f"{len(changed)} source image(s) have other bytes than when "
+                                                        f"cached, same size and mtime (first: {changed[0]})")
+        log.warning("prepared cache %s: %s; repairing it", out, what)
+        with _locked(out):
+            _mark_stale(out, damage, changed)
     p = make_plan(root, size, out, mode)
     if is_current(p):
         return p.out
@@ -294,7 +327,15 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
 
 
 def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
+    for tmp in plan.out.glob(".*.tmp"):  # temp files of a killed run (we hold the lock: no writer is live)
+        tmp.unlink(missing_ok=True)
     manifest = _read_json(plan.out / MANIFEST_FILE)
+    if manifest is not None:
+        damage = check_files(plan.out, plan.size, sample=0)
+        if damage is not None:
+            log.warning("prepared cache %s: %s; repairing it", plan.out, damage.what)
+            _mark_stale(plan.out, damage)
+            manifest = _read_json(plan.out / MANIFEST_FILE)
     if manifest is not None and manifest.get("fingerprint") == plan.fingerprint:
         if manifest.get("labels_hash") == plan.labels_hash:
             return plan.out
@@ -323,29 +364,32 @@ def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
     return _finish(plan, bad)
 
 
-def _unchanged(root, size: int, out: Path, present_only: bool) -> bool:
+def _unchanged(root, size: int, out: Path, present_only: bool) -> dict | None:
     """The cheap check of a complete cache against its source: the label CSV's and split lists'
     bytes hash as recorded, and every image file (each row's, and each absent one's) has the size
     and mtime recorded in ``sources.json``. One ``stat`` per file and one read of the small text
-    files; no CSV parsing. False means "plan it properly", never "stale".
+    files; no CSV parsing. None means "plan it properly", never "stale"; else what it read
+    (``sources.json`` and the image files found), which the content check reuses.
     """
     m, src = _read_json(out / MANIFEST_FILE), _read_json(out / SOURCES_FILE)
     if (m is None or src is None or src.get("fingerprint") != m.get("fingerprint") or m.get("format") != FORMAT_VERSION
             or m.get("image_size") != size or bool(m.get("present_only")) != present_only):
-        return False
+        return None
     try:
         root = Path(root).expanduser()
         csv = nih.find_csv(root)
         if csv.name != m.get("csv") or _file_hash((csv, root / "train_val_list.txt", root / "test_list.txt")) != m.get("labels_hash"):
-            return False
+            return None
         files = nih.scan_images(root)
     except (UserError, OSError):
-        return False
-    for name, nbytes, mtime in src.get("rows", []):
+        return None
+    for name, nbytes, mtime, *_ in src.get("rows", []):
         f = files.get(name)
         if (None if f is None else (f[1], f[2])) != (None if nbytes is None else (nbytes, mtime)):
-            return False
-    return not any(name in files for name in src.get("absent", []))
+            return None
+    if any(name in files for name in src.get("absent", [])):
+        return None
+    return {"sources": src, "files": files}
 
 
 def _images_ok(out: Path, n: int, size: int) -> bool:
@@ -387,12 +431,14 @@ def _reusable_rows(out: Path, size: int) -> tuple[dict[tuple, int], int]:
         ok = [r for r in range(len(rows)) if r // CHUNK in done and str(r) not in bad]
     else:
         return {}, 0
-    return {tuple(rows[r]): r for r in ok if rows[r][1] is not None}, len(rows)
+    return {tuple(rows[r][:3]): r for r in ok if rows[r][1] is not None}, len(rows)
 
 
 def _start_build(plan: Plan) -> dict:
     """A fresh ``images.u8`` for ``plan``, holding every unchanged row of the old cache; the new progress state."""
     reuse, old_n = _reusable_rows(plan.out, plan.size)
+    old_src = _read_json(plan.out / SOURCES_FILE) or {}
+    hashes = {tuple(r[:3]): r[3] for r in old_src.get("rows", []) if len(r) > 3 and r[3]}  # content digests carried over
     names = plan.labels.index.tolist()
     pairs = [(new, reuse[key]) for new, key in enumerate((n, *st) if st else None for n, st in zip(names, plan.stats))
              if key is not None and key in reuse]  # (new row, old row)
@@ -400,8 +446,11 @@ def _start_build(plan: Plan) -> dict:
     for f in (MANIFEST_FILE, PROGRESS_FILE, SOURCES_FILE):
         (plan.out / f).unlink(missing_ok=True)
     shape = (plan.n, plan.size, plan.size)
-    with atomic_path(plan.out / IMAGES_FILE) as tmp:
-        mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)  # sparse, zero-filled
+    nbytes = plan.n * plan.size * plan.size
+    check_free_space(plan.out, nbytes)  # before anything is written (reused rows: the old file is still there)
+    with atomic_path(plan.out / IMAGES_FILE, need=nbytes) as tmp:
+        _allocate(tmp, nbytes)  # real blocks, not a sparse file: a full disk fails here, never with SIGBUS later
+        mm = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
         if pairs:
             old = np.memmap(plan.out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(old_n, plan.size, plan.size))
             for i in range(0, len(pairs), COPY_BLOCK):
@@ -411,7 +460,8 @@ def _start_build(plan: Plan) -> dict:
         mm.flush()
         del mm
     atomic_write_json(plan.out / SOURCES_FILE, {"fingerprint": plan.fingerprint, "size": plan.size,
-                                                "rows": [[n, *(st or (None, None))] for n, st in zip(names, plan.stats)],
+                                                "rows": [[n, *(st or (None, None)), *([hashes[(n, *st)]] if st and (n, *st) in hashes else [])]
+                                                         for n, st in zip(names, plan.stats)],
                                                 "absent": plan.absent if plan.present_only else []})
     reused = np.zeros(plan.n_chunks * CHUNK, dtype=bool)
     reused[[new for new, _ in pairs]] = True
@@ -423,6 +473,15 @@ def _start_build(plan: Plan) -> dict:
     state = {"fingerprint": plan.fingerprint, "present_only": plan.present_only, "done": done, "bad": {}}
     atomic_write_json(plan.out / PROGRESS_FILE, state)
     return state
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Give ``path`` ``nbytes`` of allocated (zero) blocks; ``ENOSPC`` raised now, as an ``OSError``."""
+    with open(path, "r+b") as f:
+        if hasattr(os, "posix_fallocate") and nbytes:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        else:  # pragma: no cover - not POSIX
+            f.truncate(nbytes)
 
 
 def _run_chunks(plan: Plan, todo: list[int], done: set[int], bad: dict[str, str], shape, progress: bool,
@@ -456,6 +515,36 @@ def _run_chunks(plan: Plan, todo: list[int], done: set[int], bad: dict[str, str]
         del mm
 
 
+def _known_or_new_digests(plan: Plan) -> list[str]:
+    """The chunk digests of ``images.u8``: the manifest's when the pixels did not change (a labels-only
+    rewrite, checked on a sample), else read from the file."""
+    old = _read_json(plan.out / MANIFEST_FILE) or {}
+    chunks = ((old.get("files") or {}).get(IMAGES_FILE) or {}).get("chunks")
+    if (old.get("fingerprint") == plan.fingerprint and old.get("image_size") == plan.size and chunks
+            and len(chunks) == plan.n_chunks and _images_ok(plan.out, plan.n, plan.size)
+            and not _bad_chunks(plan.out, plan.n, plan.size, chunks, random.Random().sample(range(len(chunks)), min(SAMPLE_CHUNKS, len(chunks))))):
+        return chunks
+    return _image_digests(plan.out, plan.n, plan.size)
+
+
+def _record_source_digests(plan: Plan) -> None:
+    """Add each row's source file SHA-256 to ``sources.json`` (kept for rows already hashed with the same size and mtime)."""
+    src = _read_json(plan.out / SOURCES_FILE)
+    if src is None:
+        return
+    rows = src.get("rows", [])
+    for r, row in enumerate(rows):
+        path = plan.paths[r] if r < len(plan.paths) else None
+        if path is None or row[1] is None:
+            continue
+        if len(row) < 4 or not row[3]:
+            try:
+                rows[r] = [*row[:3], sha256_file(path)]
+            except OSError:
+                rows[r] = [*row[:3], None]
+    atomic_write_json(plan.out / SOURCES_FILE, src)
+
+
 def _split_column(plan: Plan) -> np.ndarray:
     col = pd.Series("unused", index=plan.labels.index, dtype=object)
     for name in ("train", "val", "test"):
@@ -483,6 +572,8 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
     table = table[good]
     with atomic_path(plan.out / LABELS_FILE) as tmp:
         table.to_csv(tmp, index_label="image")
+        labels_file = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    _record_source_digests(plan)
 
     any_finding = int((table[NO_FINDING] == 0).sum())
     counts = {c: int(table[c].sum()) for c in nih.LABEL_COLUMNS} | {ANY_FINDING: any_finding}
@@ -504,11 +595,160 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
         "counts": counts,
         "splits": split_counts,
         "bad_images": [{"image": names[r], "reason": bad[str(r)]} for r in bad_rows],
+        "files": {LABELS_FILE: labels_file, IMAGES_FILE: {"chunk_rows": CHUNK, "chunks": _known_or_new_digests(plan)}},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(plan.out / MANIFEST_FILE, manifest)  # last: marks the cache complete
     (plan.out / PROGRESS_FILE).unlink(missing_ok=True)
     return plan.out
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache's own files
+
+
+def _chunk_digest(block: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(block).data).hexdigest()[:16]  # SHA-NI: ~2x blake2b
+
+
+def _image_digests(out: Path, n: int, size: int) -> list[str]:
+    mm = np.memmap(out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size))
+    try:
+        return [_chunk_digest(mm[c * CHUNK:(c + 1) * CHUNK]) for c in range((n + CHUNK - 1) // CHUNK)]  # (k, S, S) each
+    finally:
+        del mm
+
+
+def _bad_chunks(out: Path, n: int, size: int, digests: list[str], chunks) -> list[int]:
+    """The chunks (of ``chunks``) of ``images.u8`` whose pixels differ from ``digests``."""
+    mm = np.memmap(out / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(n, size, size))
+    try:
+        return [c for c in chunks if _chunk_digest(mm[c * CHUNK:(c + 1) * CHUNK]) != digests[c]]  # (k, S, S)
+    finally:
+        del mm
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What :func:`check_files` found wrong: ``what`` (one line), and what to redo."""
+
+    what: str
+    rows: frozenset = frozenset()  # rows to decode again
+    all_rows: bool = False  # images.u8 unusable: decode everything
+    labels: bool = False  # rewrite labels.csv
+
+
+def check_files(out: str | os.PathLike, size: int | None = None, full: bool = False, sample: int = SAMPLE_CHUNKS,
+                rng: random.Random | None = None) -> Damage | None:
+    """Check a complete cache's own files against its manifest; None when healthy.
+
+    Always: the manifest's image size (against ``size``), the sizes of ``images.u8`` and
+    ``labels.csv`` and the SHA-256 of ``labels.csv``; then the digests of ``sample`` random chunks of
+    ``images.u8`` (``full``: every chunk). A cache made before these digests existed passes the checks
+    it has data for.
+    """
+    out = Path(out)
+    m = _read_json(out / MANIFEST_FILE)
+    if m is None:
+        return Damage(f"{out / MANIFEST_FILE} is missing or unreadable", all_rows=True)
+    if size is not None and m.get("image_size") != size:
+        return Damage(f"its manifest says image_size {m.get('image_size')}, expected {size}", all_rows=True)
+    n, s = m.get("n_rows"), m.get("image_size")
+    f = out / IMAGES_FILE
+    if not isinstance(n, int) or not isinstance(s, int):
+        return Damage(f"{out / MANIFEST_FILE} lacks n_rows/image_size", all_rows=True)
+    have = f.stat().st_size if f.is_file() else None
+    if have != n * s * s:
+        return Damage(f"{f} is {'missing' if have is None else f'{have} bytes'}, expected {n * s * s}", all_rows=True)
+    files = m.get("files") or {}
+    lab = files.get(LABELS_FILE)
+    lf = out / LABELS_FILE
+    if not lf.is_file():
+        return Damage(f"{lf} is missing", labels=True)
+    if lab is not None:
+        if lf.stat().st_size != lab.get("bytes") or sha256_file(lf) != lab.get("sha256"):
+            return Damage(f"{lf} differs from the one written (size or SHA-256)", labels=True)
+    digests = (files.get(IMAGES_FILE) or {}).get("chunks")
+    if digests and len(digests) == (n + CHUNK - 1) // CHUNK:
+        chunks = range(len(digests)) if full else (rng or random.Random()).sample(range(len(digests)), min(sample, len(digests)))
+        bad = _bad_chunks(out, n, s, digests, chunks)
+        if bad:
+            rows = frozenset(r for c in bad for r in range(c * CHUNK, min((c + 1) * CHUNK, n)))
+            return Damage(f"{f}: the pixels of {len(bad)} chunk(s) of {CHUNK} rows differ from those written", rows=rows)
+    return None
+
+
+def check_sources(out: str | os.PathLike, root: str | os.PathLike, sample: int | None = SAMPLE_SOURCES,
+                  rng: random.Random | None = None, seen: dict | None = None) -> list[str]:
+    """Names of source images whose bytes differ from those the cache was made from (``sample``
+    random ones, or all with ``sample=None``): a same-size file replaced with its mtime kept.
+    ``seen``: what :func:`_unchanged` read (``sources.json`` and the image files), not read again."""
+    src = (seen or {}).get("sources") or _read_json(Path(out) / SOURCES_FILE) or {}
+    rows = [r for r in src.get("rows", []) if len(r) > 3 and r[3]]
+    if sample is not None:
+        rows = (rng or random.Random()).sample(rows, min(sample, len(rows)))
+    if not rows:
+        return []
+    found = (seen or {}).get("files")
+    files = {k: v[0] for k, v in found.items()} if found is not None else (
+        nih.find_images(Path(root).expanduser()) if sample is None else None)
+    changed = []
+    for name, _, _, digest in rows:
+        path = files.get(name) if files is not None else _find_one(Path(root).expanduser(), name)
+        try:
+            if path is None or sha256_file(path) != digest:
+                changed.append(name)
+        except OSError:
+            changed.append(name)
+    return changed
+
+
+def _find_one(root: Path, name: str) -> Path | None:
+    for cand in [root / "images" / name, *root.glob(f"images_*/images/{name}")]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _backfill_digests(out: Path, seen: dict) -> None:
+    """``--verify`` on a cache made before digests existed: record them now (what is there is taken as good)."""
+    m, src = _read_json(out / MANIFEST_FILE), seen["sources"]
+    missing = [r for r, row in enumerate(src.get("rows", [])) if row[1] is not None and (len(row) < 4 or not row[3])]
+    if m is None or ("files" in m and not missing):
+        return
+    log.warning("%s was prepared before content digests existed; recording them now", out)
+    with _locked(out):
+        for r in missing:
+            row = src["rows"][r]
+            f = seen["files"].get(row[0])
+            src["rows"][r] = [*row[:3], sha256_file(f[0]) if f else None]
+        atomic_write_json(out / SOURCES_FILE, src)
+        lf = out / LABELS_FILE
+        m["files"] = {LABELS_FILE: {"bytes": lf.stat().st_size, "sha256": sha256_file(lf)},
+                      IMAGES_FILE: {"chunk_rows": CHUNK, "chunks": _image_digests(out, m["n_rows"], m["image_size"])}}
+        atomic_write_json(out / MANIFEST_FILE, m)
+
+
+def _mark_stale(out: Path, damage: Damage | None = None, names: list[str] | None = None) -> None:
+    """Make the next :func:`prepare` redo what ``damage`` (or the changed source ``names``) needs."""
+    m, src = _read_json(out / MANIFEST_FILE), _read_json(out / SOURCES_FILE)
+    if m is None or src is None or (damage is not None and damage.all_rows):
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        return
+    if damage is not None and damage.labels and not damage.rows:
+        m["labels_hash"] = "damaged"
+        atomic_write_json(out / MANIFEST_FILE, m)
+        return
+    rows = set(damage.rows if damage is not None else ())
+    wanted = set(names or ())
+    rows |= {r for r, row in enumerate(src["rows"]) if row[0] in wanted}
+    for r in rows:
+        if src["rows"][r][1] is not None:
+            src["rows"][r] = [src["rows"][r][0], STALE, STALE]
+    stale = "stale-" + hashlib.sha1(json.dumps(sorted(rows)).encode()).hexdigest()[:12]
+    src["fingerprint"] = m["fingerprint"] = stale
+    atomic_write_json(out / SOURCES_FILE, src)  # sources first: a kill in between leaves a mismatch, i.e. a rebuild
+    atomic_write_json(out / MANIFEST_FILE, m)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict:

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Mapping
 
 from .errors import cli_entry
@@ -37,6 +38,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Callable[..., int]:
     """Build a console-script ``main(argv=None)`` from ``{command name: module path}``."""
 
@@ -47,6 +52,7 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
         if extra:  # name the command whose --help lists the valid flags
             ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        warnings.formatwarning = _one_line_warning  # a warning is one line on the console, never a source excerpt
         return args._main(args)
 
     main.commands = dict(commands)

@@ -61,6 +61,10 @@ class XrayDataset(Dataset):
             raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         check_max_images(max_images)
         self.manifest = _cache.read_manifest(self.cache_dir)
+        damage = _cache.check_files(self.cache_dir)  # sizes, labels.csv SHA-256, a few random chunks: ~30 ms at 256 px
+        if damage is not None:
+            raise UserError(f"prepared cache {self.cache_dir} is damaged: {damage.what}; run `xray prepare` on its data folder "
+                            "(or any command with --data-root) to repair it")
         self.split = split
         self.image_size = int(self.manifest["image_size"])
         self._n_rows = int(self.manifest["n_rows"])

@@ -259,6 +259,8 @@ def _check_member(m: tarfile.TarInfo, part: Part) -> str | None:
     if len(parts) != 2 or parts[0] != "images" or not parts[1].endswith(".png") or parts[1].startswith("."):
         raise _Corrupt(f"member {m.name!r} is not images/<name>.png")
     name = parts[1]
+    if len(name.encode()) > 255:  # no file system takes it (ENAMETOOLONG): a damaged or forged archive
+        raise _Corrupt(f"member name {name[:40]!r}... is {len(name.encode())} bytes long, more than a file name can be")
     if not part.first <= name <= part.last:
         raise _Corrupt(f"image {name} does not belong to part {part.number} ({part.first} .. {part.last})")
     return name

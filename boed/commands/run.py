@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
+from ipa_core.persist import model_digest
 from xray.cli_base import add_device_arg, parse_device
 from xray.errors import UserError
 from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
@@ -245,6 +246,8 @@ def main(args: argparse.Namespace) -> int:
         check_fingerprint(train, rec)
         first_sampler = DatasetSampler(train)
     out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")  # after every check
+    for old in [*out.glob("step_*.png"), out / "summary.png", out / "scans.json"]:  # an earlier run's: never mixed with this one's
+        old.unlink(missing_ok=True)
     sampler = IPASampler(ipa, temperature=args.temperature)
     policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
@@ -286,7 +289,8 @@ def main(args: argparse.Namespace) -> int:
         illness=illness.name, source=str(args.image) if args.image else source, target=target,
         estimator=args.estimator, n_samples=args.n_samples, seed=args.seed, first_draws=args.first_draws,
         geometry=geometry.to_dict(), prob_before=probs[0], steps=steps, locations=locations,
-        ipa=str(args.ipa), avp=str(args.avp),
+        ipa=str(args.ipa), avp=str(args.avp), temperature=args.temperature,
+        models={"ipa": model_digest(args.ipa), "avp": model_digest(args.avp)},
         data=None if args.data is None else {"data": args.data, "data_root": None if args.data_root is None else str(args.data_root),
                                              "recorded": rec}))
     print(f"wrote {out / 'scans.json'}" + ("" if args.no_figures else f", {out}/step_*.png and {out / 'summary.png'}"))

@@ -248,3 +248,164 @@ def test_paper_profile_starts_and_trains_on_cpu(tmp_path):
     for stage in ("vae", "ipa"):  # the smoke check's small metrics and grids, still written
         assert json.loads((out / stage / "eval.json").read_text())["n_images"] == 1
         assert len(list((out / stage / "samples").glob("*.png"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# kills at any instant, partial runs, models retrained in place (issue 22, items 3-6)
+
+
+def _tiny_opts(tmp_path, **kw):
+    import dataclasses
+
+    from boed.demo import DemoOptions
+
+    prof = dataclasses.replace(PROFILES["quick"], phantom_n=8, phantom_size=32, image_size=32)
+    return DemoOptions(**{**dict(out=tmp_path / "run", profile=prof, illnesses=("Effusion",)), **kw})
+
+
+def test_phantom_stage_killed_before_done_json_is_adopted(tmp_path, caplog):
+    from boed.demo import _stage, plan
+
+    opts = _tiny_opts(tmp_path)
+    opts.out.mkdir()
+    st = plan(opts)[0]
+    assert st.name == "phantom"
+    _stage(opts, st, {}, {})
+    (opts.out / "phantom" / "done.json").unlink()  # a kill between the folder's rename and done.json
+    (opts.out / ".phantom.partial-xyz").mkdir()  # and a temp folder of another killed run
+    fps, timings = {}, {}
+    _stage(opts, st, fps, timings)  # used to fail: "output folder .../phantom already exists"
+    done = json.loads((opts.out / "phantom" / "done.json").read_text())
+    assert done["adopted"] and done["fingerprint"] == fps["phantom"]
+    assert not list(opts.out.glob("phantom.old-*"))
+    # another seed: the adopted folder is moved aside and the stage reruns
+    other = _tiny_opts(tmp_path, seed=1)
+    _stage(other, plan(other)[0], {}, {})
+    assert len(list(opts.out.glob("phantom.old-*"))) == 1 and not list(opts.out.glob(".phantom.partial-*"))
+
+
+def test_killed_demo_takes_its_shards_with_it(tmp_path):
+    """A demo killed with SIGKILL: its shard children die too (never orphans holding record locks)."""
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from boed.demo import spawn_tied\n"
+        "c = spawn_tied([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(c.pid, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the shard outlived the killed demo")
+
+
+def test_rerun_waits_for_live_orphan_shards(tmp_path):
+    import subprocess
+    import sys
+
+    from boed.demo import wait_for_orphans
+
+    marker = str(tmp_path / "eval-out")
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)", marker])
+    while marker not in open(f"/proc/{orphan.pid}/cmdline").read():  # exec'd (not the forked test process yet)
+        time.sleep(0.01)
+    pid_file = tmp_path / "eval.pids"
+    pid_file.write_text(json.dumps({"pids": [orphan.pid, 999999]}))
+    t0 = time.perf_counter()
+    assert wait_for_orphans(pid_file, marker, poll=0.05) == [orphan.pid, 999999]
+    assert orphan.poll() is not None or time.perf_counter() - t0 > 0.5  # it waited for the live one
+    orphan.wait()
+
+
+def test_partial_run_summary_and_publish_hold_only_this_runs_stages(tmp_path):
+    """`--seed 1 --until vae` on a finished seed-0 run: no seed-0 metrics in summary.json, publish refuses."""
+    from boed.demo import current_stages, summarize
+    from boed.demo_publish import publish
+    from xray.errors import UserError
+
+    opts = _tiny_opts(tmp_path, seed=1, until="vae")
+    ev = opts.out / "eval" / "effusion"
+    ev.mkdir(parents=True)
+    (ev / "metrics.csv").write_text("illness,method,t,auroc,auroc_lo,auroc_hi,nll,n\nEffusion,random,0,0.9,0.8,1.0,0.5,10\n")
+    (ev / "done.json").write_text(json.dumps({"fingerprint": "seed0", "seconds": 1.0}))
+    (opts.out / "vae").mkdir()
+    (opts.out / "vae" / "done.json").write_text(json.dumps({"fingerprint": "seed1", "seconds": 1.0}))
+    current = current_stages(opts, {"vae": "seed1"})
+    assert current == ["vae"]
+    summary = summarize(opts, {"vae": 1.0}, current=current)
+    assert summary["metrics"] == [] and summary["seed"] == 1
+    with pytest.raises(UserError, match="holds no evaluation made with the last run's settings"):
+        publish(opts.out, tmp_path / "pub")
+    # a finished run of these settings publishes
+    (ev / "done.json").write_text(json.dumps({"fingerprint": "seed1-eval", "seconds": 1.0}))
+    summary = summarize(opts, {}, current=current_stages(opts, {"vae": "seed1", "eval/effusion": "seed1-eval"}))
+    assert [r["auroc"] for r in summary["metrics"]] == [0.9]
+
+
+def test_model_retrained_in_place_changes_downstream_fingerprints(tmp_path):
+    from boed.demo import plan, stage_fingerprint, stage_model_digest
+    from ipa_core import VAE
+    from tests.ipa_core.test_trainer import micro_cfg
+
+    opts = _tiny_opts(tmp_path, data_root=tmp_path / "nih")
+    stages = {st.name: st for st in plan(opts)}
+    torch.manual_seed(0)
+    VAE(micro_cfg()).save_pretrained(opts.out / "vae" / "model")
+
+    def fps():
+        models, out = {}, {}
+        for st in stages.values():
+            out[st.name] = stage_fingerprint(opts, st, out, {"fingerprint": "d"} if st.name == "data" else None, models)
+            d = stage_model_digest(st)
+            if d is not None:
+                models[st.name] = d
+        return out, models
+
+    ref, models = fps()
+    assert set(models) == {"vae"}  # the only model on disk
+    assert fps()[0] == ref
+    torch.manual_seed(1)
+    VAE(micro_cfg()).save_pretrained(opts.out / "vae" / "model")  # trained on in place
+    new = fps()[0]
+    # the stage reading the VAE and, through its fingerprint, every later one; not the AVP-CNN
+    assert {k for k in ref if new[k] != ref[k]} == {"ipa", "scans/effusion-0", "eval/effusion"}
+
+
+def test_stage_finished_by_an_older_boed_is_not_rerun_for_the_new_fingerprint(tmp_path, caplog):
+    """A finished stage recorded before fingerprints held model digests is accepted (with a warning)."""
+    from boed.demo import Stage, _stage, stage_fingerprint
+
+    opts = _tiny_opts(tmp_path)
+    calls = []
+    st = Stage("scans/x-0", "boed run", lambda o: calls.append(1), ["--out", opts.out / "scans" / "x-0"], upstream=("ipa",))
+    old = stage_fingerprint(opts, st, {"ipa": "ipa-old"})  # as an older boed computed it
+    (opts.out / "scans" / "x-0").mkdir(parents=True)
+    (opts.out / "scans" / "x-0" / "done.json").write_text(json.dumps({"fingerprint": old, "seconds": 2.0}))
+    fps, legacy = {"ipa": "ipa-new"}, {"ipa": "ipa-old"}
+    _stage(opts, st, fps, {}, {"ipa": "digest"}, legacy)
+    assert calls == [] and "older boed" in caplog.text
+    assert json.loads((opts.out / "scans" / "x-0" / "done.json").read_text())["fingerprint"] == fps["scans/x-0"]
+    _stage(opts, st, {"ipa": "ipa-new"}, {}, {"ipa": "retrained"}, {"ipa": "ipa-old"})  # a model retrained since
+    assert calls == [1]
+
+
+@pytest.mark.slow  # two short demo runs up to the data stage
+def test_demo_rerun_after_a_kill_before_phantom_done_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    base = ["demo", "--quick", "--until", "data", "--illness", "effusion", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--device", "cpu"]
+    assert _run(base) == 0
+    (out / "phantom" / "done.json").unlink()  # the issue's reproduction of a kill after the rename
+    assert _run(base) == 0
+    assert json.loads((out / "phantom" / "done.json").read_text())["adopted"]
+    assert json.loads((out / "summary.json").read_text())["metrics"] == []

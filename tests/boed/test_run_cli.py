@@ -75,6 +75,13 @@ def test_run_on_png_prints_choices_and_writes_figures(models, image_png, tmp_pat
     for s in rec["steps"]:
         assert s["eig"] >= 0 and 0 <= s["prob"] <= 1 and s["box"][2] - s["box"][0] == 16
     assert {"step_1.png", "step_2.png", "summary.png", "scans.json"} <= {p.name for p in out.iterdir()}
+    assert rec["temperature"] == 1.0 and set(rec["models"]) == {"ipa", "avp"} and all(rec["models"].values())
+    # a rerun into the same folder with fewer scans leaves no figure of the earlier run
+    code, _, err = run(["--illness", "Effusion", "--scans", "1", "--image", str(image_png), "--ipa", str(models / "ipa"),
+                        "--avp", str(models / "avp"), "--n-samples", "3", "--first-draws", "ipa", "--out", str(out),
+                        "--seed", "1", "--no-figures"], capsys)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"scans.json"}
 
 
 def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeypatch):

@@ -149,6 +149,7 @@ def test_save_load_round_trip_and_wrong_folders(tmp_path):
     other = IPA.from_vae(VAE(VAEConfig(**{**micro_config().to_dict(), "zdim": 5})))
     other.save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "config.json").write_text((tmp_path / "ipa" / "config.json").read_text())
+    (tmp_path / "other" / "digest.json").unlink()  # unchecked, as a folder saved before digests (else: "damaged")
     with pytest.raises(UserError, match="does not match"):
         IPA.from_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="IPA model"):

@@ -16,6 +16,7 @@ from ipa_core.trainer import (BatchOrder, SkipRule, TrainConfig, add_train_args,
                               iterate_batches, train_config_from_args, warmup_lr)
 from ipa_core.vae_task import VAETask, measure_standardisation
 from xray.errors import UserError
+from xray.integrity import write_sidecar
 
 torch.set_num_threads(1)
 
@@ -416,6 +417,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["skip"]["extra"] = Payload()
     torch.save(state, path)
+    write_sidecar(path)  # a consistent digest: the file is as written, by someone else (a damaged one falls back)
     with pytest.raises(UserError) as e:
         fit(VAETask(new_vae()), ImageSet(), tcfg(steps=4), tmp_path)
     msg = str(e.value)

@@ -411,3 +411,134 @@ def test_up_to_date_check_is_cheap_but_still_sees_changes(tmp_path, monkeypatch)
     Image.fromarray(image_for(5, 8)).save(root / "images" / "00000003_001.png")  # the absent image arrives
     cache.prepare(root, 8, workers=0, progress=False)
     assert _manifest(out)["n_images"] == 12 and _manifest(out)["n_absent"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache's own files are checked and repaired (issue 22, items 7-9)
+
+
+def _damage_labels_flip(out):
+    t = pd.read_csv(out / "labels.csv")
+    col = "Effusion"
+    t[col] = 1 - t[col]
+    t.to_csv(out / "labels.csv", index=False)
+
+
+def _damage_labels_permute(out):
+    lines = (out / "labels.csv").read_text().splitlines(keepends=True)
+    (out / "labels.csv").write_text(lines[0] + "".join(lines[2:3] + lines[1:2] + lines[3:]))
+
+
+def _damage_labels_truncate(out):
+    text = (out / "labels.csv").read_text()
+    (out / "labels.csv").write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")
+
+
+def _damage_images_zero(out):
+    f = out / "images.u8"
+    f.write_bytes(bytes(f.stat().st_size))
+
+
+def _damage_images_truncate(out):
+    f = out / "images.u8"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _damage_manifest_size(out):
+    m = json.loads((out / "manifest.json").read_text())
+    m["image_size"] = 32
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+DAMAGE = {"labels-flipped-column": _damage_labels_flip, "labels-rows-permuted": _damage_labels_permute,
+          "labels-truncated": _damage_labels_truncate, "labels-deleted": lambda o: (o / "labels.csv").unlink(),
+          "images-all-zero": _damage_images_zero, "images-truncated": _damage_images_truncate,
+          "images-deleted": lambda o: (o / "images.u8").unlink(), "manifest-image-size": _damage_manifest_size}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_cache_is_refused_then_repaired(tiny_nih, tmp_path, case):
+    from xray.dataset import XrayDataset
+
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    good_labels, good_images = (out / "labels.csv").read_bytes(), (out / "images.u8").read_bytes()
+    DAMAGE[case](out)
+    if case != "manifest-image-size":  # (an edited manifest opens as what it says; prepare at S finds it)
+        with pytest.raises(UserError, match=r"prepared cache .* is damaged: .*; run `xray prepare`") as e:
+            XrayDataset(out, "all")
+        assert "\n" not in str(e.value)
+    assert cache.check_files(out, S) is not None
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)  # repairs
+    assert (out / "labels.csv").read_bytes() == good_labels and (out / "images.u8").read_bytes() == good_images
+    assert cache.check_files(out, S, full=True) is None
+    assert len(XrayDataset(out, "all")) == json.loads((out / "manifest.json").read_text())["n_images"]
+
+
+def test_same_size_image_swapped_with_mtime_kept_is_found_by_the_content_check(tiny_nih, tmp_path):
+    files = nih.find_images(tiny_nih)
+    name = sorted(files)[0]
+    a = files[name]
+    img = np.asarray(Image.open(a)).copy()
+    Image.fromarray(img).save(a, format="PNG", compress_level=0)  # uncompressed: the size depends on the shape only
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    st = a.stat()
+    img[: img.shape[0] // 2] = 255 - img[: img.shape[0] // 2]
+    Image.fromarray(img).save(a, format="PNG", compress_level=0)  # another image of the same size ...
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... with its mtime kept (cp -p, rsync -t)
+    assert a.stat().st_size == st.st_size
+    assert cache._unchanged(tiny_nih, S, out, False)  # the stat check cannot see it
+    assert cache.check_sources(out, tiny_nih, sample=None) == [name]
+    before = images_of(out, len(files)).copy()
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False, verify=True)
+    after = images_of(out, len(files))
+    row = pd.read_csv(out / "labels.csv", index_col="image").loc[name, "row"]
+    assert [r for r in range(len(files)) if not np.array_equal(before[r], after[r])] == [row]
+    np.testing.assert_array_equal(after[row], cache.resize_square(read_image(a), S))
+    assert cache.check_sources(out, tiny_nih, sample=None) == []
+
+
+def test_full_disk_while_preparing_is_one_line_and_leaves_nothing(tiny_nih, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=r"^no space left on /.*need about .* MB, have") as e:
+        cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "c").glob("*.tmp")) and not list((tmp_path / "c").glob(".*.tmp"))
+    assert not (tmp_path / "c" / "images.u8").exists() and not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_temp_files_of_a_killed_prepare_are_removed(tiny_nih, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / ".images.u8.abc.tmp").write_bytes(b"x" * 100)
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_verify_adds_digests_to_a_cache_made_before_them(tiny_nih, tmp_path):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["files"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    src = json.loads((out / "sources.json").read_text())
+    src["rows"] = [r[:3] for r in src["rows"]]
+    (out / "sources.json").write_text(json.dumps(src))
+    _damage_images_zero(out)
+    assert cache.check_files(out, S, full=True) is None  # nothing to check against: accepted
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False, verify=True)
+    assert "files" in json.loads((out / "manifest.json").read_text())
+    assert all(len(r) == 4 and r[3] for r in json.loads((out / "sources.json").read_text())["rows"])
+    (out / "images.u8").write_bytes(b"\1" * (out / "images.u8").stat().st_size)
+    assert cache.check_files(out, S) is not None  # from now on, damage is found
+
+
+def test_labels_only_rewrite_keeps_the_chunk_digests_without_rereading(tiny_nih, tmp_path, monkeypatch):
+    out = cache.prepare(tiny_nih, S, out=tmp_path / "c", workers=0, progress=False)
+    before = json.loads((out / "manifest.json").read_text())["files"]["images.u8"]
+    _damage_labels_flip(out)
+    monkeypatch.setattr(cache, "_image_digests", lambda *a: pytest.fail("images.u8 read again for a labels-only rewrite"))
+    cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["files"]["images.u8"] == before
+    assert cache.check_files(out, S, full=True) is None

@@ -259,6 +259,11 @@ def test_wrong_members_are_refused(server, tmp_path):
     with pytest.raises(UserError, match="does not belong to part 1"):
         run(out, table, parts="1")
     assert not (out / "images_001").exists()
+    long = _names(1)[0][:-4] + "x" * 300 + ".png"  # sorts inside the part's range; no file system takes it
+    server.files["/p1.gz"] = make_part(1, _names(1)[:-1] + [long])
+    with pytest.raises(UserError, match="bytes long, more than a file name can be") as e:
+        run(out, table, parts="1")
+    assert "\n" not in str(e.value) and not (out / "images_001").exists()
 
 
 def test_cli_with_mirror_ends_with_info(server, tmp_path, monkeypatch, capsys):

@@ -35,3 +35,16 @@ def test_unwritable_dir_is_a_user_error(tmp_path):
     f.write_text("")
     with pytest.raises(UserError, match="cannot write"):
         ensure_writable_dir(f / "sub")
+
+
+
+def test_atomic_write_where_no_folder_can_be_made_is_one_line(tmp_path):
+    import pytest
+
+    from xray.errors import UserError
+    from xray.io import atomic_write_text
+
+    (tmp_path / "file").write_text("")  # a path through a file (as root, the one unwritable place there is)
+    with pytest.raises(UserError, match=r"cannot write .*file/sub/x.txt: .*; choose a writable path") as e:
+        atomic_write_text(tmp_path / "file" / "sub" / "x.txt", "x")
+    assert "\n" not in str(e.value)

@@ -6,7 +6,9 @@ Resumable: rerun after a kill and it continues; rerun on an up-to-date cache and
 once; rerun after the folder changed (images added or replaced, labels edited) and it brings the
 cache up to date, reusing unchanged images. Missing or corrupt images are skipped and listed in
 bad_images.txt (more than 1 % is an error); with --present-only, images the CSV lists but that
-are not on disk (a partial download) are left out and counted instead.
+are not on disk (a partial download) are left out and counted instead. Every run checks the
+cache's own files (sizes, labels.csv's SHA-256, a few random chunks of pixels and source files) and
+repairs what is damaged; --verify checks every chunk and every source file's bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="cache the listed images that are present, count the absent ones (a partial download); "
                         "without it, an existing cache keeps the mode it was prepared with")
     p.add_argument("--workers", type=int, default=None, metavar="W", help="decoding processes (default: all cores; 0 = none)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every byte: each chunk of the cache's images against its digest and each source image "
+                        "file against the SHA-256 recorded when it was cached (a file swapped with its size and mtime "
+                        "kept); what differs is decoded again. Every open checks a few random ones")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -50,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers is {args.workers}; expected 0 (decode in this process) or more")
     out = args.out if args.out is not None else cache_location(args.root, args.size, args.cache_dir)
-    out = prepare(args.root, args.size, out=out, workers=args.workers, progress=args.progress, present_only=args.present_only)
+    out = prepare(args.root, args.size, out=out, workers=args.workers, progress=args.progress, present_only=args.present_only,
+                  verify=args.verify)
     print(summary_line(out))
     return 0
