@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from xray.chestmnist import find_npz
 from xray.cli_base import add_device_arg, comma_list, device_flag
+from xray.dataset import DATA_NAMES
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
@@ -38,7 +40,10 @@ def configure(p) -> None:
     from boed.demo import PROFILES, STAGES
 
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default: runs/demo)")
-    p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom (default: none: the default phantom set, generated on first use into the cache folder)")
+    p.add_argument("--data", choices=DATA_NAMES, default=None,
+                   help="phantom, chestxray (an NIH-format folder) or chestmnist (MedMNIST's chestmnist_S.npz: the NIH "
+                        "images in one small file) (default: chestxray with --data-root, else phantom)")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom, or the folder holding chestmnist_S.npz (default: none: the default phantom set, generated on first use into the cache folder; with --data chestmnist, medmnist's ~/.medmnist)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="where prepared images and the default phantom set live (default: ~/.cache/boed)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
@@ -100,11 +105,17 @@ def main(args) -> int:
                                       ipa_batch=min(profile.ipa_batch, args.max_batch), avp_batch=min(profile.avp_batch, args.max_batch))
     if args.n_test is not None:
         profile = dataclasses.replace(profile, n_test=args.n_test)
-    if args.data_root is not None and not args.data_root.is_dir():
+    if args.data == "chestxray" and args.data_root is None:
+        raise UserError("--data chestxray needs --data-root DIR (a folder with Data_Entry_2017*.csv and images/)")
+    if args.data == "chestmnist":
+        if args.present_only:
+            raise UserError("--present-only is for a partial NIH download; ChestMNIST is one complete file, leave it out")
+        find_npz(args.data_root, profile.image_size)  # the file is there (or fetched) before any folder is made
+    elif args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
     illnesses = tuple(resolve_illness(i).name for i in comma_list(args.illness))
     device = device_flag(args.device)
-    opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
+    opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root, data=args.data,
                        cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until,
                        max_images=args.max_images, present_only=args.present_only,
                        avp_init_weights=args.avp_init_weights, with_policies=args.with_policies,
