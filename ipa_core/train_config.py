@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from xray.cli_base import finite_float
 from xray.errors import UserError
 
 DEFAULT_DEVICE = "auto"
@@ -134,17 +135,14 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig, note:
     g = parser.add_argument_group("training")
     d = defaults
 
-    def opt_float(s: str) -> float | None:
-        return None if s.lower() in ("none", "off") else float(s)
-
     g.add_argument("--steps", type=int, default=None, help=f"total optimiser steps; a finished run trains on to a larger value (default {d.steps}{note})")
     g.add_argument("--batch-size", type=int, default=None, help=f"images per step per process (default {d.batch_size}{note})")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr}{note})")
+    g.add_argument("--lr", type=finite_float(0, 1, lo_open=True), default=None, help=f"peak learning rate (default {d.lr}{note})")
     g.add_argument("--warmup", type=int, default=None, help=f"linear warmup steps (default {d.warmup}{note})")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay}{note})")
-    g.add_argument("--ema-rate", type=opt_float, default=argparse.SUPPRESS, help=f"EMA rate, or 'none' (default {d.ema_rate}{note})")
-    g.add_argument("--grad-clip", type=opt_float, default=argparse.SUPPRESS, help=f"gradient norm clip, or 'none' (default {d.grad_clip}{note})")
-    g.add_argument("--skip-threshold", type=opt_float, default=argparse.SUPPRESS, help=f"skip updates with a larger gradient norm, or 'none' (default {d.skip_threshold}{note})")
+    g.add_argument("--weight-decay", type=finite_float(0), default=None, help=f"AdamW weight decay (default {d.weight_decay}{note})")
+    g.add_argument("--ema-rate", type=finite_float(0, 1, hi_open=True, none=True), default=argparse.SUPPRESS, help=f"EMA rate, or 'none' (default {d.ema_rate}{note})")
+    g.add_argument("--grad-clip", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS, help=f"gradient norm clip, or 'none' (default {d.grad_clip}{note})")
+    g.add_argument("--skip-threshold", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS, help=f"skip updates with a larger gradient norm, or 'none' (default {d.skip_threshold}{note})")
     g.add_argument("--log-every", type=int, default=None, help=f"steps between metric rows (default {d.log_every}{note})")
     g.add_argument("--sample-every", type=int, default=None, help=f"steps between sample grids (default {d.sample_every}{note})")
     g.add_argument("--ckpt-every", type=int, default=None, help=f"steps between checkpoints (default {d.ckpt_every}{note})")

@@ -112,6 +112,23 @@ CASES = [
     ("demo-max-steps", "boed", ["demo", "--max-steps", "0", "--out", D], "--max-steps"),
     ("demo-eval-images", "boed", ["demo", "--eval-images", "0", "--out", D], "--eval-images"),
     ("demo-missing-data-root", "boed", ["demo", "--data-root", "{t}/nowhere", "--out", D], "nowhere"),
+    ("demo-chestmnist-no-file", "boed", ["demo", "--data", "chestmnist", "--data-root", "{t}", "--out", D], "chestmnist_64.npz"),
+    ("demo-chestxray-no-root", "boed", ["demo", "--data", "chestxray", "--out", D], "--data-root"),
+    ("train-avp-chestmnist-no-file", "boed", ["train-avp", "--out", D, "--data", "chestmnist", "--data-root", "{t}"], "chestmnist_64.npz"),
+    # float flags: finite and in range, refused by the parser (issue 23 item 4)
+    ("run-temperature-nan", "boed", ["run", *MODELS, "--temperature", "nan", "--out", D], "--temperature"),
+    ("run-temperature-inf", "boed", ["run", *MODELS, "--temperature", "inf", "--out", D], "not finite"),
+    ("sample-t-nan", "ipa_core", [*SAMPLE, "--t", "nan"], "--t"),
+    ("sample-t-negative", "ipa_core", [*SAMPLE, "--t", "-1"], "out of range"),
+    ("train-lr-inf", "ipa_core", ["train", "--out", D, "--lr", "inf"], "--lr"),
+    ("train-ema-rate-1", "ipa_core", ["train", "--out", D, "--ema-rate", "1"], "--ema-rate"),
+    ("train-grad-clip-nan", "ipa_core", ["train", "--out", D, "--grad-clip", "nan"], "--grad-clip"),
+    ("train-weight-decay-negative", "ipa_core", ["train", "--out", D, "--weight-decay", "-1"], "--weight-decay"),
+    ("train-avp-lr-inf", "boed", ["train-avp", "--out", D, "--lr", "inf"], "--lr"),
+    ("train-avp-p-full", "boed", ["train-avp", "--out", D, "--p-full", "1.5"], "--p-full"),
+    ("train-policy-temperature-nan", "boed", ["train-policy", "--out", D, "--temperature", "nan"], "--temperature"),
+    ("train-policy-tau-zero", "boed", ["train-policy", "--out", D, "--tau", "0"], "--tau"),
+    ("download-timeout-inf", "xray", ["download", "--out", D, "--timeout", "inf"], "--timeout"),
 ]
 if NO_CUDA:
     CASES += [("run-cuda-absent", "boed", ["run", *MODELS, "--device", "cuda", "--out", D], "CUDA"),

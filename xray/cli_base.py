@@ -7,8 +7,9 @@ argument, bad choice) are printed the same way.
 
 Shared flag pieces live here so every command words them alike: :func:`add_device_arg` /
 :data:`DEVICE_HELP` (the one ``--device``), :func:`comma_list` (every list flag is
-comma-separated), :func:`set_help` (reword a flag a shared helper added, e.g. a default that a
-model decides).
+comma-separated), :func:`finite_float` (every float flag: finite and in range, checked by the
+parser), :func:`set_help` (reword a flag a shared helper added, e.g. a default that a model
+decides).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 from typing import Callable, Mapping
@@ -26,6 +28,7 @@ DEFAULT_DEVICE = "auto"
 DEVICE_HELP = ("where to compute: auto (the first CUDA GPU when there is one, else the CPU; under torchrun "
                "the process's own GPU), cpu, cuda or cuda:N (default: %s)" % DEFAULT_DEVICE)
 VERBOSE_HELP = "debug logging (accepted before or after the command)"
+MAX_TEMPERATURE = 100.0  # IPA sampling temperatures above this only draw noise (and overflow to NaN)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -85,6 +88,40 @@ def set_help(parser: argparse.ArgumentParser, option: str, help: str, **changes)
         if k == "default":
             parser.set_defaults(**{action.dest: v})
     return action
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+                 none: bool = False) -> Callable[[str], float | None]:
+    """An argparse ``type`` for a float flag: finite (``nan``/``inf`` refused) and within ``[lo, hi]``
+    (``lo_open``/``hi_open``: the bound itself excluded; ``None``: no bound). ``none=True`` also
+    accepts ``none``/``off`` as ``None``. A bad value is argparse's one-line error naming the flag,
+    the value and the range, before the command runs (so before any file is made)::
+
+        p.add_argument("--temperature", type=finite_float(0, lo_open=True), default=1.0)
+    """
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    expected = "a finite number" + (" " + " and ".join(parts) if parts else "") + (", or 'none'" if none else "")
+
+    def parse(text: str) -> float | None:
+        if none and str(text).strip().lower() in ("none", "off"):
+            return None
+        try:
+            v = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected {expected}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected {expected}")
+        if lo is not None and (v < lo or lo_open and v == lo) or hi is not None and (v > hi or hi_open and v == hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {expected}")
+        return v
+
+    parse.__name__ = "number"
+    parse.expected = expected
+    return parse
 
 
 def comma_list(values: str | list[str] | tuple[str, ...] | None) -> list[str]:

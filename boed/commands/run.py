@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
-from xray.cli_base import add_device_arg, parse_device
+from xray.chestmnist import holds_chestmnist
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, parse_device
 from xray.errors import UserError
 from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
 from xray.io import atomic_write_json, ensure_writable_dir
@@ -54,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP classifier model or run dir (default: {DEFAULT_AVP})")
     parser.add_argument("--n-samples", type=int, default=10, help="completions N per decision (default: 10)")
     parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: scan where the expected information gain is largest (the paper); epe: where the expected posterior entropy is smallest (default: eig)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
+    parser.add_argument("--temperature", type=finite_float(0, MAX_TEMPERATURE, lo_open=True), default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
     parser.add_argument("--first-draws", choices=("dataset", "ipa"), default="dataset",
                         help="t = 1 completions: images of the train split of --data (paper) or IPA samples given nothing "
                              "(no data needed) (default: dataset)")
@@ -71,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
     parser.set_defaults(data=None)  # None: the data recorded in the model runs
-    parser._option_string_actions["--data"].help = ("phantom or chestxray; omitted: the data the models were trained on, "
+    parser._option_string_actions["--data"].help = ("phantom, chestxray or chestmnist; omitted: the data the models were trained on, "
                                                     f"as recorded in their runs ({DATA_RECORD})")
 
 
@@ -161,7 +162,7 @@ def resolve_data_args(args, needs_data: bool) -> dict | None:
     rec = training_data(args.ipa, args.avp)
     if args.data is not None or args.data_root is not None:
         if args.data is None:
-            args.data = "chestxray"  # an NIH-format folder
+            args.data = "chestmnist" if holds_chestmnist(args.data_root) else "chestxray"  # MedMNIST's file, or an NIH-format folder
         return rec
     if not needs_data:
         return rec

@@ -24,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from xray.cli_base import describe_train_flags, device_flag
+from xray.cli_base import describe_train_flags, device_flag, finite_float
 from xray.errors import UserError
 
 HELP = "train the AVP-CNN classifier of partially observed images"
@@ -63,9 +63,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a local copy of the --init imagenet or xrv:NAME weights (a state dict); nothing is downloaded (default: none)")
     p.add_argument("--pos-weight", choices=("none", "auto"), default=_default(AVPTrainConfig, "pos_weight"),
                    help=f"auto: weight positives by negatives/positives per label (default: {_default(AVPTrainConfig, 'pos_weight')})")
-    p.add_argument("--p-full", type=float, default=_default(AVPTrainConfig, "p_full"),
+    p.add_argument("--p-full", type=finite_float(0, 1), default=_default(AVPTrainConfig, "p_full"),
                    help=f"share of fully observed training images, not in the paper (default: {_default(AVPTrainConfig, 'p_full')})")
-    p.add_argument("--p-freeform", type=float, default=_default(AVPTrainConfig, "p_freeform"),
+    p.add_argument("--p-freeform", type=finite_float(0, 1), default=_default(AVPTrainConfig, "p_freeform"),
                    help="share of free-form masks among the partial ones, the rest 0-5 random patches of "
                         f"{round(100 * _default(AVPTrainConfig, 'patch_frac'))}%% width (default: {_default(AVPTrainConfig, 'p_freeform')})")
     p.add_argument("--freeform-bank", type=int, default=_default(AVPTrainConfig, "freeform_bank"),

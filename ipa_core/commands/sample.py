@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from xray.cli_base import add_device_arg, parse_device
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, parse_device
 from xray.errors import UserError
 
 HELP = "draw IPA completions of a partially observed image (grid PNG)"
@@ -43,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--index", metavar="I", type=int, help="image I of the test split of --data (give --image or --index)")
     p.add_argument("--mask", default=DEFAULT_MASK, metavar="SPEC", help=f"observed pixels: {MASK_SPEC_HELP} (default: {DEFAULT_MASK})")
     p.add_argument("--n", type=int, default=DEFAULT_N, metavar="N", help=f"number of completions (default: {DEFAULT_N})")
-    p.add_argument("--t", type=float, default=DEFAULT_T, metavar="T",
+    p.add_argument("--t", type=finite_float(0, MAX_TEMPERATURE), default=DEFAULT_T, metavar="T",
                    help="sampling temperature: scales the spread of the random latent draws; below 1 gives "
                         f"smoother, more typical completions, 0 the most likely one (default: {DEFAULT_T})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed of the mask and the completions; same seed, same figure (default: {DEFAULT_SEED})")
@@ -67,8 +67,6 @@ def main(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.t < 0:
-        raise UserError(f"--t must be >= 0, got {args.t}")
     device = parse_device(args.device)
     run = Path(args.run)
     if not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):

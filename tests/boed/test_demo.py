@@ -248,3 +248,20 @@ def test_paper_profile_starts_and_trains_on_cpu(tmp_path):
     for stage in ("vae", "ipa"):  # the smoke check's small metrics and grids, still written
         assert json.loads((out / stage / "eval.json").read_text())["n_images"] == 1
         assert len(list((out / stage / "samples").glob("*.png"))) == 1
+
+
+def test_chestmnist_data_reaches_every_stage_without_a_phantom_stage(tmp_path):
+    """`boed demo --data chestmnist`: every stage gets --data chestmnist, no private phantom set is made,
+    and the stages of a run without --data keep their commands (so old runs are not redone)."""
+    from boed.demo import DemoOptions, plan
+
+    mnist = plan(DemoOptions(out=tmp_path / "run", profile=PROFILES["quick"], illnesses=("Effusion",),
+                             data_root=tmp_path / "mnist", data="chestmnist"))
+    assert [s.name for s in mnist][0] == "data"  # no phantom stage
+    for st in mnist:
+        argv = [str(a) for a in st.argv]
+        assert argv[argv.index("--data") + 1] == "chestmnist" and argv[argv.index("--data-root") + 1] == str(tmp_path / "mnist")
+    default = plan(DemoOptions(out=tmp_path / "run", profile=PROFILES["quick"], illnesses=("Effusion",)))
+    assert default[0].name == "phantom"
+    argv = [str(a) for a in default[1].argv]
+    assert argv == ["--image-size", "64", "--data", "chestxray", "--data-root", str(tmp_path / "run" / "phantom")]
