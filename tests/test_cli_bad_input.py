@@ -129,6 +129,15 @@ CASES = [
     ("train-policy-temperature-nan", "boed", ["train-policy", "--out", D, "--temperature", "nan"], "--temperature"),
     ("train-policy-tau-zero", "boed", ["train-policy", "--out", D, "--tau", "0"], "--tau"),
     ("download-timeout-inf", "xray", ["download", "--out", D, "--timeout", "inf"], "--timeout"),
+    # no tracebacks (issue 23 item 5)
+    ("phantom-out-under-a-file", "xray", ["phantom", "--out", "{w}/xray.png/sub", "--n", "4", "--size", "64", "--seed", "0"], "is a file, not a folder"),
+    ("train-official-text-file", "ipa_core", ["train", "--stage", "vae", "--config", "tiny", "--import-official", "{w}/not-an-image.png", "--out", D], "not a PyTorch checkpoint"),
+    ("sample-out-is-a-folder", "ipa_core", [*SAMPLE[:5], "--out", "{w}", *DATA], "is a folder"),
+    ("sample-out-under-a-file", "ipa_core", [*SAMPLE[:5], "--out", "{w}/xray.png/g.png", *DATA], "is a file, not a folder"),
+    ("sample-n-huge", "ipa_core", [*SAMPLE, "--n", "100000"], "--n is 100000"),
+    ("run-show-negative", "boed", ["run", *MODELS, "--show", "-3", "--out", D], "--show"),
+    ("run-n-samples-huge", "boed", ["run", *MODELS, "--n-samples", "1000000", "--out", D], "--n-samples"),
+    ("demo-publish-file", "boed", ["demo", "--publish", "{w}/xray.png", "--out", D], "--publish"),
 ]
 if NO_CUDA:
     CASES += [("run-cuda-absent", "boed", ["run", *MODELS, "--device", "cuda", "--out", D], "CUDA"),

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import cli_entry
@@ -122,6 +123,35 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
     parse.__name__ = "number"
     parse.expected = expected
     return parse
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", kind: str = "folder",
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, before anything is computed or made, that ``path`` can become an output ``kind``
+    ("folder" or "file", with one of ``suffixes`` when given): not a file where a folder is
+    wanted (or the reverse), no file among its parents, and the nearest existing folder writable.
+    One-line :class:`UserError` naming ``flag`` otherwise; creates nothing. Returns the path."""
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    if kind == "file":
+        if p.is_dir():
+            example = p / f"out{suffixes[0] if suffixes else ''}"
+            raise UserError(f"{flag} {p} is a folder; expected a file path such as {example}")
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise UserError(f"{flag} {p} ends in {p.suffix or 'no suffix'!r}; expected a {' or '.join(suffixes)} file "
+                            f"(e.g. {p.with_suffix(suffixes[0])})")
+    elif p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; expected a folder (a new or existing one)")
+    for a in ([p] if kind == "folder" else []) + [p.parent, *p.parent.parents]:
+        if not a.exists():
+            continue
+        if not a.is_dir():
+            raise UserError(f"{flag} {p}: {a} is a file, not a folder; choose a path whose parents are folders")
+        if not os.access(a, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {p}: cannot write in {a} (permission denied); choose a writable place")
+        break
+    return p
 
 
 def comma_list(values: str | list[str] | tuple[str, ...] | None) -> list[str]:

@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 
 from xray.chestmnist import find_npz
-from xray.cli_base import add_device_arg, comma_list, device_flag
+from xray.cli_base import add_device_arg, check_output, comma_list, device_flag
 from xray.dataset import DATA_NAMES
 from xray.errors import UserError
 from xray.labels import resolve_illness
@@ -113,6 +113,8 @@ def main(args) -> int:
         find_npz(args.data_root, profile.image_size)  # the file is there (or fetched) before any folder is made
     elif args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+    if args.publish is not None:
+        check_output(args.publish, "--publish", "folder")
     illnesses = tuple(resolve_illness(i).name for i in comma_list(args.illness))
     device = device_flag(args.device)
     opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root, data=args.data,

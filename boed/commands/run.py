@@ -39,6 +39,7 @@ from xray.labels import resolve_illness
 HELP = "choose scan locations for one image by EIG (greedy BOED with IPA completions)"
 DEFAULT_IPA = "runs/demo/ipa"
 DEFAULT_AVP = "runs/demo/avp"
+MIN_N_SAMPLES, MAX_N_SAMPLES = 2, 1000  # one completion gives EIG 0 everywhere; a million fills any memory
 DATA_KEYS = ("data", "data_root", "cache_dir")  # the fields that say where the data is
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--index", type=int, metavar="I", help="image I of the test split of --data (default: image 0 when --image is not given)")
     parser.add_argument("--ipa", default=DEFAULT_IPA, metavar="DIR", help=f"IPA model or run dir (default: {DEFAULT_IPA})")
     parser.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP classifier model or run dir (default: {DEFAULT_AVP})")
-    parser.add_argument("--n-samples", type=int, default=10, help="completions N per decision (default: 10)")
+    parser.add_argument("--n-samples", type=int, default=10, help=f"completions N per decision, {MIN_N_SAMPLES} to {MAX_N_SAMPLES} (default: 10)")
     parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: scan where the expected information gain is largest (the paper); epe: where the expected posterior entropy is smallest (default: eig)")
     parser.add_argument("--temperature", type=finite_float(0, MAX_TEMPERATURE, lo_open=True), default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
     parser.add_argument("--first-draws", choices=("dataset", "ipa"), default="dataset",
@@ -218,14 +219,24 @@ def _dataset(args, S: int, split: str):
     return dataset_from_args(args, split)
 
 
+def check_run_flags(args: argparse.Namespace) -> None:
+    """The numeric flags, before any model is loaded or anything computed (one line each)."""
+    if not MIN_N_SAMPLES <= args.n_samples <= MAX_N_SAMPLES:
+        raise UserError(f"--n-samples is {args.n_samples}; expected {MIN_N_SAMPLES} to {MAX_N_SAMPLES} completions per decision "
+                        "(with one completion the EIG is 0 everywhere; the paper uses 10)")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UserError(f"--chunk-size is {args.chunk_size}; expected at least 1 classifier input per pass (or leave it out)")
+    if args.show < 0:
+        raise UserError(f"--show is {args.show}; expected 0 or more completions per figure")
+
+
 def main(args: argparse.Namespace) -> int:
     from boed.heatmaps import plot_decision, plot_summary
     from boed.policies import GreedyPolicy, scan_start
     from boed.samplers import DatasetSampler, IPASampler
 
     illness = resolve_illness(args.illness)
-    if args.n_samples < 1:
-        raise UserError(f"--n-samples must be >= 1, got {args.n_samples}")
+    check_run_flags(args)
     device = parse_device(args.device)
     if args.policy is not None:  # amortised policy (boed train-policy)
         return _run_policy(args, illness, device)

@@ -107,6 +107,24 @@ def _datasets(args, image_size: int, eval_images: int):
     return train, test
 
 
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and the legacy pickle format
+
+
+def check_checkpoint_file(path: str | Path, flag: str) -> Path:
+    """One line when ``path`` is missing or is not a file ``torch.save`` wrote (a text file, an HTML
+    error page saved by a download tool, an empty file), before any model is built or folder made."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{flag} {p} {'is a folder' if p.is_dir() else 'does not exist'}; pass the official "
+                        "VD-VAE checkpoint file (e.g. ffhq256-iter-1700000-model-ema.th)")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(TORCH_MAGIC):
+        raise UserError(f"{flag} {p} is not a PyTorch checkpoint (it starts with {head[:8]!r}, expected a zip or pickle "
+                        "file from torch.save); download the official *-model-ema.th file again")
+    return p
+
+
 def _vae_model(args):
     from ..config import get_config
     from ..vae import VAE
@@ -199,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
     if args.stage == "ipa" and args.import_official:
         raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
+    if args.import_official:
+        check_checkpoint_file(args.import_official, "--import-official")
     results = {}
     if args.stage == "vae":
         results["vae"] = run_vae_stage(args, out)

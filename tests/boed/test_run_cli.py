@@ -116,6 +116,10 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
     (["--avp", "AVP128"], "works at 64 px but the AVP classifier"),
     (["--avp", "NOWHERE"], "no AVP model at"),
     (["--ipa", "NOWHERE"], "ipa_core train --stage ipa"),
+    (["--n-samples", "1"], "--n-samples is 1; expected 2 to 1000"),
+    (["--n-samples", "1000000"], "--n-samples is 1000000"),
+    (["--chunk-size", "0"], "--chunk-size is 0"),
+    (["--show", "-3"], "--show is -3"),
 ])
 def test_run_bad_input_is_one_line_error(models, tmp_path, capsys, extra, message):
     bad = tmp_path / "bad.png"
@@ -125,9 +129,10 @@ def test_run_bad_input_is_one_line_error(models, tmp_path, capsys, extra, messag
     subst = {"MISSING.png": str(tmp_path / "missing.png"), "CORRUPT": str(bad), "AVP128": str(models / "avp128"),
              "NOWHERE": str(tmp_path / "nowhere")}
     extra = [subst.get(a, a) for a in extra]
+    args["--n-samples"] = "2"
     for i in range(0, len(extra), 2):
         args[extra[i]] = extra[i + 1]
-    argv = [a for kv in args.items() for a in kv] + ["--first-draws", "ipa", "--n-samples", "1", "--out", str(tmp_path / "o")]
+    argv = [a for kv in args.items() for a in kv] + ["--first-draws", "ipa", "--out", str(tmp_path / "o")]
     if "--scans" not in args:
         argv += ["--scans", "1"]
     code, _, err = run(argv, capsys)
