@@ -10,6 +10,7 @@ subprocesses (``python -m ...``), where logging and warnings reach stderr as a u
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,10 @@ def world(tmp_path_factory) -> Path:
         shutil.copytree(w / name, w / f"corrupt-{name}")
         weights = next(p for p in (w / f"corrupt-{name}").iterdir() if p.name != "config.json")
         weights.write_bytes(weights.read_bytes()[:100])
+    for name, edit in (("banana", lambda d: {**d, "image_size": "banana"}), ("list", lambda d: [1, 2])):
+        shutil.copytree(w / "ipa", w / f"{name}-ipa")
+        cfg = next((w / f"{name}-ipa").rglob("config.json"))
+        cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
     make_nih(w / "nih", n=40, px=S)
     open_dataset("chestxray", w / "nih", size=S, split="all", cache_dir=w / "cache", progress=False)
     Image.fromarray(np.full((80, 70), 120, np.uint8)).save(w / "xray.png")
@@ -135,6 +140,9 @@ CASES = [
     ("sample-out-is-a-folder", "ipa_core", [*SAMPLE[:5], "--out", "{w}", *DATA], "is a folder"),
     ("sample-out-under-a-file", "ipa_core", [*SAMPLE[:5], "--out", "{w}/xray.png/g.png", *DATA], "is a file, not a folder"),
     ("sample-n-huge", "ipa_core", [*SAMPLE, "--n", "100000"], "--n is 100000"),
+    ("sample-config-banana", "ipa_core", ["sample", "--run", "{w}/banana-ipa", *SAMPLE[3:]], "image_size is \"banana\""),
+    ("sample-config-list", "ipa_core", ["sample", "--run", "{w}/list-ipa", *SAMPLE[3:]], "holds a JSON list"),
+    ("run-config-banana", "boed", ["run", "--ipa", "{w}/banana-ipa", "--avp", "{w}/avp", "--out", D], "expected an integer"),
     ("run-show-negative", "boed", ["run", *MODELS, "--show", "-3", "--out", D], "--show"),
     ("run-n-samples-huge", "boed", ["run", *MODELS, "--n-samples", "1000000", "--out", D], "--n-samples"),
     ("demo-publish-file", "boed", ["demo", "--publish", "{w}/xray.png", "--out", D], "--publish"),
