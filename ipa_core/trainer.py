@@ -195,6 +195,7 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         sample(step)  # the final model's samples too
 
     if rank == 0:
+        check_finite_weights(out_model, f"the model after step {step}")  # a NaN model is never saved as the result
         task.save_pretrained(out_model, run_dir / "model")
         if test_set is not None and len(test_set):
             with torch.no_grad():
@@ -203,6 +204,14 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
             log.info("test metrics at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
     dist_utils.barrier()
     return out_model
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """One-line :class:`UserError` when a parameter or buffer of ``model`` holds NaN or infinity."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; "
+                            "lower --lr (or set --grad-clip) and rerun with --restart")
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
