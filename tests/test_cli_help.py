@@ -204,3 +204,15 @@ def test_phantom_help_states_the_demo_prevalences_and_the_size_rule():
     for name, share in DEMO_PREVALENCE.items():
         assert f"{name.lower()} {share:.0%}" in text
     assert "multiple of 4" in expanded_help(p, p._option_string_actions["--size"])
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_version_flag_and_attribute_agree_with_pyproject(script, capsys):
+    import importlib
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.import_module(script).__version__ == version
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script](["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"{script} {version}"

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
+from . import __version__
 from .errors import cli_entry
 
 DEFAULT_DEVICE = "auto"
@@ -62,6 +63,8 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
 def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:
     """The console script's parser: ``-v`` plus one subparser per command (also with ``-v``)."""
     parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, path in commands.items():
