@@ -194,6 +194,13 @@ def test_list_flags_are_comma_separated():
     assert comma_list(p.parse_args(["--illness", "effusion", "edema"]).illness) == ["effusion", "edema"]
     assert comma_list(p.parse_args([]).illness) == ["effusion", "edema"]
     assert comma_list(" a, b ,,c ") == ["a", "b", "c"]
+    assert "--illness LIST]" in p.format_usage() and "LIST [LIST ...]" not in p.format_help()
+
+
+@pytest.mark.parametrize("script,command", COMMANDS)
+def test_help_has_no_sphinx_markup(script, command):
+    text = subparser(script, command).format_help()
+    assert ":func:" not in text and ":class:" not in text and "``" not in text
 
 
 def test_phantom_help_states_the_demo_prevalences_and_the_size_rule():

@@ -42,6 +42,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help layout: descriptions as written; a comma-separated list flag (metavar
+    ``LIST``, which also takes space-separated words) shows as ``--flag LIST``, not ``LIST [LIST ...]``."""
+
+    def _format_args(self, action, default_metavar):
+        if action.metavar == "LIST" and action.nargs in ("+", "*"):
+            return "LIST"
+        return super()._format_args(action, default_metavar)
+
+
 def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Callable[..., int]:
     """Build a console-script ``main(argv=None)`` from ``{command name: module path}``."""
 
@@ -70,7 +80,7 @@ def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> ar
     for name, path in commands.items():
         mod = importlib.import_module(path)
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         # SUPPRESS: without -v here the value given before the command (or False) stays
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         mod.configure(p)

@@ -5,12 +5,11 @@ images are drawn from the training set, as in the paper), the AVP classifier sco
 patch of the G x G grid, and the patch with the largest EIG is scanned. Prints each choice with its
 grid cell, pixel box, EIG and the classifier probability after the scan, and writes one figure per
 scan (observations, EIG heatmap with a red x, completions with their information-gain maps) plus a
-summary figure and ``scans.json`` into --out.
+summary figure and scans.json into --out.
 
 The t = 1 completions (and --index images) come from the data the models were trained on, as
-recorded in their run folders (``data.json``, see :func:`recorded_training_data`); --data /
---data-root override it, and models that record nothing need --data-root (or --first-draws ipa
-with --image).
+recorded in their run folders (data.json); --data / --data-root override it, and models that
+record nothing need --data-root (or --first-draws ipa with --image).
 
 examples:
   boed run --illness effusion --scans 5 --index 3

@@ -15,7 +15,7 @@ the IPA stage restarts on the new VAE (its old folder moved aside, with a warnin
 --stage ipa a changed --vae is refused instead. Training defaults come from the
 config (official hparams for cifar10/imagenet64/ffhq256, the paper's for xray256, fast ones for
 tiny); any flag overrides them (for every stage the command runs). Outputs per stage: metrics.jsonl, train.log, samples/*.png,
-checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for ``--vae``/``--ipa``).
+checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for --vae/--ipa).
 """
 
 from __future__ import annotations
