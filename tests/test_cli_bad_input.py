@@ -145,6 +145,11 @@ CASES = [
     ("run-config-banana", "boed", ["run", "--ipa", "{w}/banana-ipa", "--avp", "{w}/avp", "--out", D], "expected an integer"),
     ("run-show-negative", "boed", ["run", *MODELS, "--show", "-3", "--out", D], "--show"),
     ("run-n-samples-huge", "boed", ["run", *MODELS, "--n-samples", "1000000", "--out", D], "--n-samples"),
+    # conflicting flags are refused, not ignored (issue 23 item 10), and a network that cannot fit (item 5)
+    ("demo-quick-and-paper", "boed", ["demo", "--quick", "--profile", "paper", "--out", D], "--quick"),
+    ("train-vae-stage-with-vae", "ipa_core", ["train", "--stage", "vae", "--vae", "{w}/ipa", "--out", D], "--vae"),
+    ("train-avp-width-resnet", "boed", ["train-avp", "--arch", "resnet18", "--width", "99", "--out", D], "--width 99"),
+    ("train-avp-pool-huge", "boed", ["train-avp", "--pool", "1000", "--device", "cpu", "--out", D], "GiB"),
     ("demo-publish-file", "boed", ["demo", "--publish", "{w}/xray.png", "--out", D], "--publish"),
 ]
 if NO_CUDA:

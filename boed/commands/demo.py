@@ -46,8 +46,8 @@ def configure(p) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom, or the folder holding chestmnist_S.npz (default: none: the default phantom set, generated on first use into the cache folder; with --data chestmnist, medmnist's ~/.medmnist)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="where prepared images and the default phantom set live (default: ~/.cache/boed)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
-                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: cpu)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
+                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: the cpu profile, quick with --quick)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick: a few minutes, for smoke tests")
     p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), metavar="LIST",
                    help=f"comma-separated tasks to run (default: {','.join(DEFAULT_ILLNESSES)})")
@@ -85,7 +85,9 @@ def main(args) -> int:
     from boed.demo import PROFILES, DemoOptions, run_demo
     from boed.demo_publish import publish
 
-    profile = PROFILES["quick" if args.quick else args.profile]
+    if args.quick and args.profile not in (None, "quick"):
+        raise UserError(f"--quick is --profile quick, but --profile {args.profile} was given too; pass one of them")
+    profile = PROFILES["quick" if args.quick else args.profile or "cpu"]
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")

@@ -215,6 +215,11 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--sample-n must be >= 0 (0 = no sample grids), got {args.sample_n}")
     if args.stage == "ipa" and args.vae is None:
         raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
+    if args.stage == "vae" and args.vae is not None:
+        raise UserError(f"--vae {args.vae} is the VAE an IPA stage builds on; --stage vae trains a new one and would "
+                        "ignore it: drop --vae, or use --stage ipa")
+    if args.vae is not None and args.import_official:
+        raise UserError("--import-official starts a VAE stage from official weights, --vae skips that stage; pass one of them")
     if args.stage == "ipa" and args.import_official:
         raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
     if args.import_official:
