@@ -51,7 +51,7 @@ def test_writes_figure(runs, tmp_path, capsys):
     ("vae_run", "unconditional VAE"),
     ("bad_mask", "bad mask spec"),
     ("missing_image", "does not exist"),
-    ("bad_n", "--n must be"),
+    ("bad_n", "--n is 0; expected 1 to 256"),
     ("size_mismatch", "--image-size 64 does not match"),
 ])
 def test_one_line_errors(runs, tmp_path, capsys, case, needle):
