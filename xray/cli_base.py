@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -62,12 +63,25 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
         if extra:  # name the command whose --help lists the valid flags
             ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return args._main(args)
+        with warnings.catch_warnings():
+            if not args.verbose:  # a user reads one line per warning; -v keeps Python's file:line and source
+                warnings.showwarning = show_warning_line
+            return args._main(args)
 
     main.commands = dict(commands)
     main.prog = prog
     main.build_parser = lambda: build_parser(prog, description, commands)
     return main
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for console scripts: ``warning: <message>`` on one line (no file,
+    line number or source line; ``-v`` shows them)."""
+    text = " ".join(str(message).split())
+    try:
+        print(f"warning: {text}", file=file if file is not None else sys.stderr)
+    except OSError:  # stderr closed: nothing to tell
+        pass
 
 
 def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:

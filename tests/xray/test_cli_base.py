@@ -40,3 +40,24 @@ def test_finite_float_known_answers_and_one_line_refusals(capsys):
             p.parse_args(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and said in err and argv[0].split("=")[0] in err
+
+
+def test_console_scripts_print_warnings_as_one_line(capsys, monkeypatch):
+    import sys
+    import types
+    import warnings
+
+    from xray.cli_base import make_main
+
+    mod = types.ModuleType("fake_warn_cmd")
+    mod.HELP = "warns"
+    mod.configure = lambda p: None
+    mod.main = lambda args: warnings.warn("the cache is\n  old", UserWarning) or 0
+    monkeypatch.setitem(sys.modules, "fake_warn_cmd", mod)
+    main = make_main("x", "test", {"w": "fake_warn_cmd"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as e:
+            main(["w"])
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and err == "warning: the cache is old\n"
