@@ -206,12 +206,17 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     return out_model
 
 
-def check_finite_weights(model: nn.Module, what: str) -> None:
-    """One-line :class:`UserError` when a parameter or buffer of ``model`` holds NaN or infinity."""
+DIVERGED = "training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; lower --lr (or set --grad-clip) and rerun with --restart"
+DAMAGED = "{what} has non-finite weights ({name}): the weights file is damaged; copy it again or retrain the model"
+
+
+def check_finite_weights(model: nn.Module, what: str, message: str = DIVERGED) -> None:
+    """One-line :class:`UserError` (``message`` with ``{what}`` and the first bad tensor's ``{name}``)
+    when a parameter or buffer of ``model`` holds NaN or infinity: a diverged training run
+    (:data:`DIVERGED`) or a loaded weights file with flipped bytes (:data:`DAMAGED`)."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserError(f"training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; "
-                            "lower --lr (or set --grad-clip) and rerun with --restart")
+            raise UserError(message.format(what=what, name=name))
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -49,6 +49,14 @@ def world(tmp_path_factory) -> Path:
         shutil.copytree(w / name, w / f"corrupt-{name}")
         weights = next(p for p in (w / f"corrupt-{name}").iterdir() if p.name != "config.json")
         weights.write_bytes(weights.read_bytes()[:100])
+    nan_avp = AVPClassifier(AVPConfig(arch="tiny", image_size=S))
+    with torch.no_grad():
+        next(nan_avp.parameters()).view(-1)[0] = float("nan")  # flipped bytes in a weights file
+    nan_avp.save_pretrained(w / "nan-avp")
+    nan_ipa = IPA.from_pretrained(w / "ipa")
+    with torch.no_grad():
+        next(nan_ipa.parameters()).view(-1)[0] = float("inf")
+    nan_ipa.save_pretrained(w / "nan-ipa")
     for name, edit in (("banana", lambda d: {**d, "image_size": "banana"}), ("list", lambda d: [1, 2])):
         shutil.copytree(w / "ipa", w / f"{name}-ipa")
         cfg = next((w / f"{name}-ipa").rglob("config.json"))
@@ -142,6 +150,10 @@ CASES = [
     ("sample-n-huge", "ipa_core", [*SAMPLE, "--n", "100000"], "--n is 100000"),
     ("sample-config-banana", "ipa_core", ["sample", "--run", "{w}/banana-ipa", *SAMPLE[3:]], "image_size is \"banana\""),
     ("sample-config-list", "ipa_core", ["sample", "--run", "{w}/list-ipa", *SAMPLE[3:]], "holds a JSON list"),
+    ("run-nan-weights", "boed", ["run", "--ipa", "{w}/ipa", "--avp", "{w}/nan-avp", "--out", D], "non-finite weights"),
+    ("sample-nan-weights", "ipa_core", ["sample", "--run", "{w}/nan-ipa", *SAMPLE[3:]], "non-finite weights"),
+    ("train-eval-images-negative", "ipa_core", ["train", "--out", D, "--eval-images", "-1"], "--eval-images"),
+    ("train-avp-eval-images-negative", "boed", ["train-avp", "--out", D, "--eval-images", "-1"], "--eval-images"),
     ("run-config-banana", "boed", ["run", "--ipa", "{w}/banana-ipa", "--avp", "{w}/avp", "--out", D], "expected an integer"),
     ("run-show-negative", "boed", ["run", *MODELS, "--show", "-3", "--out", D], "--show"),
     ("run-n-samples-huge", "boed", ["run", *MODELS, "--n-samples", "1000000", "--out", D], "--n-samples"),

@@ -63,10 +63,13 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
         if extra:  # name the command whose --help lists the valid flags
             ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        with warnings.catch_warnings():
-            if not args.verbose:  # a user reads one line per warning; -v keeps Python's file:line and source
-                warnings.showwarning = show_warning_line
+        before = warnings.formatwarning
+        if not args.verbose:  # a user reads one line per warning; -v keeps Python's file:line and source
+            warnings.formatwarning = format_warning_line
+        try:
             return args._main(args)
+        finally:
+            warnings.formatwarning = before
 
     main.commands = dict(commands)
     main.prog = prog
@@ -74,14 +77,11 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
     return main
 
 
-def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` for console scripts: ``warning: <message>`` on one line (no file,
-    line number or source line; ``-v`` shows them)."""
-    text = " ".join(str(message).split())
-    try:
-        print(f"warning: {text}", file=file if file is not None else sys.stderr)
-    except OSError:  # stderr closed: nothing to tell
-        pass
+def format_warning_line(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for console scripts: ``warning: <message>`` on one line (no file,
+    line number or source line; ``-v`` shows them). Only the text changes: filters and
+    ``catch_warnings(record=True)`` work as before."""
+    return "warning: " + " ".join(str(message).split()) + "\n"
 
 
 def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:

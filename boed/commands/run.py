@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -99,9 +100,12 @@ def load_models(ipa_path: str, avp_path: str, device: torch.device):
     avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {avp_path}")
     ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {ipa_path}")
     from ipa_core.ipa import IPA
+    from ipa_core.trainer import DAMAGED, check_finite_weights
 
     avp = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval()
     ipa = IPA.from_pretrained(ipa_dir, map_location=device).eval()
+    check_finite_weights(avp, f"the AVP model in {avp_dir}", DAMAGED)
+    check_finite_weights(ipa, f"the IPA model in {ipa_dir}", DAMAGED)
     s_avp, s_ipa = avp.config.image_size, _image_size_of(ipa)
     if s_ipa is not None and s_ipa != s_avp:
         raise UserError(f"the IPA model ({ipa_dir}) works at {s_ipa} px but the AVP classifier ({avp_dir}) at {s_avp} px; "
@@ -271,6 +275,9 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         use = first_sampler if (t == 1 and first_sampler is not None) else None
         res = policy.score(state, generator, sampler=use)
+        if not (math.isfinite(probs[-1]) and bool(torch.isfinite(res.eig).all())):
+            raise UserError(f"scan {t}: the models give non-finite probabilities or EIG (p = {probs[-1]}); the model files "
+                            f"{args.ipa}, {args.avp} are damaged or diverged; nothing more is saved")
         loc = int(res.choose(args.estimator, generator)[0])  # ties: a uniform pick
         new = state.scan(x, torch.tensor([loc]), geometry)
         probs.append(prob(new))

@@ -120,6 +120,8 @@ def main(args: argparse.Namespace) -> int:
 
     # everything is checked (and the initial weights loaded) before a file or folder is created
     args.device = device_flag(args.device)  # checked before anything is created
+    if args.eval_images < 0:
+        raise UserError(f"--eval-images is {args.eval_images}; expected 0 or more test images for the end-of-run AUROC report")
     tiny_only = [f"--{k} {getattr(args, k)}" for k in ("width", "pool") if getattr(args, k) is not None]
     if args.arch != "tiny" and tiny_only:
         raise UserError(f"{' '.join(tiny_only)} {'shapes' if len(tiny_only) == 1 else 'shape'} the tiny network only, not --arch {args.arch}; drop them or use --arch tiny")

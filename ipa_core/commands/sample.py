@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from ..ipa import IPA
     from ..masks import parse_mask_spec
     from ..sampling import completion_figure, sample_completions, save_png
+    from ..trainer import DAMAGED, check_finite_weights
 
     if not 1 <= args.n <= MAX_N:
         raise UserError(f"--n is {args.n}; expected 1 to {MAX_N} completions (one grid figure)")
@@ -75,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         what = "has no IPA model (no config.json in it or in its model/)" if run.is_dir() else "does not exist"
         raise UserError(f"--run {run} {what}; make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
     model = IPA.from_pretrained(run, map_location=device).eval()
+    check_finite_weights(model, f"the IPA model in {run}", DAMAGED)
     S, C = model.config.image_size, model.config.image_channels
     if args.image is not None:
         x = load_image(args.image, S)

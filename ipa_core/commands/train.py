@@ -211,6 +211,8 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_flag(args.device)  # checked before anything is created
+    if args.eval_images < 0:
+        raise UserError(f"--eval-images is {args.eval_images}; expected 0 (skip the end-of-run metrics) or more test images")
     if getattr(args, "sample_n", None) is not None and args.sample_n < 0:
         raise UserError(f"--sample-n must be >= 0 (0 = no sample grids), got {args.sample_n}")
     if args.stage == "ipa" and args.vae is None:

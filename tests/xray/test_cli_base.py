@@ -42,22 +42,24 @@ def test_finite_float_known_answers_and_one_line_refusals(capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and said in err and argv[0].split("=")[0] in err
 
 
-def test_console_scripts_print_warnings_as_one_line(capsys, monkeypatch):
+def test_console_scripts_print_warnings_as_one_line(monkeypatch):
     import sys
     import types
     import warnings
 
     from xray.cli_base import make_main
 
+    seen = []
     mod = types.ModuleType("fake_warn_cmd")
     mod.HELP = "warns"
     mod.configure = lambda p: None
-    mod.main = lambda args: warnings.warn("the cache is\n  old", UserWarning) or 0
+    mod.main = lambda args: seen.append(warnings.formatwarning("the cache is\n  old", UserWarning, "/x/y.py", 3, "src()")) or 0
     monkeypatch.setitem(sys.modules, "fake_warn_cmd", mod)
     main = make_main("x", "test", {"w": "fake_warn_cmd"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
+    before = warnings.formatwarning
+    for argv in (["w"], ["-v", "w"]):
         with pytest.raises(SystemExit) as e:
-            main(["w"])
-    err = capsys.readouterr().err
-    assert e.value.code == 0 and err == "warning: the cache is old\n"
+            main(argv)
+        assert e.value.code == 0 and warnings.formatwarning is before  # restored after the command
+    assert seen[0] == "warning: the cache is old\n"
+    assert "/x/y.py:3" in seen[1]  # -v: Python's own form, with file and line
