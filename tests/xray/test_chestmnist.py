@@ -136,3 +136,15 @@ def test_flags_and_present_only(tmp_path):
     with pytest.raises(UserError, match="--present-only"):
         open_dataset("chestmnist", tmp_path / "d", 64, "train", present_only=True)
     assert chestmnist.holds_chestmnist(tmp_path / "d") and not chestmnist.holds_chestmnist(tmp_path)
+
+
+def test_xray_info_summarises_the_file_and_its_cache(tmp_path, capsys):
+    import xray.cli
+
+    make_npz(tmp_path / "d" / "chestmnist_64.npz")
+    with pytest.raises(SystemExit) as e:
+        xray.cli.main(["info", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "40 images at 64 px" in out and "Pleural_Thickening" in out
+    assert [line.split()[-3] for line in out.splitlines() if line.strip().split()[0] in ("train", "val", "test")] == ["24", "6", "10"]
+    assert not (tmp_path / "d" / "prepared-chestmnist-64").exists()  # info reads, never prepares
