@@ -150,6 +150,7 @@ CASES = [
     ("sample-n-huge", "ipa_core", [*SAMPLE, "--n", "100000"], "--n is 100000"),
     ("sample-config-banana", "ipa_core", ["sample", "--run", "{w}/banana-ipa", *SAMPLE[3:]], "image_size is \"banana\""),
     ("sample-config-list", "ipa_core", ["sample", "--run", "{w}/list-ipa", *SAMPLE[3:]], "holds a JSON list"),
+    ("run-path-with-a-space", "boed", ["run", "--ipa", "{t}/my runs/ipa", "--avp", "{t}/my runs/avp", "--out", D], "--out '"),
     ("run-nan-weights", "boed", ["run", "--ipa", "{w}/ipa", "--avp", "{w}/nan-avp", "--out", D], "non-finite weights"),
     ("sample-nan-weights", "ipa_core", ["sample", "--run", "{w}/nan-ipa", *SAMPLE[3:]], "non-finite weights"),
     ("train-eval-images-negative", "ipa_core", ["train", "--out", D, "--eval-images", "-1"], "--eval-images"),

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -97,8 +98,8 @@ def load_models(ipa_path: str, avp_path: str, device: torch.device):
     """``(ipa, avp, S)``; one-line errors for missing models or different image sizes."""
     from boed.classifier import AVPClassifier
 
-    avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {avp_path}")
-    ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {ipa_path}")
+    avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {shlex.quote(str(avp_path))}")
+    ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {shlex.quote(str(ipa_path))}")
     from ipa_core.ipa import IPA
     from ipa_core.trainer import DAMAGED, check_finite_weights
 
@@ -322,7 +323,7 @@ def _run_policy(args, illness, device: torch.device) -> int:
     if ipa_here:
         ipa, avp, S = load_models(args.ipa, args.avp, device)
     else:
-        avp_dir = _require_model_dir(args.avp, DEFAULT_AVP, "AVP", f"boed train-avp --out {args.avp}")
+        avp_dir = _require_model_dir(args.avp, DEFAULT_AVP, "AVP", f"boed train-avp --out {shlex.quote(str(args.avp))}")
         avp, ipa = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval(), None
         S = avp.config.image_size
     geometry = ScanGeometry(S)
