@@ -64,7 +64,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def main(args: argparse.Namespace) -> int:
     from ..ipa import IPA
     from ..masks import parse_mask_spec
-    from ..sampling import completion_figure, sample_completions, save_png
+    from ..sampling import completion_figure, completion_titles, sample_completions, save_png
     from ..trainer import DAMAGED, check_finite_weights
 
     if not 1 <= args.n <= MAX_N:
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     gd = torch.Generator(device=device).manual_seed(args.seed)
     samples = sample_completions(model, x.to(device), m.to(device), args.n, t=args.t, generator=gd)
     try:
-        out = save_png(completion_figure(x, m, samples), args.out)
+        out = save_png(completion_figure(x, m, samples), args.out, titles=completion_titles(args.n), cell=S)
     except OSError as e:
         raise UserError(f"cannot write --out {args.out}: {e.strerror or e}; choose a writable .png path") from None
     print(f"wrote {out} ({args.n} completions, mask {args.mask}, observed {float(m.mean()):.0%}, t={args.t})")
