@@ -223,6 +223,28 @@ def _dataset(args, S: int, split: str):
     return dataset_from_args(args, split)
 
 
+RUN_OUTPUTS = ("step_*.png", "summary.png", "scans.json")  # what a scan run writes, and so owns, in --out
+
+
+def scan_out_dir(out: str | Path, data_root: str | Path | None = None) -> Path:
+    """The output folder of a scan run, ready to write: refused inside a data folder (``--data-root``,
+    or any folder holding an NIH label CSV or a ChestMNIST file: PNGs must not land among x-rays),
+    and cleared of what an earlier run wrote there (its ``step_*.png`` of later scans would otherwise
+    stay beside the new ones). Other files in it are left alone."""
+    p = Path(out).expanduser().resolve()
+    roots = [Path(data_root).expanduser().resolve()] if data_root is not None else []
+    for folder in (p, *p.parents):
+        if folder in roots or (folder.is_dir() and (any(folder.glob("Data_Entry_2017*.csv*")) or holds_chestmnist(folder))):
+            raise UserError(f"--out {out} is inside the data folder {folder}; write scans outside it (e.g. --out runs/scan)")
+    p = ensure_writable_dir(out)
+    stale = [f for pattern in RUN_OUTPUTS for f in p.glob(pattern) if f.is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        log.info("removed %d output file(s) of an earlier run in %s", len(stale), p)
+    return p
+
+
 def check_run_flags(args: argparse.Namespace) -> None:
     """The numeric flags, before any model is loaded or anything computed (one line each)."""
     if not MIN_N_SAMPLES <= args.n_samples <= MAX_N_SAMPLES:
@@ -260,7 +282,7 @@ def main(args: argparse.Namespace) -> int:
         train = _dataset(args, S, "train")
         check_fingerprint(train, rec)
         first_sampler = DatasetSampler(train)
-    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")  # after every check
+    out = scan_out_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}", args.data_root)  # after every check
     sampler = IPASampler(ipa, temperature=args.temperature)
     policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)

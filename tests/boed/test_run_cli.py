@@ -208,9 +208,9 @@ def test_run_without_recorded_data_needs_data_root(models, image_png, tmp_path, 
         code, _, err = run(base + src, capsys)
         assert code == 2 and "--data-root" in err and "do not record" in err and len(err.strip().splitlines()) == 1
     assert asked == [] and not (tmp_path / "o").exists()  # nothing opened, nothing written
-    code, _, err = run(base + ["--image", str(image_png), "--data-root", str(tmp_path)], capsys)
+    code, _, err = run(base + ["--image", str(image_png), "--data-root", str(tmp_path / "data")], capsys)
     assert code == 0, err
-    assert asked == [("train", "chestxray", str(tmp_path), None)]
+    assert asked == [("train", "chestxray", str(tmp_path / "data"), None)]
     code, _, err = run(base + ["--image", str(image_png), "--first-draws", "ipa"], capsys)  # no data needed
     assert code == 0, err
 
@@ -231,3 +231,21 @@ def test_run_device_uses_the_shared_parser(models, image_png, tmp_path, capsys, 
     code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
                         "--first-draws", "ipa", "--device", device, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_scan_output_folder_is_cleared_of_an_earlier_run_and_never_inside_data(tmp_path):
+    from boed.commands.run import scan_out_dir
+    from tests.xray.conftest import make_nih
+    from xray.errors import UserError
+
+    out = tmp_path / "scan"
+    out.mkdir()
+    for name in ("step_1.png", "step_5.png", "summary.png", "scans.json", "notes.txt"):
+        (out / name).write_text("old")
+    assert scan_out_dir(out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what a run owns is removed
+    nih = make_nih(tmp_path / "nih", n=2, px=8)
+    for bad, root in ((nih / "images", None), (tmp_path / "elsewhere" / "x", tmp_path / "elsewhere")):
+        with pytest.raises(UserError, match="inside the data folder"):
+            scan_out_dir(bad, root)
+    assert not (tmp_path / "elsewhere").exists()
