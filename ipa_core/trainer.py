@@ -155,8 +155,9 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
 
     if rank == 0:  # only after the provenance check: the record never contradicts the checkpoints
         atomic_write_json(run_dir / "train_config.json", {k: v for k, v in cfg.to_dict().items() if k != "restart"})
-        log.info("training %s: %d trainable parameters, %d images, %d process(es) x batch %d, device %s, steps %d -> %d",
-                 type(model).__name__, sum(p.numel() for p in params), len(train_set), world, cfg.batch_size, device, step, cfg.steps)
+        log.info("training %s: %d trainable parameters, %d %s, %d process(es) x batch %d, device %s, steps %d -> %d",
+                 type(model).__name__, sum(p.numel() for p in params), len(train_set), getattr(train_set, "item_name", "images"),
+                 world, cfg.batch_size, device, step, cfg.steps)
     mlog = MetricLog(metrics_path if rank == 0 else None)
     bar = tqdm(total=cfg.steps, initial=step, disable=None if rank == 0 else True, desc="train", dynamic_ncols=True)
     t_last, imgs, start_step = time.perf_counter(), 0, step

@@ -140,6 +140,8 @@ CASES = [
     ("train-avp-lr-inf", "boed", ["train-avp", "--out", D, "--lr", "inf"], "--lr"),
     ("train-avp-p-full", "boed", ["train-avp", "--out", D, "--p-full", "1.5"], "--p-full"),
     ("train-policy-temperature-nan", "boed", ["train-policy", "--out", D, "--temperature", "nan"], "--temperature"),
+    ("train-policy-one-shard", "boed", ["train-policy", "--method", "distill", "--teacher-images", "8", "--shard-size", "8",
+                                        *MODELS, "--out", D], "make 1 shard"),
     ("train-policy-tau-zero", "boed", ["train-policy", "--out", D, "--tau", "0"], "--tau"),
     ("download-timeout-inf", "xray", ["download", "--out", D, "--timeout", "inf"], "--timeout"),
     # no tracebacks (issue 23 item 5)

@@ -140,6 +140,8 @@ def main(args: argparse.Namespace) -> int:
     teacher_cfg = TeacherConfig(illness=illness.name, scans=args.scans, n_images=args.teacher_images, off_policy=args.off_policy,
                                 n_samples=args.n_samples, shard_size=args.shard_size, val_shards=args.val_shards,
                                 temperature=args.temperature, seed=tcfg.seed) if method == "distill" else None
+    if teacher_cfg is not None:
+        teacher_cfg.check_split()
     gdfs_cfg = GDFSConfig(scans=args.scans, temp_start=args.temp_start, temp_end=args.temp_end, temp_stages=args.temp_stages,
                           predictor=args.gdfs_predictor) if method == "gdfs" else None
     if args.scans < 1:
