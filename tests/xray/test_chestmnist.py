@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -148,3 +149,27 @@ def test_xray_info_summarises_the_file_and_its_cache(tmp_path, capsys):
     assert e.value.code == 0 and "40 images at 64 px" in out and "Pleural_Thickening" in out
     assert [line.split()[-3] for line in out.splitlines() if line.strip().split()[0] in ("train", "val", "test")] == ["24", "6", "10"]
     assert not (tmp_path / "d" / "prepared-chestmnist-64").exists()  # info reads, never prepares
+
+
+def test_a_killed_prepare_resumes_from_its_last_chunk(tmp_path, monkeypatch):
+    make_npz(tmp_path / "d" / "chestmnist_64.npz")
+    monkeypatch.setattr(chestmnist, "CHUNK", 8)
+    real, calls = chestmnist._iter_images, []
+
+    def dying(*args, **kwargs):
+        for i, chunk in enumerate(real(*args, **kwargs)):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(i)
+            yield chunk
+
+    monkeypatch.setattr(chestmnist, "_iter_images", dying)
+    with pytest.raises(KeyboardInterrupt):
+        open_dataset("chestmnist", tmp_path / "d", 64, "all", progress=False)
+    out = tmp_path / "d" / "prepared-chestmnist-64"
+    assert not (out / "manifest.json").exists()  # incomplete: never served
+    assert len(json.loads((out / chestmnist.STATE_FILE).read_text())["done"]) == 2
+    monkeypatch.setattr(chestmnist, "_iter_images", real)
+    ds = open_dataset("chestmnist", tmp_path / "d", 64, "all", progress=False)
+    assert [int(ds[i][0][0, 1, 1]) for i in range(40)] == list(range(40))
+    assert not (out / chestmnist.STATE_FILE).exists()
