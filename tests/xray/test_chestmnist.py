@@ -173,3 +173,16 @@ def test_a_killed_prepare_resumes_from_its_last_chunk(tmp_path, monkeypatch):
     ds = open_dataset("chestmnist", tmp_path / "d", 64, "all", progress=False)
     assert [int(ds[i][0][0, 1, 1]) for i in range(40)] == list(range(40))
     assert not (out / chestmnist.STATE_FILE).exists()
+
+
+def test_xray_prepare_takes_a_chestmnist_folder(tmp_path, capsys):
+    import xray.cli
+
+    make_npz(tmp_path / "d" / "chestmnist_64.npz")
+    with pytest.raises(SystemExit) as e:
+        xray.cli.main(["prepare", "--root", str(tmp_path / "d"), "--size", "32"])
+    assert e.value.code == 0 and "40 images at 32 px" in capsys.readouterr().out
+    assert len(open_dataset("chestmnist", tmp_path / "d", 32, "test", progress=False)) == 10  # the same cache
+    with pytest.raises(SystemExit) as e:
+        xray.cli.main(["prepare", "--root", str(tmp_path / "d"), "--size", "32", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--cache-dir" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -7,6 +7,9 @@ once; rerun after the folder changed (images added or replaced, labels edited) a
 cache up to date, reusing unchanged images. Missing or corrupt images are skipped and listed in
 bad_images.txt (more than 1 % is an error); with --present-only, images the CSV lists but that
 are not on disk (a partial download) are left out and counted instead.
+
+A ChestMNIST folder (MedMNIST's chestmnist_S.npz, no NIH label CSV) or the .npz itself is prepared
+as `--data chestmnist --data-root ROOT` reads it: ROOT/prepared-chestmnist-S (or under --cache-dir).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ HELP = "build the S x S image cache of an NIH-format folder"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/)")
+    p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/), or a ChestMNIST .npz or its folder")
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--out", metavar="DIR", default=None,
@@ -45,10 +48,19 @@ def summary_line(out) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from xray.cache import cache_location, prepare
+    from xray.chestmnist import holds_chestmnist
+    from xray.chestmnist import prepare as prepare_chestmnist
     from xray.errors import UserError
 
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers is {args.workers}; expected 0 (decode in this process) or more")
+    if holds_chestmnist(args.root):
+        if args.out is not None or args.present_only:
+            raise UserError(f"{args.root} holds ChestMNIST: its cache goes where --data chestmnist looks; drop "
+                            f"{'--out (use --cache-dir to keep it elsewhere)' if args.out is not None else '--present-only (it is one complete file)'}")
+        out = prepare_chestmnist(args.root, args.size, cache_dir=args.cache_dir, progress=args.progress)
+        print(summary_line(out))
+        return 0
     out = args.out if args.out is not None else cache_location(args.root, args.size, args.cache_dir)
     out = prepare(args.root, args.size, out=out, workers=args.workers, progress=args.progress, present_only=args.present_only)
     print(summary_line(out))
