@@ -24,6 +24,7 @@ import torch
 
 from ipa_core.coverage import bin_masks, coverage_study, ipa_sampler, write_results
 from ipa_core.ipa import IPA
+from xray.cli_base import MAX_TEMPERATURE
 from xray.dataset import add_data_args, dataset_from_args
 from xray.errors import UserError, cli_entry
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ks, temps = parse_list(args.ks, int), parse_list(args.temps)
+    bad = [t for t in temps if not 0 <= t <= MAX_TEMPERATURE]  # also NaN
+    if bad or any(k < 1 for k in ks):
+        raise UserError(f"--temps {args.temps} / --ks {args.ks}: temperatures must be finite in [0, {MAX_TEMPERATURE:g}] "
+                        "and sample counts >= 1")
     device = torch.device(args.device)
 
     models = {}

@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from xray import __version__
+
 _EXPORTS = {
     "AVPClassifier": "boed.classifier",
     "AVPConfig": "boed.classifier",
@@ -36,7 +38,7 @@ _EXPORTS = {
     "LABELS": "xray.labels",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def publish(run: str | Path, dest: str | Path) -> Path:
     run, dest = Path(run), Path(dest)
     summary_file = run / "summary.json"
     if not summary_file.is_file():
-        raise UserError(f"{summary_file} does not exist; run `boed demo --out {run}` first")
+        raise UserError(f"{summary_file} does not exist; run `boed demo --out {shlex.quote(str(run))}` first")
     summary = json.loads(summary_file.read_text())
     slugs = [resolve_illness(i).slug for i in summary.get("illnesses", [])]
     current = summary.get("current_stages")  # None: a summary from before it was recorded

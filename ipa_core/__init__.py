@@ -12,9 +12,11 @@ The public API::
 - :func:`sample_completions` ``(model, x_obs_u8, mask, n, ...) -> uint8 (B, N, C, S, S)``.
 """
 
+from xray import __version__
+
 from .config import CONFIGS, VAEConfig, get_config
 from .ipa import IPA, IPAConfig
 from .sampling import sample_completions
 from .vae import VAE
 
-__all__ = ["VAE", "VAEConfig", "CONFIGS", "get_config", "IPA", "IPAConfig", "sample_completions"]
+__all__ = ["__version__", "VAE", "VAEConfig", "CONFIGS", "get_config", "IPA", "IPAConfig", "sample_completions"]

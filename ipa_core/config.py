@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from xray.errors import UserError
 from xray.integrity import read_folder_digest, verify_file
@@ -58,6 +62,7 @@ class VAEConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(f"unknown VAE config fields {unknown}; expected a subset of {sorted(names)}")
+        check_config_types(cls, d, cls.__name__)
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -152,3 +157,46 @@ def load_config_json(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise UserError(f"{p} holds a JSON {type(d).__name__}, expected an object; the model folder is damaged, re-export it")
     return d
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _has_type(value: Any, t: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if t is str:
+        return isinstance(value, str)
+    if typing.get_origin(t) in (tuple, list) or t in (tuple, list):
+        return isinstance(value, (list, tuple))
+    return True  # other field types are the dataclass's own business
+
+
+def check_config_types(cls: type, d: Mapping[str, Any], what: str = "config") -> None:
+    """Each value of ``d`` (a config read from JSON) has its dataclass field's type: ``"image_size":
+    "banana"``, a NaN float or a list where a number belongs is a one-line :class:`UserError`
+    naming the field, the value and the expected type (instead of a TypeError deep in ``__init__``)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        t = hints.get(name)
+        if t is None:
+            continue
+        options = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+        if not any(_has_type(value, o) for o in options):
+            expected = " or ".join(_TYPE_WORDS.get(o, getattr(o, "__name__", str(o))) for o in options)
+            raise UserError(f"{what} field {name} is {json.dumps(value) if _jsonable(value) else repr(value)}; expected "
+                            f"{expected}; the model's config.json is damaged, re-export or retrain it")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False

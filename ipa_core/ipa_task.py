@@ -20,7 +20,7 @@ from xray.errors import UserError
 from .ipa import IPA
 from .persist import state_digest
 from .masks import IPA_TRAINING_MASKS, OBSERVED_BINS, MaskMixture, bin_name, freeform_masks, random_patch_masks
-from .sampling import completion_figure, sample_completions, save_png
+from .sampling import completion_figure, completion_titles, sample_completions, save_png
 from .train_config import TrainConfig
 
 # Named training defaults for the IPA stage, keyed like the VAE configs ("default" for the rest).
@@ -114,7 +114,7 @@ class IPATask:
             m = fixed_sample_masks(x.shape[0], cfg.image_size)
         g = torch.Generator(device=device).manual_seed(0)
         samples = sample_completions(ipa, x.to(device), m.to(device), self.sample_n, t=self.sample_t, generator=g)
-        save_png(completion_figure(x, m, samples), out_png)
+        save_png(completion_figure(x, m, samples), out_png, titles=completion_titles(samples.shape[1]), cell=samples.shape[-1])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset) -> dict[str, float]:

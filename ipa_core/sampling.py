@@ -122,9 +122,22 @@ def completion_figure(x: Tensor, m: Tensor, samples: Tensor, pad: int = 2) -> np
     return fig
 
 
-def save_png(img: np.ndarray, path: str | Path, min_size: int = 256) -> Path:
-    """Write an RGB uint8 array as PNG atomically, upscaled (nearest) so the short side is >= ``min_size``."""
-    from PIL import Image
+def completion_titles(n: int) -> list[str]:
+    """Column titles of :func:`completion_figure`: truth, observed, completion 1..N, mean, variance."""
+    return ["truth", "observed", *(f"completion {k}" if n <= 8 else str(k) for k in range(1, n + 1)), "mean", "variance"]
+
+
+TITLE_BAND = 18  # px of white above the upscaled figure for the column titles
+
+
+def save_png(img: np.ndarray, path: str | Path, min_size: int = 256, titles: list[str] | None = None,
+             cell: int | None = None, pad: int = 2) -> Path:
+    """Write an RGB uint8 array as PNG atomically, upscaled (nearest) so the short side is >= ``min_size``.
+
+    ``titles``: one per column of ``cell`` px panels separated by ``pad`` px (the layout of
+    :func:`completion_figure`), written centred above the columns after the upscale, so they stay sharp.
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     from xray.io import atomic_path
 
@@ -132,6 +145,16 @@ def save_png(img: np.ndarray, path: str | Path, min_size: int = 256) -> Path:
     k = max(1, -(-min_size // min(img.shape[:2])))
     if k > 1:
         im = im.resize((im.width * k, im.height * k), Image.NEAREST)
+    if titles:
+        if cell is None:
+            raise ValueError("save_png: titles need the panel size `cell`")
+        canvas = Image.new("RGB", (im.width, im.height + TITLE_BAND), (255, 255, 255))
+        canvas.paste(im, (0, TITLE_BAND))
+        draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+        for c, text in enumerate(titles):
+            centre = k * (pad + c * (cell + pad) + cell / 2)
+            draw.text((centre - draw.textlength(text, font=font) / 2, 3), text, fill=(0, 0, 0), font=font)
+        im = canvas
     path = Path(path)
     with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")

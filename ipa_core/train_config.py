@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from xray.cli_base import finite_float, format_default
 from xray.errors import UserError
 
 DEFAULT_DEVICE = "auto"
@@ -134,23 +135,23 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig, note:
     g = parser.add_argument_group("training")
     d = defaults
 
-    def opt_float(s: str) -> float | None:
-        return None if s.lower() in ("none", "off") else float(s)
+    def said(v) -> str:  # as help texts write a default; 10**9 steps between events means never
+        return "never" if isinstance(v, int) and not isinstance(v, bool) and v >= 10**9 else format_default(v)
 
-    g.add_argument("--steps", type=int, default=None, help=f"total optimiser steps; a finished run trains on to a larger value (default {d.steps}{note})")
-    g.add_argument("--batch-size", type=int, default=None, help=f"images per step per process (default {d.batch_size}{note})")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr}{note})")
-    g.add_argument("--warmup", type=int, default=None, help=f"linear warmup steps (default {d.warmup}{note})")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay}{note})")
-    g.add_argument("--ema-rate", type=opt_float, default=argparse.SUPPRESS, help=f"EMA rate, or 'none' (default {d.ema_rate}{note})")
-    g.add_argument("--grad-clip", type=opt_float, default=argparse.SUPPRESS, help=f"gradient norm clip, or 'none' (default {d.grad_clip}{note})")
-    g.add_argument("--skip-threshold", type=opt_float, default=argparse.SUPPRESS, help=f"skip updates with a larger gradient norm, or 'none' (default {d.skip_threshold}{note})")
-    g.add_argument("--log-every", type=int, default=None, help=f"steps between metric rows (default {d.log_every}{note})")
-    g.add_argument("--sample-every", type=int, default=None, help=f"steps between sample grids (default {d.sample_every}{note})")
-    g.add_argument("--ckpt-every", type=int, default=None, help=f"steps between checkpoints (default {d.ckpt_every}{note})")
-    g.add_argument("--seed", type=int, default=None, help=f"random seed (default {d.seed}{note})")
-    g.add_argument("--num-workers", type=int, default=None, help=f"data loading processes (default {d.num_workers}{note})")
-    g.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:1, mps ... (default {d.device}{note})")
+    g.add_argument("--steps", type=int, default=None, help=f"total optimiser steps; a finished run trains on to a larger value (default: {said(d.steps)}{note})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"images per step per process (default: {said(d.batch_size)}{note})")
+    g.add_argument("--lr", type=finite_float(0, 1, lo_open=True), default=None, help=f"peak learning rate (default: {said(d.lr)}{note})")
+    g.add_argument("--warmup", type=int, default=None, help=f"linear warmup steps (default: {said(d.warmup)}{note})")
+    g.add_argument("--weight-decay", type=finite_float(0), default=None, help=f"AdamW weight decay (default: {said(d.weight_decay)}{note})")
+    g.add_argument("--ema-rate", type=finite_float(0, 1, hi_open=True, none=True), default=argparse.SUPPRESS, help=f"EMA rate, or 'none' (default: {said(d.ema_rate)}{note})")
+    g.add_argument("--grad-clip", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS, help=f"gradient norm clip, or 'none' (default: {said(d.grad_clip)}{note})")
+    g.add_argument("--skip-threshold", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS, help=f"skip updates with a larger gradient norm, or 'none' (default: {said(d.skip_threshold)}{note})")
+    g.add_argument("--log-every", type=int, default=None, help=f"steps between metric rows (default: {said(d.log_every)}{note})")
+    g.add_argument("--sample-every", type=int, default=None, help=f"steps between sample grids (default: {said(d.sample_every)}{note})")
+    g.add_argument("--ckpt-every", type=int, default=None, help=f"steps between checkpoints (default: {said(d.ckpt_every)}{note})")
+    g.add_argument("--seed", type=int, default=None, help=f"random seed (default: {said(d.seed)}{note})")
+    g.add_argument("--num-workers", type=int, default=None, help=f"data loading processes (default: {said(d.num_workers)}{note})")
+    g.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:1, mps ... (default: {said(d.device)}{note})")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format")
     g.add_argument("--restart", action="store_true", default=False,

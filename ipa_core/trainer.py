@@ -158,8 +158,9 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
 
     if rank == 0:  # only after the provenance check: the record never contradicts the checkpoints
         atomic_write_json(run_dir / "train_config.json", {k: v for k, v in cfg.to_dict().items() if k != "restart"})
-        log.info("training %s: %d trainable parameters, %d images, %d process(es) x batch %d, device %s, steps %d -> %d",
-                 type(model).__name__, sum(p.numel() for p in params), len(train_set), world, cfg.batch_size, device, step, cfg.steps)
+        log.info("training %s: %d trainable parameters, %d %s, %d process(es) x batch %d, device %s, steps %d -> %d",
+                 type(model).__name__, sum(p.numel() for p in params), len(train_set), getattr(train_set, "item_name", "images"),
+                 world, cfg.batch_size, device, step, cfg.steps)
     mlog = MetricLog(metrics_path if rank == 0 else None)
     bar = tqdm(total=cfg.steps, initial=step, disable=None if rank == 0 else True, desc="train", dynamic_ncols=True)
     t_last, imgs, start_step = time.perf_counter(), 0, step
@@ -198,6 +199,7 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         sample(step)  # the final model's samples too
 
     if rank == 0:
+        check_finite_weights(out_model, f"the model after step {step}")  # a NaN model is never saved as the result
         task.save_pretrained(out_model, run_dir / "model")
         if test_set is not None and len(test_set):
             with torch.no_grad():
@@ -206,6 +208,19 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
             log.info("test metrics at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
     dist_utils.barrier()
     return out_model
+
+
+DIVERGED = "training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; lower --lr (or set --grad-clip) and rerun with --restart"
+DAMAGED = "{what} has non-finite weights ({name}): the weights file is damaged; copy it again or retrain the model"
+
+
+def check_finite_weights(model: nn.Module, what: str, message: str = DIVERGED) -> None:
+    """One-line :class:`UserError` (``message`` with ``{what}`` and the first bad tensor's ``{name}``)
+    when a parameter or buffer of ``model`` holds NaN or infinity: a diverged training run
+    (:data:`DIVERGED`) or a loaded weights file with flipped bytes (:data:`DAMAGED`)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(message.format(what=what, name=name))
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -10,6 +10,7 @@ subprocesses (``python -m ...``), where logging and warnings reach stderr as a u
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,18 @@ def world(tmp_path_factory) -> Path:
         shutil.copytree(w / name, w / f"corrupt-{name}")
         weights = next(p for p in (w / f"corrupt-{name}").iterdir() if p.name != "config.json")
         weights.write_bytes(weights.read_bytes()[:100])
+    nan_avp = AVPClassifier(AVPConfig(arch="tiny", image_size=S))
+    with torch.no_grad():
+        next(nan_avp.parameters()).view(-1)[0] = float("nan")  # flipped bytes in a weights file
+    nan_avp.save_pretrained(w / "nan-avp")
+    nan_ipa = IPA.from_pretrained(w / "ipa")
+    with torch.no_grad():
+        next(nan_ipa.parameters()).view(-1)[0] = float("inf")
+    nan_ipa.save_pretrained(w / "nan-ipa")
+    for name, edit in (("banana", lambda d: {**d, "image_size": "banana"}), ("list", lambda d: [1, 2])):
+        shutil.copytree(w / "ipa", w / f"{name}-ipa")
+        cfg = next((w / f"{name}-ipa").rglob("config.json"))
+        cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
     make_nih(w / "nih", n=40, px=S)
     open_dataset("chestxray", w / "nih", size=S, split="all", cache_dir=w / "cache", progress=False)
     Image.fromarray(np.full((80, 70), 120, np.uint8)).save(w / "xray.png")
@@ -112,6 +125,47 @@ CASES = [
     ("demo-max-steps", "boed", ["demo", "--max-steps", "0", "--out", D], "--max-steps"),
     ("demo-eval-images", "boed", ["demo", "--eval-images", "0", "--out", D], "--eval-images"),
     ("demo-missing-data-root", "boed", ["demo", "--data-root", "{t}/nowhere", "--out", D], "nowhere"),
+    ("demo-chestmnist-no-file", "boed", ["demo", "--data", "chestmnist", "--data-root", "{t}", "--out", D], "chestmnist_64.npz"),
+    ("demo-chestxray-no-root", "boed", ["demo", "--data", "chestxray", "--out", D], "--data-root"),
+    ("train-avp-chestmnist-no-file", "boed", ["train-avp", "--out", D, "--data", "chestmnist", "--data-root", "{t}"], "chestmnist_64.npz"),
+    # float flags: finite and in range, refused by the parser (issue 23 item 4)
+    ("run-temperature-nan", "boed", ["run", *MODELS, "--temperature", "nan", "--out", D], "--temperature"),
+    ("run-temperature-inf", "boed", ["run", *MODELS, "--temperature", "inf", "--out", D], "not finite"),
+    ("sample-t-nan", "ipa_core", [*SAMPLE, "--t", "nan"], "--t"),
+    ("sample-t-negative", "ipa_core", [*SAMPLE, "--t", "-1"], "out of range"),
+    ("train-lr-inf", "ipa_core", ["train", "--out", D, "--lr", "inf"], "--lr"),
+    ("train-ema-rate-1", "ipa_core", ["train", "--out", D, "--ema-rate", "1"], "--ema-rate"),
+    ("train-grad-clip-nan", "ipa_core", ["train", "--out", D, "--grad-clip", "nan"], "--grad-clip"),
+    ("train-weight-decay-negative", "ipa_core", ["train", "--out", D, "--weight-decay", "-1"], "--weight-decay"),
+    ("train-avp-lr-inf", "boed", ["train-avp", "--out", D, "--lr", "inf"], "--lr"),
+    ("train-avp-p-full", "boed", ["train-avp", "--out", D, "--p-full", "1.5"], "--p-full"),
+    ("train-policy-temperature-nan", "boed", ["train-policy", "--out", D, "--temperature", "nan"], "--temperature"),
+    ("train-policy-one-shard", "boed", ["train-policy", "--method", "distill", "--teacher-images", "8", "--shard-size", "8",
+                                        *MODELS, "--out", D], "make 1 shard"),
+    ("train-policy-tau-zero", "boed", ["train-policy", "--out", D, "--tau", "0"], "--tau"),
+    ("download-timeout-inf", "xray", ["download", "--out", D, "--timeout", "inf"], "--timeout"),
+    # no tracebacks (issue 23 item 5)
+    ("phantom-out-under-a-file", "xray", ["phantom", "--out", "{w}/xray.png/sub", "--n", "4", "--size", "64", "--seed", "0"], "is a file, not a folder"),
+    ("train-official-text-file", "ipa_core", ["train", "--stage", "vae", "--config", "tiny", "--import-official", "{w}/not-an-image.png", "--out", D], "not a PyTorch checkpoint"),
+    ("sample-out-is-a-folder", "ipa_core", [*SAMPLE[:5], "--out", "{w}", *DATA], "is a folder"),
+    ("sample-out-under-a-file", "ipa_core", [*SAMPLE[:5], "--out", "{w}/xray.png/g.png", *DATA], "is a file, not a folder"),
+    ("sample-n-huge", "ipa_core", [*SAMPLE, "--n", "100000"], "--n is 100000"),
+    ("sample-config-banana", "ipa_core", ["sample", "--run", "{w}/banana-ipa", *SAMPLE[3:]], "image_size is \"banana\""),
+    ("sample-config-list", "ipa_core", ["sample", "--run", "{w}/list-ipa", *SAMPLE[3:]], "holds a JSON list"),
+    ("run-path-with-a-space", "boed", ["run", "--ipa", "{t}/my runs/ipa", "--avp", "{t}/my runs/avp", "--out", D], "--out '"),
+    ("run-nan-weights", "boed", ["run", "--ipa", "{w}/ipa", "--avp", "{w}/nan-avp", "--out", D], "non-finite weights"),
+    ("sample-nan-weights", "ipa_core", ["sample", "--run", "{w}/nan-ipa", *SAMPLE[3:]], "non-finite weights"),
+    ("train-eval-images-negative", "ipa_core", ["train", "--out", D, "--eval-images", "-1"], "--eval-images"),
+    ("train-avp-eval-images-negative", "boed", ["train-avp", "--out", D, "--eval-images", "-1"], "--eval-images"),
+    ("run-config-banana", "boed", ["run", "--ipa", "{w}/banana-ipa", "--avp", "{w}/avp", "--out", D], "expected an integer"),
+    ("run-show-negative", "boed", ["run", *MODELS, "--show", "-3", "--out", D], "--show"),
+    ("run-n-samples-huge", "boed", ["run", *MODELS, "--n-samples", "1000000", "--out", D], "--n-samples"),
+    # conflicting flags are refused, not ignored (issue 23 item 10), and a network that cannot fit (item 5)
+    ("demo-quick-and-paper", "boed", ["demo", "--quick", "--profile", "paper", "--out", D], "--quick"),
+    ("train-vae-stage-with-vae", "ipa_core", ["train", "--stage", "vae", "--vae", "{w}/ipa", "--out", D], "--vae"),
+    ("train-avp-width-resnet", "boed", ["train-avp", "--arch", "resnet18", "--width", "99", "--out", D], "--width 99"),
+    ("train-avp-pool-huge", "boed", ["train-avp", "--pool", "1000", "--device", "cpu", "--out", D], "GiB"),
+    ("demo-publish-file", "boed", ["demo", "--publish", "{w}/xray.png", "--out", D], "--publish"),
 ]
 if NO_CUDA:
     CASES += [("run-cuda-absent", "boed", ["run", *MODELS, "--device", "cuda", "--out", D], "CUDA"),

@@ -194,6 +194,13 @@ def test_list_flags_are_comma_separated():
     assert comma_list(p.parse_args(["--illness", "effusion", "edema"]).illness) == ["effusion", "edema"]
     assert comma_list(p.parse_args([]).illness) == ["effusion", "edema"]
     assert comma_list(" a, b ,,c ") == ["a", "b", "c"]
+    assert "--illness LIST]" in p.format_usage() and "LIST [LIST ...]" not in p.format_help()
+
+
+@pytest.mark.parametrize("script,command", COMMANDS)
+def test_help_has_no_sphinx_markup(script, command):
+    text = subparser(script, command).format_help()
+    assert ":func:" not in text and ":class:" not in text and "``" not in text
 
 
 def test_phantom_help_states_the_demo_prevalences_and_the_size_rule():
@@ -204,3 +211,15 @@ def test_phantom_help_states_the_demo_prevalences_and_the_size_rule():
     for name, share in DEMO_PREVALENCE.items():
         assert f"{name.lower()} {share:.0%}" in text
     assert "multiple of 4" in expanded_help(p, p._option_string_actions["--size"])
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_version_flag_and_attribute_agree_with_pyproject(script, capsys):
+    import importlib
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.import_module(script).__version__ == version
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script](["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"{script} {version}"

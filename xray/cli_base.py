@@ -7,8 +7,9 @@ argument, bad choice) are printed the same way.
 
 Shared flag pieces live here so every command words them alike: :func:`add_device_arg` /
 :data:`DEVICE_HELP` (the one ``--device``), :func:`comma_list` (every list flag is
-comma-separated), :func:`set_help` (reword a flag a shared helper added, e.g. a default that a
-model decides).
+comma-separated), :func:`finite_float` (every float flag: finite and in range, checked by the
+parser), :func:`set_help` (reword a flag a shared helper added, e.g. a default that a model
+decides).
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Mapping
 
+from . import __version__
 from .errors import cli_entry
 
 DEFAULT_DEVICE = "auto"
 DEVICE_HELP = ("where to compute: auto (the first CUDA GPU when there is one, else the CPU; under torchrun "
                "the process's own GPU), cpu, cuda or cuda:N (default: %s)" % DEFAULT_DEVICE)
 VERBOSE_HELP = "debug logging (accepted before or after the command)"
+MAX_TEMPERATURE = 100.0  # IPA sampling temperatures above this only draw noise (and overflow to NaN)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,8 +43,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {' '.join(str(message).split())}\n"
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help layout: descriptions as written; a comma-separated list flag (metavar
+    ``LIST``, which also takes space-separated words) shows as ``--flag LIST``, not ``LIST [LIST ...]``."""
+
+    def _format_args(self, action, default_metavar):
+        if action.metavar == "LIST" and action.nargs in ("+", "*"):
+            return "LIST"
+        return super()._format_args(action, default_metavar)
 
 
 def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Callable[..., int]:
@@ -52,8 +63,13 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
         if extra:  # name the command whose --help lists the valid flags
             ArgumentParser(prog=f"{prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        warnings.formatwarning = _one_line_warning  # a warning is one line on the console, never a source excerpt
-        return args._main(args)
+        before = warnings.formatwarning
+        if not args.verbose:  # a user reads one line per warning; -v keeps Python's file:line and source
+            warnings.formatwarning = format_warning_line
+        try:
+            return args._main(args)
+        finally:
+            warnings.formatwarning = before
 
     main.commands = dict(commands)
     main.prog = prog
@@ -61,15 +77,24 @@ def make_main(prog: str, description: str, commands: Mapping[str, str]) -> Calla
     return main
 
 
+def format_warning_line(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for console scripts: ``warning: <message>`` on one line (no file,
+    line number or source line; ``-v`` shows them). Only the text changes: filters and
+    ``catch_warnings(record=True)`` work as before."""
+    return "warning: " + " ".join(str(message).split()) + "\n"
+
+
 def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:
     """The console script's parser: ``-v`` plus one subparser per command (also with ``-v``)."""
     parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, path in commands.items():
         mod = importlib.import_module(path)
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         # SUPPRESS: without -v here the value given before the command (or False) stays
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         mod.configure(p)
@@ -91,6 +116,69 @@ def set_help(parser: argparse.ArgumentParser, option: str, help: str, **changes)
         if k == "default":
             parser.set_defaults(**{action.dest: v})
     return action
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+                 none: bool = False) -> Callable[[str], float | None]:
+    """An argparse ``type`` for a float flag: finite (``nan``/``inf`` refused) and within ``[lo, hi]``
+    (``lo_open``/``hi_open``: the bound itself excluded; ``None``: no bound). ``none=True`` also
+    accepts ``none``/``off`` as ``None``. A bad value is argparse's one-line error naming the flag,
+    the value and the range, before the command runs (so before any file is made)::
+
+        p.add_argument("--temperature", type=finite_float(0, lo_open=True), default=1.0)
+    """
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    expected = "a finite number" + (" " + " and ".join(parts) if parts else "") + (", or 'none'" if none else "")
+
+    def parse(text: str) -> float | None:
+        if none and str(text).strip().lower() in ("none", "off"):
+            return None
+        try:
+            v = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected {expected}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected {expected}")
+        if lo is not None and (v < lo or lo_open and v == lo) or hi is not None and (v > hi or hi_open and v == hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {expected}")
+        return v
+
+    parse.__name__ = "number"
+    parse.expected = expected
+    return parse
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", kind: str = "folder",
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, before anything is computed or made, that ``path`` can become an output ``kind``
+    ("folder" or "file", with one of ``suffixes`` when given): not a file where a folder is
+    wanted (or the reverse), no file among its parents, and the nearest existing folder writable.
+    One-line :class:`UserError` naming ``flag`` otherwise; creates nothing. Returns the path."""
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    if kind == "file":
+        if p.is_dir():
+            example = p / f"out{suffixes[0] if suffixes else ''}"
+            raise UserError(f"{flag} {p} is a folder; expected a file path such as {example}")
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise UserError(f"{flag} {p} ends in {p.suffix or 'no suffix'!r}; expected a {' or '.join(suffixes)} file "
+                            f"(e.g. {p.with_suffix(suffixes[0])})")
+    elif p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; expected a folder (a new or existing one)")
+    for a in ([p] if kind == "folder" else []) + [p.parent, *p.parent.parents]:
+        if not a.exists():
+            continue
+        if not a.is_dir():
+            raise UserError(f"{flag} {p}: {a} is a file, not a folder; choose a path whose parents are folders")
+        if not os.access(a, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {p}: cannot write in {a} (permission denied); choose a writable place")
+        break
+    return p
 
 
 def comma_list(values: str | list[str] | tuple[str, ...] | None) -> list[str]:

@@ -1,8 +1,9 @@
 """Torch datasets over a prepared cache, and the ``--data`` flags every CLI shares.
 
 ``XrayDataset(cache_dir, split)`` yields ``(uint8 (1, S, S), float32 (15,))`` with the 15 =
-``xray.labels.LABELS``. ``open_dataset("chestxray", data_root=DIR)`` or ``open_dataset("phantom")``
-prepares the cache on first use and reuses it afterwards.
+``xray.labels.LABELS``. ``open_dataset("chestxray", data_root=DIR)``, ``open_dataset("chestmnist",
+data_root=DIR)`` (MedMNIST's ``chestmnist_S.npz``, see :mod:`xray.chestmnist`) or
+``open_dataset("phantom")`` prepares the cache on first use and reuses it afterwards.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import torch
 from torch.utils.data import Dataset
 
 from . import cache as _cache
+from . import chestmnist as _chestmnist
 from .errors import UserError
 from .io import ensure_writable_dir
 from .labels import LABELS, NO_FINDING, PATHOLOGIES
 
 log = logging.getLogger(__name__)
 
-DATA_NAMES = ("phantom", "chestxray")
+DATA_NAMES = ("phantom", "chestxray", "chestmnist")
 SPLITS = ("train", "val", "trainval", "test", "all")
 DEFAULT_PHANTOM_N = 8000
 DEFAULT_PHANTOM_SIZE = 128
@@ -209,7 +211,8 @@ def phantom_root(cache_dir: str | os.PathLike | None = None, workers: int | None
 def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: int = DEFAULT_IMAGE_SIZE,
                  split: str = "train", cache_dir: str | os.PathLike | None = None, workers: int | None = None,
                  progress: bool = True, present_only: bool | None = None, max_images: int | None = None) -> XrayDataset:
-    """Open ``data`` ("chestxray" with an NIH-format ``data_root``, or "phantom") at S = ``size``.
+    """Open ``data`` ("chestxray" with an NIH-format ``data_root``, "chestmnist" with the folder
+    holding MedMNIST's ``chestmnist_S.npz`` (default: medmnist's root), or "phantom") at S = ``size``.
 
     The prepared cache is :func:`prepared_dir` ``(root, size, cache_dir)``: ``root/prepared-S``
     (what ``xray prepare --root ROOT --size S`` writes), or under ``cache_dir`` when given. Every
@@ -230,6 +233,11 @@ def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: in
         root = Path(data_root).expanduser()
         if not root.is_dir():
             raise UserError(f"data root {root} is not a folder; pass the NIH-format folder with --data-root")
+    elif data == "chestmnist":
+        if present_only:
+            raise UserError("--present-only is for a partial NIH download; ChestMNIST is one complete file, leave it out")
+        out = _chestmnist.prepare(data_root, size, cache_dir=cache_dir, progress=progress)
+        return XrayDataset(out, split, max_images=max_images)
     elif data == "phantom":
         root = Path(data_root).expanduser() if data_root is not None else phantom_root(cache_dir, workers, progress)
     else:
@@ -249,8 +257,8 @@ def data_summary(data: str, data_root: str | os.PathLike | None = None, size: in
     test = open_dataset(data, data_root, size, "test", cache_dir, progress=False, max_images=max_images)
     m = train.manifest
     listed = int((m.get("source") or {}).get("listed", m["n_rows"]))
-    real = data == "chestxray"
-    out = {"data": "NIH-format folder" if real else "phantom", "root": m.get("source_root"), "cache": str(train.cache_dir),
+    real = data in ("chestxray", "chestmnist")
+    out = {"data": {"chestxray": "NIH-format folder", "chestmnist": "ChestMNIST file"}.get(data, "phantom"), "root": m.get("source_root"), "cache": str(train.cache_dir),
            "image_size": train.image_size, "listed": listed, "prepared": int(m["n_images"]),
            "absent": int(m.get("n_absent", 0)), "bad": len(m.get("bad_images", [])), "max_images": max_images,
            "train_images": len(train), "test_images": len(test),
@@ -267,8 +275,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     ``--max-images`` (shared by every CLI)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", choices=DATA_NAMES, default="phantom",
-                   help="phantom: synthetic set generated on first use; chestxray: NIH-format folder (default: phantom)")
-    g.add_argument("--data-root", metavar="DIR", default=None, help="NIH-format folder (needed for --data chestxray)")
+                   help="phantom: synthetic set generated on first use; chestxray: NIH-format folder; chestmnist: "
+                        "MedMNIST's chestmnist_64/128/224.npz (the NIH images in one small file) (default: phantom)")
+    g.add_argument("--data-root", metavar="DIR", default=None,
+                   help="NIH-format folder (needed for --data chestxray), or the folder holding chestmnist_S.npz "
+                        f"(for --data chestmnist; left out: medmnist's {_chestmnist.DEFAULT_ROOT_TEXT}) (default: none)")
     g.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder for prepared caches (as CACHE_DIR/prepared/<hash>-S) and the default phantom set; "
                         f"left out: DATA_ROOT/prepared-S, and {DEFAULT_CACHE_DIR} for the default phantom set (default: none)")

@@ -50,17 +50,22 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    forced = False
     try:
         with warnings.catch_warnings():  # pydicom warns per odd element; one error line is enough
             warnings.simplefilter("ignore")
             try:
                 ds = pydicom.dcmread(path)
             except pydicom.errors.InvalidDicomError:  # no preamble/meta header: still readable raw
+                forced = True
                 ds = pydicom.dcmread(path, force=True)
     except Exception as e:  # pydicom raises many types for damaged files
         raise UserError(f"cannot read DICOM {path}: {e}; expected a valid DICOM file") from None
     if "PixelData" not in ds or "BitsStored" not in ds:
-        raise UserError(f"DICOM {path} has no pixel data; expected an image")
+        if forced:  # no DICM header and nothing that parses as an image: not a DICOM file at all
+            raise UserError(f"{path} is not a DICOM file (no DICM header, no image elements); expected a DICOM radiograph, "
+                            "or a PNG/JPEG file")
+        raise UserError(f"DICOM {path} has no pixel data (a report or structured document?); expected an image")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     spp = int(ds.get("SamplesPerPixel", 1))
     if photometric not in MONOCHROME or spp != 1:

@@ -53,8 +53,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Missing, corrupt or unreadable files raise :class:`UserError`.
     """
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"image {p} is a folder; expected one image file (PNG, JPEG or DICOM) inside it")
     if not p.is_file():
-        raise UserError(f"image {p} does not exist; check the data folder")
+        raise UserError(f"image {p} does not exist; check the path")
     if is_dicom(p):
         return read_dicom(p)
     try:

@@ -82,7 +82,11 @@ def _read_table(path: Path) -> tuple[list[str], pd.DataFrame]:
         raise UserError(f"label file {path} does not exist; pass the NIH Data_Entry CSV")
     try:
         with _open_text(path) as f:
-            header = _split_header(f.readline())
+            first = f.readline()
+            if not first.strip():
+                raise UserError(f"{path} is empty (no header, no rows); expected the NIH Data_Entry CSV: a header line "
+                                "and one row per image")
+            header = _split_header(first)
             df = pd.read_csv(f, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} has a header but no rows; expected one row per image") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -58,7 +59,7 @@ def train_demo_policies(demo_dir: str | Path, illnesses: Sequence[str] = ("effus
     demo_dir = Path(demo_dir)
     for sub in ("ipa", "avp"):
         if not (demo_dir / sub).is_dir():
-            raise UserError(f"{demo_dir} has no {sub}/; run `boed demo --out {demo_dir}` first")
+            raise UserError(f"{demo_dir} has no {sub}/; run `boed demo --out {shlex.quote(str(demo_dir))}` first")
     done = {}
     for name, _, module, argv in policy_stages(demo_dir, illnesses, profile, scans, n_samples, list(data_args), device, seed):
         mod = importlib.import_module(module)

@@ -14,6 +14,7 @@ caller's task before anything runs.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,7 @@ class PolicyNet(nn.Module):
         """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
         from ipa_core.persist import load_pretrained
 
-        hint = f"train one with `boed train-policy --out {path}`"
+        hint = f"train one with `boed train-policy --out {shlex.quote(str(path))}`"
         return load_pretrained(cls, path, map_location, what="scan policy", hint=hint).to(map_location).eval()
 
 
@@ -207,7 +208,7 @@ def load_policy(run_dir: str | Path, illness, geometry: ScanGeometry, device: to
     where = f"the policy in {run_dir}"
     if c.illness != want:
         raise UserError(f"{where} was trained for {c.illness}, not {want}; train one with "
-                        f"`boed train-policy --illness {want.lower()} ...` or pass a matching policy")
+                        f"`boed train-policy --illness {shlex.quote(want.lower())} ...` or pass a matching policy")
     for what, have, need in (("image size", c.image_size, geometry.image_size), ("grid", c.grid, geometry.grid),
                              ("patch size", c.patch_size, geometry.patch_size)):
         if have != need:

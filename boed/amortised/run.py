@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from boed.geometry import ScanGeometry
-from xray.io import atomic_write_json, ensure_writable_dir
+from xray.io import atomic_write_json
 
 
 def plot_policy_step(path, geometry: ScanGeometry, x_obs, mask, probs, chosen: int, x_after, mask_after,
@@ -46,12 +46,14 @@ def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source:
     from boed.policies import GreedyPolicy, scan_start
     from boed.samplers import IPASampler
 
+    from boed.commands.run import scan_out_dir
+
     from .network import load_policy
 
     S, C = avp.config.image_size, avp.config.in_channels
     geometry = ScanGeometry(S)
     policy = load_policy(policy_dir, illness, geometry, device)
-    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}-{policy.name}")
+    out = scan_out_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}-{policy.name}", getattr(args, "data_root", None))
     greedy = None
     if ipa is not None:
         greedy = GreedyPolicy(avp, IPASampler(ipa, temperature=args.temperature), illness, geometry,

@@ -61,6 +61,7 @@ class TeacherConfig:
                   (self.off_policy >= 0, f"--off-policy must be >= 0, got {self.off_policy}"),
                   (self.n_samples >= 1, f"--n-samples must be >= 1, got {self.n_samples}"),
                   (self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}"),
+                  (self.val_shards >= 0, f"--val-shards must be >= 0, got {self.val_shards}"),
                   (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")]
         for ok, msg in checks:
             if not ok:
@@ -69,6 +70,14 @@ class TeacherConfig:
     @property
     def n_shards(self) -> int:
         return -(-self.n_images // self.shard_size)
+
+    def check_split(self) -> None:
+        """One line, before any teacher work, when the shards cannot give both a training and the
+        asked-for validation part (else the student would silently validate on 0 states)."""
+        if self.val_shards >= self.n_shards:
+            raise UserError(f"--teacher-images {self.n_images} at --shard-size {self.shard_size} make {self.n_shards} shard(s), "
+                            f"but --val-shards {self.val_shards} holds out {self.val_shards} and one must train: raise "
+                            "--teacher-images or lower --shard-size (or --val-shards 0: no validation)")
 
     def train_val_shards(self) -> tuple[list[int], list[int]]:
         """Shard indices used for training and for validation (at least one shard trains)."""
@@ -245,6 +254,8 @@ class TeacherStates:
     ``get_batch(idx)`` -> uint8 ``(b, C + 1, S, S)``: the scanned pixels and the mask (0/1) as one
     image; ``get_labels(idx)`` -> the EIG maps ``(b, L)`` float32.
     """
+
+    item_name = "states"  # what the trainer's log counts (not images: each image gives T - 1 states and more)
 
     def __init__(self, teacher_dir: str | Path, shards: list[int], train_set, geometry: ScanGeometry):
         self.records = load_shards(teacher_dir, shards)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from xray.cli_base import add_device_arg, comma_list, device_flag
+from xray.chestmnist import find_npz
+from xray.cli_base import add_device_arg, check_output, comma_list, device_flag
+from xray.dataset import DATA_NAMES
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
@@ -38,11 +40,14 @@ def configure(p) -> None:
     from boed.demo import PROFILES, STAGES
 
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default: runs/demo)")
-    p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom (default: none: the default phantom set, generated on first use into the cache folder)")
+    p.add_argument("--data", choices=DATA_NAMES, default=None,
+                   help="phantom, chestxray (an NIH-format folder) or chestmnist (MedMNIST's chestmnist_S.npz: the NIH "
+                        "images in one small file) (default: chestxray with --data-root, else phantom)")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom, or the folder holding chestmnist_S.npz (default: none: the default phantom set, generated on first use into the cache folder; with --data chestmnist, medmnist's ~/.medmnist)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="where prepared images and the default phantom set live (default: ~/.cache/boed)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
-                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: cpu)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help=f"cpu: {PROFILES['cpu'].image_size} px images, about {CPU_DEMO_MINUTES} min on 2 CPU cores; quick: a few minutes, for smoke tests; "
+                        f"paper: the paper's {PROFILES['paper'].image_size} px setup ({PROFILES['paper'].vae_steps:,} VAE steps), for GPUs (default: the cpu profile, quick with --quick)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick: a few minutes, for smoke tests")
     p.add_argument("--illness", nargs="+", default=list(DEFAULT_ILLNESSES), metavar="LIST",
                    help=f"comma-separated tasks to run (default: {','.join(DEFAULT_ILLNESSES)})")
@@ -80,7 +85,9 @@ def main(args) -> int:
     from boed.demo import PROFILES, DemoOptions, run_demo
     from boed.demo_publish import publish
 
-    profile = PROFILES["quick" if args.quick else args.profile]
+    if args.quick and args.profile not in (None, "quick"):
+        raise UserError(f"--quick is --profile quick, but --profile {args.profile} was given too; pass one of them")
+    profile = PROFILES["quick" if args.quick else args.profile or "cpu"]
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
@@ -100,11 +107,19 @@ def main(args) -> int:
                                       ipa_batch=min(profile.ipa_batch, args.max_batch), avp_batch=min(profile.avp_batch, args.max_batch))
     if args.n_test is not None:
         profile = dataclasses.replace(profile, n_test=args.n_test)
-    if args.data_root is not None and not args.data_root.is_dir():
+    if args.data == "chestxray" and args.data_root is None:
+        raise UserError("--data chestxray needs --data-root DIR (a folder with Data_Entry_2017*.csv and images/)")
+    if args.data == "chestmnist":
+        if args.present_only:
+            raise UserError("--present-only is for a partial NIH download; ChestMNIST is one complete file, leave it out")
+        find_npz(args.data_root, profile.image_size)  # the file is there (or fetched) before any folder is made
+    elif args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+    if args.publish is not None:
+        check_output(args.publish, "--publish", "folder")
     illnesses = tuple(resolve_illness(i).name for i in comma_list(args.illness))
     device = device_flag(args.device)
-    opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root,
+    opts = DemoOptions(out=args.out, profile=profile, illnesses=illnesses, data_root=args.data_root, data=args.data,
                        cache_dir=args.cache_dir, device=device, seed=args.seed, until=args.until,
                        max_images=args.max_images, present_only=args.present_only,
                        avp_init_weights=args.avp_init_weights, with_policies=args.with_policies,

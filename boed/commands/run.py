@@ -5,12 +5,11 @@ images are drawn from the training set, as in the paper), the AVP classifier sco
 patch of the G x G grid, and the patch with the largest EIG is scanned. Prints each choice with its
 grid cell, pixel box, EIG and the classifier probability after the scan, and writes one figure per
 scan (observations, EIG heatmap with a red x, completions with their information-gain maps) plus a
-summary figure and ``scans.json`` into --out.
+summary figure and scans.json into --out.
 
 The t = 1 completions (and --index images) come from the data the models were trained on, as
-recorded in their run folders (``data.json``, see :func:`recorded_training_data`); --data /
---data-root override it, and models that record nothing need --data-root (or --first-draws ipa
-with --image).
+recorded in their run folders (data.json); --data / --data-root override it, and models that
+record nothing need --data-root (or --first-draws ipa with --image).
 
 examples:
   boed run --illness effusion --scans 5 --index 3
@@ -22,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch
 
 from boed.geometry import ScanGeometry
 from ipa_core.persist import model_digest
-from xray.cli_base import add_device_arg, parse_device
+from xray.chestmnist import holds_chestmnist
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, parse_device
 from xray.errors import UserError
 from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
 from xray.io import atomic_write_json, ensure_writable_dir
@@ -39,6 +41,7 @@ from xray.labels import resolve_illness
 HELP = "choose scan locations for one image by EIG (greedy BOED with IPA completions)"
 DEFAULT_IPA = "runs/demo/ipa"
 DEFAULT_AVP = "runs/demo/avp"
+MIN_N_SAMPLES, MAX_N_SAMPLES = 2, 1000  # one completion gives EIG 0 everywhere; a million fills any memory
 DATA_KEYS = ("data", "data_root", "cache_dir")  # the fields that say where the data is
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--index", type=int, metavar="I", help="image I of the test split of --data (default: image 0 when --image is not given)")
     parser.add_argument("--ipa", default=DEFAULT_IPA, metavar="DIR", help=f"IPA model or run dir (default: {DEFAULT_IPA})")
     parser.add_argument("--avp", default=DEFAULT_AVP, metavar="DIR", help=f"AVP classifier model or run dir (default: {DEFAULT_AVP})")
-    parser.add_argument("--n-samples", type=int, default=10, help="completions N per decision (default: 10)")
+    parser.add_argument("--n-samples", type=int, default=10, help=f"completions N per decision, {MIN_N_SAMPLES} to {MAX_N_SAMPLES} (default: 10)")
     parser.add_argument("--estimator", choices=("eig", "epe"), default="eig", help="eig: scan where the expected information gain is largest (the paper); epe: where the expected posterior entropy is smallest (default: eig)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
+    parser.add_argument("--temperature", type=finite_float(0, MAX_TEMPERATURE, lo_open=True), default=1.0, help="IPA sampling temperature: scales the spread of the random latent draws, 1 = as trained (default: 1.0)")
     parser.add_argument("--first-draws", choices=("dataset", "ipa"), default="dataset",
                         help="t = 1 completions: images of the train split of --data (paper) or IPA samples given nothing "
                              "(no data needed) (default: dataset)")
@@ -72,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
     parser.set_defaults(data=None)  # None: the data recorded in the model runs
-    parser._option_string_actions["--data"].help = ("phantom or chestxray; omitted: the data the models were trained on, "
+    parser._option_string_actions["--data"].help = ("phantom, chestxray or chestmnist; omitted: the data the models were trained on, "
                                                     f"as recorded in their runs ({DATA_RECORD})")
 
 
@@ -96,12 +99,15 @@ def load_models(ipa_path: str, avp_path: str, device: torch.device):
     """``(ipa, avp, S)``; one-line errors for missing models or different image sizes."""
     from boed.classifier import AVPClassifier
 
-    avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {avp_path}")
-    ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {ipa_path}")
+    avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {shlex.quote(str(avp_path))}")
+    ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {shlex.quote(str(ipa_path))}")
     from ipa_core.ipa import IPA
+    from ipa_core.trainer import DAMAGED, check_finite_weights
 
     avp = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval()
     ipa = IPA.from_pretrained(ipa_dir, map_location=device).eval()
+    check_finite_weights(avp, f"the AVP model in {avp_dir}", DAMAGED)
+    check_finite_weights(ipa, f"the IPA model in {ipa_dir}", DAMAGED)
     s_avp, s_ipa = avp.config.image_size, _image_size_of(ipa)
     if s_ipa is not None and s_ipa != s_avp:
         raise UserError(f"the IPA model ({ipa_dir}) works at {s_ipa} px but the AVP classifier ({avp_dir}) at {s_avp} px; "
@@ -162,7 +168,7 @@ def resolve_data_args(args, needs_data: bool) -> dict | None:
     rec = training_data(args.ipa, args.avp)
     if args.data is not None or args.data_root is not None:
         if args.data is None:
-            args.data = "chestxray"  # an NIH-format folder
+            args.data = "chestmnist" if holds_chestmnist(args.data_root) else "chestxray"  # MedMNIST's file, or an NIH-format folder
         return rec
     if not needs_data:
         return rec
@@ -218,14 +224,46 @@ def _dataset(args, S: int, split: str):
     return dataset_from_args(args, split)
 
 
+RUN_OUTPUTS = ("step_*.png", "summary.png", "scans.json")  # what a scan run writes, and so owns, in --out
+
+
+def scan_out_dir(out: str | Path, data_root: str | Path | None = None) -> Path:
+    """The output folder of a scan run, ready to write: refused inside a data folder (``--data-root``,
+    or any folder holding an NIH label CSV or a ChestMNIST file: PNGs must not land among x-rays),
+    and cleared of what an earlier run wrote there (its ``step_*.png`` of later scans would otherwise
+    stay beside the new ones). Other files in it are left alone."""
+    p = Path(out).expanduser().resolve()
+    roots = [Path(data_root).expanduser().resolve()] if data_root is not None else []
+    for folder in (p, *p.parents):
+        if folder in roots or (folder.is_dir() and (any(folder.glob("Data_Entry_2017*.csv*")) or holds_chestmnist(folder))):
+            raise UserError(f"--out {out} is inside the data folder {folder}; write scans outside it (e.g. --out runs/scan)")
+    p = ensure_writable_dir(out)
+    stale = [f for pattern in RUN_OUTPUTS for f in p.glob(pattern) if f.is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        log.info("removed %d output file(s) of an earlier run in %s", len(stale), p)
+    return p
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """The numeric flags, before any model is loaded or anything computed (one line each)."""
+    if not MIN_N_SAMPLES <= args.n_samples <= MAX_N_SAMPLES:
+        raise UserError(f"--n-samples is {args.n_samples}; expected {MIN_N_SAMPLES} to {MAX_N_SAMPLES} completions per decision "
+                        "(with one completion the EIG is 0 everywhere; the paper uses 10)")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UserError(f"--chunk-size is {args.chunk_size}; expected at least 1 classifier input per pass (or leave it out)")
+    if args.show < 0:
+        raise UserError(f"--show is {args.show}; expected 0 or more completions per figure")
+
+
 def main(args: argparse.Namespace) -> int:
     from boed.heatmaps import plot_decision, plot_summary
     from boed.policies import GreedyPolicy, scan_start
     from boed.samplers import DatasetSampler, IPASampler
 
     illness = resolve_illness(args.illness)
-    if args.n_samples < 1:
-        raise UserError(f"--n-samples must be >= 1, got {args.n_samples}")
+    check_run_flags(args)
     device = parse_device(args.device)
     if args.policy is not None:  # amortised policy (boed train-policy)
         return _run_policy(args, illness, device)
@@ -245,9 +283,7 @@ def main(args: argparse.Namespace) -> int:
         train = _dataset(args, S, "train")
         check_fingerprint(train, rec)
         first_sampler = DatasetSampler(train)
-    out = ensure_writable_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}")  # after every check
-    for old in [*out.glob("step_*.png"), out / "summary.png", out / "scans.json"]:  # an earlier run's: never mixed with this one's
-        old.unlink(missing_ok=True)
+    out = scan_out_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}", args.data_root)  # after every check
     sampler = IPASampler(ipa, temperature=args.temperature)
     policy = GreedyPolicy(avp, sampler, illness, geometry, n_samples=args.n_samples, estimator=args.estimator,
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
@@ -263,6 +299,9 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         use = first_sampler if (t == 1 and first_sampler is not None) else None
         res = policy.score(state, generator, sampler=use)
+        if not (math.isfinite(probs[-1]) and bool(torch.isfinite(res.eig).all())):
+            raise UserError(f"scan {t}: the models give non-finite probabilities or EIG (p = {probs[-1]}); the model files "
+                            f"{args.ipa}, {args.avp} are damaged or diverged; nothing more is saved")
         loc = int(res.choose(args.estimator, generator)[0])  # ties: a uniform pick
         new = state.scan(x, torch.tensor([loc]), geometry)
         probs.append(prob(new))
@@ -308,7 +347,7 @@ def _run_policy(args, illness, device: torch.device) -> int:
     if ipa_here:
         ipa, avp, S = load_models(args.ipa, args.avp, device)
     else:
-        avp_dir = _require_model_dir(args.avp, DEFAULT_AVP, "AVP", f"boed train-avp --out {args.avp}")
+        avp_dir = _require_model_dir(args.avp, DEFAULT_AVP, "AVP", f"boed train-avp --out {shlex.quote(str(args.avp))}")
         avp, ipa = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval(), None
         S = avp.config.image_size
     geometry = ScanGeometry(S)

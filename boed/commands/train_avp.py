@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from xray.cli_base import describe_train_flags, device_flag
+from xray.cli_base import describe_train_flags, device_flag, finite_float
 from xray.errors import UserError
 
 HELP = "train the AVP-CNN classifier of partially observed images"
@@ -41,6 +42,34 @@ def _default(cls, name: str):
     return cls.__dataclass_fields__[name].default
 
 
+TRAIN_BYTES_PER_PARAM = 4 * 5  # float32 weights, gradients, two AdamW moments and the EMA copy
+MEMORY_SHARE = 0.8  # of the device's memory that the parameters may take (activations and data need the rest)
+
+
+def check_fits(mcfg, device: str, batch_size: int) -> None:
+    """Refuse, before anything is allocated, an AVP-CNN whose parameters (and, for the tiny net, the
+    pooled features of a batch) cannot be trained in this device's memory (``--pool 1000`` is 1.4
+    billion parameters: the OOM killer after a minute, no message)."""
+    import torch
+
+    from boed.classifier import AVPClassifier
+
+    with torch.device("meta"):  # shapes only: no memory
+        n = sum(p.numel() for p in AVPClassifier(mcfg).parameters())
+    need = n * TRAIN_BYTES_PER_PARAM
+    if mcfg.arch == "tiny":  # the head's input, forward and backward: 8 w pool^2 floats per image
+        need += 2 * 4 * batch_size * 8 * mcfg.width * mcfg.pool ** 2
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        have, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev} has"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if need > MEMORY_SHARE * have:
+        raise UserError(f"--arch {mcfg.arch} --width {mcfg.width} --pool {mcfg.pool} at {mcfg.image_size} px is {n / 1e6:,.0f} M "
+                        f"parameters, about {need / 2**30:,.1f} GiB to train at batch {batch_size}; {where} {have / 2**30:,.1f} GiB; use a smaller "
+                        f"--width or --pool (defaults {_default(type(mcfg), 'width')} and {_default(type(mcfg), 'pool')})")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     from ipa_core.trainer import add_train_args
     from xray.dataset import add_data_args
@@ -51,10 +80,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     arch = _default(AVPConfig, "arch")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (model/, checkpoints/, metrics); re-run to resume")
     p.add_argument("--arch", choices=ARCHS, default=arch, help=f"backbone (default: {arch})")
-    p.add_argument("--width", type=int, default=_default(AVPConfig, "width"),
-                   help=f"tiny only: stem channels (default: {_default(AVPConfig, 'width')})")
-    p.add_argument("--pool", type=int, default=_default(AVPConfig, "pool"),
-                   help=f"tiny only: pooled grid before the head, 1 = global average (default: {_default(AVPConfig, 'pool')})")
+    w, pool = _default(AVPConfig, "width"), _default(AVPConfig, "pool")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"tiny only: stem channels (default: {w} channels for --arch tiny)")
+    p.add_argument("--pool", type=int, default=None,
+                   help=f"tiny only: pooled grid before the head, 1 = global average (default: a {pool} x {pool} grid for --arch tiny)")
     p.add_argument("--init", default=DEFAULT_INIT, metavar="SPEC",
                    help="initial weights: scratch; imagenet (torchvision ImageNet weights, ImageNet normalisation); "
                         f"xrv:NAME (torchxrayvision chest x-ray model, NAME one of {', '.join(XRV_MODELS)}); "
@@ -63,9 +93,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a local copy of the --init imagenet or xrv:NAME weights (a state dict); nothing is downloaded (default: none)")
     p.add_argument("--pos-weight", choices=("none", "auto"), default=_default(AVPTrainConfig, "pos_weight"),
                    help=f"auto: weight positives by negatives/positives per label (default: {_default(AVPTrainConfig, 'pos_weight')})")
-    p.add_argument("--p-full", type=float, default=_default(AVPTrainConfig, "p_full"),
+    p.add_argument("--p-full", type=finite_float(0, 1), default=_default(AVPTrainConfig, "p_full"),
                    help=f"share of fully observed training images, not in the paper (default: {_default(AVPTrainConfig, 'p_full')})")
-    p.add_argument("--p-freeform", type=float, default=_default(AVPTrainConfig, "p_freeform"),
+    p.add_argument("--p-freeform", type=finite_float(0, 1), default=_default(AVPTrainConfig, "p_freeform"),
                    help="share of free-form masks among the partial ones, the rest 0-5 random patches of "
                         f"{round(100 * _default(AVPTrainConfig, 'patch_frac'))}%% width (default: {_default(AVPTrainConfig, 'p_freeform')})")
     p.add_argument("--freeform-bank", type=int, default=_default(AVPTrainConfig, "freeform_bank"),
@@ -90,6 +120,13 @@ def main(args: argparse.Namespace) -> int:
 
     # everything is checked (and the initial weights loaded) before a file or folder is created
     args.device = device_flag(args.device)  # checked before anything is created
+    if args.eval_images < 0:
+        raise UserError(f"--eval-images is {args.eval_images}; expected 0 or more test images for the end-of-run AUROC report")
+    tiny_only = [f"--{k} {getattr(args, k)}" for k in ("width", "pool") if getattr(args, k) is not None]
+    if args.arch != "tiny" and tiny_only:
+        raise UserError(f"{' '.join(tiny_only)} {'shapes' if len(tiny_only) == 1 else 'shape'} the tiny network only, not --arch {args.arch}; drop them or use --arch tiny")
+    args.width = _default(AVPConfig, "width") if args.width is None else args.width
+    args.pool = _default(AVPConfig, "pool") if args.pool is None else args.pool
     tcfg = train_config_from_args(args, _defaults())
     init = parse_init(args.init, args.arch, args.init_weights)
     record = init.describe()
@@ -98,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
                           init=record["init"], init_weights=init.path if init.kind in ("imagenet", "xrv") else None,
                           init_digest=record.get("init_digest"))
     mcfg = init_config(AVPConfig(arch=args.arch, image_size=args.image_size, width=args.width, pool=args.pool), init)
+    check_fits(mcfg, args.device, tcfg.batch_size)
     with seeded(tcfg.seed):  # the initial weights depend on the seed alone
         model = init_state(AVPClassifier(mcfg), init)
     train_set = dataset_from_args(args, "train")

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from xray.cli_base import MAX_TEMPERATURE, finite_float
 from xray.errors import UserError
 
 HELP = "train an amortised scan policy (distilled EIG-IPA, or the GDFS peer)"
@@ -60,16 +61,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     d.add_argument("--off-policy", type=int, default=t.off_policy,
                    help=f"extra off-trajectory states per image: greedy prefix then random scans (default: {t.off_policy})")
     d.add_argument("--n-samples", type=int, default=t.n_samples, help=f"N completions per teacher EIG estimate (default: {t.n_samples})")
-    d.add_argument("--temperature", type=float, default=t.temperature, help=f"IPA sampling temperature (default: {t.temperature})")
+    d.add_argument("--temperature", type=finite_float(0, MAX_TEMPERATURE, lo_open=True), default=t.temperature, help=f"IPA sampling temperature (default: {t.temperature})")
     d.add_argument("--shard-size", type=int, default=t.shard_size, help=f"images per teacher shard file (default: {t.shard_size})")
     d.add_argument("--val-shards", type=int, default=t.val_shards, help=f"teacher shards held out for validation (default: {t.val_shards})")
-    d.add_argument("--tau", type=float, default=None, help="target temperature in nats (default: none: --tau-scale x the median over teacher states of max minus mean EIG)")
-    d.add_argument("--tau-scale", type=float, default=0.25, help="auto tau as a fraction of the typical EIG spread (default: 0.25)")
+    d.add_argument("--tau", type=finite_float(0, lo_open=True), default=None, help="target temperature in nats (default: none: --tau-scale x the median over teacher states of max minus mean EIG)")
+    d.add_argument("--tau-scale", type=finite_float(0, lo_open=True), default=0.25, help="auto tau as a fraction of the typical EIG spread (default: 0.25)")
     d.add_argument("--shard", default=None, metavar="I/N", help="generate only teacher shards k with k %% N == I, then stop (default: none: all shards, or torchrun's rank/world)")
     gg = p.add_argument_group("gdfs")
     gg.add_argument("--gdfs-predictor", default=g.predictor, help=f"finetune (the paper: joint training) or frozen (default: {g.predictor})")
-    gg.add_argument("--temp-start", type=float, default=g.temp_start, help=f"first Concrete temperature (default: {g.temp_start})")
-    gg.add_argument("--temp-end", type=float, default=g.temp_end, help=f"last Concrete temperature (default: {g.temp_end})")
+    gg.add_argument("--temp-start", type=finite_float(0, lo_open=True), default=g.temp_start, help=f"first Concrete temperature (default: {g.temp_start})")
+    gg.add_argument("--temp-end", type=finite_float(0, lo_open=True), default=g.temp_end, help=f"last Concrete temperature (default: {g.temp_end})")
     gg.add_argument("--temp-stages", type=int, default=g.temp_stages, help=f"geometric temperature levels (default: {g.temp_stages})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
@@ -139,6 +140,8 @@ def main(args: argparse.Namespace) -> int:
     teacher_cfg = TeacherConfig(illness=illness.name, scans=args.scans, n_images=args.teacher_images, off_policy=args.off_policy,
                                 n_samples=args.n_samples, shard_size=args.shard_size, val_shards=args.val_shards,
                                 temperature=args.temperature, seed=tcfg.seed) if method == "distill" else None
+    if teacher_cfg is not None:
+        teacher_cfg.check_split()
     gdfs_cfg = GDFSConfig(scans=args.scans, temp_start=args.temp_start, temp_end=args.temp_end, temp_stages=args.temp_stages,
                           predictor=args.gdfs_predictor) if method == "gdfs" else None
     if args.scans < 1:

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from xray.cli_base import add_device_arg, parse_device
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, check_output, finite_float, parse_device
 from xray.errors import UserError
 
 HELP = "draw IPA completions of a partially observed image (grid PNG)"
 DEFAULT_MASK = "patches:3"
 DEFAULT_N = 8
+MAX_N = 256  # completions in one grid figure; more is no figure anyone can read (and a memory hazard)
 DEFAULT_T = 1.0
 DEFAULT_SEED = 0
 MAKE_RUN = "ipa_core train --stage ipa --vae VAE_RUN --out DIR"
@@ -42,8 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--image", metavar="FILE", help="PNG/JPEG/DICOM x-ray; resized to the model's image size (give --image or --index)")
     src.add_argument("--index", metavar="I", type=int, help="image I of the test split of --data (give --image or --index)")
     p.add_argument("--mask", default=DEFAULT_MASK, metavar="SPEC", help=f"observed pixels: {MASK_SPEC_HELP} (default: {DEFAULT_MASK})")
-    p.add_argument("--n", type=int, default=DEFAULT_N, metavar="N", help=f"number of completions (default: {DEFAULT_N})")
-    p.add_argument("--t", type=float, default=DEFAULT_T, metavar="T",
+    p.add_argument("--n", type=int, default=DEFAULT_N, metavar="N", help=f"number of completions, at most {MAX_N} (default: {DEFAULT_N})")
+    p.add_argument("--t", type=finite_float(0, MAX_TEMPERATURE), default=DEFAULT_T, metavar="T",
                    help="sampling temperature: scales the spread of the random latent draws; below 1 gives "
                         f"smoother, more typical completions, 0 the most likely one (default: {DEFAULT_T})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed of the mask and the completions; same seed, same figure (default: {DEFAULT_SEED})")
@@ -63,18 +64,19 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def main(args: argparse.Namespace) -> int:
     from ..ipa import IPA
     from ..masks import parse_mask_spec
-    from ..sampling import completion_figure, sample_completions, save_png
+    from ..sampling import completion_figure, completion_titles, sample_completions, save_png
+    from ..trainer import DAMAGED, check_finite_weights
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.t < 0:
-        raise UserError(f"--t must be >= 0, got {args.t}")
+    if not 1 <= args.n <= MAX_N:
+        raise UserError(f"--n is {args.n}; expected 1 to {MAX_N} completions (one grid figure)")
+    check_output(args.out, "--out", "file", suffixes=(".png",))
     device = parse_device(args.device)
     run = Path(args.run)
     if not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):
         what = "has no IPA model (no config.json in it or in its model/)" if run.is_dir() else "does not exist"
         raise UserError(f"--run {run} {what}; make one with `{MAKE_RUN}`, or run `boed demo` (it writes runs/demo/ipa)")
     model = IPA.from_pretrained(run, map_location=device).eval()
+    check_finite_weights(model, f"the IPA model in {run}", DAMAGED)
     S, C = model.config.image_size, model.config.image_channels
     if args.image is not None:
         x = load_image(args.image, S)
@@ -93,6 +95,9 @@ def main(args: argparse.Namespace) -> int:
     m = parse_mask_spec(args.mask, S, g)
     gd = torch.Generator(device=device).manual_seed(args.seed)
     samples = sample_completions(model, x.to(device), m.to(device), args.n, t=args.t, generator=gd)
-    out = save_png(completion_figure(x, m, samples), args.out)
+    try:
+        out = save_png(completion_figure(x, m, samples), args.out, titles=completion_titles(args.n), cell=S)
+    except OSError as e:
+        raise UserError(f"cannot write --out {args.out}: {e.strerror or e}; choose a writable .png path") from None
     print(f"wrote {out} ({args.n} completions, mask {args.mask}, observed {float(m.mean()):.0%}, t={args.t})")
     return 0

@@ -15,7 +15,7 @@ the IPA stage restarts on the new VAE (its old folder moved aside, with a warnin
 --stage ipa a changed --vae is refused instead. Training defaults come from the
 config (official hparams for cifar10/imagenet64/ffhq256, the paper's for xray256, fast ones for
 tiny); any flag overrides them (for every stage the command runs). Outputs per stage: metrics.jsonl, train.log, samples/*.png,
-checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for ``--vae``/``--ipa``).
+checkpoints/, eval.json (test metrics) and model/ (the EMA weights, for --vae/--ipa).
 """
 
 from __future__ import annotations
@@ -107,6 +107,24 @@ def _datasets(args, image_size: int, eval_images: int):
     return train, test
 
 
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, and the legacy pickle format
+
+
+def check_checkpoint_file(path: str | Path, flag: str) -> Path:
+    """One line when ``path`` is missing or is not a file ``torch.save`` wrote (a text file, an HTML
+    error page saved by a download tool, an empty file), before any model is built or folder made."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{flag} {p} {'is a folder' if p.is_dir() else 'does not exist'}; pass the official "
+                        "VD-VAE checkpoint file (e.g. ffhq256-iter-1700000-model-ema.th)")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(TORCH_MAGIC):
+        raise UserError(f"{flag} {p} is not a PyTorch checkpoint (it starts with {head[:8]!r}, expected a zip or pickle "
+                        "file from torch.save); download the official *-model-ema.th file again")
+    return p
+
+
 def _vae_model(args):
     from ..config import get_config
     from ..vae import VAE
@@ -193,12 +211,21 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_flag(args.device)  # checked before anything is created
+    if args.eval_images < 0:
+        raise UserError(f"--eval-images is {args.eval_images}; expected 0 (skip the end-of-run metrics) or more test images")
     if getattr(args, "sample_n", None) is not None and args.sample_n < 0:
         raise UserError(f"--sample-n must be >= 0 (0 = no sample grids), got {args.sample_n}")
     if args.stage == "ipa" and args.vae is None:
         raise UserError("--stage ipa needs --vae DIR (a trained VAE run folder, e.g. from `ipa_core train --stage vae --out DIR`)")
+    if args.stage == "vae" and args.vae is not None:
+        raise UserError(f"--vae {args.vae} is the VAE an IPA stage builds on; --stage vae trains a new one and would "
+                        "ignore it: drop --vae, or use --stage ipa")
+    if args.vae is not None and args.import_official:
+        raise UserError("--import-official starts a VAE stage from official weights, --vae skips that stage; pass one of them")
     if args.stage == "ipa" and args.import_official:
         raise UserError("--import-official applies to the VAE stage; drop it or use --stage vae")
+    if args.import_official:
+        check_checkpoint_file(args.import_official, "--import-official")
     results = {}
     if args.stage == "vae":
         results["vae"] = run_vae_stage(args, out)

@@ -415,3 +415,16 @@ def test_run_policy_without_an_ipa_model_draws_policy_maps_only(models, data64, 
                         "--avp", str(models / "avp"), "--index", "0", "--scans", "1", "--image-size", "32",
                         "--out", str(tmp_path / "no")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+
+
+def test_teacher_config_refuses_a_split_that_validates_on_nothing():
+    from boed.amortised.teacher import TeacherConfig, TeacherStates
+    from xray.errors import UserError
+
+    TeacherConfig(n_images=16, shard_size=8, val_shards=1).check_split()
+    TeacherConfig(n_images=8, shard_size=8, val_shards=0).check_split()
+    with pytest.raises(UserError, match="make 1 shard"):
+        TeacherConfig(n_images=8, shard_size=8, val_shards=1).check_split()
+    with pytest.raises(UserError, match="--val-shards must be >= 0"):
+        TeacherConfig(val_shards=-1)
+    assert TeacherStates.item_name == "states"

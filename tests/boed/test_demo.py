@@ -409,3 +409,20 @@ def test_demo_rerun_after_a_kill_before_phantom_done_json(tmp_path, capsys):
     assert _run(base) == 0
     assert json.loads((out / "phantom" / "done.json").read_text())["adopted"]
     assert json.loads((out / "summary.json").read_text())["metrics"] == []
+
+
+def test_chestmnist_data_reaches_every_stage_without_a_phantom_stage(tmp_path):
+    """`boed demo --data chestmnist`: every stage gets --data chestmnist, no private phantom set is made,
+    and the stages of a run without --data keep their commands (so old runs are not redone)."""
+    from boed.demo import DemoOptions, plan
+
+    mnist = plan(DemoOptions(out=tmp_path / "run", profile=PROFILES["quick"], illnesses=("Effusion",),
+                             data_root=tmp_path / "mnist", data="chestmnist"))
+    assert [s.name for s in mnist][0] == "data"  # no phantom stage
+    for st in mnist:
+        argv = [str(a) for a in st.argv]
+        assert argv[argv.index("--data") + 1] == "chestmnist" and argv[argv.index("--data-root") + 1] == str(tmp_path / "mnist")
+    default = plan(DemoOptions(out=tmp_path / "run", profile=PROFILES["quick"], illnesses=("Effusion",)))
+    assert default[0].name == "phantom"
+    argv = [str(a) for a in default[1].argv]
+    assert argv == ["--image-size", "64", "--data", "chestxray", "--data-root", str(tmp_path / "run" / "phantom")]

@@ -123,6 +123,10 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
     (["--avp", "AVP128"], "works at 64 px but the AVP classifier"),
     (["--avp", "NOWHERE"], "no AVP model at"),
     (["--ipa", "NOWHERE"], "ipa_core train --stage ipa"),
+    (["--n-samples", "1"], "--n-samples is 1; expected 2 to 1000"),
+    (["--n-samples", "1000000"], "--n-samples is 1000000"),
+    (["--chunk-size", "0"], "--chunk-size is 0"),
+    (["--show", "-3"], "--show is -3"),
 ])
 def test_run_bad_input_is_one_line_error(models, tmp_path, capsys, extra, message):
     bad = tmp_path / "bad.png"
@@ -132,9 +136,10 @@ def test_run_bad_input_is_one_line_error(models, tmp_path, capsys, extra, messag
     subst = {"MISSING.png": str(tmp_path / "missing.png"), "CORRUPT": str(bad), "AVP128": str(models / "avp128"),
              "NOWHERE": str(tmp_path / "nowhere")}
     extra = [subst.get(a, a) for a in extra]
+    args["--n-samples"] = "2"
     for i in range(0, len(extra), 2):
         args[extra[i]] = extra[i + 1]
-    argv = [a for kv in args.items() for a in kv] + ["--first-draws", "ipa", "--n-samples", "1", "--out", str(tmp_path / "o")]
+    argv = [a for kv in args.items() for a in kv] + ["--first-draws", "ipa", "--out", str(tmp_path / "o")]
     if "--scans" not in args:
         argv += ["--scans", "1"]
     code, _, err = run(argv, capsys)
@@ -210,9 +215,9 @@ def test_run_without_recorded_data_needs_data_root(models, image_png, tmp_path, 
         code, _, err = run(base + src, capsys)
         assert code == 2 and "--data-root" in err and "do not record" in err and len(err.strip().splitlines()) == 1
     assert asked == [] and not (tmp_path / "o").exists()  # nothing opened, nothing written
-    code, _, err = run(base + ["--image", str(image_png), "--data-root", str(tmp_path)], capsys)
+    code, _, err = run(base + ["--image", str(image_png), "--data-root", str(tmp_path / "data")], capsys)
     assert code == 0, err
-    assert asked == [("train", "chestxray", str(tmp_path), None)]
+    assert asked == [("train", "chestxray", str(tmp_path / "data"), None)]
     code, _, err = run(base + ["--image", str(image_png), "--first-draws", "ipa"], capsys)  # no data needed
     assert code == 0, err
 
@@ -233,3 +238,21 @@ def test_run_device_uses_the_shared_parser(models, image_png, tmp_path, capsys, 
     code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(models / "ipa"), "--avp", str(models / "avp"),
                         "--first-draws", "ipa", "--device", device, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_scan_output_folder_is_cleared_of_an_earlier_run_and_never_inside_data(tmp_path):
+    from boed.commands.run import scan_out_dir
+    from tests.xray.conftest import make_nih
+    from xray.errors import UserError
+
+    out = tmp_path / "scan"
+    out.mkdir()
+    for name in ("step_1.png", "step_5.png", "summary.png", "scans.json", "notes.txt"):
+        (out / name).write_text("old")
+    assert scan_out_dir(out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what a run owns is removed
+    nih = make_nih(tmp_path / "nih", n=2, px=8)
+    for bad, root in ((nih / "images", None), (tmp_path / "elsewhere" / "x", tmp_path / "elsewhere")):
+        with pytest.raises(UserError, match="inside the data folder"):
+            scan_out_dir(bad, root)
+    assert not (tmp_path / "elsewhere").exists()

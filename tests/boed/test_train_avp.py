@@ -160,7 +160,8 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         torch.testing.assert_close(a, b)
     with pytest.raises(SystemExit) as e:  # a different architecture in the same run folder
-        main(argv[:-4] + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
+        other = [a for i, a in enumerate(argv[:-4]) if "--width" not in argv[i - 1:i + 1]]  # --width: the tiny net's only
+        main(other + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
 
 
@@ -203,7 +204,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, monkeyp
         (["--arch", "densenet121", "--init", "imagenet", "--init-weights", str(tmp_path / "r18.pth")], "does not match a densenet121"),
         (["--arch", "resnet18", "--init", "imagenet"], "offline, copy that file here and pass --init imagenet --init-weights FILE"),
         (["--init-weights", str(tmp_path / "r18.pth")], "pass --init imagenet or --init xrv:NAME with it"),
-        (["--p-full", "1.5"], "--p-full and --p-freeform must be in [0, 1]"),
+        (["--p-full", "1.5"], "argument --p-full: 1.5 is out of range"),
         (["--freeform-bank", "-2"], "--freeform-bank must be >= 0"),
     ]
     base = ["train-avp", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "1"]

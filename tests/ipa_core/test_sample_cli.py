@@ -8,6 +8,7 @@ from PIL import Image
 
 from ipa_core.cli import main
 from ipa_core.ipa import IPA
+from ipa_core.sampling import TITLE_BAND
 from tests.ipa_core.test_ipa import micro_vae
 
 
@@ -35,7 +36,7 @@ def test_writes_figure(runs, tmp_path, capsys):
                            "--mask", "box:0,0,8,16", "--n", "3", "--seed", "1", "--out", str(out)], capsys)
     assert code == 0 and "3 completions" in stdout and "observed 50%" in stdout
     im = np.asarray(Image.open(out))
-    assert im.ndim == 3 and im.shape[1] / im.shape[0] == pytest.approx((7 * 18 + 2) / 20, rel=0.01)
+    assert im.ndim == 3 and im.shape[1] / (im.shape[0] - TITLE_BAND) == pytest.approx((7 * 18 + 2) / 20, rel=0.01)  # titles above
     # same seed, same figure; another temperature, another figure
     out2, out3 = tmp_path / "again.png", tmp_path / "t.png"
     run(["sample", "--run", str(runs / "ipa"), "--image", str(runs / "xray.png"), "--mask", "box:0,0,8,16",
@@ -51,7 +52,7 @@ def test_writes_figure(runs, tmp_path, capsys):
     ("vae_run", "unconditional VAE"),
     ("bad_mask", "bad mask spec"),
     ("missing_image", "does not exist"),
-    ("bad_n", "--n must be"),
+    ("bad_n", "--n is 0; expected 1 to 256"),
     ("size_mismatch", "--image-size 64 does not match"),
 ])
 def test_one_line_errors(runs, tmp_path, capsys, case, needle):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,22 @@ def test_completion_figure(ipa, tmp_path):
     from PIL import Image
     out = save_png(fig, tmp_path / "f.png")
     assert Image.open(out).size[1] >= 256
+
+
+def test_grid_png_has_column_titles_above_the_panels(tmp_path):
+    from PIL import Image
+
+    from ipa_core.sampling import TITLE_BAND, completion_titles, save_png
+
+    assert completion_titles(2) == ["truth", "observed", "completion 1", "completion 2", "mean", "variance"]
+    assert completion_titles(9)[2:4] == ["1", "2"]
+    S, pad, cols = 16, 2, 6
+    img = np.full((S + 2 * pad, cols * (S + pad) + pad, 3), 128, np.uint8)
+    plain = np.asarray(Image.open(save_png(img, tmp_path / "a.png", min_size=64)))
+    titled = np.asarray(Image.open(save_png(img, tmp_path / "b.png", min_size=64, titles=completion_titles(2), cell=S)))
+    assert titled.shape[0] == plain.shape[0] + TITLE_BAND and (titled[TITLE_BAND:] == plain).all()
+    band = titled[:TITLE_BAND]  # (TITLE_BAND, W, 3)
+    k = plain.shape[0] // img.shape[0]
+    for c in range(cols):  # ink above every column
+        left, right = k * (pad + c * (S + pad)), k * (pad + c * (S + pad) + S)
+        assert (band[:, left:right] < 128).any(), c

@@ -96,7 +96,7 @@ def test_one_line_errors(tmp_path, fake_data, capsys, monkeypatch):
     assert "--image-size 128 does not match" in capsys.readouterr().err
     assert run(["--stage", "vae", "--config", "tiny", "--out", str(tmp_path / "d"), "--import-official", str(tmp_path / "none.th")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint") and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --import-official") and "does not exist" in err and len(err.strip().splitlines()) == 1
     # resuming a run folder with another model config
     assert run(["--stage", "vae", "--config", "micro", "--out", str(tmp_path / "e"), *FAST]) == 0
     capsys.readouterr()

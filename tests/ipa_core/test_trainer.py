@@ -468,3 +468,14 @@ def test_ema_copy_shares_only_the_frozen_weights():
     for (name, e), m in zip(ema.named_parameters(), model.parameters()):
         if not name.startswith("encoder."):
             torch.testing.assert_close(e, m - 0.5)  # halfway to the moved weights
+
+
+def test_a_model_with_non_finite_weights_is_refused_not_saved():
+    from ipa_core.trainer import check_finite_weights
+
+    net = torch.nn.Linear(3, 2)
+    check_finite_weights(net, "the model")  # finite: nothing happens
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    with pytest.raises(UserError, match=r"non-finite weights \(bias\)"):
+        check_finite_weights(net, "the model")

@@ -83,7 +83,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert_user_error(["info", str(tmp_path / "nope")], capsys, "is not a folder")
 
 
-@pytest.mark.parametrize("kind, match", [("colour", "colour"), ("multiframe", "2 frames"), ("garbage", "has no pixel data")])
+@pytest.mark.parametrize("kind, match", [("colour", "colour"), ("multiframe", "2 frames"), ("garbage", "has no pixel data"),
+                                         ("random-bytes", "is not a DICOM file")])
 def test_bad_dicom_images(tmp_path, capsys, kind, match):
     root = make_nih(tmp_path / "nih", n=4)
     name = sorted((root / "images").iterdir())[0]
@@ -93,6 +94,8 @@ def test_bad_dicom_images(tmp_path, capsys, kind, match):
         shutil.copy(FILES / "SC_rgb_small_odd.dcm", dcm)
     elif kind == "multiframe":
         write_dicom(dcm, np.zeros((2, 4, 4), np.uint16), frames=2)
+    elif kind == "random-bytes":
+        dcm.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     else:
         dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 50)
     assert_user_error(prep(root, tmp_path / "c"), capsys, match, tmp_path / "c")

@@ -21,3 +21,45 @@ def test_parse_device_rejects_garbage(bad):
 def test_parse_device_cuda_without_cuda():
     with pytest.raises(UserError, match="CUDA is not available"):
         parse_device("cuda")
+
+
+def test_finite_float_known_answers_and_one_line_refusals(capsys):
+    import argparse
+
+    from xray.cli_base import ArgumentParser, finite_float
+
+    p = ArgumentParser(prog="x")
+    p.add_argument("--t", type=finite_float(0, 10, lo_open=True), default=1.0)
+    p.add_argument("--clip", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS)
+    assert p.parse_args(["--t", "10", "--clip", "None"]) == argparse.Namespace(t=10.0, clip=None)
+    assert p.parse_args(["--t", "1e-3", "--clip", "2"]).clip == 2.0
+    for argv, said in ((["--t", "nan"], "'nan' is not finite"), (["--t", "inf"], "not finite"), (["--t", "0"], "0 is out of range"),
+                       (["--t", "10.5"], "out of range; expected a finite number > 0 and <= 10"),
+                       (["--t", "abc"], "'abc' is not a number"), (["--clip=-inf"], "or 'none'")):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and said in err and argv[0].split("=")[0] in err
+
+
+def test_console_scripts_print_warnings_as_one_line(monkeypatch):
+    import sys
+    import types
+    import warnings
+
+    from xray.cli_base import make_main
+
+    seen = []
+    mod = types.ModuleType("fake_warn_cmd")
+    mod.HELP = "warns"
+    mod.configure = lambda p: None
+    mod.main = lambda args: seen.append(warnings.formatwarning("the cache is\n  old", UserWarning, "/x/y.py", 3, "src()")) or 0
+    monkeypatch.setitem(sys.modules, "fake_warn_cmd", mod)
+    main = make_main("x", "test", {"w": "fake_warn_cmd"})
+    before = warnings.formatwarning
+    for argv in (["w"], ["-v", "w"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and warnings.formatwarning is before  # restored after the command
+    assert seen[0] == "warning: the cache is old\n"
+    assert "/x/y.py:3" in seen[1]  # -v: Python's own form, with file and line

@@ -353,7 +353,8 @@ def test_disk_full_is_one_line_and_leaves_nothing_unpacked(server, tmp_path, mon
     (["--parts", "3-1"], "runs backwards"),
     (["--jobs", "0"], "--jobs is 0"),
     (["--mirror", "ftp://x/"], "not an http"),
-    (["--timeout", "0"], "--timeout is 0"),
+    (["--timeout", "0"], "--timeout: 0 is out of range"),
+    (["--timeout", "nan"], "--timeout: 'nan' is not finite"),
 ])
 def test_bad_flags_exit_2_and_create_nothing(tmp_path, capsys, argv, message):
     from xray.cli import main

@@ -55,3 +55,13 @@ def test_corrupt_truncated_and_missing(tmp_path):
         read_image(tmp_path / "trunc.png")
     with pytest.raises(UserError, match="does not exist"):
         read_image(tmp_path / "nope.png")
+
+
+def test_a_folder_or_a_missing_file_says_which(tmp_path):
+    from xray.errors import UserError
+    from xray.imageio import read_image
+
+    with pytest.raises(UserError, match="is a folder; expected one image file"):
+        read_image(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        read_image(tmp_path / "missing.png")

@@ -152,3 +152,15 @@ def test_fixture_labels_round_trip(tiny_nih):
     for i, name in enumerate(df.index):
         expect = set(finding_for(i).split("|"))
         assert {c for c in nih.LABEL_COLUMNS if df.loc[name, c]} == expect
+
+
+def test_an_empty_csv_is_called_empty_and_a_header_only_one_has_no_rows(tmp_path):
+    from xray.errors import UserError
+    from xray.nih import read_labels
+
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(UserError, match=r"is empty \(no header, no rows\)"):
+        read_labels(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("Image Index,Finding Labels,Follow-up #,Patient ID\n")
+    with pytest.raises(UserError, match="has a header but no rows"):
+        read_labels(tmp_path / "header.csv")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from xray.cli_base import finite_float
+
 HELP = "download the NIH ChestX-ray14 images and metadata (resumable, verified)"
 
 
@@ -28,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="fetch URL_PREFIX/images_NN.tar.gz (and metadata files) instead of the NIH links (default: none)")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="R",
                    help=f"connection attempts per archive, each resuming (default: {DEFAULT_RETRIES})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SEC",
+    p.add_argument("--timeout", type=finite_float(0, lo_open=True), default=DEFAULT_TIMEOUT, metavar="SEC",
                    help=f"seconds without data before a connection counts as dropped (default: {DEFAULT_TIMEOUT})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 

@@ -1,4 +1,5 @@
-"""Summarise an NIH-format folder or a prepared cache: counts per label, split sizes, missing images."""
+"""Summarise an NIH-format folder, a ChestMNIST file (or its folder) or a prepared cache: counts per
+label, split sizes, missing images."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ HELP = "counts per label, split sizes and missing images of a data folder or cac
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="NIH-format folder or prepared cache")
+    p.add_argument("dir", metavar="DIR", help="NIH-format folder, prepared cache, or a ChestMNIST .npz (or the folder holding it)")
     p.add_argument("--show-missing", type=int, default=10, metavar="K", help="list at most K missing images (default: 10)")
 
 
@@ -20,13 +21,15 @@ def _table(counts: dict[str, int], total: int) -> list[str]:
 
 def summarise(path: str | Path, show_missing: int = 10) -> str:
     """The text `xray info` prints."""
-    from xray import cache, nih
+    from xray import cache, chestmnist, nih
     from xray.errors import UserError
     from xray.labels import ANY_FINDING, NO_FINDING
 
     p = Path(path).expanduser()
+    if chestmnist.holds_chestmnist(p):
+        return _summarise_chestmnist(p)
     if not p.is_dir():
-        raise UserError(f"{p} is not a folder; pass an NIH-format folder or a prepared cache")
+        raise UserError(f"{p} is not a folder; pass an NIH-format folder, a prepared cache or a ChestMNIST .npz")
     if (p / cache.MANIFEST_FILE).is_file():
         m = cache.read_manifest(p)
         n = m["n_images"]
@@ -56,6 +59,25 @@ def summarise(path: str | Path, show_missing: int = 10) -> str:
     lines += [f"  {name}" for name in missing[:show_missing]]
     if len(missing) > show_missing:
         lines.append(f"  ... and {len(missing) - show_missing} more")
+    return "\n".join(lines)
+
+
+def _summarise_chestmnist(p: Path) -> str:
+    from xray import chestmnist
+    from xray.labels import ANY_FINDING, NO_FINDING, PATHOLOGIES
+
+    files = [p] if p.is_file() else [p / f for f in chestmnist.FILES.values() if (p / f).is_file()]
+    lines = []
+    for f in files:
+        layout = chestmnist.read_layout(f)
+        table = chestmnist.label_table(f)
+        n = len(table)
+        counts = {c: int(table[c].sum()) for c in (*PATHOLOGIES, NO_FINDING)}
+        counts[ANY_FINDING] = n - counts[NO_FINDING]
+        px = next(iter(layout.values()))[1]
+        lines += [f"ChestMNIST file {f}: {n} images at {px} px (no patient ids, boxes or DICOM)",
+                  "labels:", *_table(counts, n),
+                  "splits (official):", *_table({s: layout[s][0] for s in chestmnist.SPLITS}, n)]
     return "\n".join(lines)
 
 

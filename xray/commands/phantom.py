@@ -27,12 +27,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from xray import phantom
+    from xray.cli_base import check_output
     from xray.errors import UserError
 
     if args.n < 1:
         raise UserError(f"--n is {args.n}; expected at least 1 image")
     if args.size < 4 or args.size % 4:
         raise UserError(f"--size is {args.size}; expected a positive multiple of 4 (e.g. 64, 128, 256)")
+    check_output(args.out, "--out", "folder")
     prevalence = phantom.DEMO_PREVALENCE if args.demo_prevalence else None
     out = phantom.generate(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
                            prevalence=prevalence, progress=args.progress)

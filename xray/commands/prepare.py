@@ -9,6 +9,9 @@ bad_images.txt (more than 1 % is an error); with --present-only, images the CSV 
 are not on disk (a partial download) are left out and counted instead. Every run checks the
 cache's own files (sizes, labels.csv's SHA-256, a few random chunks of pixels and source files) and
 repairs what is damaged; --verify checks every chunk and every source file's bytes.
+
+A ChestMNIST folder (MedMNIST's chestmnist_S.npz, no NIH label CSV) or the .npz itself is prepared
+as `--data chestmnist --data-root ROOT` reads it: ROOT/prepared-chestmnist-S (or under --cache-dir).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ HELP = "build the S x S image cache of an NIH-format folder"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/)")
+    p.add_argument("--root", required=True, metavar="DIR", help="NIH-format folder (Data_Entry_2017*.csv, images/), or a ChestMNIST .npz or its folder")
     p.add_argument("--size", required=True, type=int, metavar="S", help="image side in pixels, a multiple of 4")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--out", metavar="DIR", default=None,
@@ -51,10 +54,19 @@ def summary_line(out) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from xray.cache import cache_location, prepare
+    from xray.chestmnist import holds_chestmnist
+    from xray.chestmnist import prepare as prepare_chestmnist
     from xray.errors import UserError
 
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers is {args.workers}; expected 0 (decode in this process) or more")
+    if holds_chestmnist(args.root):
+        if args.out is not None or args.present_only:
+            raise UserError(f"{args.root} holds ChestMNIST: its cache goes where --data chestmnist looks; drop "
+                            f"{'--out (use --cache-dir to keep it elsewhere)' if args.out is not None else '--present-only (it is one complete file)'}")
+        out = prepare_chestmnist(args.root, args.size, cache_dir=args.cache_dir, progress=args.progress)
+        print(summary_line(out))
+        return 0
     out = args.out if args.out is not None else cache_location(args.root, args.size, args.cache_dir)
     out = prepare(args.root, args.size, out=out, workers=args.workers, progress=args.progress, present_only=args.present_only,
                   verify=args.verify)
