@@ -35,7 +35,7 @@ def test_ipa_config_and_non_object_json(tmp_path):
     with pytest.raises(UserError, match="IPAConfig field zdim"):
         check_config_types(IPAConfig, {"zdim": "8"}, "IPAConfig")
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
-    with pytest.raises(UserError, match="holds a JSON list; expected an object"):
+    with pytest.raises(UserError, match="holds a JSON list, expected an object"):
         load_config_json(tmp_path / "config.json")
     (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="cannot read"):
