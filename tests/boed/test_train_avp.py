@@ -66,6 +66,39 @@ def test_mask_bank_and_p_full():
     assert len({tuple(f.flatten().tolist()) for f in ff}) > 40  # flips multiply the bank
 
 
+def _is_grid_union(m: torch.Tensor, pm: torch.Tensor) -> bool:
+    """Whether mask ``m (1, S, S)`` is exactly the union of the scan-grid patches ``pm (L, 1, S, S)`` it covers."""
+    covered = (m.flatten() @ pm.flatten(1).T) == pm.flatten(1).sum(1)  # (L,) patch fully observed
+    union = (pm[covered].sum(0) > 0).float() if covered.any() else torch.zeros_like(m)
+    return torch.equal(union, m)
+
+
+def test_scan_layout_masks_are_unions_of_scan_grid_patches():
+    """--patch-layout scan: the partial patch masks are unions of 0..5 distinct scan-grid patches (what
+    a policy's t scans observe), the free-form share and p_full as before; the default layout is unchanged."""
+    from boed.geometry import ScanGeometry
+    from boed.train_avp import scan_patch_masks
+
+    geom = ScanGeometry(S)
+    pm = geom.patch_masks()  # (L, 1, S, S)
+    m = scan_patch_masks(600, geom, 5, torch.Generator().manual_seed(0))  # (600, 1, S, S)
+    assert all(_is_grid_union(x, pm) for x in m[:60])
+    empty = (m.flatten(1).sum(1) == 0).float().mean()
+    assert abs(empty.item() - 1 / 6) < 0.05  # 0..5 patches uniform
+    assert m.flatten(1).mean(1).max() <= 5 / 16 + 1e-6
+    cfg = AVPTrainConfig(patch_layout="scan", p_full=0.2, p_freeform=0.5, freeform_bank=16)
+    task = AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)), cfg)
+    mm = sample_training_masks(800, S, cfg, torch.Generator().manual_seed(1), task.mask_bank(S))
+    frac = mm.flatten(1).mean(1)
+    assert abs((frac == 1).float().mean().item() - 0.2) < 0.05
+    grid_like = [_is_grid_union(x, pm) for x in mm[frac < 1][:200]]
+    assert abs(np.mean(grid_like) - 0.5) < 0.1  # half scan-grid unions, half free-form
+    assert "patch_layout" not in AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))).provenance()
+    assert task.provenance()["patch_layout"] == "scan"
+    with pytest.raises(UserError, match="patch-layout"):
+        AVPTrainConfig(patch_layout="grid")
+
+
 def test_positive_weights_known_answer():
     y = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
     np.testing.assert_allclose(positive_weights(y, max_weight=10).numpy(), [3.0, 4.0, 1.0])  # no positives: negatives / 1
