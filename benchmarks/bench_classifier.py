@@ -66,6 +66,7 @@ RECIPES: dict[str, tuple[str, dict, dict, float]] = {
                      dict(p_full=0.2, p_freeform=0.25, patch_layout="scan"), {}, 1.0),
     "old-2x": ("the old default with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="uniform"), {}, 2.0),
     "full+scan-2x": ("full+scan with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), {}, 2.0),
+    "full+scan+ff-2x": ("full+scan+ff with 2x the steps", dict(p_full=0.2, p_freeform=0.25, patch_layout="scan"), {}, 2.0),
     "full+scan-w20": ("full+scan, tiny net width 20 (2.7x the FLOPs)", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"),
                       dict(width=20), 1.0),
 }

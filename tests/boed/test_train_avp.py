@@ -284,3 +284,60 @@ def test_cli_initial_weights_depend_on_the_seed_alone(tmp_path, capsys):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())  # another --seed, other weights
+
+
+# ---------------------------------------------------------------- the cpu recipe on harder data (issue 24)
+
+class _PhantomSet:
+    """An in-memory phantom set of the given difficulty: Effusion on every other film, nothing else."""
+
+    def __init__(self, n: int, offset: int, difficulty: str, size: int = S, seed: int = 7):
+        from xray.labels import LABELS
+        from xray.phantom import render_meta
+        from xray.phantom.metadata import ImageMeta
+
+        k = LABELS.index("Effusion")
+        ims, y = [], np.zeros((n, len(LABELS)), np.float32)
+        for i in range(n):
+            pos = i % 2 == 1
+            meta = ImageMeta(f"{offset + i:08d}_000.png", ("Effusion",) if pos else (), 0, offset + i, 50,
+                             "F" if i % 3 == 0 else "M", "AP" if i % 4 < 2 else "PA", ("2500", "2048", "0.168", "0.168"))
+            ims.append(render_meta(meta, seed, offset + i, size, difficulty=difficulty).image)
+            y[i, k] = y[i, LABELS.index("Any Finding")] = float(pos)
+        self.images = torch.as_tensor(np.stack(ims))[:, None]  # (n, 1, S, S) uint8
+        self.labels, self.image_size, self.effusion = y, size, k
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], torch.as_tensor(self.labels[i])
+
+    def get_batch(self, idx):
+        return self.images[torch.as_tensor(idx)]
+
+
+def brief_cpu_recipe_auroc(tmp_path, steps: int, n_train: int, n_test: int, difficulty: str, seed: int = 0,
+                           **mask_overrides) -> float:
+    """Full-image Effusion AUROC of the cpu demo profile's AVP recipe (masks, lr, batch) after ``steps``."""
+    import dataclasses
+
+    from sklearn.metrics import roc_auc_score
+
+    from boed.commands.train_avp import _defaults
+    from boed.demo import PROFILES
+    from ipa_core.trainer import fit
+
+    p = PROFILES["cpu"]
+    masks = {k: v for k, v in (("p_full", p.avp_p_full), ("p_freeform", p.avp_p_freeform),
+                               ("patch_layout", p.avp_patch_layout)) if v is not None}
+    masks.update(mask_overrides)
+    train, test = _PhantomSet(n_train, 0, difficulty), _PhantomSet(n_test, 10**6, difficulty)
+    torch.manual_seed(seed)
+    model = AVPClassifier(AVPConfig(arch=p.avp_arch, image_size=S))
+    task = AVPTrainTask(model, AVPTrainConfig(seed=seed, freeform_bank=64, **masks), progress=False)
+    cfg = dataclasses.replace(_defaults(), steps=steps, batch_size=p.avp_batch, lr=p.avp_lr, seed=seed, device="cpu",
+                              sample_every=10**9, ckpt_every=steps, log_every=steps)
+    out = fit(task, train, cfg, tmp_path / f"run-{seed}").eval()
+    prob = out.predict_proba(test.images, torch.ones(len(test), 1, S, S))[:, test.effusion]
+    return float(roc_auc_score(test.labels[:, test.effusion], prob.numpy()))
