@@ -70,8 +70,11 @@ class DemoProfile:
 
 
 PROFILES: dict[str, DemoProfile] = {
+    # cpu AVP recipe chosen by benchmarks/bench_classifier.py (issue 24, results/classifier.md): fully observed
+    # images and scan-grid patch unions, 2x the steps: best mean AUROC after 1..5 scans on every phantom preset
     "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=800, vae_batch=8,
-                       ipa_steps=1000, ipa_batch=16, avp_arch="tiny", avp_steps=2000, avp_batch=32, avp_lr=2e-3,
+                       ipa_steps=1000, ipa_batch=16, avp_arch="tiny", avp_steps=4000, avp_batch=32, avp_lr=2e-3,
+                       avp_p_full=0.2, avp_p_freeform=0.0, avp_patch_layout="scan",
                        n_samples=10, n_test=100, scans=5, run_images=2, eval_procs=2, repeats=3),
     "quick": DemoProfile("quick", image_size=64, vae_config="tiny", vae_steps=60, vae_batch=16,
                          ipa_steps=40, ipa_batch=16, avp_arch="tiny", avp_steps=80, avp_batch=32, avp_lr=2e-3,
