@@ -343,14 +343,22 @@ def brief_cpu_recipe_auroc(tmp_path, steps: int, n_train: int, n_test: int, diff
     return float(roc_auc_score(test.labels[:, test.effusion], prob.numpy()))
 
 
-# Measured (benchmarks/results/classifier.md and this test's own setting, 600 steps, 1 024 training
-# and 512 test films of the realistic preset, seeds 0 and 1): FLOOR_SEEDS_NOTE
+# Measured with this test's own setting (600 steps, 1 024 training and 512 test films of the
+# realistic preset, Effusion on every other film), full-image Effusion AUROC:
+#   cpu masks (--p-full 0.2 --p-freeform 0 --patch-layout scan), seeds 0/1/2: 0.648 0.553 0.580
+#   appendix-I.4 masks (the issue-24 regression), seeds 0/1:                 0.604 0.573
+#   --p-full 0.2 --p-freeform 0.25 --patch-layout scan, seeds 0/1:           0.682 0.635
+# and at 2 000 steps, cpu masks 0.905 0.911 vs I.4 masks 0.881 0.915. So a brief run on a tiny set
+# does NOT separate the regression from the fix (the table does, on 612 test films of the full
+# demo mixture: realistic preset, Effusion full image 0.756 vs 0.905); the floor below only
+# catches a recipe that stops learning from full images (a collapse to chance), with margin for
+# seed noise. The hard preset is not used: at this budget every recipe is at chance on it.
 BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST = 600, 1024, 512
-FULL_IMAGE_FLOOR = 0.64
+FULL_IMAGE_FLOOR = 0.53
 
 
-def test_cpu_recipe_keeps_full_image_auroc_on_harder_films(tmp_path):
-    """Issue 24: the cpu recipe trained briefly on harder-than-default films must reach a full-image
-    AUROC floor that the appendix-I.4 masks without full images (the regression) did not reach."""
+def test_cpu_recipe_learns_full_images_of_harder_films(tmp_path):
+    """Issue 24 (item 5, partly): the cpu recipe trained briefly on harder-than-default films is
+    above chance on the full image (see the measurements above for what this cannot show)."""
     auroc = brief_cpu_recipe_auroc(tmp_path, BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST, "realistic")
     assert auroc >= FULL_IMAGE_FLOOR, auroc
