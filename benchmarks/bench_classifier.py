@@ -1,29 +1,281 @@
-"""AVP-CNN forward throughput: inputs/s and GFLOP/s per architecture, batch, memory format.
+"""The AVP-CNN measured: training recipes x phantom difficulty presets (issue 24), and throughput.
 
-A greedy BOED decision scores L x N = 289 x 10 = 2 890 observations of one test image, so the
-classifier's throughput on batches of a few hundred inputs bounds the decision time. Measures
-``model(y)`` in inference mode (fp32 on CPU; bf16 autocast too on CUDA) for contiguous and
-channels_last layouts, and ``predict_proba`` (uint8 -> probabilities, includes the observe() step).
-Prints a table and writes benchmarks/results/classifier.json.
+``recipes`` (the default mode): for each phantom preset (``xray phantom --difficulty``) a set of
+``--n`` images at 64 px with the demo prevalences is generated once (seed ``--data-seed``), and
+each training recipe trains a tiny AVP-CNN with the cpu demo profile's batch and learning rate
+(``boed.demo.PROFILES["cpu"]``) and its former 2 000 steps (:data:`BASE_STEPS`; ``-2x`` recipes
+double them) through the same code as ``boed train-avp``. The cpu profile's recipe is the
+winner of this table (``full+scan-2x``). Each model is
+scored on every test image (>= 500) for the demo illnesses (Effusion, Edema):
 
-    python benchmarks/bench_classifier.py [--quick] [--device cuda] [--threads 1]
+- ``full``: AUROC on the full image;
+- ``random t``: after t = 1..5 Random scans (distinct uniformly random scan-grid locations, one
+  sequence per test image, the same sequences for every recipe);
+- ``uncond t``: after the first t scans of the Uncond sequence (``baselines.policies.UncondPolicy``,
+  greedy EIG with N = 10 dataset draws; the sequence ignores the test image, so one sequence per
+  model and illness), which is also the t = 1 choice of EIG-IPA.
+
+95 % CIs are percentile bootstraps over test images (``--bootstrap`` resamples; the same resamples
+for every cell of a row). Each finished row is written to ``benchmarks/results/classifier.json``
+at once (a rerun skips rows already there: the run is resumable); at the end a markdown table
+goes to ``benchmarks/results/classifier.md``. Wall times are the training's (the machine may be
+shared: see the JSON's ``note``).
+
+``throughput``: the AVP-CNN forward throughput per architecture, batch and memory format
+(``benchmarks/results/classifier_throughput.json``), as before.
+
+    python benchmarks/bench_classifier.py [recipes] [--presets default,hard] [--recipes default,old] [--quick]
+    python benchmarks/bench_classifier.py throughput [--quick] [--device cuda] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
+import logging
+import math
 import platform
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from boed.classifier import AVPClassifier, AVPConfig
-from xray.io import atomic_write_json
+from xray.io import atomic_write_json, atomic_write_text
 
-RESULTS = Path(__file__).parent / "results" / "classifier.json"
+RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS = RESULTS_DIR / "classifier.json"
+TABLE = RESULTS_DIR / "classifier.md"
+THROUGHPUT = RESULTS_DIR / "classifier_throughput.json"
+
+ILLNESSES = ("Effusion", "Edema")  # the demo's tasks
+T = 5  # scans
+PRESET_NAMES = ("default", "realistic", "hard")
+
+#: name -> (what it is, AVPTrainConfig overrides, AVPConfig overrides, steps factor)
+RECIPES: dict[str, tuple[str, dict, dict, float]] = {
+    "default": ("today's default: free-form/uniform-patch mixture, no full images (I.4)",
+                dict(p_full=0.0, p_freeform=0.5, patch_layout="uniform"), {}, 1.0),
+    "old": ("the old default --p-full 0.2 --p-freeform 0", dict(p_full=0.2, p_freeform=0.0, patch_layout="uniform"), {}, 1.0),
+    "scan+ff": ("scan-grid unions of 0..5 patches, free-form share 1/2", dict(p_full=0.0, p_freeform=0.5, patch_layout="scan"), {}, 1.0),
+    "full+scan": ("--p-full 0.2 --p-freeform 0 --patch-layout scan", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), {}, 1.0),
+    "full+scan+ff": ("--p-full 0.2 --p-freeform 0.25 --patch-layout scan",
+                     dict(p_full=0.2, p_freeform=0.25, patch_layout="scan"), {}, 1.0),
+    "old-2x": ("the old default with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="uniform"), {}, 2.0),
+    "full+scan-2x": ("full+scan with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), {}, 2.0),
+    "full+scan-w20": ("full+scan, tiny net width 20 (2.7x the FLOPs)", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"),
+                      dict(width=20), 1.0),
+}
+
+CHOSEN = "full+scan-2x"  # the recipe of the cpu demo profile, chosen from this table
+
+log = logging.getLogger("bench_classifier")
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes x presets
+
+
+BASE_STEPS = 2000  # the cpu profile's AVP steps when the recipes were compared (the "2x" recipes double it)
+
+
+def cpu_recipe():
+    """Batch and learning rate of the cpu demo profile's AVP stage and :data:`BASE_STEPS`, as a TrainConfig."""
+    from boed.commands.train_avp import _defaults
+    from boed.demo import PROFILES
+
+    p = PROFILES["cpu"]
+    return p, dataclasses.replace(_defaults(), steps=BASE_STEPS, batch_size=p.avp_batch, lr=p.avp_lr, device="cpu")
+
+
+def make_data(work: Path, preset: str, n: int, seed: int):
+    """(train, test) datasets of a phantom set of ``preset`` (generated once under ``work``)."""
+    from xray import phantom
+    from xray.dataset import open_dataset
+
+    root = work / f"phantom-{preset}-n{n}-s{seed}-v{phantom.PHANTOM_VERSION}"
+    if not root.is_dir():
+        phantom.generate(root, n=n, size=64, seed=seed, workers=1, prevalence=phantom.DEMO_PREVALENCE,
+                         progress=False, difficulty=preset)
+    kw = dict(size=64, cache_dir=work / "cache", progress=False, workers=1)
+    return open_dataset("chestxray", root, split="train", **kw), open_dataset("chestxray", root, split="test", **kw)
+
+
+def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int = 0, steps: int | None = None):
+    """Train one recipe as ``boed train-avp`` does (cpu profile); return (model, seconds)."""
+    from ipa_core.seeding import seeded
+    from ipa_core.trainer import fit
+
+    from boed.classifier import init_config, init_state, parse_init
+    from boed.train_avp import AVPTrainConfig, AVPTrainTask
+
+    _, tcfg0 = cpu_recipe()
+    _, tr, mo, factor = RECIPES[recipe]
+    n_steps = steps if steps is not None else int(round(tcfg0.steps * factor * steps_scale))
+    tcfg = dataclasses.replace(tcfg0, steps=n_steps, seed=seed, sample_every=10**9, ckpt_every=max(n_steps, 1),
+                               log_every=max(n_steps // 4, 1))
+    init = parse_init("scratch", "tiny", None)
+    mcfg = init_config(AVPConfig(arch="tiny", image_size=train_set.image_size, **mo), init)
+    with seeded(seed):
+        model = init_state(AVPClassifier(mcfg), init)
+    task = AVPTrainTask(model, AVPTrainConfig(seed=seed, **tr), progress=False)
+    t0 = time.perf_counter()
+    out = fit(task, train_set, tcfg, run_dir)
+    return out.eval(), time.perf_counter() - t0
+
+
+def auroc_matrix(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """AUROC of each row of ``scores (R, n)`` against labels ``y (R, n)`` (average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(scores, axis=1)  # (R, n)
+    pos = y.sum(1)
+    neg = y.shape[1] - pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((r * y).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def score_model(model, train_set, test_set, n_boot: int, seed: int = 0) -> dict:
+    """Full / Random t / Uncond t AUROCs with bootstrap CIs for each illness."""
+    from baselines.policies import UncondPolicy
+    from boed.geometry import ScanGeometry
+    from boed.samplers import DatasetSampler
+    from xray.dataset import dataset_images
+    from xray.labels import resolve_illness
+
+    n = len(test_set)
+    S = model.config.image_size
+    geom = ScanGeometry(S)
+    x = dataset_images(test_set, list(range(n)))  # (n, C, S, S) uint8
+    Y = np.asarray(test_set.labels)  # (n, K)
+    g = torch.Generator().manual_seed(1234 + seed)
+    locs = torch.rand(n, geom.num_locations, generator=g).argsort(dim=1)[:, :T]  # (n, T) distinct random scans
+    boot = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # (R, n) resampled test images
+
+    def probs(masks_fn) -> np.ndarray:
+        out = []
+        for s in range(0, n, 256):
+            idx = list(range(s, min(s + 256, n)))
+            out.append(model.predict_proba(x[idx], masks_fn(idx)))
+        return torch.cat(out).double().numpy()  # (n, K)
+
+    conds = {"full": probs(lambda idx: torch.ones(len(idx), 1, S, S))}
+    for t in range(1, T + 1):
+        conds[f"random{t}"] = probs(lambda idx, t=t: geom.masks([locs[i, :t].tolist() for i in idx]))
+    res: dict = {}
+    for name in ILLNESSES:
+        ill = resolve_illness(name)
+        pol = UncondPolicy(model, DatasetSampler(train_set), ill, geom, n_samples=10, device="cpu")
+        seq = pol.sequence(T, torch.Generator().manual_seed(seed))
+        c = dict(conds)
+        for t in range(1, T + 1):
+            m = geom.mask(seq[:t])[None]  # (1, 1, S, S)
+            c[f"uncond{t}"] = probs(lambda idx, m=m: m.expand(len(idx), -1, -1, -1))
+        y = np.asarray(ill.target(Y), dtype=np.float64)  # (n,)
+        scores = {k: np.asarray(ill.prob(torch.as_tensor(v)), dtype=np.float64) for k, v in c.items()}  # (n,) each
+        point = {k: float(auroc_matrix(v[None], y[None])[0]) for k, v in scores.items()}
+        bs = {k: auroc_matrix(v[boot], y[boot]) for k, v in scores.items()}  # (R,) each
+        for kind in ("random", "uncond"):
+            point[f"{kind}_mean"] = float(np.mean([point[f"{kind}{t}"] for t in range(1, T + 1)]))
+            bs[f"{kind}_mean"] = np.mean([bs[f"{kind}{t}"] for t in range(1, T + 1)], axis=0)
+        res[name] = {"auroc": point, "ci95": {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+                                               for k, v in bs.items()},
+                     "positives": int(y.sum()), "uncond_sequence": [int(l) for l in seq]}
+    res["n_test"] = n
+    return res
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("kind") == "recipes":
+            return data
+    return {"kind": "recipes", "rows": []}
+
+
+def _row_key(r: dict) -> tuple:
+    return r["preset"], r["recipe"]
+
+
+def markdown(data: dict) -> str:
+    """The table: per preset and recipe, AUROC (95 % CI) averaged over the illnesses, and per illness."""
+    rows = data["rows"]
+    lines = [f"# AVP-CNN recipes x phantom presets ({data.get('setup', '')})", "",
+             "Mean over " + ", ".join(ILLNESSES) + " of the AUROC (95 % bootstrap CI of each illness in the JSON). "
+             "`rand 1..5` / `uncond 1..5`: after t = 1..5 Random / Uncond scans; `mean` = mean over t. "
+             "Wall time: the training, on a shared 2-core machine (single-threaded), so indicative only.", "",
+             "| preset | recipe | full | rand 1 | rand 2 | rand 3 | rand 4 | rand 5 | rand mean | uncond 1 | uncond 5 | "
+             "uncond mean | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = {k: np.mean([r["scores"][i]["auroc"][k] for i in ILLNESSES]) for k in r["scores"][ILLNESSES[0]]["auroc"]}
+        cells = [a["full"], *[a[f"random{t}"] for t in range(1, T + 1)], a["random_mean"], a["uncond1"], a["uncond5"],
+                 a["uncond_mean"]]
+        lines.append(f"| {r['preset']} | {r['recipe']} | " + " | ".join(f"{v:.3f}" for v in cells) + f" | {r['train_s']:.0f} |")
+    lines += ["", "Per illness: full / rand mean / uncond mean (95 % CI)", "",
+              "| preset | recipe | " + " | ".join(ILLNESSES) + " |", "|---|---|" + "---|" * len(ILLNESSES)]
+    for r in rows:
+        cells = []
+        for i in ILLNESSES:
+            au, ci = r["scores"][i]["auroc"], r["scores"][i]["ci95"]
+            cells.append(" / ".join(f"{au[k]:.3f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k in ("full", "random_mean", "uncond_mean")))
+        lines.append(f"| {r['preset']} | {r['recipe']} | " + " | ".join(cells) + " |")
+    lines += ["", "Recipes:", ""] + [f"- `{k}`: {v[0]}" for k, v in RECIPES.items() if any(r["recipe"] == k for r in rows)]
+    lines += ["", f"The cpu demo profile uses `{CHOSEN}` (`boed.demo.PROFILES['cpu']`): the best mean AUROC after 1..5 Random "
+              "scans on every preset, and a full-image AUROC above the old default's on every preset. The paper profile "
+              "keeps appendix I.4 (the `default` masks)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_recipes(args) -> None:
+    torch.set_num_threads(args.threads)
+    presets = [p for p in args.presets.split(",") if p]
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES] + [p for p in presets if p not in PRESET_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown recipe/preset {unknown}; recipes: {', '.join(RECIPES)}; presets: {', '.join(PRESET_NAMES)}")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prof, tcfg = cpu_recipe()
+    results, table = Path(args.results) / RESULTS.name, Path(args.results) / TABLE.name
+    data = load_results(results)
+    data.update({"setup": f"64 px, cpu profile: {tcfg.steps} steps, batch {tcfg.batch_size}, lr {tcfg.lr}, tiny AVP-CNN; "
+                          f"{args.n} phantom images per preset (seed {args.data_seed}, demo prevalence)",
+                 "note": "wall times measured on a shared, loaded 2-core machine with torch.set_num_threads(1)",
+                 "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                 "recipes": {k: {"about": v[0], "train": v[1], "model": v[2], "steps_factor": v[3]} for k, v in RECIPES.items()}})
+    done = {_row_key(r) for r in data["rows"]}
+    for preset in presets:
+        t0 = time.perf_counter()
+        train_set, test_set = make_data(work, preset, args.n, args.data_seed)
+        log.info("data %s: %d train, %d test images (%.0f s)", preset, len(train_set), len(test_set), time.perf_counter() - t0)
+        for recipe in recipes:
+            if (preset, recipe) in done:
+                continue
+            with tempfile.TemporaryDirectory(dir=work) as run_dir:
+                model, secs = train(recipe, train_set, args.steps_scale, Path(run_dir))
+            t1 = time.perf_counter()
+            scores = score_model(model, train_set, test_set, args.bootstrap)
+            row = {"preset": preset, "recipe": recipe, "train_s": secs, "score_s": time.perf_counter() - t1,
+                   "steps": int(round(tcfg.steps * RECIPES[recipe][3] * args.steps_scale)),
+                   "n_train": len(train_set), "scores": scores}
+            data["rows"].append(row)
+            atomic_write_json(results, data)
+            a = scores[ILLNESSES[0]]["auroc"]
+            log.info("%-9s %-14s full %.3f rand %s uncond1 %.3f  (%s; train %.0f s)", preset, recipe, a["full"],
+                     " ".join(f"{a[f'random{t}']:.3f}" for t in range(1, T + 1)), a["uncond1"], ILLNESSES[0], secs)
+    atomic_write_text(table, markdown(data))
+    print(markdown(data))
+    print(f"wrote {results} and {table}")
+
+
+# ----------------------------------------------------------------------------------------------
+# throughput
 
 
 def flops_per_input(model: AVPClassifier, S: int) -> float:
@@ -77,12 +329,7 @@ def bench(arch: str, S: int, batch: int, channels_last: bool, device: torch.devi
             "ms_per_2890": 2890 / (batch / dt) * 1e3}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer configurations, shorter timings")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
-    args = ap.parse_args()
+def run_throughput(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     min_time = 0.3 if args.quick else 1.0
@@ -102,11 +349,36 @@ def main() -> None:
                 print(f"{arch:<12} S={S:<4} B={b:<5} {'CL ' if cl else 'NCHW'} {'bf16' if amp else 'fp32'}  "
                       f"{r['mflops_per_input']:8.1f} MFLOP/in  {r['inputs_per_s']:9.0f} in/s  {r['gflops_per_s']:6.1f} GFLOP/s  "
                       f"predict_proba {pp} in/s  {r['ms_per_2890']:8.1f} ms per 2890", flush=True)
-    atomic_write_json(RESULTS, {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-                                "machine": platform.processor() or platform.machine(),
-                                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                                "rows": rows})
-    print(f"wrote {RESULTS}")
+    atomic_write_json(THROUGHPUT, {"device": str(device), "threads": args.threads, "torch": torch.__version__,
+                                   "machine": platform.processor() or platform.machine(),
+                                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                   "rows": rows})
+    print(f"wrote {THROUGHPUT}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", choices=("recipes", "throughput"), default="recipes")
+    ap.add_argument("--quick", action="store_true", help="throughput: fewer configurations; recipes: 300 images, 1/10 steps")
+    ap.add_argument("--device", default="cpu", help="throughput only")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    ap.add_argument("--presets", default=",".join(PRESET_NAMES), help="comma-separated phantom presets")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
+    ap.add_argument("--n", type=int, default=3000, help="phantom images per preset (about 20 %% are test images)")
+    ap.add_argument("--data-seed", type=int, default=1, help="phantom seed (1: not the default set's 0)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (smoke runs)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    ap.add_argument("--results", default=str(RESULTS_DIR), help="folder of classifier.json and classifier.md")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "boed-bench-classifier"), help="data and run folder")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("ipa_core", "boed", "xray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if args.mode == "throughput":
+        return run_throughput(args)
+    if args.quick:
+        args.n, args.steps_scale, args.bootstrap = min(args.n, 300), args.steps_scale / 10, min(args.bootstrap, 100)
+    run_recipes(args)
 
 
 if __name__ == "__main__":

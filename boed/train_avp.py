@@ -7,6 +7,9 @@ CLASSIFIER_TRAINING_MASKS`: with probability ``p_freeform`` = 1/2 a free-form ma
 boxes, Zhao et al. 2021 / Yu et al. 2018, observed-fraction bin uniform), else 0..5 random square
 patches of 25 % of the width whose centres are uniform over the image (clipped at the border).
 ``p_full`` (default 0) is an optional extra share of fully observed images, not in the paper.
+``patch_layout`` "scan" (not in the paper) replaces the uniform patches by unions of 0..5
+distinct patches of the scan grid (:class:`boed.geometry.ScanGeometry`), the masks the
+evaluation's policies make (:func:`scan_patch_masks`); the free-form share is unchanged.
 Free-form masks come from a :class:`ipa_core.masks.MaskBank` of ``freeform_bank`` masks drawn once
 (0: drawn fresh each time, exact but ~10 ms of Python per mask).
 
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from xray.dataset import dataset_images
 from xray.errors import UserError
-from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, MaskBank, MaskMixture
+from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, MaskBank, MaskMixture, freeform_masks
 from xray.labels import LABELS
 
 from .classifier import AVPClassifier
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MASKS = CLASSIFIER_TRAINING_MASKS
 DEFAULT_P_FULL = 0.0
 DEFAULT_FREEFORM_BANK = 512  # ~6 s to draw at 64 px; 4 x 512 distinct masks under flips
+PATCH_LAYOUTS = ("uniform", "scan")
+DEFAULT_PATCH_LAYOUT = "uniform"
 
 
 @dataclass
@@ -57,6 +62,7 @@ class AVPTrainConfig:
     p_freeform: float = DEFAULT_MASKS.p_freeform  # share of free-form masks among the partial masks
     p_full: float = DEFAULT_P_FULL  # probability of a fully observed training image (not in the paper)
     freeform_bank: int = DEFAULT_FREEFORM_BANK  # free-form masks drawn once and reused under flips; 0 = fresh each time
+    patch_layout: str = DEFAULT_PATCH_LAYOUT  # "uniform": patch centres uniform (I.4); "scan": unions of scan-grid patches
     pos_weight: str = "none"  # "none" | "auto" (negatives / positives per label, clipped to [1, max_pos_weight])
     max_pos_weight: float = 50.0
     init: str = "scratch"  # --init: scratch | imagenet | xrv:NAME | an AVP model path
@@ -75,6 +81,8 @@ class AVPTrainConfig:
             raise UserError(f"--p-full and --p-freeform must be in [0, 1], got {self.p_full} and {self.p_freeform}")
         if self.freeform_bank < 0:
             raise UserError(f"--freeform-bank must be >= 0 (0 = draw every free-form mask fresh), got {self.freeform_bank}")
+        if self.patch_layout not in PATCH_LAYOUTS:
+            raise UserError(f"--patch-layout is {self.patch_layout!r}; expected one of {', '.join(PATCH_LAYOUTS)}")
         if self.pos_weight not in ("none", "auto"):
             raise UserError(f"pos_weight must be 'none' or 'auto', got {self.pos_weight!r}")
 
@@ -87,14 +95,33 @@ class AVPTrainConfig:
         return asdict(self)
 
 
+def scan_patch_masks(B: int, geometry: ScanGeometry, max_patches: int, generator: torch.Generator | None = None) -> Tensor:
+    """``(B, 1, S, S)``: the union of a uniform number in 0..``max_patches`` of distinct scan-grid
+    patches (uniform without replacement): the masks a policy makes after that many scans."""
+    S, L = geometry.image_size, geometry.num_locations
+    counts = torch.randint(0, max_patches + 1, (B,), generator=generator)  # (B,)
+    order = torch.rand(B, L, generator=generator).argsort(dim=1).argsort(dim=1)  # (B, L) rank of each location
+    chosen = (order < counts[:, None]).float()  # (B, L)
+    pm = geometry.patch_masks().reshape(L, S * S)  # (L, S * S)
+    return (chosen @ pm).clamp_(max=1.0).reshape(B, 1, S, S)  # (B, 1, S, S)
+
+
 def sample_training_masks(B: int, S: int, cfg: AVPTrainConfig, generator: torch.Generator | None = None,
                           bank: MaskBank | None = None) -> Tensor:
     """Training masks ``(B, 1, S, S)`` float on the CPU: fully observed with probability ``p_full``,
-    else a draw of ``cfg.masks`` (free-form masks from ``bank`` when given)."""
+    else a draw of ``cfg.masks`` (free-form masks from ``bank`` when given); with ``patch_layout``
+    "scan" the patch masks are :func:`scan_patch_masks` (``bank`` then holds free-form masks only)."""
     m = torch.ones(B, 1, S, S)
     partial = torch.rand(B, generator=generator) >= cfg.p_full  # (B,)
     n = int(partial.sum())
-    if n:
+    if n and cfg.patch_layout == "scan":
+        use_ff = torch.rand(n, generator=generator) < cfg.p_freeform  # (n,)
+        part = scan_patch_masks(n, ScanGeometry(S), cfg.max_patches, generator)  # (n, 1, S, S)
+        n_ff = int(use_ff.sum())
+        if n_ff:
+            part[use_ff] = bank.sample(n_ff, generator) if bank is not None else freeform_masks(n_ff, S, generator)
+        m[partial] = part
+    elif n:
         m[partial] = bank.sample(n, generator) if bank is not None else cfg.masks.sample(n, S, generator)
     return m
 
@@ -174,6 +201,8 @@ class AVPTrainTask:
     def provenance(self) -> dict:
         """Every setting of this task that changes the trained model (checkpointed by ``ipa_core.trainer.fit``)."""
         keep = {k: v for k, v in self.cfg.to_dict().items() if k not in ("eval_images", "eval_batch")}
+        if keep["patch_layout"] == DEFAULT_PATCH_LAYOUT:  # runs from before the flag resume unchanged
+            del keep["patch_layout"]
         return {**keep, "arch": self.model.config.arch, "input_norm": self.model.config.input_norm}
 
     def mask_bank(self, S: int) -> MaskBank | None:
@@ -182,7 +211,10 @@ class AVPTrainTask:
             return None
         if self._bank is None or self._bank.S != S:
             log.info("drawing a bank of %d free-form %dx%d masks (seed %d)", self.cfg.freeform_bank, S, S, self.cfg.seed)
-            self._bank = MaskBank(self.cfg.masks, S, self.cfg.freeform_bank, seed=self.cfg.seed)
+            mixture = self.cfg.masks
+            if self.cfg.patch_layout == "scan":  # the bank only serves the free-form draws
+                mixture = MaskMixture(p_freeform=1.0, patch_frac=mixture.patch_frac, max_patches=mixture.max_patches)
+            self._bank = MaskBank(mixture, S, self.cfg.freeform_bank, seed=self.cfg.seed)
         return self._bank
 
     def trainable_parameters(self) -> list[nn.Parameter]:

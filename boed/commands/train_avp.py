@@ -75,7 +75,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     from xray.dataset import add_data_args
 
     from boed.classifier import ARCHS, DEFAULT_INIT, XRV_MODELS, AVPConfig
-    from boed.train_avp import AVPTrainConfig
+    from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig
 
     arch = _default(AVPConfig, "arch")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (model/, checkpoints/, metrics); re-run to resume")
@@ -98,6 +98,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-freeform", type=finite_float(0, 1), default=_default(AVPTrainConfig, "p_freeform"),
                    help="share of free-form masks among the partial ones, the rest 0-5 random patches of "
                         f"{round(100 * _default(AVPTrainConfig, 'patch_frac'))}%% width (default: {_default(AVPTrainConfig, 'p_freeform')})")
+    p.add_argument("--patch-layout", choices=PATCH_LAYOUTS, default=_default(AVPTrainConfig, "patch_layout"),
+                   help="the partial masks' patches: uniform = centres uniform over the image (appendix I.4); scan = unions "
+                        "of 0-5 distinct scan-grid patches, the masks the policies make (default: "
+                        f"{_default(AVPTrainConfig, 'patch_layout')})")
     p.add_argument("--freeform-bank", type=int, default=_default(AVPTrainConfig, "freeform_bank"),
                    help="free-form masks drawn once and reused under random flips; 0 draws each fresh (slow on CPU) "
                         f"(default: {_default(AVPTrainConfig, 'freeform_bank')})")
@@ -131,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
     init = parse_init(args.init, args.arch, args.init_weights)
     record = init.describe()
     acfg = AVPTrainConfig(p_full=args.p_full, p_freeform=args.p_freeform, freeform_bank=args.freeform_bank,
+                          patch_layout=args.patch_layout,
                           pos_weight=args.pos_weight, eval_images=args.eval_images, seed=tcfg.seed,
                           init=record["init"], init_weights=init.path if init.kind in ("imagenet", "xrv") else None,
                           init_digest=record.get("init_digest"))

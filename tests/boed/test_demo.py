@@ -426,3 +426,27 @@ def test_chestmnist_data_reaches_every_stage_without_a_phantom_stage(tmp_path):
     assert default[0].name == "phantom"
     argv = [str(a) for a in default[1].argv]
     assert argv == ["--image-size", "64", "--data", "chestxray", "--data-root", str(tmp_path / "run" / "phantom")]
+
+
+def test_avp_stage_passes_the_profiles_training_masks(tmp_path):
+    """The cpu profile's AVP recipe (issue 24: chosen by benchmarks/bench_classifier.py) reaches
+    `boed train-avp` as flags; a profile without its own masks (paper: appendix I.4) passes none."""
+    import argparse
+
+    from boed.commands import train_avp
+    from boed.demo import DemoOptions, avp_stage
+
+    def parsed(profile):
+        argv = [str(a) for a in avp_stage(DemoOptions(out=tmp_path, profile=profile, illnesses=("Effusion",))).argv]
+        p = argparse.ArgumentParser()
+        train_avp.configure(p)
+        return argv, p.parse_args(argv)
+
+    cpu = PROFILES["cpu"]
+    _, args = parsed(cpu)
+    for flag, value in (("p_full", cpu.avp_p_full), ("p_freeform", cpu.avp_p_freeform), ("patch_layout", cpu.avp_patch_layout)):
+        if value is not None:
+            assert getattr(args, flag) == value
+    argv, args = parsed(PROFILES["paper"])
+    assert not {"--p-full", "--p-freeform", "--patch-layout"} & set(argv)
+    assert (args.p_full, args.p_freeform, args.patch_layout) == (0.0, 0.5, "uniform")  # appendix I.4

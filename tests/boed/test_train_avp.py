@@ -66,6 +66,39 @@ def test_mask_bank_and_p_full():
     assert len({tuple(f.flatten().tolist()) for f in ff}) > 40  # flips multiply the bank
 
 
+def _is_grid_union(m: torch.Tensor, pm: torch.Tensor) -> bool:
+    """Whether mask ``m (1, S, S)`` is exactly the union of the scan-grid patches ``pm (L, 1, S, S)`` it covers."""
+    covered = (m.flatten() @ pm.flatten(1).T) == pm.flatten(1).sum(1)  # (L,) patch fully observed
+    union = (pm[covered].sum(0) > 0).float() if covered.any() else torch.zeros_like(m)
+    return torch.equal(union, m)
+
+
+def test_scan_layout_masks_are_unions_of_scan_grid_patches():
+    """--patch-layout scan: the partial patch masks are unions of 0..5 distinct scan-grid patches (what
+    a policy's t scans observe), the free-form share and p_full as before; the default layout is unchanged."""
+    from boed.geometry import ScanGeometry
+    from boed.train_avp import scan_patch_masks
+
+    geom = ScanGeometry(S)
+    pm = geom.patch_masks()  # (L, 1, S, S)
+    m = scan_patch_masks(600, geom, 5, torch.Generator().manual_seed(0))  # (600, 1, S, S)
+    assert all(_is_grid_union(x, pm) for x in m[:60])
+    empty = (m.flatten(1).sum(1) == 0).float().mean()
+    assert abs(empty.item() - 1 / 6) < 0.05  # 0..5 patches uniform
+    assert m.flatten(1).mean(1).max() <= 5 / 16 + 1e-6
+    cfg = AVPTrainConfig(patch_layout="scan", p_full=0.2, p_freeform=0.5, freeform_bank=16)
+    task = AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4)), cfg)
+    mm = sample_training_masks(800, S, cfg, torch.Generator().manual_seed(1), task.mask_bank(S))
+    frac = mm.flatten(1).mean(1)
+    assert abs((frac == 1).float().mean().item() - 0.2) < 0.05
+    grid_like = [_is_grid_union(x, pm) for x in mm[frac < 1][:200]]
+    assert abs(np.mean(grid_like) - 0.5) < 0.1  # half scan-grid unions, half free-form
+    assert "patch_layout" not in AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S, width=4))).provenance()
+    assert task.provenance()["patch_layout"] == "scan"
+    with pytest.raises(UserError, match="patch-layout"):
+        AVPTrainConfig(patch_layout="grid")
+
+
 def test_positive_weights_known_answer():
     y = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
     np.testing.assert_allclose(positive_weights(y, max_weight=10).numpy(), [3.0, 4.0, 1.0])  # no positives: negatives / 1
@@ -252,3 +285,81 @@ def test_cli_initial_weights_depend_on_the_seed_alone(tmp_path, capsys):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())  # another --seed, other weights
+
+
+# ---------------------------------------------------------------- the cpu recipe on harder data (issue 24)
+
+class _PhantomSet:
+    """An in-memory phantom set of the given difficulty: Effusion on every other film, nothing else."""
+
+    def __init__(self, n: int, offset: int, difficulty: str, size: int = S, seed: int = 7):
+        from xray.labels import LABELS
+        from xray.phantom import render_meta
+        from xray.phantom.metadata import ImageMeta
+
+        k = LABELS.index("Effusion")
+        ims, y = [], np.zeros((n, len(LABELS)), np.float32)
+        for i in range(n):
+            pos = i % 2 == 1
+            meta = ImageMeta(f"{offset + i:08d}_000.png", ("Effusion",) if pos else (), 0, offset + i, 50,
+                             "F" if i % 3 == 0 else "M", "AP" if i % 4 < 2 else "PA", ("2500", "2048", "0.168", "0.168"))
+            ims.append(render_meta(meta, seed, offset + i, size, difficulty=difficulty).image)
+            y[i, k] = y[i, LABELS.index("Any Finding")] = float(pos)
+        self.images = torch.as_tensor(np.stack(ims))[:, None]  # (n, 1, S, S) uint8
+        self.labels, self.image_size, self.effusion = y, size, k
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], torch.as_tensor(self.labels[i])
+
+    def get_batch(self, idx):
+        return self.images[torch.as_tensor(idx)]
+
+
+def brief_cpu_recipe_auroc(tmp_path, steps: int, n_train: int, n_test: int, difficulty: str, seed: int = 0,
+                           **mask_overrides) -> float:
+    """Full-image Effusion AUROC of the cpu demo profile's AVP recipe (masks, lr, batch) after ``steps``."""
+    import dataclasses
+
+    from sklearn.metrics import roc_auc_score
+
+    from boed.commands.train_avp import _defaults
+    from boed.demo import PROFILES
+    from ipa_core.trainer import fit
+
+    p = PROFILES["cpu"]
+    masks = {k: v for k, v in (("p_full", p.avp_p_full), ("p_freeform", p.avp_p_freeform),
+                               ("patch_layout", p.avp_patch_layout)) if v is not None}
+    masks.update(mask_overrides)
+    train, test = _PhantomSet(n_train, 0, difficulty), _PhantomSet(n_test, 10**6, difficulty)
+    torch.manual_seed(seed)
+    model = AVPClassifier(AVPConfig(arch=p.avp_arch, image_size=S))
+    task = AVPTrainTask(model, AVPTrainConfig(seed=seed, freeform_bank=64, **masks), progress=False)
+    cfg = dataclasses.replace(_defaults(), steps=steps, batch_size=p.avp_batch, lr=p.avp_lr, seed=seed, device="cpu",
+                              sample_every=10**9, ckpt_every=steps, log_every=steps)
+    out = fit(task, train, cfg, tmp_path / f"run-{seed}").eval()
+    prob = out.predict_proba(test.images, torch.ones(len(test), 1, S, S))[:, test.effusion]
+    return float(roc_auc_score(test.labels[:, test.effusion], prob.numpy()))
+
+
+# Measured with this test's own setting (600 steps, 1 024 training and 512 test films of the
+# realistic preset, Effusion on every other film), full-image Effusion AUROC:
+#   cpu masks (--p-full 0.2 --p-freeform 0 --patch-layout scan), seeds 0/1/2: 0.648 0.553 0.580
+#   appendix-I.4 masks (the issue-24 regression), seeds 0/1:                 0.604 0.573
+#   --p-full 0.2 --p-freeform 0.25 --patch-layout scan, seeds 0/1:           0.682 0.635
+# and at 2 000 steps, cpu masks 0.905 0.911 vs I.4 masks 0.881 0.915. So a brief run on a tiny set
+# does NOT separate the regression from the fix (the table does, on 612 test films of the full
+# demo mixture: realistic preset, Effusion full image 0.756 vs 0.905); the floor below only
+# catches a recipe that stops learning from full images (a collapse to chance), with margin for
+# seed noise. The hard preset is not used: at this budget every recipe is at chance on it.
+BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST = 600, 1024, 512
+FULL_IMAGE_FLOOR = 0.53
+
+
+def test_cpu_recipe_learns_full_images_of_harder_films(tmp_path):
+    """Issue 24 (item 5, partly): the cpu recipe trained briefly on harder-than-default films is
+    above chance on the full image (see the measurements above for what this cannot show)."""
+    auroc = brief_cpu_recipe_auroc(tmp_path, BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST, "realistic")
+    assert auroc >= FULL_IMAGE_FLOOR, auroc

@@ -116,17 +116,18 @@ def test_dicom_images_are_accepted(tmp_path, capsys):
 def test_phantom_command_wiring(tmp_path, capsys, monkeypatch):
     calls = []
 
-    def generate(out_dir, n, size, seed, workers=None, prevalence=None, progress=True):
-        calls.append((n, size, seed, workers, prevalence, progress))
+    def generate(out_dir, n, size, seed, workers=None, prevalence=None, progress=True, difficulty="default"):
+        calls.append((n, size, seed, workers, prevalence, progress, difficulty))
         return make_nih(Path(out_dir), n=n, px=size)
 
-    fake = types.SimpleNamespace(generate=generate, DEMO_PREVALENCE={"Mass": 0.3})
+    fake = types.SimpleNamespace(generate=generate, DEMO_PREVALENCE={"Mass": 0.3}, DEFAULT_DIFFICULTY="default",
+                                 PRESETS={"default": None, "hard": None})
     monkeypatch.setitem(sys.modules, "xray.phantom", fake)
     monkeypatch.setattr(sys.modules["xray"], "phantom", fake, raising=False)
     code, out, _ = run(["phantom", "--out", str(tmp_path / "ph"), "--n", "6", "--size", "16", "--seed", "3",
-                        "--workers", "1", "--demo-prevalence", "--no-progress"], capsys)
-    assert code == 0 and "6 phantom images at 16 px (seed 3)" in out
-    assert calls == [(6, 16, 3, 1, {"Mass": 0.3}, False)]
+                        "--workers", "1", "--demo-prevalence", "--no-progress", "--difficulty", "hard"], capsys)
+    assert code == 0 and "6 phantom images at 16 px (seed 3, difficulty hard)" in out
+    assert calls == [(6, 16, 3, 1, {"Mass": 0.3}, False, "hard")]
     assert_user_error(["phantom", "--out", str(tmp_path / "p2"), "--n", "6", "--size", "30", "--seed", "0"], capsys, "multiple of 4")
     assert_user_error(["phantom", "--out", str(tmp_path / "p2"), "--n", "0", "--size", "32", "--seed", "0"], capsys, "at least 1")
 

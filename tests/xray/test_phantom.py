@@ -167,3 +167,156 @@ def test_film_to_film_variation_moves_the_lung_bases_and_keeps_lungs_in_the_imag
         assert 0.015 < np.std(lefts[view]) < 0.06, (view, np.std(lefts[view]))
     assert np.std(bottoms["AP"]) > np.std(bottoms["PA"])  # portable films vary more
     assert np.mean(bottoms["AP"]) < np.mean(bottoms["PA"])  # and are taken at shallower breath
+
+
+# ---------------------------------------------------------------- difficulty knobs and presets
+
+# sha256 over (relative path, bytes) of every file of generate(N=12, 64 px, seed 5, demo prevalence,
+# workers=1), computed with the generator before the difficulty knobs existed: the default preset
+# must keep writing exactly these files (the published results are computed on them).
+DEFAULT_TINY_DIGEST = "10f35f88c56d0654b427f7915249696b1c4b228afa0a1dc831ffe6172dedf638"
+
+
+def _digest(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_difficulty_writes_the_original_bytes(tmp_path):
+    from xray.phantom import PRESETS
+
+    assert PRESETS["default"].is_default and not PRESETS["hard"].is_default
+    out = generate(tmp_path / "d", 12, 64, seed=5, workers=1, prevalence=DEMO_PREVALENCE, progress=False,
+                   difficulty="default")
+    assert _digest(out) == DEFAULT_TINY_DIGEST
+    hard = generate(tmp_path / "h", 12, 64, seed=5, workers=1, prevalence=DEMO_PREVALENCE, progress=False,
+                    difficulty="hard")
+    a, b = _files(out), _files(hard)
+    assert a["Data_Entry_2017_v2020.csv"] == b["Data_Entry_2017_v2020.csv"]  # same rows, other films
+    assert sum(a[k] != b[k] for k in a if k.startswith("images/")) == 12
+
+
+def test_unknown_difficulty_is_a_user_error(tmp_path):
+    from xray.phantom import Difficulty
+
+    with pytest.raises(UserError, match="difficulty"):
+        generate(tmp_path / "x", 2, 64, seed=0, progress=False, difficulty="brutal")
+    with pytest.raises(UserError, match="noise"):
+        Difficulty(noise=-1)
+    assert not (tmp_path / "x").exists()
+
+
+def _render(labels, difficulty, index, view="PA", size=64, seed=3):
+    return render_meta(_meta(view), seed, index, size, labels=labels, difficulty=difficulty)
+
+
+def _lung_geometry(difficulty, n=150):
+    """Per film: lung-field bottom row, width, height (fractions) and the left-right lung tilt (radians)."""
+    from xray.phantom.anatomy import Pose, lung_bank, lung_frame, sample_anatomy, sample_lungs
+
+    templates, aspects = lung_bank()
+    rng, size, out = np.random.default_rng(0), 64, []
+    for k in range(n):
+        anat = sample_anatomy(rng, "M", len(templates), aspects)
+        pose = Pose.sample(rng, anat, "AP" if k % 2 else "PA", difficulty)
+        lungs = sample_lungs(templates[anat.template], *lung_frame(size, anat, pose)) > 0.5  # (2, S, S)
+        both = lungs.any(0)
+        rows, cols = np.nonzero(both.any(1))[0], np.nonzero(both.any(0))[0]
+        (y0, x0), (y1, x1) = (np.argwhere(lungs[j]).mean(0) for j in range(2))
+        out.append((rows[-1] / size, (cols[-1] - cols[0]) / size, (rows[-1] - rows[0]) / size, np.arctan2(y1 - y0, x1 - x0)))
+    return np.array(out)  # (n, 4)
+
+
+def test_pose_knobs_widen_the_spread_of_lung_position_size_tilt_and_breath():
+    from xray.phantom import Difficulty
+
+    base = _lung_geometry(Difficulty())
+    assert np.std(_lung_geometry(Difficulty(position=2.5))[:, 0]) > 1.3 * np.std(base[:, 0])  # lung bases move more
+    assert np.std(_lung_geometry(Difficulty(scale=2.5))[:, 1]) > 1.5 * np.std(base[:, 1])  # lung widths vary more
+    assert np.std(_lung_geometry(Difficulty(rotation=3))[:, 3]) > 1.8 * np.std(base[:, 3])  # tilted more
+    shallow = _lung_geometry(Difficulty(shallow=0.1))[:, 2]
+    assert np.mean(shallow) < np.mean(base[:, 2]) - 0.02  # shallower breaths: shorter lungs
+    assert np.std(_lung_geometry(Difficulty(inspiration=3))[:, 2]) > 1.3 * np.std(base[:, 2])
+
+
+def test_position_knob_moves_the_rendered_effusions():
+    """Measured on rendered films: the bottom of the effusion boxes spreads more with the position knob."""
+    from xray.phantom import Difficulty
+
+    def bottoms(d):
+        return [y + h for i in range(40) for lab, (x, y, w, h) in _render(("Effusion",), d, i).boxes]
+
+    assert np.std(bottoms(Difficulty(position=3.0))) > 1.3 * np.std(bottoms(Difficulty()))
+
+
+def test_finding_size_contrast_and_laterality_knobs():
+    from xray.phantom import Difficulty
+
+    area = lambda d: np.mean([w * h for i in range(20) for _, (x, y, w, h) in _render(("Nodule",), d, i, size=128).boxes])  # noqa: E731
+    assert area(Difficulty(finding_size=0.6)) < 0.6 * area(Difficulty())
+
+    def change(d):  # how much an effusion changes the same film
+        return np.mean([np.abs(_render(("Effusion",), d, i).image.astype(float) - _render((), d, i).image).sum() for i in range(12)])
+
+    assert change(Difficulty(contrast=0.5)) < 0.7 * change(Difficulty())
+    sides = lambda d: [len(_render(("Effusion",), d, i).boxes) for i in range(30)]  # noqa: E731
+    assert max(sides(Difficulty(bilateral=0.0))) == 1
+    assert np.mean(sides(Difficulty(bilateral=1.0))) > 1.8
+
+
+def test_distractors_change_normal_films_without_boxes():
+    from xray.phantom import Difficulty
+
+    d = Difficulty(distractors=3.0)
+    changed = 0
+    for i in range(10):
+        plain, with_d = _render((), Difficulty(), i, size=96), _render((), d, i, size=96)
+        assert with_d.boxes == []  # a look-alike is not a finding
+        changed += int(np.abs(with_d.image.astype(float) - plain.image).sum() > 200)
+    assert changed >= 8  # Poisson(3): almost every film has one
+    same = [_render(("Effusion",), Difficulty(distractors=3.0), i).boxes == _render(("Effusion",), Difficulty(), i).boxes
+            for i in range(6)]
+    assert all(same)  # findings (and their boxes) do not move
+
+
+def test_noise_knob_raises_high_frequency_energy():
+    from scipy import ndimage
+
+    from xray.phantom import Difficulty
+
+    def hf(d):
+        ims = [_render((), d, i).image.astype(float) for i in range(10)]
+        return np.mean([np.mean((im - ndimage.gaussian_filter(im, 1.5)) ** 2) for im in ims])
+
+    quiet, base, grainy = hf(Difficulty(noise=0.0)), hf(Difficulty()), hf(Difficulty(noise=3.0))
+    assert quiet < base and grainy > 1.3 * base  # at 64 px anatomy edges carry much of it: ~1.5x measured
+
+
+def test_presets_are_ordered_by_difficulty():
+    from xray.phantom import PRESETS
+
+    d, r, h = PRESETS["default"], PRESETS["realistic"], PRESETS["hard"]
+    for knob in ("position", "scale", "rotation", "inspiration", "distractors", "noise"):
+        assert getattr(d, knob) <= getattr(r, knob) <= getattr(h, knob), knob
+    assert d.contrast >= r.contrast >= h.contrast and d.finding_size >= h.finding_size
+
+
+def test_cli_difficulty_flag(tmp_path, capsys):
+    from xray.cli import main
+
+    argv = ["phantom", "--out", str(tmp_path / "p"), "--n", "6", "--size", "64", "--seed", "2", "--workers", "1",
+            "--difficulty", "hard", "--no-progress"]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    assert "difficulty hard" in capsys.readouterr().out
+    ref = generate(tmp_path / "q", 6, 64, seed=2, workers=1, progress=False, difficulty="hard")
+    assert _files(tmp_path / "p") == _files(ref)

@@ -22,6 +22,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-prevalence", action="store_true",
                    help=f"set the share of images with these findings ({shares}) so that small sets have enough "
                         "positives, instead of NIH's own frequencies (default: off)")
+    from xray.phantom import DEFAULT_DIFFICULTY, PRESETS
+
+    p.add_argument("--difficulty", choices=tuple(PRESETS), default=DEFAULT_DIFFICULTY,
+                   help="how hard the films are: realistic = the pose spread of real lung masks, subtler findings, "
+                        "look-alike normal variants, more grain; hard = beyond that in every direction "
+                        f"(see xray/phantom/difficulty.py); default = the default phantom (default: {DEFAULT_DIFFICULTY})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -37,6 +43,6 @@ def main(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", "folder")
     prevalence = phantom.DEMO_PREVALENCE if args.demo_prevalence else None
     out = phantom.generate(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
-                           prevalence=prevalence, progress=args.progress)
-    print(f"{out}: {args.n} phantom images at {args.size} px (seed {args.seed})")
+                           prevalence=prevalence, progress=args.progress, difficulty=args.difficulty)
+    print(f"{out}: {args.n} phantom images at {args.size} px (seed {args.seed}, difficulty {args.difficulty})")
     return 0

@@ -13,6 +13,11 @@ Boxes use the real file's 1024 x 1024 coordinate system whatever ``size`` is (mu
 the real file. The folder is assembled under a hidden temporary name and renamed at the end, so a
 killed run never leaves a folder that looks complete. Same ``seed`` gives the same bytes whatever
 ``workers`` is.
+
+``difficulty`` (``default``, ``realistic``, ``hard`` or a :class:`Difficulty`) sets how hard the
+films are: pose spread, finding size and contrast, effusion laterality, look-alike distractors
+and film noise (:mod:`xray.phantom.difficulty`, which says why each preset is what it is).
+``default`` writes exactly the images this generator always wrote.
 """
 
 from __future__ import annotations
@@ -32,29 +37,31 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..io import atomic_write_text
 from .anatomy import PHANTOM_VERSION, lung_bank
+from .difficulty import DEFAULT_DIFFICULTY, PRESETS, Difficulty, resolve_difficulty
 from .metadata import DEMO_PREVALENCE, ImageMeta, bbox_text, data_entry_text, real_boxes, real_table, \
     sample_metadata, split_patients
 from .render import Rendered, render_image
 from .sheet import contact_sheet
 
-__all__ = ["generate", "DEMO_PREVALENCE", "PHANTOM_VERSION", "contact_sheet", "render_meta"]
+__all__ = ["generate", "DEMO_PREVALENCE", "PHANTOM_VERSION", "contact_sheet", "render_meta", "Difficulty", "PRESETS",
+           "DEFAULT_DIFFICULTY", "resolve_difficulty"]
 
 log = logging.getLogger(__name__)
 _MAX_CHUNK = 64
 
 
-def render_meta(meta: ImageMeta, seed: int, index: int, size: int, labels: tuple[str, ...] | None = None
-                ) -> Rendered:
+def render_meta(meta: ImageMeta, seed: int, index: int, size: int, labels: tuple[str, ...] | None = None,
+                difficulty: str | Difficulty = DEFAULT_DIFFICULTY) -> Rendered:
     """Render row ``index`` of a set; ``labels`` overrides the findings drawn (same patient, pose, noise)."""
     return render_image(seed, index, meta.patient_id, meta.labels if labels is None else labels, meta.sex,
-                        meta.view, size)
+                        meta.view, size, resolve_difficulty(difficulty))
 
 
-def _render_chunk(args: tuple[list[tuple[int, ImageMeta]], int, int, str]) -> list[list[tuple[str, tuple]]]:
-    items, seed, size, img_dir = args
+def _render_chunk(args: tuple[list[tuple[int, ImageMeta]], int, int, str, Difficulty]) -> list[list[tuple[str, tuple]]]:
+    items, seed, size, img_dir, difficulty = args
     out = []
     for index, meta in items:
-        r = render_meta(meta, seed, index, size)
+        r = render_meta(meta, seed, index, size, difficulty=difficulty)
         Image.fromarray(r.image, mode="L").save(os.path.join(img_dir, meta.name), compress_level=4)
         out.append(r.boxes)
     return out
@@ -72,14 +79,17 @@ def _check(n: int, size: int, seed: int, workers: int | None) -> None:
 
 
 def generate(out_dir: str | os.PathLike, n: int, size: int, seed: int, workers: int | None = None,
-             prevalence: dict[str, float] | None = None, progress: bool = True) -> Path:
+             prevalence: dict[str, float] | None = None, progress: bool = True,
+             difficulty: str | Difficulty = DEFAULT_DIFFICULTY) -> Path:
     """Write ``n`` phantom images of ``size x size`` in NIH format to ``out_dir``; return its path.
 
     ``prevalence`` maps labels (the 14 pathologies or "No Finding") to target marginal
     frequencies, e.g. :data:`DEMO_PREVALENCE`; ``None`` keeps the real NIH frequencies.
-    ``workers`` processes render in parallel (default: all CPU cores).
+    ``workers`` processes render in parallel (default: all CPU cores). ``difficulty``: a preset
+    name of :data:`PRESETS` or a :class:`Difficulty` (default: the default phantom).
     """
     _check(n, size, seed, workers)
+    diff = resolve_difficulty(difficulty)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output folder {out} already exists and is not empty; choose a new --out or delete it")
@@ -98,7 +108,7 @@ def generate(out_dir: str | os.PathLike, n: int, size: int, seed: int, workers: 
         items = list(enumerate(metas))
         workers = workers or os.cpu_count() or 1
         step = max(1, min(_MAX_CHUNK, -(-len(items) // (4 * workers))))
-        chunks = [(items[i:i + step], int(seed), int(size), str(img_dir)) for i in range(0, len(items), step)]
+        chunks = [(items[i:i + step], int(seed), int(size), str(img_dir), diff) for i in range(0, len(items), step)]
         bar = tqdm(total=len(metas), desc="phantoms", unit="img", disable=None if progress else True)
         boxes: list[list] = []
         if workers == 1 or len(chunks) == 1:
@@ -124,5 +134,5 @@ def generate(out_dir: str | os.PathLike, n: int, size: int, seed: int, workers: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %d phantom images (%d boxes) to %s", len(metas), len(rows), out)
+    log.info("wrote %d phantom images (%d boxes, difficulty %s) to %s", len(metas), len(rows), diff.name, out)
     return out

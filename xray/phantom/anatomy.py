@@ -23,6 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..io import atomic_path
+from .difficulty import DEFAULT, Difficulty
 from .metadata import tx_data_dir
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,19 @@ class Pose:
     inspiration: float = 1.0
 
     @staticmethod
-    def sample(rng: np.random.Generator, anat: Anatomy, view: str) -> "Pose":
-        ap = view == "AP"
-        return Pose(cx=float(np.clip(rng.normal(0.5, 0.03 if ap else 0.02), 0.42, 0.58)),
-                    cy=float(np.clip(rng.normal(CANON_Y0 + CANON_H / 2 + (0.02 if ap else 0.0), 0.035 if ap else 0.025),
-                                     0.36, 0.52)),
-                    scale=float(np.clip(rng.normal(0.97 if ap else 1.0, 0.08 if ap else 0.06), 0.8, 1.16)),
-                    angle=float(rng.normal(0.0, 0.06 if ap else 0.035)),
-                    inspiration=float(np.clip(rng.normal(0.92 if ap else 1.0, 0.07 if ap else 0.05), 0.78, 1.12)))
+    def sample(rng: np.random.Generator, anat: Anatomy, view: str, difficulty: Difficulty = DEFAULT) -> "Pose":
+        """One film's pose. ``difficulty`` multiplies each spread (and widens its clip range by the
+        same factor); its neutral values draw exactly the default phantom's poses."""
+        ap, k = view == "AP", difficulty
+        wp, ws, wi = k.position - 1.0, k.scale - 1.0, k.inspiration - 1.0  # 0 for the default: same clip bounds
+        return Pose(cx=float(np.clip(rng.normal(0.5, (0.03 if ap else 0.02) * k.position), 0.42 - 0.08 * wp, 0.58 + 0.08 * wp)),
+                    cy=float(np.clip(rng.normal(CANON_Y0 + CANON_H / 2 + (0.02 if ap else 0.0), (0.035 if ap else 0.025) * k.position),
+                                     0.36 - 0.08 * wp, 0.52 + 0.08 * wp)),
+                    scale=float(np.clip(rng.normal(0.97 if ap else 1.0, (0.08 if ap else 0.06) * k.scale),
+                                        0.8 - 0.12 * ws, 1.16 + 0.12 * ws)),
+                    angle=float(rng.normal(0.0, (0.06 if ap else 0.035) * k.rotation)),
+                    inspiration=float(np.clip(rng.normal((0.92 if ap else 1.0) - k.shallow, (0.07 if ap else 0.05) * k.inspiration),
+                                              0.78 - 0.12 * wi - k.shallow, 1.12 + 0.12 * wi)))
 
     def box_px(self, anat: Anatomy, size: int) -> tuple[float, float]:
         """Lung box (width, height) in pixels."""

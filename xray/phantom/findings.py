@@ -5,6 +5,11 @@ they only show inside aerated lung), other changes as ``extra`` (density added a
 ``lucent`` (density removed) and ``mark_gain`` (vascular markings kept). Where the real NIH box
 file has the class (Atelectasis, Infiltration, Mass, Nodule, Pneumonia, Pneumothorax), the
 location and size are drawn from a real box, mapped into the patient's lung frame.
+
+The canvas's :class:`~xray.phantom.difficulty.Difficulty` scales finding sizes (``finding_size``)
+and how much a finding changes the film (``contrast``), and sets the share of bilateral effusions
+(``bilateral``); :func:`distractors` draws its look-alike normal variants. Neutral knobs leave every
+operation (and every random draw) as in the default phantom.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from scipy import ndimage
 
 from .anatomy import (CANON_H, CANON_W, CANON_X0, CANON_Y0, Anatomy, Pose, ellipse, lowpass_noise, sample_lungs,
                       sigmoid)
+from .difficulty import DEFAULT, Difficulty
 from .metadata import real_boxes
 
 Box = tuple[float, float, float, float]  # x, y, w, h in output pixels
@@ -32,6 +38,7 @@ class Canvas:
     anat: Anatomy
     pose: Pose
     heart: np.ndarray  # (S, S) heart shadow in [0, 1]
+    difficulty: Difficulty = DEFAULT
     opac: np.ndarray = field(init=False)
     extra: np.ndarray = field(init=False)
     lucent: np.ndarray = field(init=False)
@@ -46,8 +53,23 @@ class Canvas:
         """Aerated lung in [0, 1], ``(S, S)``."""
         return np.clip(self.lungs.sum(0), 0, 1) * (1 - 0.85 * self.heart)
 
-    def add_opacity(self, m: np.ndarray) -> None:
+    def add_opacity(self, m: np.ndarray, finding: bool = True) -> None:
+        """Replace a fraction ``m`` of the lung air; a finding's is scaled by the difficulty's ``contrast``."""
+        if finding:
+            m = contrast(self, m)
         self.opac = 1 - (1 - self.opac) * (1 - np.clip(m, 0, 1))
+
+
+def contrast(cv: Canvas, x):
+    """``x`` scaled by the difficulty's ``contrast`` (``x`` itself when neutral: no float change)."""
+    c = cv.difficulty.contrast
+    return x if c == 1.0 else x * c
+
+
+def sized(cv: Canvas, x):
+    """``x`` scaled by the difficulty's ``finding_size`` (``x`` itself when neutral)."""
+    f = cv.difficulty.finding_size
+    return x if f == 1.0 else x * f
 
 
 def box_of(m: np.ndarray, thr: float) -> Box | None:
@@ -81,7 +103,7 @@ def _patchy(cv: Canvas, rng: np.random.Generator, sigma: float, keep: float) -> 
 
 def effusion(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
     """Fluid at the lung base: meniscus rising laterally, blunted costophrenic angle; 1 or 2 sides."""
-    sides = [0, 1] if rng.random() < 0.35 else [int(rng.integers(2))]
+    sides = [0, 1] if rng.random() < cv.difficulty.bilateral else [int(rng.integers(2))]
     out = []
     rows = np.arange(cv.size, dtype=np.float32)[:, None]  # (S, 1)
     _, hpx = cv.pose.box_px(cv.anat, cv.size)
@@ -95,14 +117,14 @@ def effusion(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
         c = np.arange(cv.size, dtype=np.float32)
         lat = (cols[-1] - c) / (cols[-1] - cols[0]) if side == 0 else (c - cols[0]) / (cols[-1] - cols[0])
         lat = np.clip(lat, 0, 1)
-        height = hpx * (0.02 + 0.28 * s * rng.uniform(0.7, 1.3))
+        height = sized(cv, hpx * (0.02 + 0.28 * s * rng.uniform(0.7, 1.3)))
         top = bottom - height * (0.25 + 1.1 * lat ** 2)  # meniscus: higher along the lateral wall
         soft = 1.0 + 1.5 * (1 - s)
         fluid = sigmoid((rows - top[None, :]) / soft)  # (S, S)
         region = ndimage.gaussian_filter(lung, 0.8 + cv.size / 128) > 0.3
         m = fluid * region * (0.35 + 0.55 * s)
         cv.add_opacity(m)
-        cv.extra += 0.05 * s * fluid * region  # fluid slightly denser than soft tissue over it
+        cv.extra += contrast(cv, 0.05 * s * fluid * region)  # fluid slightly denser than soft tissue over it
         b = box_of(fluid * region, 0.5)  # the fluid's extent, however faint
         if b:
             out.append(b)
@@ -153,8 +175,8 @@ def pneumothorax(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
     rim = np.clip(lung - collapsed, 0, 1)
     line = np.exp(-((collapsed - 0.5) / 0.18) ** 2) * (lung > 0.5)
     cv.mark_gain *= 1 - rim
-    cv.lucent += (0.04 + 0.05 * s) * rim
-    cv.extra += (0.05 + 0.05 * s) * line * rim.max()
+    cv.lucent += contrast(cv, (0.04 + 0.05 * s) * rim)
+    cv.extra += contrast(cv, (0.05 + 0.05 * s) * line * rim.max())
     b = box_of(rim, 0.5)
     return [b] if b else []
 
@@ -164,7 +186,7 @@ def emphysema_stretch(rng: np.random.Generator, s: float) -> float:
 
 
 def emphysema(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
-    cv.lucent += (0.03 + 0.05 * s) * cv.air
+    cv.lucent += contrast(cv, (0.03 + 0.05 * s) * cv.air)
     cv.mark_gain *= 1 - 0.5 * s
     b = box_of(cv.air, 0.5)
     return [b] if b else []
@@ -179,6 +201,7 @@ def _blob_finding(label: str, where: str, density: tuple[float, float], patch_si
         for _ in range(int(rng.integers(n[0], n[1] + 1))):
             u0, v0, ru, rv = real_location(where, rng)
             ru, rv = ru * scale * rng.uniform(0.6, 1.0), rv * scale * rng.uniform(0.6, 1.0)
+            ru, rv = sized(cv, ru), sized(cv, rv)
             m = ellipse(cv.u, cv.v, u0, v0, ru, rv, edge=0.12)
             if patch_sigma is not None:
                 m = m * _patchy(cv, rng, cv.size * patch_sigma, 0.3)
@@ -210,6 +233,7 @@ def consolidation(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
 def atelectasis(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
     """Plate-like (thin, tilted band) or lobar/basal wedge opacity."""
     u0, v0, ru, rv = real_location("Atelectasis", rng)
+    ru, rv = sized(cv, ru), sized(cv, rv)
     if rng.random() < 0.5:
         a = rng.normal(0, 0.25)
         du, dv = cv.u - u0, cv.v - v0
@@ -227,14 +251,14 @@ def atelectasis(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
 def _round(label: str, radius: tuple[float, float], lobulated: float) -> Callable:
     def render(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
         u0, v0, _, _ = real_location(label, rng)
-        r = rng.uniform(*radius) * (0.7 + 0.6 * s)
+        r = sized(cv, rng.uniform(*radius) * (0.7 + 0.6 * s))
         du, dv = cv.u - u0, (cv.v - v0) * 0.8
         th = np.arctan2(dv, du)
         rr = r * (1 + lobulated * np.sin(3 * th + rng.uniform(0, 6.3)) + 0.5 * lobulated * np.sin(5 * th))
         d = np.sqrt(du ** 2 + dv ** 2) / rr
         m = sigmoid((1.0 - d) / 0.08) * (0.55 + 0.4 * s)
         cv.add_opacity(m)
-        cv.extra += 0.04 * m
+        cv.extra += contrast(cv, 0.04 * m)
         b = box_of(m, 0.2)
         return [b] if b else []
     render.__name__ = label.lower()
@@ -252,7 +276,7 @@ def fibrosis(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
     net = np.abs(lowpass_noise(rng, (cv.size, cv.size), max(0.7, cv.size / 150))) < 0.35
     m = zone * net * (0.2 + 0.35 * s)
     cv.add_opacity(m)
-    cv.lucent += 0.02 * s * cv.air  # volume loss / honeycombing
+    cv.lucent += contrast(cv, 0.02 * s * cv.air)  # volume loss / honeycombing
     b = box_of(zone * (cv.air > 0.3), 0.3)
     return [b] if b else []
 
@@ -273,10 +297,10 @@ def pleural_thickening(cv: Canvas, rng: np.random.Generator, s: float) -> list[B
 
 def hernia(cv: Canvas, rng: np.random.Generator, s: float) -> list[Box]:
     """Hiatal hernia: retrocardiac round density with an air-fluid level."""
-    r = 0.06 + 0.05 * s
+    r = sized(cv, 0.06 + 0.05 * s)
     m = ellipse(cv.u, cv.v, 0.53, 0.86, r, r * 0.8, edge=0.1)
-    cv.extra += 0.08 * m
-    cv.lucent += 0.1 * m * (cv.v < 0.86 - 0.2 * r)
+    cv.extra += contrast(cv, 0.08 * m)
+    cv.lucent += contrast(cv, 0.1 * m * (cv.v < 0.86 - 0.2 * r))
     b = box_of(m, 0.5)
     return [b] if b else []
 
@@ -288,3 +312,36 @@ RENDERERS: dict[str, Callable[[Canvas, np.random.Generator, float], list[Box]]] 
     "Atelectasis": atelectasis, "Nodule": nodule, "Mass": mass, "Fibrosis": fibrosis,
     "Pleural_Thickening": pleural_thickening, "Pneumothorax": pneumothorax, "Hernia": hernia,
 }
+
+
+# ---------------------------------------------------------------- look-alike normal variants
+
+def distractors(cv: Canvas, rng: np.random.Generator) -> int:
+    """Draw Poisson(``difficulty.distractors``) look-alikes of findings on any film; return how many.
+
+    - basal: a smooth dome-topped density at one lung base (subpulmonic fat, raised hemidiaphragm,
+      breast shadow); like a small effusion it brightens the base, but it has no lateral meniscus;
+    - round: a small round density (nipple shadow, bone island) in the lower lateral zones, nodule-like;
+    - linear: a thin tilted band (an old linear scar), like plate atelectasis.
+
+    They change ``opac`` without the ``contrast`` scaling (they are not findings) and get no box.
+    """
+    n = int(rng.poisson(cv.difficulty.distractors))
+    for _ in range(n):
+        kind = rng.random()
+        side = int(rng.integers(2))
+        uc = rng.uniform(0.15, 0.35) if side == 0 else rng.uniform(0.65, 0.85)
+        if kind < 0.45:  # basal dome, centred low so only its top shows inside the lung
+            m = ellipse(cv.u, cv.v, uc, rng.uniform(0.98, 1.06), rng.uniform(0.12, 0.22), rng.uniform(0.08, 0.14), edge=0.2)
+            m = m * rng.uniform(0.3, 0.6) * (cv.lungs[side] > 0.05)
+        elif kind < 0.8:  # round density
+            r = rng.uniform(0.02, 0.04)
+            m = ellipse(cv.u, cv.v, uc, rng.uniform(0.55, 0.9), r, r * 1.1, edge=0.15) * rng.uniform(0.4, 0.7)
+        else:  # linear scar
+            u0, v0, a = uc, rng.uniform(0.45, 0.85), rng.normal(0, 0.3)
+            du, dv = cv.u - u0, cv.v - v0
+            along = np.cos(a) * du + np.sin(a) * dv
+            across = -np.sin(a) * du + np.cos(a) * dv
+            m = np.exp(-(across / 0.014) ** 2) * (np.abs(along) < rng.uniform(0.06, 0.14)) * rng.uniform(0.4, 0.7)
+        cv.add_opacity(m, finding=False)
+    return n

@@ -5,7 +5,9 @@ patient keeps the same anatomy across follow-ups, and removing one finding leave
 else (pose, other findings, exposure, noise) unchanged:
 
 - anatomy: ``SeedSequence(seed, spawn_key=(1, patient_id))``
-- pose/exposure/noise/devices: ``(0, index, 0)``; finding ``k``: ``(0, index, 1 + k)``.
+- pose/exposure/noise/devices: ``(0, index, 0)``; finding ``k``: ``(0, index, 1 + k)``;
+  look-alike distractors (:mod:`xray.phantom.difficulty`): ``(0, index, 99)``, drawn only when
+  ``difficulty.distractors > 0``, so the default phantom's streams are untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from scipy import ndimage
 from ..labels import PATHOLOGIES
 from .anatomy import (Pose, clavicles, ellipse, lung_bank, lung_frame, ribs, sample_anatomy, sample_lungs, sigmoid,
                       spine, vessel_markings)
-from .findings import RENDERERS, Box, Canvas, cardiomegaly_scale, emphysema_stretch
+from .difficulty import DEFAULT, Difficulty
+from .findings import RENDERERS, Box, Canvas, cardiomegaly_scale, distractors, emphysema_stretch
+
+DISTRACTOR_STREAM = 99  # spawn key of the distractors' stream (findings use 1..14)
 
 _LETTERS = {  # 5 x 7 bitmaps for side markers
     "L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
@@ -42,17 +47,25 @@ def severity(rng: np.random.Generator) -> float:
 
 
 def render_image(seed: int, index: int, patient_id: int, labels: tuple[str, ...], sex: str, view: str,
-                 size: int) -> Rendered:
-    """Render image ``index`` of the set with ``seed`` showing ``labels`` (any subset of PATHOLOGIES)."""
+                 size: int, difficulty: Difficulty = DEFAULT) -> Rendered:
+    """Render image ``index`` of the set with ``seed`` showing ``labels`` (any subset of PATHOLOGIES).
+
+    ``difficulty`` (:mod:`xray.phantom.difficulty`) sets pose spread, finding size and contrast,
+    distractors and film noise; the default gives the default phantom byte for byte.
+    """
+    k = difficulty
     templates, aspects = lung_bank()
     anat = sample_anatomy(_rng(seed, 1, patient_id), sex, len(templates), aspects)
     img_rng = _rng(seed, 0, index, 0)
-    pose = Pose.sample(img_rng, anat, view)
+    pose = Pose.sample(img_rng, anat, view, k)
     frng = {lab: _rng(seed, 0, index, 1 + PATHOLOGIES.index(lab)) for lab in labels if lab in RENDERERS}
     sev = {lab: severity(r) for lab, r in frng.items()}
 
     stretch = emphysema_stretch(frng["Emphysema"], sev["Emphysema"]) if "Emphysema" in frng else 1.0
     hk = cardiomegaly_scale(frng["Cardiomegaly"], sev["Cardiomegaly"]) if "Cardiomegaly" in frng else (1.0, 1.0)
+    if k.contrast != 1.0:  # subtler findings: less enlargement / hyperinflation
+        stretch = 1.0 + (stretch - 1.0) * k.contrast
+        hk = (1.0 + (hk[0] - 1.0) * k.contrast, 1.0 + (hk[1] - 1.0) * k.contrast)
     if view == "AP":  # AP projection magnifies the heart
         hk = (hk[0] * 1.06, hk[1] * 1.03)
     u, v = lung_frame(size, anat, pose, stretch)
@@ -61,11 +74,13 @@ def render_image(seed: int, index: int, patient_id: int, labels: tuple[str, ...]
     hcu, hcv, hru, hrv = anat.heart
     heart = ellipse(u, v, hcu + 0.25 * hru * (hk[0] - 1), hcv - 0.3 * hrv * (hk[1] - 1), hru * hk[0], hrv * hk[1],
                     edge=0.06)
-    cv = Canvas(size=size, u=u, v=v, lungs=lungs, template=template, anat=anat, pose=pose, heart=heart)
+    cv = Canvas(size=size, u=u, v=v, lungs=lungs, template=template, anat=anat, pose=pose, heart=heart, difficulty=k)
     boxes: list[tuple[str, Box]] = []
     for lab in RENDERERS:
         if lab in frng:
             boxes += [(lab, b) for b in RENDERERS[lab](cv, frng[lab], sev[lab])]
+    if k.distractors > 0:
+        distractors(cv, _rng(seed, 0, index, DISTRACTOR_STREAM))
 
     # density: soft tissue, heart, mediastinum, abdomen, bones, minus lung air
     x = np.abs(u - 0.5)
@@ -89,10 +104,10 @@ def render_image(seed: int, index: int, patient_id: int, labels: tuple[str, ...]
     d += cv.extra - cv.lucent
 
     # exposure, blur, noise, devices
-    lo, hi = 0.04 + img_rng.normal(0, 0.02), 0.72 + img_rng.normal(0, 0.04)
+    lo, hi = 0.04 + img_rng.normal(0, 0.02 * k.noise), 0.72 + img_rng.normal(0, 0.04 * k.noise)
     img = np.clip((d - lo) / (hi - lo), 0, 1) ** img_rng.uniform(0.8, 1.25)
     img = ndimage.gaussian_filter(img, max(0.3, size / 256))
-    img = img + img_rng.normal(0, img_rng.uniform(0.005, 0.025), img.shape)
+    img = img + img_rng.normal(0, img_rng.uniform(0.005, 0.025) * k.noise, img.shape)
     _devices(img, img_rng, view, u, v)
     return Rendered(image=(np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), boxes=boxes)
 
