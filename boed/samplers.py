@@ -1,6 +1,6 @@
 """Completion samplers: N plausible full images given what has been scanned.
 
-Protocol (every sampler, including those in :mod:`baselines.samplers`)::
+Protocol (every sampler, including those in :mod:`boed.baselines.samplers`)::
 
     sample(x_obs uint8 (B, C, S, S), m float (B, 1, S, S), n: int, generator) -> uint8 (B, N, C, S, S)
 

@@ -140,3 +140,11 @@ def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
     if extra:
         raise UserError(f"{source} does not match this model: unexpected key {extra[0]!r} ({len(extra)} extra); {hint}")
     model.load_state_dict(dict(sd), strict=True)
+
+
+def weights_digest(path: str | Path) -> str:
+    """The digest of the weights file of the model in ``path`` (a model dir or a run dir holding
+    ``model/``): what records, teacher data and policies name as the model they were made with."""
+    from xray.provenance import file_digest
+
+    return file_digest(resolve_model_dir(path) / WEIGHTS_NAME)

@@ -6,7 +6,7 @@ per candidate location of the scan grid. :class:`AmortisedPolicy` wraps it as a
 argmax of the remaining logits (one forward pass, no completions, no classifier calls).
 
 Both the distilled EIG policy (:mod:`boed.amortised.distill`) and the GDFS peer
-(:mod:`baselines.gdfs`) save a ``PolicyNet``; ``config.json`` says which (``method``) and for what
+(:mod:`boed.amortised.gdfs`) save a ``PolicyNet``; ``config.json`` says which (``method``) and for what
 (illness, image size, grid, patch size, labels), and :func:`load_policy` checks those against the
 caller's task before anything runs.
 """
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from boed.geometry import ScanGeometry
+from boed.policies import Policy, ScanState
 from ipa_core.persist import DictConfig
 from xray.errors import UserError
 from xray.labels import LABELS, resolve_illness
@@ -155,15 +156,13 @@ def masked_logits(logits: Tensor, skip: Tensor) -> Tensor:
     return logits.masked_fill(skip.to(logits.device), MASKED_LOGIT)
 
 
-class AmortisedPolicy:
+class AmortisedPolicy(Policy):
     """A trained :class:`PolicyNet` as a scan policy: one forward pass per decision, argmax over the
     candidates not yet fully observed (ties -> lowest index). Deterministic: ``generator`` is unused.
 
     When nothing is observed and the config holds ``first_location`` (the distilled teacher's t = 1
     choice, the same for every image) that location is scanned, as greedy EIG-IPA does.
     """
-
-    observes_everything = False
 
     def __init__(self, net: PolicyNet, device: torch.device | str | None = None, name: str | None = None):
         self.device = torch.device(device) if device is not None else next(net.parameters()).device

@@ -3,8 +3,7 @@
 - :func:`train_distilled`: teacher data (greedy EIG-IPA, :mod:`boed.amortised.teacher`) in
   ``OUT/teacher/``, then the student with :func:`ipa_core.trainer.fit` (checkpoints, resume,
   EMA) into ``OUT/model/``; validation agreement and EIG regret in ``OUT/eval.json``.
-- :func:`train_gdfs`: the GDFS selector (:mod:`baselines.gdfs`, imported lazily: boed does not
-  depend on baselines) trained with the AVP-CNN as predictor, into ``OUT/model/``.
+- :func:`train_gdfs`: the GDFS selector (:mod:`boed.amortised.gdfs`) trained with the AVP-CNN as predictor, into ``OUT/model/``.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from ipa_core.seeding import seeded
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
+from .gdfs import GDFSTask, build_gdfs
 from .network import PolicyConfig, PolicyNet
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,6 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
 def train_gdfs(out: str | Path, avp, avp_path, train_set, test_set, illness: str, gdfs_cfg, train_cfg,
                arch: str = "small", width: int = 16, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """GDFS selector with the AVP-CNN as predictor; returns the end-of-run AUROC per t."""
-    from baselines.gdfs import GDFSTask, build_gdfs
     from ipa_core.trainer import fit
 
     geometry = ScanGeometry(avp.config.image_size)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from xray.errors import UserError
@@ -37,7 +38,7 @@ DEFAULT_AVP = "runs/demo/avp"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from baselines.gdfs import GDFSConfig
+    from boed.amortised.gdfs import GDFSConfig
     from xray.cli_base import DEVICE_HELP, set_help
     from ipa_core.trainer import add_train_args
     from xray.dataset import add_data_args
@@ -107,15 +108,15 @@ def _load_models(args, method: str, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from baselines.gdfs import PREDICTOR_MODES, GDFSConfig
+    from boed.amortised.gdfs import PREDICTOR_MODES, GDFSConfig
     from ipa_core.trainer import train_config_from_args
-    from xray.cli_base import parse_device
+    from xray.cli_base import parse_device, parse_shard
     from xray.dataset import dataset_from_args
     from xray.io import atomic_write_json
     from xray.labels import resolve_illness
 
     from boed.amortised.network import ARCHS, METHODS
-    from boed.amortised.teacher import TeacherConfig, parse_shard
+    from boed.amortised.teacher import TeacherConfig
     from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
 
     # validate everything before anything is written
@@ -132,8 +133,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; pass a folder path")
-    torchrun = args.shard is None and "WORLD_SIZE" in __import__("os").environ
-    shard = parse_shard(args.shard)
+    torchrun = args.shard is None and "WORLD_SIZE" in os.environ
+    # no --shard: each torchrun worker takes its own shard of the teacher data (RANK of WORLD_SIZE)
+    shard = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))) if args.shard is None \
+        else parse_shard(args.shard)
     device = parse_device(args.device, shard[0] if torchrun else None)
     tcfg = train_config_from_args(args, distill_defaults() if method == "distill" else gdfs_defaults())
     teacher_cfg = TeacherConfig(illness=illness.name, scans=args.scans, n_images=args.teacher_images, off_policy=args.off_policy,
