@@ -11,7 +11,7 @@ from boed.amortised import load_policy
 from boed.classifier import AVPClassifier, AVPConfig
 from boed.geometry import ScanGeometry
 from boed.policies import ScanState
-from tests.boed.test_amortised import Images
+from tests.boed.amortised.test_amortised import Images
 from xray.errors import UserError
 
 GEOM = ScanGeometry(32, 8, 5)

@@ -10,7 +10,7 @@ import torch
 from boed.amortised import AmortisedPolicy, PolicyConfig, PolicyNet, load_policy
 from boed.amortised.distill import auto_tau, choice_metrics, distill_loss
 from boed.amortised.teacher import (TeacherConfig, TeacherStates, generate_teacher_data, load_shards, missing_shards,
-                                    parse_shard, states_of)
+                                    states_of)
 from boed.geometry import ScanGeometry
 from boed.policies import GreedyPolicy, ScanState
 from xray.errors import UserError
@@ -273,13 +273,6 @@ def test_teacher_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(UserError, match="n_samples"):
         generate_teacher_data(tmp_path / "t", tiny_teacher(), data, dataclasses.replace(cfg, n_samples=4), {"avp": "x"},
                               _first, progress=False)
-
-
-def test_parse_shard():
-    assert parse_shard("1/4") == (1, 4)
-    for bad in ("4/4", "x", "1/0"):
-        with pytest.raises(UserError):
-            parse_shard(bad)
 
 
 # ---------------------------------------------------------------- the command line
