@@ -19,6 +19,8 @@ from torch import nn
 from xray.errors import UserError
 from xray.io import atomic_write_json
 
+from .config import load_config_json
+
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
@@ -148,3 +150,55 @@ def weights_digest(path: str | Path) -> str:
     from xray.provenance import file_digest
 
     return file_digest(resolve_model_dir(path) / WEIGHTS_NAME)
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``config_from_dir`` / ``from_pretrained``, written once for every model
+    (diffusers' ``ModelMixin``): ``config.json`` (``model_type`` + the config's fields + the
+    model's :meth:`extra_config`) beside ``model.safetensors``, loaded strictly.
+
+    A model class sets ``model_type`` and ``config_class`` (a :class:`DictConfig` dataclass) and,
+    when it needs them, ``pretrained_what`` / :meth:`pretrained_hint` (how errors name the model
+    and what to do), ``extra_config_keys`` with :meth:`extra_config` / :meth:`load_extra_config`
+    (what config.json holds beside the config, e.g. how the model was trained), and
+    ``eval_on_load`` (``from_pretrained`` returns the model on ``map_location`` in eval mode).
+    """
+
+    model_type: str
+    config_class: type
+    pretrained_what: str = "model"
+    extra_config_keys: tuple[str, ...] = ()
+    eval_on_load: bool = False
+
+    @classmethod
+    def pretrained_hint(cls, path: str | Path) -> str:
+        return "train one first or pass the right path"
+
+    def extra_config(self) -> dict | None:
+        """What config.json holds beside the config's fields (None: nothing)."""
+        return None
+
+    def load_extra_config(self, raw: dict) -> None:
+        """Take back :meth:`extra_config` from the loaded config.json (no-op by default)."""
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced atomically)."""
+        return save_pretrained(self, out_dir, extra_config=self.extra_config())
+
+    @classmethod
+    def config_from_dir(cls, path: str | Path):
+        raw = load_config_json(Path(path) / CONFIG_NAME)
+        for key in ("model_type", *cls.extra_config_keys):
+            raw.pop(key, None)
+        return cls.config_class.from_dict(raw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu"):
+        """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
+        what, hint = cls.pretrained_what, cls.pretrained_hint(path)
+        model = load_pretrained(cls, path, map_location, what=what, hint=hint)
+        if cls.eval_on_load:
+            model = model.to(map_location).eval()
+        if cls.extra_config_keys:
+            model.load_extra_config(load_config_json(resolve_model_dir(path, what, hint) / CONFIG_NAME))
+        return model

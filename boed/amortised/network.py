@@ -13,7 +13,6 @@ caller's task before anything runs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from boed.geometry import ScanGeometry
 from boed.policies import Policy, ScanState
-from ipa_core.persist import DictConfig
+from ipa_core.persist import DictConfig, PretrainedMixin
 from xray.errors import UserError
 from xray.labels import LABELS, resolve_illness
 
@@ -99,10 +98,13 @@ class SmallPolicyCNN(nn.Module):
         return local.flatten(1) + self.glob(self.pool(h).flatten(1))  # (B, L)
 
 
-class PolicyNet(nn.Module):
+class PolicyNet(PretrainedMixin, nn.Module):
     """pi(l | y): ``forward(y (B, C+1, S, S) float in [0, 1]) -> logits (B, L)`` (unmasked)."""
 
     model_type = "scan-policy"  # recorded in config.json
+    config_class = PolicyConfig
+    pretrained_what = "scan policy"
+    eval_on_load = True
 
     def __init__(self, config: PolicyConfig | None = None):
         super().__init__()
@@ -130,25 +132,10 @@ class PolicyNet(nn.Module):
         return torch.cat([x, mask.to(dev, torch.float32)], dim=1)  # (B, C + 1, S, S)
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced atomically)."""
-        from ipa_core.persist import save_pretrained
-
-        return save_pretrained(self, out_dir)
-
+    # save_pretrained / from_pretrained (on map_location, eval mode): PretrainedMixin
     @classmethod
-    def config_from_dir(cls, path: str | Path) -> PolicyConfig:
-        raw = json.loads((Path(path) / "config.json").read_text())
-        raw.pop("model_type", None)
-        return PolicyConfig.from_dict(raw)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "PolicyNet":
-        """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
-        from ipa_core.persist import load_pretrained
-
-        hint = f"train one with `boed train-policy --out {path}`"
-        return load_pretrained(cls, path, map_location, what="scan policy", hint=hint).to(map_location).eval()
+    def pretrained_hint(cls, path: str | Path) -> str:
+        return f"train one with `boed train-policy --out {path}`"
 
 
 def masked_logits(logits: Tensor, skip: Tensor) -> Tensor:
@@ -173,20 +160,20 @@ class AmortisedPolicy(Policy):
         self.name = name or POLICY_NAMES[net.config.method]
 
     @torch.inference_mode()
-    def logits(self, state) -> tuple[Tensor, Tensor]:
+    def logits(self, state: ScanState) -> tuple[Tensor, Tensor]:
         """``(masked logits (B, L), skip (B, L))`` of a :class:`boed.policies.ScanState`."""
         mask = state.mask.to(self.device)
         skip = self.geometry.fully_observed(mask)  # (B, L)
         return masked_logits(self.net(self.net.observe(state.x_obs, mask)).float(), skip), skip
 
     @torch.inference_mode()
-    def probs(self, state) -> Tensor:
+    def probs(self, state: ScanState) -> Tensor:
         """pi(l | state) ``(B, L)`` on the CPU, 0 on fully observed candidates (the first-scan rule aside)."""
         logits, skip = self.logits(state)
         return torch.softmax(logits, dim=1).masked_fill(skip, 0.0).cpu()
 
     @torch.inference_mode()
-    def next_locations(self, state, generator: torch.Generator | None = None) -> Tensor:
+    def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
         logits, skip = self.logits(state)
         out = logits.argmax(dim=1)  # (B,) first maximum on ties
         first = self.config.first_location

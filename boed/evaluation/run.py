@@ -14,7 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ipa_core.persist import weights_digest

@@ -10,7 +10,7 @@ from boed.baselines.policies import NonGreedyUncondPolicy
 from boed.evaluation.config import CONFIG_NAME, EvalConfig, select_test_indices, t1_generator
 from boed.evaluation.loop import evaluate, shard_positions
 from boed.evaluation.methods import BuildContext, build_policies, parse_methods
-from boed.evaluation.records import RecordsWriter, load_records, missing_records, read_records_file, records_path
+from boed.evaluation.records import RecordsWriter, load_records, missing_records, records_path
 from boed.evaluation.report import CSV_COLUMNS
 from boed.evaluation.run import finish
 from boed.geometry import ScanGeometry
