@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
+from ipa_core.persist import weights_digest
 from ipa_core.seeding import seeded
 from xray.errors import UserError
 from xray.labels import resolve_illness
@@ -39,14 +40,6 @@ def gdfs_defaults():
 
     return TrainConfig(steps=600, batch_size=24, lr=1e-3, warmup=50, weight_decay=1e-4, ema_rate=0.99,
                        grad_clip=10.0, skip_threshold=None, log_every=50, sample_every=10**9, ckpt_every=200)
-
-
-def model_digest(path: str | Path) -> str:
-    """Digest of the weights of the model in ``path`` (a model or run dir)."""
-    from ipa_core.persist import WEIGHTS_NAME, resolve_model_dir
-    from xray.provenance import file_digest
-
-    return file_digest(resolve_model_dir(path) / WEIGHTS_NAME)
 
 
 def _wait_for_shards(teacher_dir: Path, cfg, poll_s: float = 10.0) -> None:
@@ -80,7 +73,7 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
     illness = resolve_illness(teacher_cfg.illness)
     S, C = avp.config.image_size, avp.config.in_channels
     geometry = ScanGeometry(S)
-    provenance = {"ipa": model_digest(ipa_path), "avp": model_digest(avp_path),
+    provenance = {"ipa": weights_digest(ipa_path), "avp": weights_digest(avp_path),
                   "data": getattr(train_set, "fingerprint", None)}
     teacher = GreedyPolicy(avp, IPASampler(ipa, temperature=teacher_cfg.temperature), illness, geometry,
                            n_samples=teacher_cfg.n_samples, first_sampler=DatasetSampler(train_set), device=device)
@@ -129,7 +122,7 @@ def train_gdfs(out: str | Path, avp, avp_path, train_set, test_set, illness: str
     from ipa_core.trainer import fit
 
     geometry = ScanGeometry(avp.config.image_size)
-    provenance = {"avp": model_digest(avp_path), "data": getattr(train_set, "fingerprint", None),
+    provenance = {"avp": weights_digest(avp_path), "data": getattr(train_set, "fingerprint", None),
                   "gdfs": gdfs_cfg.to_dict()}
     with seeded(train_cfg.seed):  # the initial weights depend on the seed alone
         model = build_gdfs(avp, resolve_illness(illness).name, geometry, arch, width, gdfs_cfg, provenance)
