@@ -43,7 +43,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ipa_core.persist import DictConfig, PretrainedMixin
+from ipa_core.persist import DictConfig, PretrainedMixin, resolve_model_dir, strict_load
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
 from xray.labels import LABELS
@@ -354,8 +354,6 @@ def parse_init(spec: str | None, arch: str, weights_file: str | Path | None = No
 
 def _avp_dir(p: Path) -> Path:
     """The AVP model folder of ``--init PATH`` (a model/run folder, or the weights file inside one)."""
-    from ipa_core.persist import resolve_model_dir
-
     if p.is_file():
         if (p.parent / CONFIG_NAME).is_file():
             return p.parent
@@ -476,8 +474,6 @@ def _load_backbone(model: "AVPClassifier", sd: Mapping[str, torch.Tensor], sourc
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
                        hint: str = "check --arch/--image-size against the checkpoint") -> None:
     """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
-    from ipa_core.persist import strict_load
-
     strict_load(module, state, source, hint=hint)
 
 

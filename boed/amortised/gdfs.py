@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from boed.classifier import AVPClassifier
@@ -180,6 +179,8 @@ class GDFSTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset) -> dict[str, float]:
         """AUROC of the (trained) predictor after t = 1..T hard (argmax) selections on test images."""
+        from sklearn.metrics import roc_auc_score  # 1-3 s to import: only the end-of-run report needs it
+
         core: GDFSModel = getattr(model, "module", model)
         dev = next(core.parameters()).device
         policy = AmortisedPolicy(core.selector, dev)
