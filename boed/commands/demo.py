@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from boed.demo import DemoOptions, PROFILES, STAGES, run_demo
+from boed.demo_publish import publish
 from xray.cli_base import add_device_arg, comma_list, device_flag
 from xray.errors import UserError
 from xray.labels import resolve_illness
@@ -35,8 +37,6 @@ CPU_DEMO_MINUTES = 20  # cpu profile on 2 idle CPU cores: 18.4 min measured in s
 
 
 def configure(p) -> None:
-    from boed.demo import PROFILES, STAGES
-
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default: runs/demo)")
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR", help="NIH-format folder, real or phantom (default: none: the default phantom set, generated on first use into the cache folder)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
@@ -77,9 +77,6 @@ def configure(p) -> None:
 
 
 def main(args) -> int:
-    from boed.demo import PROFILES, DemoOptions, run_demo
-    from boed.demo_publish import publish
-
     profile = PROFILES["quick" if args.quick else args.profile]
     if args.max_steps is not None:
         if args.max_steps < 1:

@@ -28,10 +28,16 @@ from pathlib import Path
 
 import torch
 
+from boed.amortised.run import run_policy
+from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
+from boed.heatmaps import plot_decision, plot_summary
+from boed.policies import GreedyPolicy, scan_start
+from boed.samplers import DatasetSampler, IPASampler
+from ipa_core.ipa import IPA
 from xray.cli_base import add_device_arg, parse_device
+from xray.dataset import DATA_RECORD, add_data_args, dataset_from_args
 from xray.errors import UserError
-from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
 from xray.io import atomic_write_json, ensure_writable_dir
 from xray.labels import resolve_illness
 
@@ -43,8 +49,6 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from xray.dataset import add_data_args
-
     parser.add_argument("--illness", default="effusion", help="target: a pathology, 'any finding' or 'no finding' (default: effusion)")
     parser.add_argument("--scans", type=int, default=5, help="number of patches to scan, T (default: 5)")
     src = parser.add_mutually_exclusive_group()
@@ -93,11 +97,8 @@ def _require_model_dir(path: str, default: str, what: str, make: str) -> Path:
 
 def load_models(ipa_path: str, avp_path: str, device: torch.device):
     """``(ipa, avp, S)``; one-line errors for missing models or different image sizes."""
-    from boed.classifier import AVPClassifier
-
     avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {avp_path}")
     ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {ipa_path}")
-    from ipa_core.ipa import IPA
 
     avp = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval()
     ipa = IPA.from_pretrained(ipa_dir, map_location=device).eval()
@@ -208,8 +209,6 @@ def load_image(args, S: int, channels: int):
 
 
 def _dataset(args, S: int, split: str):
-    from xray.dataset import dataset_from_args
-
     if args.image_size is None:
         args.image_size = S
     elif args.image_size != S:
@@ -218,10 +217,6 @@ def _dataset(args, S: int, split: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    from boed.heatmaps import plot_decision, plot_summary
-    from boed.policies import GreedyPolicy, scan_start
-    from boed.samplers import DatasetSampler, IPASampler
-
     illness = resolve_illness(args.illness)
     if args.n_samples < 1:
         raise UserError(f"--n-samples must be >= 1, got {args.n_samples}")
@@ -296,10 +291,6 @@ def main(args: argparse.Namespace) -> int:
 def _run_policy(args, illness, device: torch.device) -> int:
     """`--policy RUN_POL`: the amortised policy chooses every scan; greedy EIG-IPA's EIG map of the
     same state is drawn beside it when an IPA model is available at --ipa."""
-    from boed.amortised.run import run_policy
-    from boed.classifier import AVPClassifier
-    from boed.samplers import DatasetSampler
-
     ipa_here = any((Path(args.ipa) / sub / "config.json").is_file() for sub in ("", "model"))
     if ipa_here:
         ipa, avp, S = load_models(args.ipa, args.avp, device)

@@ -30,7 +30,18 @@ import dataclasses
 import os
 from pathlib import Path
 
+from boed.amortised.gdfs import GDFSConfig, PREDICTOR_MODES
+from boed.amortised.network import ARCHS, METHODS, PolicyConfig
+from boed.amortised.teacher import TeacherConfig
+from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
+from boed.classifier import AVPClassifier
+from boed.geometry import ScanGeometry
+from ipa_core.trainer import add_train_args, train_config_from_args
+from xray.cli_base import DEVICE_HELP, parse_device, parse_shard, set_help
+from xray.dataset import add_data_args, dataset_from_args
 from xray.errors import UserError
+from xray.io import atomic_write_json
+from xray.labels import resolve_illness
 
 HELP = "train an amortised scan policy (distilled EIG-IPA, or the GDFS peer)"
 DEFAULT_IPA = "runs/demo/ipa"
@@ -38,15 +49,6 @@ DEFAULT_AVP = "runs/demo/avp"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from boed.amortised.gdfs import GDFSConfig
-    from xray.cli_base import DEVICE_HELP, set_help
-    from ipa_core.trainer import add_train_args
-    from xray.dataset import add_data_args
-
-    from boed.amortised.network import ARCHS, METHODS, PolicyConfig
-    from boed.amortised.teacher import TeacherConfig
-    from boed.amortised.train import distill_defaults
-
     t, g, pc = TeacherConfig(), GDFSConfig(), PolicyConfig()
     p.add_argument("--method", required=True, help=f"which policy: {' or '.join(METHODS)}")
     p.add_argument("--illness", default="effusion", help="the task the policy scans for (default: effusion)")
@@ -82,8 +84,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _load_models(args, method: str, device):
     """``(avp, ipa or None)``, one-line errors for missing models and mismatched sizes."""
-    from boed.classifier import AVPClassifier
-
     ipa = None
     if method == "distill":
         from ipa_core.ipa import IPA
@@ -108,17 +108,6 @@ def _load_models(args, method: str, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from boed.amortised.gdfs import PREDICTOR_MODES, GDFSConfig
-    from ipa_core.trainer import train_config_from_args
-    from xray.cli_base import parse_device, parse_shard
-    from xray.dataset import dataset_from_args
-    from xray.io import atomic_write_json
-    from xray.labels import resolve_illness
-
-    from boed.amortised.network import ARCHS, METHODS
-    from boed.amortised.teacher import TeacherConfig
-    from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
-
     # validate everything before anything is written
     method = args.method.strip().lower()
     if method not in METHODS:
@@ -147,7 +136,6 @@ def main(args: argparse.Namespace) -> int:
     if args.scans < 1:
         raise UserError(f"--scans must be >= 1, got {args.scans}")
     avp, ipa = _load_models(args, method, device)
-    from boed.geometry import ScanGeometry
 
     if args.scans > ScanGeometry(avp.config.image_size).num_locations:
         raise UserError(f"--scans {args.scans} exceeds the {ScanGeometry(avp.config.image_size).num_locations} grid locations")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from boed.cli import main
+from boed.commands import run as run_cmd
 from tests.boed.test_samplers import ImageSet
 
 S = 64
@@ -78,8 +79,6 @@ def test_run_on_png_prints_choices_and_writes_figures(models, image_png, tmp_pat
 
 
 def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeypatch):
-    import xray.dataset
-
     ds = ImageSet(6, S=S)
     ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds.labels = torch.zeros(6, 15)
@@ -91,7 +90,7 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
         asked.append((split, args.image_size))
         return ds
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    monkeypatch.setattr(run_cmd, "dataset_from_args", fake)
     out = tmp_path / "idx"
     code, stdout, err = run(["--illness", "effusion", "--scans", "1", "--index", "2", "--ipa", str(models / "ipa"),
                              "--avp", str(models / "avp"), "--n-samples", "2", "--out", str(out), "--no-figures",
@@ -142,8 +141,6 @@ def test_default_model_paths_name_the_demo_command(tmp_path, capsys, monkeypatch
 
 def _fake_data(monkeypatch, fingerprint="fp-train"):
     """Replace dataset_from_args; returns the list of (split, data, data_root, cache_dir) asked for."""
-    import xray.dataset
-
     ds = ImageSet(6, S=S)
     ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds.labels = torch.zeros(6, 15)
@@ -155,7 +152,7 @@ def _fake_data(monkeypatch, fingerprint="fp-train"):
         asked.append((split, args.data, None if args.data_root is None else str(args.data_root), args.cache_dir))
         return ds
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    monkeypatch.setattr(run_cmd, "dataset_from_args", fake)
     return asked
 
 

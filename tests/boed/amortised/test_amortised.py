@@ -11,6 +11,8 @@ from boed.amortised import AmortisedPolicy, PolicyConfig, PolicyNet, load_policy
 from boed.amortised.distill import auto_tau, choice_metrics, distill_loss
 from boed.amortised.teacher import (TeacherConfig, TeacherStates, generate_teacher_data, load_shards, missing_shards,
                                     states_of)
+from boed.commands import run as run_cmd
+from boed.commands import train_policy as train_policy_cmd
 from boed.geometry import ScanGeometry
 from boed.policies import GreedyPolicy, ScanState
 from xray.errors import UserError
@@ -293,10 +295,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def data64(monkeypatch):
-    import xray.dataset
-
     sets = {"train": Images(8, 64, 0), "test": Images(6, 64, 1)}
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", lambda args, split: sets[split])
+    for command in (run_cmd, train_policy_cmd):  # where the commands open the splits
+        monkeypatch.setattr(command, "dataset_from_args", lambda args, split: sets[split])
     return sets
 
 
