@@ -47,6 +47,7 @@ from ipa_core.persist import DictConfig, PretrainedMixin, resolve_model_dir, str
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
 from xray.labels import LABELS
+from xray.provenance import file_digest
 
 from .geometry import observe
 
@@ -307,8 +308,6 @@ class InitSpec:
         """What :func:`init_state` will load, as a JSON-able dict (for provenance records)."""
         d: dict = {"init": self.kind if self.kind != "xrv" else f"xrv:{self.name}"}
         if self.path is not None:
-            from xray.provenance import file_digest
-
             p = Path(self.path)
             f = _avp_weights_file(p) if self.kind == "avp" else p
             d.update(init_path=str(p), init_digest=file_digest(f))

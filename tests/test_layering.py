@@ -125,6 +125,14 @@ def test_no_circle_between_modules():
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
+def test_boed_imports_the_repository_at_the_top_of_its_files():
+    """docs/CONVENTIONS.md: imports sit at the top (lazy imports are kept for heavy third-party
+    libraries only, which this test does not look at)."""
+    inner = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {t} inside a function"
+             for m, t, at_top, line in EDGES if m.split(".")[0] == "boed" and not at_top]
+    assert not inner, "\n".join(inner)
+
+
 @pytest.mark.parametrize("graph, circle", [({"a": {"b"}, "b": {"a"}}, True), ({"a": {"b"}, "b": {"c"}}, False)])
 def test_cycle_finder_known_answers(graph, circle):
     assert (_cycle(graph) is not None) == circle

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from boed.classifier import _torchvision_backbone
 from boed.geometry import ScanGeometry
 from boed.policies import Policy, ScanState
 from ipa_core.persist import DictConfig, PretrainedMixin
@@ -113,8 +114,6 @@ class PolicyNet(PretrainedMixin, nn.Module):
         if c.arch == "small":
             self.net = SmallPolicyCNN(c.in_channels + 1, c.grid, c.width)
         else:
-            from boed.classifier import _torchvision_backbone
-
             self.net = _torchvision_backbone(c.arch, c.in_channels + 1, c.num_locations)
 
     def forward(self, y: Tensor) -> Tensor:

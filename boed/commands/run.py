@@ -36,8 +36,10 @@ from boed.policies import GreedyPolicy, scan_start
 from boed.samplers import DatasetSampler, IPASampler
 from ipa_core.ipa import IPA
 from xray.cli_base import add_device_arg, parse_device
+from xray.cache import resize_square
 from xray.dataset import DATA_RECORD, add_data_args, dataset_from_args
 from xray.errors import UserError
+from xray.imageio import read_image
 from xray.io import atomic_write_json, ensure_writable_dir
 from xray.labels import resolve_illness
 
@@ -188,9 +190,6 @@ def check_fingerprint(train_set, rec: dict | None) -> None:
 def load_image(args, S: int, channels: int):
     """``(x uint8 (1, C, S, S), label row or None, source name)`` from --image or --index."""
     if args.image is not None:
-        from xray.cache import resize_square
-        from xray.imageio import read_image
-
         arr = resize_square(read_image(args.image), S)  # uint8 (S, S)
         x = torch.from_numpy(arr.copy())[None, None]  # (1, 1, S, S)
         labels, source = None, Path(args.image).stem

@@ -30,12 +30,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from boed.amortised.gdfs import GDFSConfig, PREDICTOR_MODES
+from boed.amortised.gdfs import PREDICTOR_MODES, GDFSConfig
 from boed.amortised.network import ARCHS, METHODS, PolicyConfig
 from boed.amortised.teacher import TeacherConfig
 from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
 from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
+from ipa_core.ipa import IPA
 from ipa_core.trainer import add_train_args, train_config_from_args
 from xray.cli_base import DEVICE_HELP, parse_device, parse_shard, set_help
 from xray.dataset import add_data_args, dataset_from_args
@@ -86,8 +87,6 @@ def _load_models(args, method: str, device):
     """``(avp, ipa or None)``, one-line errors for missing models and mismatched sizes."""
     ipa = None
     if method == "distill":
-        from ipa_core.ipa import IPA
-
         try:
             ipa = IPA.from_pretrained(args.ipa, map_location=device).eval()
         except UserError as e:
