@@ -1,10 +1,8 @@
 """`boed run` end to end, in-process, with tiny models saved to tmp dirs."""
 
 import dataclasses
-import importlib.util
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -31,19 +29,6 @@ def models(tmp_path_factory):
     small = AVPClassifier(AVPConfig(arch="tiny", image_size=128))
     small.save_pretrained(root / "avp128")
     return root
-
-
-@pytest.fixture(autouse=True)
-def sampling(monkeypatch):
-    """Use ipa_core.sampling when it exists; until then a stand-in that draws noise completions."""
-    if importlib.util.find_spec("ipa_core.sampling") is None:
-        mod = types.ModuleType("ipa_core.sampling")
-
-        def sample_completions(model, x_obs, m, n, t=1.0, generator=None, paste=True, autocast=False):
-            return torch.randint(0, 256, (x_obs.shape[0], n, *x_obs.shape[1:]), dtype=torch.uint8, generator=generator)
-
-        mod.sample_completions = sample_completions
-        monkeypatch.setitem(sys.modules, "ipa_core.sampling", mod)
 
 
 @pytest.fixture
