@@ -142,7 +142,7 @@ def auroc_matrix(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def score_model(model, train_set, test_set, n_boot: int, seed: int = 0) -> dict:
     """Full / Random t / Uncond t AUROCs with bootstrap CIs for each illness."""
-    from baselines.policies import UncondPolicy
+    from boed.baselines.policies import UncondPolicy
     from boed.geometry import ScanGeometry
     from boed.samplers import DatasetSampler
     from xray.dataset import dataset_images

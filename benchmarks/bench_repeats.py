@@ -1,6 +1,6 @@
 """What R repeats of `boed evaluate` cost: one repeat's cost, what is shared, and R x one evaluation.
 
-Runs ``boed.evaluate.evaluate`` on the same tiny setting with R = 1 and R = 3 (all six default
+Runs ``boed.evaluation.evaluate`` on the same tiny setting with R = 1 and R = 3 (all six default
 methods, S = 64, the demo's tiny AVP-CNN and tiny IPA with random weights: the cost does not depend
 on training) and times each method's jobs. Shared across repeats: the full-image records (computed
 once, ``repeat`` None), the test images, the models and their inference copies; shared across
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from boed.classifier import AVPClassifier, AVPConfig  # noqa: E402
-from boed.commands.evaluate import BuildContext, build_policies  # noqa: E402
-from boed.evaluate import EvalConfig, evaluate  # noqa: E402
+from boed.evaluation import BuildContext, EvalConfig, build_policies, evaluate  # noqa: E402
+from boed.policies import Policy  # noqa: E402
 from boed.geometry import ScanGeometry  # noqa: E402
 from ipa_core.config import get_config  # noqa: E402
 from ipa_core.ipa import IPA, IPAConfig  # noqa: E402
@@ -58,14 +58,12 @@ class Bank:
         return self.images[torch.as_tensor(idx).long()]
 
 
-class Timed:
+class Timed(Policy):
     """Wraps a policy and accumulates the CPU time of its calls (prime + next_locations)."""
 
-    def __init__(self, policy, clock):
+    def __init__(self, policy: Policy, clock):
         self.p, self.clock, self.seconds = policy, clock, 0.0
-        for k in ("name", "observes_everything", "per_budget"):
-            if hasattr(policy, k):
-                setattr(self, k, getattr(policy, k))
+        self.name, self.observes_everything, self.per_budget = policy.name, policy.observes_everything, policy.per_budget
 
     def _t(self, fn, *a):
         t0 = self.clock()
@@ -75,12 +73,10 @@ class Timed:
             self.seconds += self.clock() - t0
 
     def reset(self):
-        if hasattr(self.p, "reset"):
-            self.p.reset()
+        self.p.reset()
 
     def prime(self, *a):
-        if hasattr(self.p, "prime"):
-            return self._t(self.p.prime, *a)
+        return self._t(self.p.prime, *a)
 
     def budget_set(self, t):
         return self._t(self.p.budget_set, t)

@@ -34,7 +34,6 @@ the mask passed through.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -44,10 +43,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ipa_core.persist import DictConfig
+from ipa_core.persist import DictConfig, PretrainedMixin, resolve_model_dir, strict_load
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
 from xray.labels import LABELS
+from xray.provenance import file_digest
 
 from .geometry import observe
 
@@ -186,10 +186,14 @@ class InputNorm(nn.Module):
         return f"in_channels={self.in_channels}, out_channels={self.mean.shape[1]}"
 
 
-class AVPClassifier(nn.Module):
+class AVPClassifier(PretrainedMixin, nn.Module):
     """g(v | y): ``forward(y (B, C+1, S, S) float) -> logits (B, K)``."""
 
     model_type = "avp-cnn"  # recorded in config.json
+    config_class = AVPConfig
+    pretrained_what = "AVP model"
+    extra_config_keys = ("train_config",)
+    eval_on_load = True
 
     def __init__(self, config: AVPConfig | None = None):
         super().__init__()
@@ -262,36 +266,22 @@ class AVPClassifier(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, c.num_labels, device=dev)
 
     # ---------------------------------------------------------------- persistence
+    # save_pretrained / from_pretrained: PretrainedMixin. config.json holds the AVPConfig fields
+    # (labels, normalisation, ...) and, when set, train_config (how the model was trained: masks,
+    # init, loss); from_pretrained returns the model on map_location in eval mode.
+    @classmethod
+    def pretrained_hint(cls, path: str | Path) -> str:
+        return f"train one with `boed train-avp --out {path}`"
+
+    def extra_config(self) -> dict | None:
+        return {"train_config": self.train_config} if self.train_config is not None else None
+
+    def load_extra_config(self, raw: dict) -> None:
+        self.train_config = raw.get("train_config")
+
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (the folder is replaced atomically).
-
-        ``config.json`` holds the :class:`AVPConfig` fields (labels, normalisation, ...) and, when
-        set, :attr:`train_config` (how the model was trained: masks, init, loss) under ``"train_config"``.
-        """
-        from ipa_core.persist import save_pretrained
-
         ensure_writable_dir(Path(out_dir).parent)
-        extra = {"train_config": self.train_config} if self.train_config is not None else None
-        return save_pretrained(self, out_dir, extra_config=extra)
-
-    @classmethod
-    def config_from_dir(cls, path: str | Path) -> AVPConfig:
-        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
-        raw.pop("model_type", None)
-        raw.pop("train_config", None)
-        return AVPConfig.from_dict(raw)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "AVPClassifier":
-        """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
-        from ipa_core.persist import load_pretrained
-
-        from ipa_core.persist import resolve_model_dir
-
-        hint = f"train one with `boed train-avp --out {path}`"
-        model = load_pretrained(cls, path, map_location, what="AVP model", hint=hint).to(map_location).eval()
-        model.train_config = json.loads((resolve_model_dir(path, "AVP model", hint) / CONFIG_NAME).read_text()).get("train_config")
-        return model
+        return super().save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------- initialisation (--init, --init-weights)
@@ -318,8 +308,6 @@ class InitSpec:
         """What :func:`init_state` will load, as a JSON-able dict (for provenance records)."""
         d: dict = {"init": self.kind if self.kind != "xrv" else f"xrv:{self.name}"}
         if self.path is not None:
-            from xray.provenance import file_digest
-
             p = Path(self.path)
             f = _avp_weights_file(p) if self.kind == "avp" else p
             d.update(init_path=str(p), init_digest=file_digest(f))
@@ -365,8 +353,6 @@ def parse_init(spec: str | None, arch: str, weights_file: str | Path | None = No
 
 def _avp_dir(p: Path) -> Path:
     """The AVP model folder of ``--init PATH`` (a model/run folder, or the weights file inside one)."""
-    from ipa_core.persist import resolve_model_dir
-
     if p.is_file():
         if (p.parent / CONFIG_NAME).is_file():
             return p.parent
@@ -487,8 +473,6 @@ def _load_backbone(model: "AVPClassifier", sd: Mapping[str, torch.Tensor], sourc
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
                        hint: str = "check --arch/--image-size against the checkpoint") -> None:
     """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
-    from ipa_core.persist import strict_load
-
     strict_load(module, state, source, hint=hint)
 
 

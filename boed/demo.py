@@ -26,9 +26,8 @@ the xray256 VAE, a DenseNet-121 AVP-CNN, N = 10, 5 000 test images, the paper's 
 
 from __future__ import annotations
 
-import argparse
+import ctypes
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -46,10 +45,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ipa_core.persist import model_digest, resolve_model_dir
+from xray.cli_base import run_command
+from xray.dataset import open_dataset
 from xray.errors import UserError
 from xray.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from xray.labels import resolve_illness
 from xray.provenance import digest, move_aside
+
+from .amortised.demo import policy_dir
+from .amortised.demo import policy_stages as policy_entries
 
 log = logging.getLogger("boed.demo")
 
@@ -139,22 +143,9 @@ class Stage:
 # running commands
 
 
-def run_command(module: str, argv: Sequence[str]) -> None:
-    """Run one subcommand module in-process with its own argument parser (exactly as the CLI would)."""
-    mod = importlib.import_module(module)
-    parser = argparse.ArgumentParser(prog=module)
-    mod.configure(parser)
-    args = parser.parse_args([str(a) for a in argv])
-    code = mod.main(args)
-    if code:
-        raise UserError(f"stage command {module} exited with status {code}")
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGKILL when the demo dies (even by SIGKILL); elsewhere nothing."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
@@ -401,8 +392,6 @@ def _data_name(opts: DemoOptions) -> str:
 def describe_data(opts: DemoOptions) -> dict:
     """Prepare the image cache once (later stages only read it) and say what the data are:
     kind (phantom or NIH-format folder), where, how many images per split, the data fingerprint."""
-    from xray.dataset import open_dataset
-
     data = _data_name(opts)
     kw = dict(size=opts.profile.image_size, cache_dir=opts.cache_dir, present_only=opts.present_only or None)
     ds = open_dataset(data, opts.data_root, split="all", **kw)
@@ -489,8 +478,6 @@ def _policy_methods(opts: DemoOptions) -> tuple[str, ...]:
 
 
 def _policy_args(opts: DemoOptions, illness: str) -> list:
-    from boed.amortised.demo import policy_dir
-
     if not opts.with_policies:
         return []
     return ["--distilled", policy_dir(opts.out, illness, "distill"), "--gdfs", policy_dir(opts.out, illness, "gdfs")]
@@ -498,11 +485,9 @@ def _policy_args(opts: DemoOptions, illness: str) -> list:
 
 def policy_stages(opts: DemoOptions) -> list[Stage]:
     """`boed train-policy` for both amortised policies and every illness (``--with-policies``)."""
-    from boed.amortised.demo import policy_stages as entries
-
     p = opts.profile
     return [Stage(name, cli, module, argv, upstream=("data", "ipa", "avp"))
-            for name, cli, module, argv in entries(opts.out, opts.illnesses, p.name, p.scans, p.n_samples,
+            for name, cli, module, argv in policy_entries(opts.out, opts.illnesses, p.name, p.scans, p.n_samples,
                                                    _data_args(opts), str(opts.device), opts.seed)]
 
 

@@ -19,7 +19,7 @@ from xray.errors import UserError
 from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
 
-from .report import CSV_COLUMNS, PAIRED_COLUMNS, plot_curves, plot_paired, to_csv
+from .evaluation.report import CSV_COLUMNS, PAIRED_COLUMNS, plot_curves, plot_paired, to_csv
 
 
 def _latest(folder: Path, pattern: str) -> Path | None:
@@ -36,7 +36,7 @@ def _copy(src: Path | None, dst: Path) -> str | None:
 
 
 def _value(key: str, text: str):
-    """A CSV cell as written by :func:`boed.report.to_csv`: counts and t as int (t may be a span
+    """A CSV cell as written by :func:`boed.evaluation.report.to_csv`: counts and t as int (t may be a span
     like "1-5"), names as str, the rest float."""
     if key in ("method", "baseline", "illness") or (key == "t" and not text.isdigit()):
         return text

@@ -10,7 +10,9 @@ object-oriented Matplotlib API (no pyplot global state) and written atomically.
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from boed.geometry import ScanGeometry
-from xray.io import atomic_path
+from xray.chestmnist import holds_chestmnist
+from xray.errors import UserError
+from xray.io import atomic_path, ensure_writable_dir
+
+log = logging.getLogger(__name__)
 
 
 def _gray(img: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -174,3 +180,25 @@ def plot_summary(
     ax.set_title(f"{illness_name}: classifier after each scan", fontsize=9)
     fig.tight_layout()
     _save(fig, path, dpi)
+
+
+RUN_OUTPUTS = ("step_*.png", "summary.png", "scans.json")  # what a scan run writes, and so owns, in --out
+
+
+def scan_out_dir(out: str | Path, data_root: str | Path | None = None) -> Path:
+    """The output folder of a scan run, ready to write: refused inside a data folder (``--data-root``,
+    or any folder holding an NIH label CSV or a ChestMNIST file: PNGs must not land among x-rays),
+    and cleared of what an earlier run wrote there (its ``step_*.png`` of later scans would otherwise
+    stay beside the new ones). Other files in it are left alone."""
+    p = Path(out).expanduser().resolve()
+    roots = [Path(data_root).expanduser().resolve()] if data_root is not None else []
+    for folder in (p, *p.parents):
+        if folder in roots or (folder.is_dir() and (any(folder.glob("Data_Entry_2017*.csv*")) or holds_chestmnist(folder))):
+            raise UserError(f"--out {out} is inside the data folder {folder}; write scans outside it (e.g. --out runs/scan)")
+    p = ensure_writable_dir(out)
+    stale = [f for pattern in RUN_OUTPUTS for f in p.glob(pattern) if f.is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        log.info("removed %d output file(s) of an earlier run in %s", len(stale), p)
+    return p

@@ -4,20 +4,19 @@ A policy looks at a :class:`ScanState` (what has been scanned so far for B test 
 returns the next location for each image, ``LongTensor (B,)``. The evaluator calls
 ``state = state.scan(x_full, policy.next_locations(state, generator), geometry)`` T times.
 
-Optional parts of the protocol, used by :func:`boed.evaluate.evaluate`: ``reset()`` forgets
-cached, test-image-independent choices (a new repeat); ``prime(scans, first_generator,
-generator)`` computes them (the t = 1 choice from ``first_generator``'s dataset draws, shared by
-every method through the same generator); ``per_budget = True`` with ``budget_set(t)`` for a
-policy whose scans for budget t are a set chosen for that budget (non-greedy), not a prefix.
+Every policy subclasses :class:`Policy` (``next_locations`` abstract; the optional hooks
+``reset``, ``prime``, ``per_budget``/``budget_set`` and ``observes_everything`` are documented
+no-op defaults there).
 Ties between equally good candidates are broken uniformly with the injected generator
 (:func:`select`).
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,16 +98,40 @@ def scan_start(classifier, illness: Illness, labels, C: int, S: int, device) -> 
     return prob, ScanState.empty(1, C, S, device), target
 
 
-@runtime_checkable
-class Policy(Protocol):
-    """Chooses the next scan location of every image in a batch."""
+class Policy(abc.ABC):
+    """A scan policy: chooses the next scan location of every image in a batch.
 
-    name: str  # CSV method name: eig-ipa, epe-ipa, random, uncond, nongreedy, full
-    observes_everything: bool  # True only for the full-image upper bound
+    ``next_locations(state, generator) -> LongTensor (B,)`` in ``0..L-1`` is the one method a
+    policy must write. The evaluator (:func:`boed.evaluation.loop.evaluate`) calls the hooks
+    below for every policy; their defaults do nothing, so a policy overrides only what it uses:
 
+    - :meth:`reset`: forget cached, test-image-independent choices (a new repeat starts);
+    - :meth:`prime`: compute them (the t = 1 choice from ``first_generator``'s dataset draws,
+      shared by every method through the same generator; sequences from ``generator``);
+    - :attr:`observes_everything` (False): True only for the full-image upper bound (the
+      evaluator classifies the whole image at every t, :meth:`next_locations` is never called);
+    - :attr:`per_budget` (False) with :meth:`budget_set`: budget t is scored with a set chosen for
+      that budget (non-greedy), not with the first t scans of one sequence.
+    """
+
+    name: str = "policy"  # CSV method name: eig-ipa, epe-ipa, random, uncond, nongreedy, full, ...
+    observes_everything: bool = False
+    per_budget: bool = False
+
+    @abc.abstractmethod
     def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
         """``LongTensor (B,)`` of locations in ``0..L-1``."""
-        ...
+
+    def reset(self) -> None:
+        """Forget cached choices (no-op by default)."""
+
+    def prime(self, scans: int, first_generator: torch.Generator | None = None,
+              generator: torch.Generator | None = None) -> None:
+        """Compute test-image-independent choices before a repeat (no-op by default)."""
+
+    def budget_set(self, t: int, generator: torch.Generator | None = None) -> list[int]:
+        """The scan set of budget t (only for :attr:`per_budget` policies)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a per-budget policy")
 
 
 @dataclass
@@ -201,7 +224,7 @@ def _is_empty(mask: Tensor) -> Tensor:
     return mask.flatten(1).amax(1) <= 0
 
 
-class GreedyPolicy:
+class GreedyPolicy(Policy):
     """Greedy BOED (paper sec. 5): sample N completions, score all L candidates, scan the best.
 
     ``estimator="eig"`` (eq. 10, argmax) or ``"epe"`` (eq. 65, argmin). At t = 1 nothing is
@@ -216,8 +239,6 @@ class GreedyPolicy:
     eval mode, BN folded, channels_last); ``chunk_size`` classifier inputs per forward pass
     (None: 2048 on CUDA, 256 on CPU).
     """
-
-    observes_everything = False
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Completion samplers: N plausible full images given what has been scanned.
 
-Protocol (every sampler, including those in :mod:`baselines.samplers`)::
+Protocol (every sampler, including those in :mod:`boed.baselines.samplers`)::
 
     sample(x_obs uint8 (B, C, S, S), m float (B, 1, S, S), n: int, generator) -> uint8 (B, N, C, S, S)
 
@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ipa_core.sampling import sample_completions
 from xray.dataset import dataset_images
 from xray.errors import UserError
 
@@ -71,8 +72,6 @@ class IPASampler:
 
     @torch.inference_mode()
     def sample(self, x_obs: Tensor, m: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        from ipa_core.sampling import sample_completions
-
         check_sampler_inputs(x_obs, m, n)
         max_batch = self.max_batch or (512 if x_obs.device.type == "cuda" else 32)
         per_call = max(1, max_batch // n)  # images of the batch per model call

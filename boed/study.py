@@ -30,17 +30,31 @@ difference *holds across seeds* only when every seed's 95 % interval excludes 0 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import torch
 
+from ipa_core.coverage import QualityRow, completion_quality
+from ipa_core.ipa import IPA
+from xray.cli_base import parse_device
+from xray.dataset import dataset_images, open_dataset
 from xray.errors import UserError
 from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
 from xray.labels import resolve_illness
+
+from . import demo
+from .baselines.samplers import RetrievalSampler
+from .evaluation.config import CONFIG_NAME
+from .evaluation.records import load_records
+from .evaluation.report import paired_rows
+from .geometry import ScanGeometry
+from .samplers import DatasetSampler, IPASampler
 
 log = logging.getLogger("boed.study")
 
@@ -74,7 +88,7 @@ def _sd(row) -> float:
 
 def gain_over(paired, method: str, baseline: str, illness: str, t: str) -> dict | None:
     """``AUROC(method) - AUROC(baseline)`` at ``t`` from a paired table (a DataFrame with the
-    columns of ``boed.report.PAIRED_COLUMNS``); a row ``baseline minus method`` is negated.
+    columns of ``boed.evaluation.report.PAIRED_COLUMNS``); a row ``baseline minus method`` is negated.
     None when the table holds neither."""
     p = paired[(paired["illness"] == illness) & (paired["t"].astype(str) == str(t))]
     row = p[(p["method"] == method) & (p["baseline"] == baseline)]
@@ -89,8 +103,6 @@ def gain_over(paired, method: str, baseline: str, illness: str, t: str) -> dict 
 
 
 def read_paired(path: Path):
-    import pandas as pd
-
     if not path.is_file():
         raise UserError(f"{path} is missing; finish the evaluation (rerun the study to resume) before the table")
     return pd.read_csv(path, dtype={"t": str})
@@ -99,13 +111,6 @@ def read_paired(path: Path):
 def _paired_from_records(eval_dir: Path, illness: str, method: str):
     """Paired rows ``method`` minus every other method from the evaluation's records (when
     ``paired.csv`` compares only EIG-IPA with the others)."""
-    import json
-
-    import pandas as pd
-
-    from boed.evaluate import CONFIG_NAME, load_records
-    from boed.report import paired_rows
-
     cfg = json.loads((eval_dir / CONFIG_NAME).read_text())
     kw = {"n_boot": cfg.get("n_boot", 1000), "seed": cfg.get("bootstrap_seed", 0)}  # the same bootstrap as paired.csv
     rows = paired_rows(load_records(eval_dir), [illness], int(cfg["scans"]), method=method, **kw)
@@ -212,8 +217,6 @@ def plot_completers(rows: Sequence[dict], path: Path) -> Path:
 
 def publish_completers(out: Path, illnesses: Sequence[str], notes: str = "") -> list[dict]:
     """Read ``study-eval/<slug>/paired.csv`` and ``quality.csv``; write completers.{csv,md,png}."""
-    import pandas as pd
-
     qpath = out / "quality" / "quality.csv"
     if not qpath.is_file():
         raise UserError(f"{qpath} is missing; rerun the study to finish the quality stage")
@@ -247,12 +250,6 @@ def scan_state_masks(n: int, geometry, scans: int, generator: torch.Generator) -
 
 def completers_for(ipa_runs: dict[str, Path], train_set, device, temperature: float = 1.0) -> dict:
     """``{name: SampleFn}`` for :data:`QUALITY_NAMES`: IPA models by run folder, retrieval and dataset draws."""
-    from baselines.samplers import RetrievalSampler
-
-    from ipa_core.ipa import IPA
-
-    from boed.samplers import DatasetSampler, IPASampler
-
     out = {}
     for name, run in ipa_runs.items():
         model = IPA.from_pretrained(run, map_location=device).eval()
@@ -269,9 +266,6 @@ def completers_for(ipa_runs: dict[str, Path], train_set, device, temperature: fl
 def measure_quality(test_set, train_set, ipa_runs: dict[str, Path], geometry, scans: int, n_states: int, seed: int,
                     device, out_csv: Path, progress: bool = True) -> list:
     """Completion quality of every completer on ``n_states`` random scan states of test images -> ``out_csv``."""
-    from ipa_core.coverage import QualityRow, completion_quality
-    from xray.dataset import dataset_images
-
     g = torch.Generator().manual_seed(seed)
     n = min(n_states, len(test_set))
     idx = torch.randperm(len(test_set), generator=g)[:n]
@@ -300,55 +294,28 @@ class StudyOptions:
     device: str = "cpu"
     seed: int = 0
 
-    def demo_options(self):
-        from boed.demo import DemoOptions
-
-        return DemoOptions(out=self.out, profile=self.profile, illnesses=self.illnesses, data_root=self.data_root,
+    def demo_options(self) -> demo.DemoOptions:
+        return demo.DemoOptions(out=self.out, profile=self.profile, illnesses=self.illnesses, data_root=self.data_root,
                            cache_dir=self.cache_dir, device=self.device, seed=self.seed)
 
 
-@dataclass
-class StudyStage:
-    """One stage: a command module with ``argv`` or a function of the demo options, in ``<out>/<name>``,
-    rerun when a stage in ``upstream`` changed (as :class:`boed.demo.Stage`)."""
-
-    name: str
-    cli: str
-    target: object
-    argv: list
-    upstream: tuple[str, ...] = ()
-
-
-def study_stages(opts: StudyOptions, dopts) -> list[StudyStage]:
+def study_stages(opts: StudyOptions, dopts: demo.DemoOptions) -> list[demo.Stage]:
     """Every stage of the completer study, in order: the demo's own data, VAE, IPA and AVP-CNN
     stages (so a demo run folder is reused), then IPA-R, the under-trained IPA, the evaluations,
     the quality measurement and the table."""
-    import boed.demo as demo
-
     p, out = opts.profile, opts.out
     data = demo._data_args(dopts)
     train = demo._train_args
     under = max(1, p.ipa_steps // UNDER_FRACTION)
-    if hasattr(demo, "Stage"):  # the demo's stage builders (fingerprinted stages)
-        base = [demo.phantom_stage(dopts)] if dopts.data_root is not None and opts.data_root is None else []
-        base += [demo.data_stage(dopts), demo.vae_stage(dopts), demo.ipa_stage(dopts), demo.avp_stage(dopts)]
-        stages = [StudyStage(st.name, st.cli, st.target, st.argv, st.upstream) for st in base]
-    else:
-        stages = [
-            StudyStage("data", "prepare", demo._prepare_data, []),
-            StudyStage("vae", "ipa_core train", "ipa_core.commands.train",
-                       ["--stage", "vae", "--config", p.vae_config, "--out", out / "vae", *data, *train(dopts, p.vae_steps, p.vae_batch)]),
-            StudyStage("ipa", "ipa_core train", "ipa_core.commands.train",
-                       ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa", *data, *train(dopts, p.ipa_steps, p.ipa_batch)]),
-            StudyStage("avp", "boed train-avp", "boed.commands.train_avp",
-                       ["--arch", p.avp_arch, "--out", out / "avp", "--lr", p.avp_lr, *data, *train(dopts, p.avp_steps, p.avp_batch)]),
-        ]
+    # the demo's own stages (fingerprinted, so a demo run folder is reused)
+    stages = [demo.phantom_stage(dopts)] if dopts.data_root is not None and opts.data_root is None else []
+    stages += [demo.data_stage(dopts), demo.vae_stage(dopts), demo.ipa_stage(dopts), demo.avp_stage(dopts)]
     avp = stages.pop()  # IPA-R and the under-trained IPA right after IPA, the AVP-CNN after them (as in the demo order)
     stages += [
-        StudyStage("ipar", "ipa_core train", "ipa_core.commands.train",
+        demo.Stage("ipar", "ipa_core train", "ipa_core.commands.train",
                    ["--stage", "ipa", "--objective", "reverse", "--vae", out / "vae", "--out", out / "ipar", *data,
                     *train(dopts, p.ipa_steps, p.ipa_batch)], ("data", "vae")),
-        StudyStage("ipa-under", "ipa_core train", "ipa_core.commands.train",
+        demo.Stage("ipa-under", "ipa_core train", "ipa_core.commands.train",
                    ["--stage", "ipa", "--vae", out / "vae", "--out", out / "ipa-under", *data, *train(dopts, under, p.ipa_batch)],
                    ("data", "vae")),
         avp,
@@ -359,25 +326,20 @@ def study_stages(opts: StudyOptions, dopts) -> list[StudyStage]:
     for ill in opts.illnesses:
         slug = resolve_illness(ill).slug
         evals.append(f"study-eval/{slug}")
-        stages.append(StudyStage(evals[-1], "boed evaluate", "boed.commands.evaluate",
+        stages.append(demo.Stage(evals[-1], "boed evaluate", "boed.commands.evaluate",
                                  ["--illness", ill, "--scans", p.scans, "--methods", ",".join(STUDY_METHODS), "--n-test", p.n_test,
                                   "--n-samples", p.n_samples, "--repeats", opts.repeats, "--seed", opts.seed,
                                   "--batch-size", p.eval_batch, "--out", out / "study-eval" / slug, *models, *data],
                                  ("data", "ipa", "ipar", "ipa-under", "avp")))
-    stages.append(StudyStage("quality", "completion quality", _quality_stage(opts),
+    stages.append(demo.Stage("quality", "completion quality", _quality_stage(opts),
                              ["--states", opts.n_states, "--scans", p.scans, "--k", QUALITY_K, "--seed", opts.seed],
                              ("data", "ipa", "ipar", "ipa-under")))
-    stages.append(StudyStage("table", "publish", _table_stage(opts), [], ("quality", *evals)))
+    stages.append(demo.Stage("table", "publish", _table_stage(opts), [], ("quality", *evals)))
     return stages
 
 
 def _quality_stage(opts: StudyOptions):
     def run(dopts) -> None:
-        from xray.cli_base import parse_device
-        from xray.dataset import open_dataset
-
-        from boed.geometry import ScanGeometry
-
         data = "chestxray" if dopts.data_root is not None else "phantom"
         kw = dict(size=opts.profile.image_size, cache_dir=opts.cache_dir)
         test = open_dataset(data, dopts.data_root, split="test", **kw)
@@ -401,22 +363,9 @@ def _table_stage(opts: StudyOptions):
     return run
 
 
-def _run_stage(dopts, st: StudyStage, fingerprints: dict, timings: dict) -> None:
-    import boed.demo as demo
-
-    if hasattr(demo, "Stage"):
-        demo._stage(dopts, demo.Stage(st.name, st.cli, st.target, st.argv, st.upstream), fingerprints, timings)
-    else:  # the stage machinery without fingerprints
-        demo._stage(dopts, st.name, st.cli, st.target, st.argv, timings)
-
-
 def run_completer_study(opts: StudyOptions) -> dict:
     """Run (or resume) every stage, the table (completers.{csv,md,png}) last; return the summary
     (also written to ``<out>/study.json`` with every stage's wall time)."""
-    import pandas as pd
-
-    import boed.demo as demo
-
     if opts.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {opts.repeats}")
     opts.out = ensure_writable_dir(opts.out)
@@ -426,12 +375,8 @@ def run_completer_study(opts: StudyOptions) -> dict:
     p = opts.profile
     if opts.data_root is None and p.phantom_n is not None:  # the demo's private small phantom set
         dopts.data_root = opts.out / "phantom"
-        if not hasattr(demo, "Stage"):
-            demo._stage(dopts, "phantom", "xray phantom", "xray.commands.phantom",
-                        ["--out", dopts.data_root, "--n", p.phantom_n, "--size", p.phantom_size or p.image_size,
-                         "--seed", opts.seed, "--demo-prevalence"], timings)
     for st in study_stages(opts, dopts):
-        _run_stage(dopts, st, fingerprints, timings)
+        demo._stage(dopts, st, fingerprints, timings)
     timings["total"] = sum(timings.values())  # stages done by an earlier run count with their recorded time
     rows = pd.read_csv(opts.out / "completers.csv", dtype={"t": str}).to_dict(orient="records")
     summary = {"profile": dataclasses.asdict(p), "repeats": opts.repeats, "n_states": opts.n_states,
@@ -543,8 +488,6 @@ SEED_COLUMNS_TAIL = ("pooled", "pooled_lo", "pooled_hi", "between_seed_sd", "n_s
 
 def publish_seeds(out: Path, seeds: Sequence[int], wall_s: float | None = None) -> list[dict]:
     """Pool ``OUT/seed-K/eval/*/paired.csv`` into seeds.{csv,md,png}."""
-    import pandas as pd
-
     tables = {}
     for k in seeds:
         files = sorted((out / f"seed-{k}" / "eval").glob("*/paired.csv"))
@@ -553,8 +496,6 @@ def publish_seeds(out: Path, seeds: Sequence[int], wall_s: float | None = None) 
         tables[k] = pd.concat([pd.read_csv(f, dtype={"t": str}) for f in files], ignore_index=True)
     rows = seed_rows(tables)
     if wall_s is None:  # the demos' own totals (stages done earlier count with their recorded time)
-        import json
-
         totals = [json.loads(p.read_text())["timings_s"]["total"] for k in seeds if (p := out / f"seed-{k}" / "summary.json").is_file()]
         wall_s = sum(totals) if totals else None
     cols = [*SEED_COLUMNS_FIXED, *(f"seed{k}{s}" for k in seeds for s in ("", "_lo", "_hi")), *SEED_COLUMNS_TAIL]
@@ -576,10 +517,8 @@ def parse_seeds(spec: str) -> list[int]:
 
 def run_seed_study(seeds: Sequence[int], out: Path, demo_argv: Sequence[str] = ()) -> list[dict]:
     """``boed demo --seed K --out OUT/seed-K *demo_argv`` for every K (each resumes), then :func:`publish_seeds`."""
-    from boed.demo import run_command
-
     ensure_writable_dir(out)
     for k in seeds:
         log.info("[seed %d] boed demo --seed %d --out %s %s", k, k, out / f"seed-{k}", " ".join(map(str, demo_argv)))
-        run_command("boed.commands.demo", ["--seed", k, "--out", out / f"seed-{k}", *demo_argv])
+        demo.run_command("boed.commands.demo", ["--seed", k, "--out", out / f"seed-{k}", *demo_argv])
     return publish_seeds(out, seeds)

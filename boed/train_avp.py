@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, MaskBank, MaskMixture, freeform_masks
 from xray.dataset import dataset_images
 from xray.errors import UserError
-from ipa_core.masks import CLASSIFIER_TRAINING_MASKS, MaskBank, MaskMixture, freeform_masks
+from xray.io import atomic_path
 from xray.labels import LABELS
 
 from .classifier import AVPClassifier
@@ -237,8 +238,6 @@ class AVPTrainTask:
     def on_sample(self, model: nn.Module, step: int, out_png: Path) -> None:
         """A grid of masked preview images titled with the most likely label and its probability."""
         from matplotlib.figure import Figure
-
-        from xray.io import atomic_path
 
         if self.preview is None or len(self.preview) == 0:
             return

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json
+from .persist import resolve_model_dir
 from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, sample_gaussian
 
 OBJECTIVES = ("forward", "reverse")
@@ -69,6 +70,7 @@ class IPA(VAE):
     """
 
     model_type = "ipa"
+    config_class = IPAConfig
 
     def __init__(self, config: IPAConfig | VAEConfig):
         if not isinstance(config, IPAConfig):
@@ -139,11 +141,6 @@ class IPA(VAE):
         for block in self.decoder.dec_blocks:
             block.part_enc.load_state_dict(block.enc.state_dict())
 
-    @classmethod
-    def config_from_dir(cls, path: str | Path) -> IPAConfig:
-        d = load_config_json(Path(path) / "config.json")
-        d.pop("model_type", None)
-        return IPAConfig.from_dict(d)
 
     # --- the partial encoder ------------------------------------------------------------------
     def check_mask(self, m: Tensor, x: Tensor) -> Tensor:
@@ -252,13 +249,11 @@ class IPA(VAE):
     # --- persistence --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "IPA":
-        from .persist import load_pretrained, resolve_model_dir
-
         d = resolve_model_dir(path)
         kind = load_config_json(d / "config.json").get("model_type")
         if kind == "vae":
             raise UserError(f"{d} holds an unconditional VAE, not an IPA model; train IPA on it first (ipa_core train --stage ipa) and pass that run")
-        return load_pretrained(cls, d, map_location)
+        return super().from_pretrained(d, map_location)
 
 
 def stable_gaussian_kl(mu1: Tensor, mu2: Tensor, logsigma1: Tensor, logsigma2: Tensor) -> Tensor:

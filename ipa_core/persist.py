@@ -10,11 +10,13 @@ loads with a warning. Model folders get the user's normal permissions (umask), n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
 import tempfile
 import zipfile
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -25,6 +27,9 @@ from torch import nn
 from xray.errors import UserError
 from xray.integrity import FOLDER_DIGEST, folder_digest, verify_folder, write_folder_digest
 from xray.io import atomic_write_json, check_free_space, disk_full_error, is_disk_full, normal_mode
+from xray.provenance import file_digest
+
+from .config import check_config_types, load_config_json
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -36,18 +41,15 @@ class DictConfig:
     _config_name = "config"  # how errors name it, e.g. "AVP config"
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d):
-        from dataclasses import fields
-
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown {cls._config_name} keys {unknown}; expected a subset of {sorted(known)}")
+        check_config_types(cls, d, cls._config_name)
         return cls(**dict(d))
 
 
@@ -107,8 +109,6 @@ def _remove_stale_temps(out: Path) -> None:
 def model_digest(path: str | Path) -> str:
     """A short identity of a saved model folder (or a run folder holding ``model/``): the digest of
     its ``digest.json``, or of its weights' bytes for a folder saved before digests existed."""
-    from xray.provenance import file_digest
-
     d = resolve_model_dir(path)
     return folder_digest(d) or file_digest(d / WEIGHTS_NAME)
 
@@ -124,8 +124,6 @@ def load_pretrained(cls, path: str | Path, map_location: str | torch.device = "c
     """Build ``cls`` from ``config.json`` and load its weights strictly (``what``/``hint`` word the errors)."""
     d = resolve_model_dir(path, what, hint)
     verify_model_dir(d, what)
-    from .config import load_config_json
-
     kind = load_config_json(d / CONFIG_NAME).get("model_type")
     if kind != cls.model_type:
         raise UserError(f"{d} holds a {kind!r} model, expected {cls.model_type!r} ({what}); {hint}")
@@ -145,7 +143,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {p} does not exist")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise UserError(f"cannot read checkpoint {p} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the file is truncated or not a state dict") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{p} is not a plain state dict of tensors")
@@ -158,8 +156,6 @@ def state_digest(sd: Mapping[str, torch.Tensor], keys=None, size: int = 8) -> st
     The identity of a set of weights: an IPA records the digest of the frozen VAE it wraps, so a
     resume on another VAE is caught (:meth:`ipa_core.ipa_task.IPATask.provenance`).
     """
-    import hashlib
-
     h = hashlib.blake2b(digest_size=size)
     for k in sorted(sd if keys is None else keys):
         t = sd[k].detach().to("cpu").contiguous()
@@ -181,3 +177,61 @@ def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
     if extra:
         raise UserError(f"{source} does not match this model: unexpected key {extra[0]!r} ({len(extra)} extra); {hint}")
     model.load_state_dict(dict(sd), strict=True)
+
+
+def weights_digest(path: str | Path) -> str:
+    """The digest of the weights file of the model in ``path`` (a model dir or a run dir holding
+    ``model/``): what records, teacher data and policies name as the model they were made with."""
+    return file_digest(resolve_model_dir(path) / WEIGHTS_NAME)
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``config_from_dir`` / ``from_pretrained``, written once for every model
+    (diffusers' ``ModelMixin``): ``config.json`` (``model_type`` + the config's fields + the
+    model's :meth:`extra_config`) beside ``model.safetensors``, loaded strictly.
+
+    A model class sets ``model_type`` and ``config_class`` (a :class:`DictConfig` dataclass) and,
+    when it needs them, ``pretrained_what`` / :meth:`pretrained_hint` (how errors name the model
+    and what to do), ``extra_config_keys`` with :meth:`extra_config` / :meth:`load_extra_config`
+    (what config.json holds beside the config, e.g. how the model was trained), and
+    ``eval_on_load`` (``from_pretrained`` returns the model on ``map_location`` in eval mode).
+    """
+
+    model_type: str
+    config_class: type
+    pretrained_what: str = "model"
+    extra_config_keys: tuple[str, ...] = ()
+    eval_on_load: bool = False
+
+    @classmethod
+    def pretrained_hint(cls, path: str | Path) -> str:
+        return "train one first or pass the right path"
+
+    def extra_config(self) -> dict | None:
+        """What config.json holds beside the config's fields (None: nothing)."""
+        return None
+
+    def load_extra_config(self, raw: dict) -> None:
+        """Take back :meth:`extra_config` from the loaded config.json (no-op by default)."""
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced atomically)."""
+        return save_pretrained(self, out_dir, extra_config=self.extra_config())
+
+    @classmethod
+    def config_from_dir(cls, path: str | Path):
+        raw = load_config_json(Path(path) / CONFIG_NAME)
+        for key in ("model_type", *cls.extra_config_keys):
+            raw.pop(key, None)
+        return cls.config_class.from_dict(raw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu"):
+        """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
+        what, hint = cls.pretrained_what, cls.pretrained_hint(path)
+        model = load_pretrained(cls, path, map_location, what=what, hint=hint)
+        if cls.eval_on_load:
+            model = model.to(map_location).eval()
+        if cls.extra_config_keys:
+            model.load_extra_config(load_config_json(resolve_model_dir(path, what, hint) / CONFIG_NAME))
+        return model

@@ -25,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from xray.errors import UserError
 
-from .config import VAEConfig, load_config_json, parse_layer_string
+from .config import VAEConfig, get_config, parse_layer_string
 from .dmol import DmolNet
 from .lean import AvgPool, add_, lean_conv
+from .persist import PretrainedMixin, load_state_dict_file, strict_load
 from .seeding import draw
 
 
@@ -329,7 +330,7 @@ class Decoder(nn.Module):
 # the model
 
 
-class VAE(nn.Module):
+class VAE(PretrainedMixin, nn.Module):
     """Hierarchical VAE over uint8 images ``(B, C, S, S)``.
 
     >>> model = VAE(get_config("tiny"))            # doctest: +SKIP
@@ -338,6 +339,7 @@ class VAE(nn.Module):
     """
 
     model_type = "vae"
+    config_class = VAEConfig
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -450,24 +452,10 @@ class VAE(nn.Module):
         h, _ = self.decoder.run(n, self.prior_step(t, generator))
         return self.decoder.out_net.sample(h, generator)
 
-    # --- persistence ------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        from .persist import save_pretrained
-
-        return save_pretrained(self, out_dir)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VAE":
-        from .persist import load_pretrained
-
-        return load_pretrained(cls, path, map_location)
-
+    # --- persistence (save_pretrained / from_pretrained: PretrainedMixin) ----------------------
     @classmethod
     def from_official(cls, path: str | Path, config: VAEConfig | str) -> "VAE":
         """Load an official VD-VAE ``*-model-ema.th`` / ``*-model.th`` state dict (to CPU, strict)."""
-        from .config import get_config
-        from .persist import load_state_dict_file, strict_load
-
         cfg = get_config(config) if isinstance(config, str) else config
         model = cls(cfg)
         sd = load_state_dict_file(path)
@@ -475,8 +463,3 @@ class VAE(nn.Module):
         strict_load(model, sd, source=str(path))
         return model
 
-    @classmethod
-    def config_from_dir(cls, path: str | Path) -> VAEConfig:
-        d = load_config_json(Path(path) / "config.json")
-        d.pop("model_type", None)
-        return VAEConfig.from_dict(d)

@@ -168,10 +168,6 @@ def cache_location(root: str | os.PathLike, size: int, cache_dir: str | os.PathL
     return Path(cache_dir).expanduser() / "prepared" / f"{root_key(root)}-{size}"
 
 
-def default_out(root: str | os.PathLike, size: int) -> Path:
-    return cache_location(root, size)
-
-
 def _file_hash(paths) -> str:
     h = hashlib.sha1()
     for f in paths:

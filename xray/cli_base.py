@@ -22,10 +22,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from . import __version__
-from .errors import cli_entry
+from .errors import UserError, cli_entry
 
 DEFAULT_DEVICE = "auto"
 DEVICE_HELP = ("where to compute: auto (the first CUDA GPU when there is one, else the CPU; under torchrun "
@@ -100,6 +100,17 @@ def build_parser(prog: str, description: str, commands: Mapping[str, str]) -> ar
         mod.configure(p)
         p.set_defaults(_main=mod.main)
     return parser
+
+
+def run_command(module: str, argv: Sequence) -> None:
+    """Run one command module (``configure``/``main``) in-process with its own parser, exactly as
+    the console script would; a non-zero status is a UserError."""
+    mod = importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog=module)
+    mod.configure(parser)
+    code = mod.main(parser.parse_args([str(a) for a in argv]))
+    if code:
+        raise UserError(f"command {module} exited with status {code}")
 
 
 def add_device_arg(parser, **kwargs) -> argparse.Action:
@@ -188,6 +199,19 @@ def comma_list(values: str | list[str] | tuple[str, ...] | None) -> list[str]:
     if isinstance(values, str):
         values = [values]
     return [part.strip() for v in values for part in str(v).split(",") if part.strip()]
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``--shard I/N`` -> ``(I, N)`` with 0 <= I < N; None -> (0, 1), the whole job."""
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {spec}: need 0 <= I < N, got I={i}, N={n}")
+    return i, n
 
 
 def parse_device(spec: str | None, local_rank: int | None = None):

@@ -3,7 +3,7 @@ classifier passes.
 
 - the distilled EIG policy: greedy EIG-IPA's EIG maps on training images (:mod:`.teacher`)
   distilled into pi(l | cat(x * m, m)) with KL(softmax(EIG / tau) || pi) (:mod:`.distill`);
-- the GDFS peer (Covert et al. 2023), trained in :mod:`baselines.gdfs`, saved as the same network.
+- the GDFS peer (Covert et al. 2023), trained in :mod:`.gdfs`, saved as the same network.
 
 Both load with :func:`load_policy` (checked against the caller's illness and geometry) into an
 :class:`AmortisedPolicy` (``name``, ``observes_everything = False``, ``next_locations``).

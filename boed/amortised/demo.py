@@ -8,12 +8,11 @@ existing demo folder (``runs/demo`` with ``ipa/`` and ``avp/``).
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import shlex
 from pathlib import Path
 from typing import Sequence
 
+from xray.cli_base import run_command
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
@@ -62,11 +61,6 @@ def train_demo_policies(demo_dir: str | Path, illnesses: Sequence[str] = ("effus
             raise UserError(f"{demo_dir} has no {sub}/; run `boed demo --out {shlex.quote(str(demo_dir))}` first")
     done = {}
     for name, _, module, argv in policy_stages(demo_dir, illnesses, profile, scans, n_samples, list(data_args), device, seed):
-        mod = importlib.import_module(module)
-        parser = argparse.ArgumentParser(prog=module)
-        mod.configure(parser)
-        code = mod.main(parser.parse_args([str(a) for a in argv]))
-        if code:
-            raise UserError(f"{name}: {module} exited with status {code}")
+        run_command(module, argv)
         done[name] = Path(argv[argv.index("--out") + 1])
     return done

@@ -6,14 +6,13 @@ per candidate location of the scan grid. :class:`AmortisedPolicy` wraps it as a
 argmax of the remaining logits (one forward pass, no completions, no classifier calls).
 
 Both the distilled EIG policy (:mod:`boed.amortised.distill`) and the GDFS peer
-(:mod:`baselines.gdfs`) save a ``PolicyNet``; ``config.json`` says which (``method``) and for what
+(:mod:`boed.amortised.gdfs`) save a ``PolicyNet``; ``config.json`` says which (``method``) and for what
 (illness, image size, grid, patch size, labels), and :func:`load_policy` checks those against the
 caller's task before anything runs.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from boed.classifier import _torchvision_backbone
 from boed.geometry import ScanGeometry
-from ipa_core.persist import DictConfig
+from boed.policies import Policy, ScanState
+from ipa_core.persist import DictConfig, PretrainedMixin
 from xray.errors import UserError
 from xray.labels import LABELS, resolve_illness
 
@@ -99,10 +100,13 @@ class SmallPolicyCNN(nn.Module):
         return local.flatten(1) + self.glob(self.pool(h).flatten(1))  # (B, L)
 
 
-class PolicyNet(nn.Module):
+class PolicyNet(PretrainedMixin, nn.Module):
     """pi(l | y): ``forward(y (B, C+1, S, S) float in [0, 1]) -> logits (B, L)`` (unmasked)."""
 
     model_type = "scan-policy"  # recorded in config.json
+    config_class = PolicyConfig
+    pretrained_what = "scan policy"
+    eval_on_load = True
 
     def __init__(self, config: PolicyConfig | None = None):
         super().__init__()
@@ -111,8 +115,6 @@ class PolicyNet(nn.Module):
         if c.arch == "small":
             self.net = SmallPolicyCNN(c.in_channels + 1, c.grid, c.width)
         else:
-            from boed.classifier import _torchvision_backbone
-
             self.net = _torchvision_backbone(c.arch, c.in_channels + 1, c.num_locations)
 
     def forward(self, y: Tensor) -> Tensor:
@@ -130,25 +132,10 @@ class PolicyNet(nn.Module):
         return torch.cat([x, mask.to(dev, torch.float32)], dim=1)  # (B, C + 1, S, S)
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced atomically)."""
-        from ipa_core.persist import save_pretrained
-
-        return save_pretrained(self, out_dir)
-
+    # save_pretrained / from_pretrained (on map_location, eval mode): PretrainedMixin
     @classmethod
-    def config_from_dir(cls, path: str | Path) -> PolicyConfig:
-        raw = json.loads((Path(path) / "config.json").read_text())
-        raw.pop("model_type", None)
-        return PolicyConfig.from_dict(raw)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "PolicyNet":
-        """Load from a model dir (``config.json`` + ``model.safetensors``) or a run dir holding ``model/``."""
-        from ipa_core.persist import load_pretrained
-
-        hint = f"train one with `boed train-policy --out {shlex.quote(str(path))}`"
-        return load_pretrained(cls, path, map_location, what="scan policy", hint=hint).to(map_location).eval()
+    def pretrained_hint(cls, path: str | Path) -> str:
+        return f"train one with `boed train-policy --out {shlex.quote(str(path))}`"
 
 
 def masked_logits(logits: Tensor, skip: Tensor) -> Tensor:
@@ -156,15 +143,13 @@ def masked_logits(logits: Tensor, skip: Tensor) -> Tensor:
     return logits.masked_fill(skip.to(logits.device), MASKED_LOGIT)
 
 
-class AmortisedPolicy:
+class AmortisedPolicy(Policy):
     """A trained :class:`PolicyNet` as a scan policy: one forward pass per decision, argmax over the
     candidates not yet fully observed (ties -> lowest index). Deterministic: ``generator`` is unused.
 
     When nothing is observed and the config holds ``first_location`` (the distilled teacher's t = 1
     choice, the same for every image) that location is scanned, as greedy EIG-IPA does.
     """
-
-    observes_everything = False
 
     def __init__(self, net: PolicyNet, device: torch.device | str | None = None, name: str | None = None):
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
@@ -175,20 +160,20 @@ class AmortisedPolicy:
         self.name = name or POLICY_NAMES[net.config.method]
 
     @torch.inference_mode()
-    def logits(self, state) -> tuple[Tensor, Tensor]:
+    def logits(self, state: ScanState) -> tuple[Tensor, Tensor]:
         """``(masked logits (B, L), skip (B, L))`` of a :class:`boed.policies.ScanState`."""
         mask = state.mask.to(self.device)
         skip = self.geometry.fully_observed(mask)  # (B, L)
         return masked_logits(self.net(self.net.observe(state.x_obs, mask)).float(), skip), skip
 
     @torch.inference_mode()
-    def probs(self, state) -> Tensor:
+    def probs(self, state: ScanState) -> Tensor:
         """pi(l | state) ``(B, L)`` on the CPU, 0 on fully observed candidates (the first-scan rule aside)."""
         logits, skip = self.logits(state)
         return torch.softmax(logits, dim=1).masked_fill(skip, 0.0).cpu()
 
     @torch.inference_mode()
-    def next_locations(self, state, generator: torch.Generator | None = None) -> Tensor:
+    def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
         logits, skip = self.logits(state)
         out = logits.argmax(dim=1)  # (B,) first maximum on ties
         first = self.config.first_location

@@ -15,14 +15,17 @@ import torch
 from matplotlib.figure import Figure
 
 from boed.geometry import ScanGeometry
+from boed.heatmaps import _save, draw_grid_heatmap, draw_observation, plot_summary, scan_out_dir
+from boed.policies import GreedyPolicy, scan_start
+from boed.samplers import IPASampler
 from xray.io import atomic_write_json
+
+from .network import load_policy
 
 
 def plot_policy_step(path, geometry: ScanGeometry, x_obs, mask, probs, chosen: int, x_after, mask_after,
                      locations_before=(), eig=None, title: str = "", dpi: int = 110) -> None:
     """Observation, pi heatmap (red x on the choice), EIG heatmap if given, state after the scan."""
-    from boed.heatmaps import _save, draw_grid_heatmap, draw_observation
-
     cols = 4 if eig is not None else 3
     fig = Figure(figsize=(2.3 * cols, 2.5))
     axes = fig.subplots(1, cols)
@@ -42,14 +45,6 @@ def plot_policy_step(path, geometry: ScanGeometry, x_obs, mask, probs, chosen: i
 def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source: str, illness, device,
                first_sampler=None) -> int:
     """The scan loop of `boed run --policy` (``x`` uint8 (1, C, S, S); ``ipa`` may be None: no EIG maps)."""
-    from boed.heatmaps import plot_summary
-    from boed.policies import GreedyPolicy, scan_start
-    from boed.samplers import IPASampler
-
-    from boed.commands.run import scan_out_dir
-
-    from .network import load_policy
-
     S, C = avp.config.image_size, avp.config.in_channels
     geometry = ScanGeometry(S)
     policy = load_policy(policy_dir, illness, geometry, device)

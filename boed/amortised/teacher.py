@@ -89,19 +89,6 @@ class TeacherConfig:
         return asdict(self)
 
 
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n); None -> torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    if spec is None:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        i, n = (int(v) for v in spec.split("/"))
-    except ValueError:
-        raise UserError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise UserError(f"--shard {spec}: need 0 <= I < N")
-    return i, n
-
-
 def image_indices(n_train: int, cfg: TeacherConfig) -> Tensor:
     """The training images the teacher visits: a seeded random subset, ``(min(n_images, n_train),)``."""
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))

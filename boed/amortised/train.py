@@ -3,8 +3,7 @@
 - :func:`train_distilled`: teacher data (greedy EIG-IPA, :mod:`boed.amortised.teacher`) in
   ``OUT/teacher/``, then the student with :func:`ipa_core.trainer.fit` (checkpoints, resume,
   EMA) into ``OUT/model/``; validation agreement and EIG regret in ``OUT/eval.json``.
-- :func:`train_gdfs`: the GDFS selector (:mod:`baselines.gdfs`, imported lazily: boed does not
-  depend on baselines) trained with the AVP-CNN as predictor, into ``OUT/model/``.
+- :func:`train_gdfs`: the GDFS selector (:mod:`boed.amortised.gdfs`) trained with the AVP-CNN as predictor, into ``OUT/model/``.
 """
 
 from __future__ import annotations
@@ -18,42 +17,35 @@ from pathlib import Path
 import torch
 
 from boed.geometry import ScanGeometry
+from boed.policies import GreedyPolicy, ScanState
+from boed.samplers import DatasetSampler, IPASampler
+from ipa_core.persist import weights_digest
 from ipa_core.seeding import seeded
+from ipa_core.trainer import TrainConfig, fit
 from xray.errors import UserError
 from xray.labels import resolve_illness
 
+from .distill import DistillTask, auto_tau
+from .gdfs import GDFSTask, build_gdfs
 from .network import PolicyConfig, PolicyNet
+from .teacher import TeacherStates, generate_teacher_data, missing_shards
 
 log = logging.getLogger(__name__)
 
 
 def distill_defaults():
-    from ipa_core.trainer import TrainConfig
-
     return TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, weight_decay=1e-4, ema_rate=0.99,
                        grad_clip=10.0, skip_threshold=None, log_every=50, sample_every=10**9, ckpt_every=250)
 
 
 def gdfs_defaults():
-    from ipa_core.trainer import TrainConfig
-
     return TrainConfig(steps=600, batch_size=24, lr=1e-3, warmup=50, weight_decay=1e-4, ema_rate=0.99,
                        grad_clip=10.0, skip_threshold=None, log_every=50, sample_every=10**9, ckpt_every=200)
-
-
-def model_digest(path: str | Path) -> str:
-    """Digest of the weights of the model in ``path`` (a model or run dir)."""
-    from ipa_core.persist import WEIGHTS_NAME, resolve_model_dir
-    from xray.provenance import file_digest
-
-    return file_digest(resolve_model_dir(path) / WEIGHTS_NAME)
 
 
 def _wait_for_shards(teacher_dir: Path, cfg, poll_s: float = 10.0) -> None:
     """Under torchrun: wait until every worker has written its shards (they are files, so no
     process group is needed yet)."""
-    from .teacher import missing_shards
-
     t0 = time.time()
     while missing := missing_shards(teacher_dir, cfg):
         if time.time() - t0 > 60:
@@ -68,19 +60,11 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
                     progress: bool = True) -> dict | None:
     """Teacher data then student; returns the validation metrics, or None when this worker's
     shards are done but other workers' are missing (``--shard i/n``: rerun without it to train)."""
-    from ipa_core.trainer import fit
-
-    from boed.policies import GreedyPolicy, ScanState
-    from boed.samplers import DatasetSampler, IPASampler
-
-    from .distill import DistillTask, auto_tau
-    from .teacher import TeacherStates, generate_teacher_data
-
     out = Path(out)
     illness = resolve_illness(teacher_cfg.illness)
     S, C = avp.config.image_size, avp.config.in_channels
     geometry = ScanGeometry(S)
-    provenance = {"ipa": model_digest(ipa_path), "avp": model_digest(avp_path),
+    provenance = {"ipa": weights_digest(ipa_path), "avp": weights_digest(avp_path),
                   "data": getattr(train_set, "fingerprint", None)}
     teacher = GreedyPolicy(avp, IPASampler(ipa, temperature=teacher_cfg.temperature), illness, geometry,
                            n_samples=teacher_cfg.n_samples, first_sampler=DatasetSampler(train_set), device=device)
@@ -126,11 +110,8 @@ def train_distilled(out: str | Path, ipa, avp, ipa_path, avp_path, train_set, te
 def train_gdfs(out: str | Path, avp, avp_path, train_set, test_set, illness: str, gdfs_cfg, train_cfg,
                arch: str = "small", width: int = 16, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """GDFS selector with the AVP-CNN as predictor; returns the end-of-run AUROC per t."""
-    from baselines.gdfs import GDFSTask, build_gdfs
-    from ipa_core.trainer import fit
-
     geometry = ScanGeometry(avp.config.image_size)
-    provenance = {"avp": model_digest(avp_path), "data": getattr(train_set, "fingerprint", None),
+    provenance = {"avp": weights_digest(avp_path), "data": getattr(train_set, "fingerprint", None),
                   "gdfs": gdfs_cfg.to_dict()}
     with seeded(train_cfg.seed):  # the initial weights depend on the seed alone
         model = build_gdfs(avp, resolve_illness(illness).name, geometry, arch, width, gdfs_cfg, provenance)

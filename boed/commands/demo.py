@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from boed.demo import DemoOptions, PROFILES, STAGES, run_demo
+from boed.demo_publish import publish
 from xray.chestmnist import find_npz
 from xray.cli_base import add_device_arg, check_output, comma_list, device_flag
 from xray.dataset import DATA_NAMES
@@ -37,8 +39,6 @@ CPU_DEMO_MINUTES = 20  # cpu profile on 2 idle CPU cores: 18.4 min measured in s
 
 
 def configure(p) -> None:
-    from boed.demo import PROFILES, STAGES
-
     p.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default: runs/demo)")
     p.add_argument("--data", choices=DATA_NAMES, default=None,
                    help="phantom, chestxray (an NIH-format folder) or chestmnist (MedMNIST's chestmnist_S.npz: the NIH "
@@ -82,9 +82,6 @@ def configure(p) -> None:
 
 
 def main(args) -> int:
-    from boed.demo import PROFILES, DemoOptions, run_demo
-    from boed.demo_publish import publish
-
     if args.quick and args.profile not in (None, "quick"):
         raise UserError(f"--quick is --profile quick, but --profile {args.profile} was given too; pass one of them")
     profile = PROFILES["quick" if args.quick else args.profile or "cpu"]

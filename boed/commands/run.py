@@ -29,13 +29,22 @@ from pathlib import Path
 
 import torch
 
+from boed.amortised.run import run_policy
+from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
+from boed.heatmaps import plot_decision, plot_summary, scan_out_dir
+from boed.policies import GreedyPolicy, scan_start
+from boed.samplers import DatasetSampler, IPASampler
+from ipa_core.ipa import IPA
 from ipa_core.persist import model_digest
+from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.chestmnist import holds_chestmnist
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, parse_device
+from xray.cache import resize_square
+from xray.dataset import DATA_RECORD, add_data_args, dataset_from_args
 from xray.errors import UserError
-from xray.dataset import DATA_RECORD  # data.json: what a training run was trained on
-from xray.io import atomic_write_json, ensure_writable_dir
+from xray.imageio import read_image
+from xray.io import atomic_write_json
 from xray.labels import resolve_illness
 
 HELP = "choose scan locations for one image by EIG (greedy BOED with IPA completions)"
@@ -47,8 +56,6 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from xray.dataset import add_data_args
-
     parser.add_argument("--illness", default="effusion", help="target: a pathology, 'any finding' or 'no finding' (default: effusion)")
     parser.add_argument("--scans", type=int, default=5, help="number of patches to scan, T (default: 5)")
     src = parser.add_mutually_exclusive_group()
@@ -97,12 +104,8 @@ def _require_model_dir(path: str, default: str, what: str, make: str) -> Path:
 
 def load_models(ipa_path: str, avp_path: str, device: torch.device):
     """``(ipa, avp, S)``; one-line errors for missing models or different image sizes."""
-    from boed.classifier import AVPClassifier
-
     avp_dir = _require_model_dir(avp_path, DEFAULT_AVP, "AVP", f"boed train-avp --out {shlex.quote(str(avp_path))}")
     ipa_dir = _require_model_dir(ipa_path, DEFAULT_IPA, "IPA", f"ipa_core train --stage ipa --vae VAE_RUN --out {shlex.quote(str(ipa_path))}")
-    from ipa_core.ipa import IPA
-    from ipa_core.trainer import DAMAGED, check_finite_weights
 
     avp = AVPClassifier.from_pretrained(avp_dir, map_location=device).eval()
     ipa = IPA.from_pretrained(ipa_dir, map_location=device).eval()
@@ -194,9 +197,6 @@ def check_fingerprint(train_set, rec: dict | None) -> None:
 def load_image(args, S: int, channels: int):
     """``(x uint8 (1, C, S, S), label row or None, source name)`` from --image or --index."""
     if args.image is not None:
-        from xray.cache import resize_square
-        from xray.imageio import read_image
-
         arr = resize_square(read_image(args.image), S)  # uint8 (S, S)
         x = torch.from_numpy(arr.copy())[None, None]  # (1, 1, S, S)
         labels, source = None, Path(args.image).stem
@@ -215,35 +215,11 @@ def load_image(args, S: int, channels: int):
 
 
 def _dataset(args, S: int, split: str):
-    from xray.dataset import dataset_from_args
-
     if args.image_size is None:
         args.image_size = S
     elif args.image_size != S:
         raise UserError(f"--image-size {args.image_size} differs from the models' {S} px; drop the flag or use matching models")
     return dataset_from_args(args, split)
-
-
-RUN_OUTPUTS = ("step_*.png", "summary.png", "scans.json")  # what a scan run writes, and so owns, in --out
-
-
-def scan_out_dir(out: str | Path, data_root: str | Path | None = None) -> Path:
-    """The output folder of a scan run, ready to write: refused inside a data folder (``--data-root``,
-    or any folder holding an NIH label CSV or a ChestMNIST file: PNGs must not land among x-rays),
-    and cleared of what an earlier run wrote there (its ``step_*.png`` of later scans would otherwise
-    stay beside the new ones). Other files in it are left alone."""
-    p = Path(out).expanduser().resolve()
-    roots = [Path(data_root).expanduser().resolve()] if data_root is not None else []
-    for folder in (p, *p.parents):
-        if folder in roots or (folder.is_dir() and (any(folder.glob("Data_Entry_2017*.csv*")) or holds_chestmnist(folder))):
-            raise UserError(f"--out {out} is inside the data folder {folder}; write scans outside it (e.g. --out runs/scan)")
-    p = ensure_writable_dir(out)
-    stale = [f for pattern in RUN_OUTPUTS for f in p.glob(pattern) if f.is_file()]
-    for f in stale:
-        f.unlink()
-    if stale:
-        log.info("removed %d output file(s) of an earlier run in %s", len(stale), p)
-    return p
 
 
 def check_run_flags(args: argparse.Namespace) -> None:
@@ -258,10 +234,6 @@ def check_run_flags(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from boed.heatmaps import plot_decision, plot_summary
-    from boed.policies import GreedyPolicy, scan_start
-    from boed.samplers import DatasetSampler, IPASampler
-
     illness = resolve_illness(args.illness)
     check_run_flags(args)
     device = parse_device(args.device)
@@ -339,10 +311,6 @@ def main(args: argparse.Namespace) -> int:
 def _run_policy(args, illness, device: torch.device) -> int:
     """`--policy RUN_POL`: the amortised policy chooses every scan; greedy EIG-IPA's EIG map of the
     same state is drawn beside it when an IPA model is available at --ipa."""
-    from boed.amortised.run import run_policy
-    from boed.classifier import AVPClassifier
-    from boed.samplers import DatasetSampler
-
     ipa_here = any((Path(args.ipa) / sub / "config.json").is_file() for sub in ("", "model"))
     if ipa_here:
         ipa, avp, S = load_models(args.ipa, args.avp, device)

@@ -19,6 +19,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from boed import study
+from boed.commands import demo
+from boed.demo import PROFILES
+from boed.study import DEFAULT_REPEATS, DEFAULT_STATES, STUDY_ILLNESSES
+from xray.cli_base import parse_device
 from xray.errors import UserError
 
 HELP = "completer study (does the completion model matter?) and training-seed robustness"
@@ -28,9 +33,6 @@ DEFAULT_DEVICE = "auto"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from boed.demo import PROFILES
-    from boed.study import DEFAULT_REPEATS, DEFAULT_STATES, STUDY_ILLNESSES
-
     sub = p.add_subparsers(dest="study", required=True, metavar="{completers,seeds}")
     c = sub.add_parser("completers", help="AUROC gain over Uncond of EIG with each completer, against completion quality",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +56,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _check_demo_args(extra: list[str]) -> None:
     """Refuse flags `boed demo` does not know before any demo starts (one line, nothing created)."""
-    from boed.commands import demo
-
     parser = argparse.ArgumentParser(prog="boed demo", add_help=False)
     demo.configure(parser)
     _, unknown = parser.parse_known_args([*extra, "--seed", "0", "--out", "unused"])
@@ -64,8 +64,6 @@ def _check_demo_args(extra: list[str]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from boed import study
-
     if args.study == "seeds":
         seeds = study.parse_seeds(args.seeds)
         extra = [a for a in args.demo_args if a != "--"]
@@ -76,10 +74,6 @@ def main(args: argparse.Namespace) -> int:
         print((args.out / "seeds.md").read_text())
         print(f"wrote {args.out / 'seeds.csv'}, {args.out / 'seeds.md'}, {args.out / 'seeds.png'} ({len(rows)} rows)")
         return 0
-
-    from xray.cli_base import parse_device
-
-    from boed.demo import PROFILES
 
     device = str(parse_device(args.device))  # a one-line error now, not after the training stages
     profile = PROFILES["quick" if args.quick else args.profile]

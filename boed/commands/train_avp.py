@@ -25,15 +25,22 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
+from boed.classifier import (ARCHS, AVPClassifier, AVPConfig, DEFAULT_INIT, XRV_MODELS, init_config, init_state,
+                             parse_init)
+from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig, AVPTrainTask, format_auroc_table
+from ipa_core.seeding import seeded
+from ipa_core.trainer import TrainConfig, add_train_args, fit, train_config_from_args
 from xray.cli_base import describe_train_flags, device_flag, finite_float
+from xray.dataset import add_data_args, dataset_from_args, write_data_record
 from xray.errors import UserError
+from xray.io import atomic_write_text
 
 HELP = "train the AVP-CNN classifier of partially observed images"
 
 
 def _defaults():
-    from ipa_core.trainer import TrainConfig
-
     return TrainConfig(steps=2000, batch_size=32, lr=2e-3, warmup=100, weight_decay=1e-4, ema_rate=0.995,
                        grad_clip=100.0, skip_threshold=None, log_every=50, sample_every=500, ckpt_every=500)
 
@@ -50,10 +57,6 @@ def check_fits(mcfg, device: str, batch_size: int) -> None:
     """Refuse, before anything is allocated, an AVP-CNN whose parameters (and, for the tiny net, the
     pooled features of a batch) cannot be trained in this device's memory (``--pool 1000`` is 1.4
     billion parameters: the OOM killer after a minute, no message)."""
-    import torch
-
-    from boed.classifier import AVPClassifier
-
     with torch.device("meta"):  # shapes only: no memory
         n = sum(p.numel() for p in AVPClassifier(mcfg).parameters())
     need = n * TRAIN_BYTES_PER_PARAM
@@ -71,12 +74,6 @@ def check_fits(mcfg, device: str, batch_size: int) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ipa_core.trainer import add_train_args
-    from xray.dataset import add_data_args
-
-    from boed.classifier import ARCHS, DEFAULT_INIT, XRV_MODELS, AVPConfig
-    from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig
-
     arch = _default(AVPConfig, "arch")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (model/, checkpoints/, metrics); re-run to resume")
     p.add_argument("--arch", choices=ARCHS, default=arch, help=f"backbone (default: {arch})")
@@ -113,15 +110,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ipa_core.seeding import seeded
-    from ipa_core.trainer import fit, train_config_from_args
-    from xray.dataset import dataset_from_args
-    from xray.io import atomic_write_text
-
-    from boed.classifier import AVPClassifier, AVPConfig, init_config, init_state, parse_init
-    from boed.train_avp import AVPTrainConfig, AVPTrainTask, format_auroc_table
-    from xray.dataset import write_data_record
-
     # everything is checked (and the initial weights loaded) before a file or folder is created
     args.device = device_flag(args.device)  # checked before anything is created
     if args.eval_images < 0:

@@ -27,10 +27,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
-from xray.cli_base import MAX_TEMPERATURE, finite_float
+from boed.amortised.gdfs import PREDICTOR_MODES, GDFSConfig
+from boed.amortised.network import ARCHS, METHODS, PolicyConfig
+from boed.amortised.teacher import TeacherConfig
+from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
+from boed.classifier import AVPClassifier
+from boed.geometry import ScanGeometry
+from ipa_core.ipa import IPA
+from ipa_core.trainer import add_train_args, train_config_from_args
+from xray.cli_base import DEVICE_HELP, MAX_TEMPERATURE, finite_float, parse_device, parse_shard, set_help
+from xray.dataset import add_data_args, dataset_from_args
 from xray.errors import UserError
+from xray.io import atomic_write_json
+from xray.labels import resolve_illness
 
 HELP = "train an amortised scan policy (distilled EIG-IPA, or the GDFS peer)"
 DEFAULT_IPA = "runs/demo/ipa"
@@ -38,15 +50,6 @@ DEFAULT_AVP = "runs/demo/avp"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from baselines.gdfs import GDFSConfig
-    from xray.cli_base import DEVICE_HELP, set_help
-    from ipa_core.trainer import add_train_args
-    from xray.dataset import add_data_args
-
-    from boed.amortised.network import ARCHS, METHODS, PolicyConfig
-    from boed.amortised.teacher import TeacherConfig
-    from boed.amortised.train import distill_defaults
-
     t, g, pc = TeacherConfig(), GDFSConfig(), PolicyConfig()
     p.add_argument("--method", required=True, help=f"which policy: {' or '.join(METHODS)}")
     p.add_argument("--illness", default="effusion", help="the task the policy scans for (default: effusion)")
@@ -82,12 +85,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _load_models(args, method: str, device):
     """``(avp, ipa or None)``, one-line errors for missing models and mismatched sizes."""
-    from boed.classifier import AVPClassifier
-
     ipa = None
     if method == "distill":
-        from ipa_core.ipa import IPA
-
         try:
             ipa = IPA.from_pretrained(args.ipa, map_location=device).eval()
         except UserError as e:
@@ -108,17 +107,6 @@ def _load_models(args, method: str, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from baselines.gdfs import PREDICTOR_MODES, GDFSConfig
-    from ipa_core.trainer import train_config_from_args
-    from xray.cli_base import parse_device
-    from xray.dataset import dataset_from_args
-    from xray.io import atomic_write_json
-    from xray.labels import resolve_illness
-
-    from boed.amortised.network import ARCHS, METHODS
-    from boed.amortised.teacher import TeacherConfig, parse_shard
-    from boed.amortised.train import distill_defaults, gdfs_defaults, train_distilled, train_gdfs
-
     # validate everything before anything is written
     method = args.method.strip().lower()
     if method not in METHODS:
@@ -133,8 +121,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; pass a folder path")
-    torchrun = args.shard is None and "WORLD_SIZE" in __import__("os").environ
-    shard = parse_shard(args.shard)
+    torchrun = args.shard is None and "WORLD_SIZE" in os.environ
+    # no --shard: each torchrun worker takes its own shard of the teacher data (RANK of WORLD_SIZE)
+    shard = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))) if args.shard is None \
+        else parse_shard(args.shard)
     device = parse_device(args.device, shard[0] if torchrun else None)
     tcfg = train_config_from_args(args, distill_defaults() if method == "distill" else gdfs_defaults())
     teacher_cfg = TeacherConfig(illness=illness.name, scans=args.scans, n_images=args.teacher_images, off_policy=args.off_policy,
@@ -147,7 +137,6 @@ def main(args: argparse.Namespace) -> int:
     if args.scans < 1:
         raise UserError(f"--scans must be >= 1, got {args.scans}")
     avp, ipa = _load_models(args, method, device)
-    from boed.geometry import ScanGeometry
 
     if args.scans > ScanGeometry(avp.config.image_size).num_locations:
         raise UserError(f"--scans {args.scans} exceeds the {ScanGeometry(avp.config.image_size).num_locations} grid locations")

@@ -10,7 +10,9 @@ import torchvision
 
 from boed.classifier import (IMAGENET_MEAN, IMAGENET_STD, AVPClassifier, AVPConfig, InitSpec, init_config, init_state,
                              load_init, parse_init)
+from boed.amortised.network import PolicyConfig, PolicyNet
 from boed.geometry import observe
+from ipa_core.persist import CONFIG_NAME, PretrainedMixin
 from xray.errors import UserError
 from xray.labels import LABELS
 
@@ -293,3 +295,20 @@ def test_init_from_full_avp_checkpoint(tmp_path):
         torch.testing.assert_close(a, b)
     dst2 = load_init(AVPClassifier(AVPConfig(arch="tiny", image_size=32)), tmp_path / "run" / "model" / "model.safetensors")
     torch.testing.assert_close(dst2.net.head.weight, src.net.head.weight)
+
+
+def test_save_load_through_the_mixin_keeps_train_config_and_refuses_other_kinds(tmp_path):
+    for cls in (AVPClassifier, PolicyNet):
+        assert issubclass(cls, PretrainedMixin) and "config_from_dir" not in vars(cls)
+    torch.manual_seed(0)
+    avp = AVPClassifier(AVPConfig(width=4))
+    avp.train_config = {"masks": "random"}
+    avp.save_pretrained(tmp_path / "avp")
+    assert json.loads((tmp_path / "avp" / CONFIG_NAME).read_text())["train_config"] == {"masks": "random"}
+    back = AVPClassifier.from_pretrained(tmp_path / "avp")
+    assert back.train_config == {"masks": "random"} and not back.training
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in avp.state_dict().items())
+    PolicyNet(PolicyConfig(width=4)).save_pretrained(tmp_path / "policy")
+    assert not PolicyNet.from_pretrained(tmp_path / "policy").training
+    with pytest.raises(UserError, match="expected 'avp-cnn'"):
+        AVPClassifier.from_pretrained(tmp_path / "policy")

@@ -41,10 +41,8 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     # a second run only re-prints the results: every stage is skipped
     first = json.loads((out / "summary.json").read_text())["timings_s"]
     capsys.readouterr()
-    t0 = time.perf_counter()
     assert _run(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert time.perf_counter() - t0 < 60
-    assert json.loads((out / "summary.json").read_text())["timings_s"] == first
+    assert json.loads((out / "summary.json").read_text())["timings_s"] == first  # no stage ran again
     assert "AUROC" in capsys.readouterr().out
 
 
@@ -54,7 +52,7 @@ def test_summary_and_publish_show_paired_differences(tmp_path):
 
     from boed.demo import DemoOptions, summarize
     from boed.demo_publish import publish
-    from boed.report import write_report
+    from boed.evaluation.report import write_report
     from xray.labels import LABELS
 
     rng = np.random.default_rng(0)

@@ -151,7 +151,7 @@ def test_greedy_choice_depends_on_the_conditional_samples():
 
 
 def test_first_choice_shared_between_policies_making_the_same_computation():
-    from baselines.policies import UncondPolicy
+    from boed.baselines.policies import UncondPolicy
     from boed.policies import FirstChoiceCache
 
     clf = SmallCNN(seed=3).eval()

@@ -1,10 +1,8 @@
 """`boed run` end to end, in-process, with tiny models saved to tmp dirs."""
 
 import dataclasses
-import importlib.util
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 
 from boed.cli import main
+from boed.commands import run as run_cmd
 from tests.boed.test_samplers import ImageSet
 
 S = 64
@@ -30,19 +29,6 @@ def models(tmp_path_factory):
     small = AVPClassifier(AVPConfig(arch="tiny", image_size=128))
     small.save_pretrained(root / "avp128")
     return root
-
-
-@pytest.fixture(autouse=True)
-def sampling(monkeypatch):
-    """Use ipa_core.sampling when it exists; until then a stand-in that draws noise completions."""
-    if importlib.util.find_spec("ipa_core.sampling") is None:
-        mod = types.ModuleType("ipa_core.sampling")
-
-        def sample_completions(model, x_obs, m, n, t=1.0, generator=None, paste=True, autocast=False):
-            return torch.randint(0, 256, (x_obs.shape[0], n, *x_obs.shape[1:]), dtype=torch.uint8, generator=generator)
-
-        mod.sample_completions = sample_completions
-        monkeypatch.setitem(sys.modules, "ipa_core.sampling", mod)
 
 
 @pytest.fixture
@@ -85,8 +71,6 @@ def test_run_on_png_prints_choices_and_writes_figures(models, image_png, tmp_pat
 
 
 def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeypatch):
-    import xray.dataset
-
     ds = ImageSet(6, S=S)
     ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds.labels = torch.zeros(6, 15)
@@ -98,7 +82,7 @@ def test_run_by_index_uses_dataset_draws_at_t1(models, tmp_path, capsys, monkeyp
         asked.append((split, args.image_size))
         return ds
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    monkeypatch.setattr(run_cmd, "dataset_from_args", fake)
     out = tmp_path / "idx"
     code, stdout, err = run(["--illness", "effusion", "--scans", "1", "--index", "2", "--ipa", str(models / "ipa"),
                              "--avp", str(models / "avp"), "--n-samples", "2", "--out", str(out), "--no-figures",
@@ -154,8 +138,6 @@ def test_default_model_paths_name_the_demo_command(tmp_path, capsys, monkeypatch
 
 def _fake_data(monkeypatch, fingerprint="fp-train"):
     """Replace dataset_from_args; returns the list of (split, data, data_root, cache_dir) asked for."""
-    import xray.dataset
-
     ds = ImageSet(6, S=S)
     ds.images = torch.randint(0, 256, (6, 1, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds.labels = torch.zeros(6, 15)
@@ -167,7 +149,7 @@ def _fake_data(monkeypatch, fingerprint="fp-train"):
         asked.append((split, args.data, None if args.data_root is None else str(args.data_root), args.cache_dir))
         return ds
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    monkeypatch.setattr(run_cmd, "dataset_from_args", fake)
     return asked
 
 
@@ -241,7 +223,7 @@ def test_run_device_uses_the_shared_parser(models, image_png, tmp_path, capsys, 
 
 
 def test_scan_output_folder_is_cleared_of_an_earlier_run_and_never_inside_data(tmp_path):
-    from boed.commands.run import scan_out_dir
+    from boed.heatmaps import scan_out_dir
     from tests.xray.conftest import make_nih
     from xray.errors import UserError
 

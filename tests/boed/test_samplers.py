@@ -1,9 +1,7 @@
-import sys
-import types
-
 import pytest
 import torch
 
+import boed.samplers
 from boed.samplers import DatasetSampler, IPASampler, paste_observed
 from xray.errors import UserError
 
@@ -69,9 +67,7 @@ def test_ipa_sampler_calls_sample_completions_in_bounded_batches(monkeypatch):
         out = torch.randint(0, 256, (x_obs.shape[0], n, *x_obs.shape[1:]), dtype=torch.uint8, generator=generator)
         return paste_observed(out, x_obs, m) if paste else out
 
-    mod = types.ModuleType("ipa_core.sampling")
-    mod.sample_completions = fake_sample_completions
-    monkeypatch.setitem(sys.modules, "ipa_core.sampling", mod)
+    monkeypatch.setattr(boed.samplers, "sample_completions", fake_sample_completions)
     sampler = IPASampler(model=object(), temperature=0.5, paste=True, max_batch=8)
     x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     m = torch.zeros(5, 1, 8, 8)

@@ -232,15 +232,14 @@ def test_completer_study_orchestration_skips_done_stages_and_resumes(tmp_path, n
 
 
 def test_study_evaluate_arguments_parse_with_the_evaluate_command(tmp_path):
-    """The evaluation stage's argv is valid for `boed evaluate` (once it has --ipar/--ipa-under/--repeats)."""
+    """The evaluation stage's argv is valid for `boed evaluate` (which has --ipar/--ipa-under/--repeats)."""
     from boed.commands import evaluate
     from boed.demo import PROFILES, DemoOptions
 
     parser = argparse.ArgumentParser()
     evaluate.configure(parser)
     known = {a for act in parser._actions for a in act.option_strings}
-    if not {"--ipar", "--ipa-under", "--repeats"} <= known:
-        pytest.skip("boed evaluate has no --ipar/--ipa-under/--repeats yet (issue 10 protocol work)")
+    assert {"--ipar", "--ipa-under", "--repeats"} <= known
     opts = study.StudyOptions(out=tmp_path, profile=PROFILES["quick"])
     dopts = DemoOptions(out=tmp_path, profile=PROFILES["quick"], illnesses=opts.illnesses)
     (argv,) = [st.argv for st in study.study_stages(opts, dopts) if st.name.startswith("study-eval/")]

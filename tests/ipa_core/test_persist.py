@@ -1,4 +1,5 @@
-"""save_pretrained / from_pretrained: digests recorded and checked, normal permissions, clean errors."""
+"""ipa_core/persist.py: the one save/load mixin every model inherits (round trip, strict load, errors),
+its digests recorded and checked, normal permissions, clean errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from ipa_core import VAE
-from ipa_core.persist import model_digest, save_pretrained
+from ipa_core.ipa import IPA
+from ipa_core.persist import CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin, model_digest, save_pretrained, weights_digest
+from tests.ipa_core.test_vae import small
 from tests.ipa_core.test_trainer import micro_cfg
 from xray.errors import UserError
 from xray.integrity import FOLDER_DIGEST, DamagedError
@@ -104,3 +107,35 @@ def test_full_disk_on_save_is_one_line(saved, monkeypatch):
         save_pretrained(VAE(micro_cfg()), saved)
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in saved.parent.iterdir()) == before  # the old model kept, no temp folder
+
+
+
+
+def own_names(cls) -> set[str]:
+    """What ``cls`` and its bases below the mixin define themselves."""
+    mro = cls.__mro__
+    return {name for klass in mro[:mro.index(PretrainedMixin)] for name in vars(klass)}
+
+
+@pytest.mark.parametrize("cls", [VAE, IPA])
+def test_models_inherit_the_mixin_without_their_own_copy(cls):
+    assert issubclass(cls, PretrainedMixin)
+    assert not {"config_from_dir", "save_pretrained"} & own_names(cls)
+
+
+def test_round_trip_is_exact_and_strict(tmp_path):
+    vae = small()
+    vae.save_pretrained(tmp_path / "vae" / "model")  # a run dir holding model/
+    assert json.loads((tmp_path / "vae" / "model" / CONFIG_NAME).read_text())["model_type"] == "vae"
+    back = VAE.from_pretrained(tmp_path / "vae")
+    assert back.config == vae.config
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    assert weights_digest(tmp_path / "vae") == weights_digest(tmp_path / "vae" / "model")
+    with pytest.raises(UserError, match="unconditional VAE"):
+        IPA.from_pretrained(tmp_path / "vae")
+    with pytest.raises(UserError, match="does not exist"):
+        VAE.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "vae" / "model" / WEIGHTS_NAME).write_bytes(b"broken")
+    with pytest.raises(UserError, match="damaged"):
+        VAE.from_pretrained(tmp_path / "vae")

@@ -121,7 +121,6 @@ def test_import_official_starts_from_the_checkpoint(tmp_path, fake_data, monkeyp
 
 
 def test_ipa_stage_uses_the_trained_vae(tmp_path, fake_data):
-    pytest.importorskip("ipa_core.ipa_task")
     vae_run = tmp_path / "vae"
     assert run(["--stage", "vae", "--config", "micro", "--out", str(vae_run), *FAST]) == 0
     assert run(["--stage", "ipa", "--vae", str(vae_run), "--out", str(tmp_path / "ipa"), *FAST]) == 0

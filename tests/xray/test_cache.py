@@ -45,7 +45,7 @@ def test_prepare_writes_images_labels_manifest(tiny_nih, tmp_path):
     assert not (out / "progress.json").exists()
 
 
-def test_default_out_and_idempotent(tiny_nih, monkeypatch):
+def test_default_location_and_idempotent(tiny_nih, monkeypatch):
     out = cache.prepare(tiny_nih, S, workers=0, progress=False)
     assert out == tiny_nih / f"prepared-{S}"
     before = (out / "manifest.json").read_text()

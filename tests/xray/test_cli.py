@@ -134,9 +134,6 @@ def test_phantom_command_wiring(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_phantom_command_real_generator(tmp_path, capsys):
-    phantom = pytest.importorskip("xray.phantom")
-    if not hasattr(phantom, "generate"):
-        pytest.skip("xray.phantom.generate is not written yet")
     code, out, err = run(["phantom", "--out", str(tmp_path / "ph"), "--n", "6", "--size", "32", "--seed", "3",
                           "--workers", "1", "--no-progress"], capsys)
     assert code == 0, err

@@ -1,7 +1,12 @@
+import argparse
+import sys
+import types
+import warnings
+
 import pytest
 import torch
 
-from xray.cli_base import parse_device
+from xray.cli_base import ArgumentParser, finite_float, make_main, parse_device, parse_shard, run_command
 from xray.errors import UserError
 
 
@@ -24,10 +29,6 @@ def test_parse_device_cuda_without_cuda():
 
 
 def test_finite_float_known_answers_and_one_line_refusals(capsys):
-    import argparse
-
-    from xray.cli_base import ArgumentParser, finite_float
-
     p = ArgumentParser(prog="x")
     p.add_argument("--t", type=finite_float(0, 10, lo_open=True), default=1.0)
     p.add_argument("--clip", type=finite_float(0, lo_open=True, none=True), default=argparse.SUPPRESS)
@@ -43,12 +44,6 @@ def test_finite_float_known_answers_and_one_line_refusals(capsys):
 
 
 def test_console_scripts_print_warnings_as_one_line(monkeypatch):
-    import sys
-    import types
-    import warnings
-
-    from xray.cli_base import make_main
-
     seen = []
     mod = types.ModuleType("fake_warn_cmd")
     mod.HELP = "warns"
@@ -63,3 +58,22 @@ def test_console_scripts_print_warnings_as_one_line(monkeypatch):
         assert e.value.code == 0 and warnings.formatwarning is before  # restored after the command
     assert seen[0] == "warning: the cache is old\n"
     assert "/x/y.py:3" in seen[1]  # -v: Python's own form, with file and line
+
+
+def test_parse_shard_known_answers():
+    assert parse_shard("2/4") == (2, 4) and parse_shard("0/1") == (0, 1) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "a/b", "1", "1/0", "-1/3"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_run_command_parses_like_the_cli_and_raises_on_a_failing_status(monkeypatch):
+    seen = []
+    mod = types.ModuleType("fake_command")
+    mod.configure = lambda p: p.add_argument("--n", type=int, required=True)
+    mod.main = lambda args: seen.append(args.n) or (0 if args.n < 5 else 3)
+    monkeypatch.setitem(sys.modules, "fake_command", mod)
+    run_command("fake_command", ["--n", 2])  # argv items are turned into strings
+    assert seen == [2]
+    with pytest.raises(UserError, match="fake_command exited with status 3"):
+        run_command("fake_command", ["--n", "7"])

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.xray.conftest import make_nih
-from xray import cache, dataset, nih
+from xray import cache, dataset, nih, phantom
 from xray.dataset import XrayDataset, add_data_args, dataset_from_args, open_dataset
 from xray.errors import UserError
 from xray.labels import LABELS, PATHOLOGIES
@@ -139,7 +139,6 @@ def test_shared_cli_flags(tiny_nih, tmp_path):
 @pytest.mark.slow
 def test_default_phantom_end_to_end(tmp_path):
     """The real generator: 8000 phantom images, prepared at 64 px (minutes on 2 cores)."""
-    phantom = pytest.importorskip("xray.phantom")
     ds = open_dataset("phantom", size=64, split="train", cache_dir=tmp_path, progress=False)
     assert ds.image_size == 64 and len(ds) > 0.7 * dataset.DEFAULT_PHANTOM_N
     x = ds.get_batch(range(16))
@@ -204,7 +203,6 @@ def test_flags_reach_open_dataset_and_prepare_cli_cache_is_what_commands_read(tm
 def test_partial_nih_folder_runs_training_and_evaluation(tmp_path):
     """A generated NIH-format folder whose full CSV lists more images than are present (a partial
     download): `xray prepare --present-only`, then training and `boed evaluate` open it (~1 min)."""
-    phantom = pytest.importorskip("xray.phantom")
     from boed.cli import main as boed_main
     from ipa_core.cli import main as ipa_main
     from xray.cli import main as xray_main

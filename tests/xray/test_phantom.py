@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xray import nih
 from xray.errors import UserError
 from xray.labels import NO_FINDING, PATHOLOGIES
 from xray.phantom import DEMO_PREVALENCE, contact_sheet, generate, render_meta
@@ -46,7 +47,6 @@ def test_layout_header_and_fields(folder):
 
 
 def test_loads_through_nih_reader(folder):
-    nih = pytest.importorskip("xray.nih")
     df = nih.read_labels(folder / "Data_Entry_2017_v2020.csv")
     assert len(df) == N
     boxes = nih.read_bboxes(folder / "BBox_List_2017.csv")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from baselines.policies import FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
+from boed.baselines.policies import FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
 from boed.estimators import binary_entropy
 from boed.geometry import observe
 from boed.policies import Policy, ScanState

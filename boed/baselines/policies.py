@@ -1,4 +1,4 @@
-"""Baseline scan policies of the paper (appendix I.2), behind :class:`boed.policies.Policy`.
+"""Baseline scan policies of the paper (appendix I.2), subclasses of :class:`boed.policies.Policy`.
 
 - :class:`RandomPolicy`: a uniformly random location not yet fully observed, each step.
 - :class:`UncondPolicy`: greedy EIG (eq. 67) with x(n) drawn from the dataset, not conditioned on
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from boed import estimators
 from boed.geometry import ScanGeometry
-from boed.policies import FirstChoiceCache, ScanState, first_choice_key, select
+from boed.policies import FirstChoiceCache, Policy, ScanState, first_choice_key, select
 from boed.scoring import DEFAULT_AMP, candidate_probs, model_device, prepare_classifier, sequence_probs
 from xray.errors import UserError
 from xray.labels import Illness, resolve_illness
@@ -29,10 +29,8 @@ def _illness(illness) -> Illness:
     return illness if isinstance(illness, Illness) else resolve_illness(illness)
 
 
-class RandomPolicy:
+class RandomPolicy(Policy):
     """Uniformly random location among those not yet fully observed."""
-
-    observes_everything = False
 
     def __init__(self, geometry: ScanGeometry, name: str = "random"):
         self.geometry = geometry
@@ -44,8 +42,8 @@ class RandomPolicy:
         return select(u, skip, maximize=True)
 
 
-class _UncondBase:
-    observes_everything = False
+class _UncondBase(Policy):
+    """What Uncond and non-greedy Uncond share: N unconditional dataset draws scored by the classifier."""
 
     def __init__(self, classifier, dataset_sampler, illness, geometry: ScanGeometry, n_samples: int,
                  chunk_size: int | None, device, channels_last: bool, amp: bool,
@@ -207,7 +205,7 @@ class NonGreedyUncondPolicy(_UncondBase):
         return self.budget_set(self.scans, generator)[:T]
 
 
-class FullImagePolicy:
+class FullImagePolicy(Policy):
     """Upper bound: the evaluator classifies the whole image at every t (no locations chosen)."""
 
     observes_everything = True

@@ -1,3 +1,5 @@
+"""boed/incremental/chain.py and graph.py: both engines give the full path's logits (known answers, wrong windows fail)."""
+
 import logging
 
 import pytest
@@ -6,7 +8,8 @@ from torch import nn
 
 from boed.classifier import AVPClassifier, AVPConfig
 from boed.geometry import ScanGeometry, observe
-from boed.incremental import PatchIncrementalGraph, PatchIncrementalNet, from_module, graph_from_module, incremental_for
+from boed.incremental import (MIN_SAVING, PatchIncrementalGraph, PatchIncrementalNet, from_module, graph_from_module,
+                              incremental_for)
 from boed.scoring import candidate_probs, fold_batchnorm, prepare_classifier
 from xray.labels import NUM_LABELS, resolve_illness
 
@@ -346,8 +349,6 @@ def test_candidate_probs_takes_the_graph_path_for_resnet():
 def test_graph_windows_are_used_only_where_they_save_compute():
     """At 64 px ResNet-18's windows cover almost the whole map (the full path is faster); at 256 px
     they save about 1.85x: only there does the default choose them."""
-    from boed.incremental import MIN_SAVING, from_module
-
     inc = from_module(prepare_classifier(backbone("resnet18", 64, seed=4), CPU))
     assert inc.flops(ScanGeometry(64))["ratio"] < MIN_SAVING and not inc.worthwhile(ScanGeometry(64))
     assert inc.flops(ScanGeometry(256))["ratio"] >= MIN_SAVING and inc.worthwhile(ScanGeometry(256))

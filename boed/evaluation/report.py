@@ -32,6 +32,7 @@ import numpy as np
 from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
 
+from .methods import METHODS
 from .metrics import paired_auroc_diff, summarize
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,9 @@ PAIRED_COLUMNS = ("method", "baseline", "illness", "t", "diff", "diff_lo", "diff
                   "repeats")
 CROSS_COLUMNS = ("method", "scan_task", "score_task", "t", "auroc", "auroc_lo", "auroc_hi", "auroc_sd_repeats", "nll",
                  "n", "repeats")
-METHOD_ORDER = ("eig-ipa", "eig-ipar", "eig-ipa-under", "eig-retrieval", "epe-ipa", "uncond", "nongreedy", "random", "full")
-METHOD_LABELS = {"eig-ipa": "EIG-IPA", "epe-ipa": "EPE-IPA", "uncond": "Uncond", "nongreedy": "Non-greedy uncond",
-                 "random": "Random", "full": "Full image", "eig-ipar": "EIG-IPA-R", "eig-retrieval": "EIG-retrieval",
-                 "eig-ipa-under": "EIG-IPA (under-trained)"}
-METHOD_STYLE = {"eig-ipa": ("C0", "-"), "epe-ipa": ("C1", "-"), "uncond": ("C2", "--"), "nongreedy": ("C4", "--"),
-                "random": ("C5", ":"), "full": ("k", "-."), "eig-ipar": ("C3", "-"), "eig-retrieval": ("C6", "-"),
-                "eig-ipa-under": ("C9", "-")}
+METHOD_ORDER = tuple(METHODS)  # legend order
+METHOD_LABELS = {name: m.label for name, m in METHODS.items()}
+METHOD_STYLE = {name: m.style for name, m in METHODS.items()}
 
 
 def _order(methods: Iterable[str]) -> list[str]:

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from baselines.gdfs import (GDFSConfig, GDFSTask, build_gdfs, concrete_sample, gumbel_noise, temperature_at)
+from boed.amortised.gdfs import (GDFSConfig, GDFSTask, build_gdfs, concrete_sample, gumbel_noise, temperature_at)
 from boed.amortised import load_policy
 from boed.classifier import AVPClassifier, AVPConfig
 from boed.geometry import ScanGeometry
 from boed.policies import ScanState
-from tests.boed.test_amortised import Images
+from tests.boed.amortised.test_amortised import Images
 from xray.errors import UserError
 
 GEOM = ScanGeometry(32, 8, 5)
@@ -100,7 +100,7 @@ def test_rollout_loss_sums_bce_over_t_and_gradients_flow(predictor):
 
 def _soft_logits(task, model, x, masks):
     """The illness logits the rollout scored, recomputed step by step (the same Gumbel draws)."""
-    from baselines.gdfs import illness_logit
+    from boed.amortised.gdfs import illness_logit
     from boed.amortised import masked_logits
 
     g = torch.Generator().manual_seed(0)

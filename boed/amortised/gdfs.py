@@ -24,6 +24,7 @@ its choices with the shared AVP-CNN, like every other method).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,14 +32,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from boed.amortised.network import PolicyNet, masked_logits
 from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
-from boed.policies import patch_masks_of
+from boed.policies import ScanState, patch_masks_of
 from ipa_core.seeding import draw
 from xray.dataset import dataset_images
 from xray.errors import UserError
 from xray.labels import resolve_illness
+
+from .network import AmortisedPolicy, PolicyConfig, PolicyNet, masked_logits
 
 PREDICTOR_MODES = ("finetune", "frozen")
 
@@ -177,10 +179,7 @@ class GDFSTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset) -> dict[str, float]:
         """AUROC of the (trained) predictor after t = 1..T hard (argmax) selections on test images."""
-        from sklearn.metrics import roc_auc_score
-
-        from boed.amortised.network import AmortisedPolicy
-        from boed.policies import ScanState
+        from sklearn.metrics import roc_auc_score  # 1-3 s to import: only the end-of-run report needs it
 
         core: GDFSModel = getattr(model, "module", model)
         dev = next(core.parameters()).device
@@ -215,10 +214,6 @@ class GDFSTask:
 def build_gdfs(avp: AVPClassifier, illness: str, geometry: ScanGeometry, arch: str = "small", width: int = 16,
                cfg: GDFSConfig | None = None, provenance: dict | None = None) -> GDFSModel:
     """A fresh selector beside a copy of ``avp`` (the predictor), ready for :class:`GDFSTask`."""
-    import copy
-
-    from boed.amortised.network import PolicyConfig
-
     cfg = cfg or GDFSConfig()
     pc = PolicyConfig(method="gdfs", illness=illness, image_size=geometry.image_size, patch_size=geometry.patch_size,
                       grid=geometry.grid, in_channels=avp.config.in_channels, label_names=avp.config.label_names,

@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from boed.classifier import AVPClassifier, AVPConfig
-from boed.evaluate import (CONFIG_NAME, EvalConfig, RecordsWriter, evaluate, load_records, missing_records,
-                           parse_methods, parse_shard, read_records_file, records_path, select_test_indices,
-                           shard_positions)
+from boed.baselines.policies import NonGreedyUncondPolicy
+from boed.evaluation.config import CONFIG_NAME, EvalConfig, select_test_indices, t1_generator
+from boed.evaluation.loop import evaluate, shard_positions
+from boed.evaluation.methods import BuildContext, build_policies, parse_methods
+from boed.evaluation.records import RecordsWriter, load_records, missing_records, records_path
+from boed.evaluation.report import CSV_COLUMNS
+from boed.evaluation.run import finish
 from boed.geometry import ScanGeometry
+from boed.policies import Policy
+from boed.samplers import DatasetSampler
+from xray.cli_base import parse_shard
 from xray.errors import UserError
 
 S = 64
@@ -32,10 +39,10 @@ class TinySet:
         return self.images[torch.as_tensor(idx)]
 
 
-class RandomStandIn:
+class RandomStandIn(Policy):
     """Random locations from the generator (the policy's only randomness)."""
 
-    name, observes_everything = "random", False
+    name = "random"
 
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = 0, fail_after
@@ -47,16 +54,19 @@ class RandomStandIn:
         return torch.randint(L, (state.batch_size,), generator=generator)
 
 
-class CachedStandIn:
-    """Like Uncond: a sequence drawn once (from the first generator it sees) and cached."""
+class CachedStandIn(Policy):
+    """Like Uncond: a sequence drawn once (from the ``prime`` generator) and cached."""
 
-    name, observes_everything = "uncond", False
+    name = "uncond"
 
     def __init__(self):
         self._seq = None
 
     def reset(self):
         self._seq = None
+
+    def prime(self, scans, first_generator=None, generator=None):
+        self.sequence(scans, generator)
 
     def sequence(self, T, generator=None):
         if self._seq is None:
@@ -68,7 +78,7 @@ class CachedStandIn:
         return torch.full((state.batch_size,), self.sequence(t + 1, generator)[t], dtype=torch.long)
 
 
-class FullStandIn:
+class FullStandIn(Policy):
     name, observes_everything = "full", True
 
     def next_locations(self, state, generator=None):
@@ -244,8 +254,6 @@ def test_repeats_redraw_policy_randomness_and_resume(tmp_path, classifier):
 def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
     """Every EIG method makes the same t = 1 computation from the same draws: identical t = 1 records
     per repeat (computed once per repeat and shared), and new draws in every repeat."""
-    from boed.commands.evaluate import BuildContext, build_policies
-
     data, train = TinySet(10), TinySet(30, seed=7)
     cfg = _cfg(data, methods=("eig-retrieval", "uncond", "nongreedy"), tasks=("effusion",), repeats=3, scans=2,
                n_samples=4, n_sequences=5, indices=[0, 1, 2, 3])
@@ -261,9 +269,6 @@ def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
             firsts.add((k, a["locations"][0]))
     assert len({k for k, _ in firsts}) == 3 and len(firsts) == 3  # one first location per repeat
     # the non-greedy search used the same N dataset images as the t = 1 choice of its repeat
-    from boed.evaluate import t1_generator
-    from boed.samplers import DatasetSampler
-
     pol = build_policies(cfg, ctx)[("nongreedy", "Effusion")]
     pol.prime(2, t1_generator(cfg.seed, "Effusion", 1), torch.Generator())
     want = DatasetSampler(train).sample(torch.zeros(1, 1, S, S, dtype=torch.uint8), torch.zeros(1, 1, S, S), 4,
@@ -272,9 +277,6 @@ def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
 
 
 def test_nongreedy_records_use_the_budget_t_set(tmp_path, classifier):
-    from baselines.policies import NonGreedyUncondPolicy
-    from boed.samplers import DatasetSampler
-
     data, train = TinySet(), TinySet(12, seed=5)
     cfg = _cfg(data, methods=("nongreedy",), tasks=("effusion",), repeats=2)
     pol = NonGreedyUncondPolicy(classifier, DatasetSampler(train), "effusion", ScanGeometry(S), n_samples=3,
@@ -373,8 +375,6 @@ def test_torchrun_ranks_split_a_shard():
 
 
 def test_merge_refuses_mixed_shards(tmp_path, classifier):
-    from boed.commands.evaluate import finish
-
     data = TinySet()
     cfg = _cfg(data, methods=("random",))
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "a", shard=(0, 2), progress=False)
@@ -424,7 +424,6 @@ def _cli(argv, capsys):
 def test_cli_evaluate_all_methods_and_cross_task(cli_setup, tmp_path, capsys):
     import csv
 
-    from boed.report import CSV_COLUMNS
 
     root, data = cli_setup
     common = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--illness", "effusion", "--scans", "2",

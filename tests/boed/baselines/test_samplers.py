@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from baselines.samplers import RetrievalSampler
+from boed.baselines.samplers import RetrievalSampler
 from tests.boed.test_samplers import ImageSet
 from xray.errors import UserError
 

@@ -10,7 +10,9 @@ import torch
 from boed.amortised import AmortisedPolicy, PolicyConfig, PolicyNet, load_policy
 from boed.amortised.distill import auto_tau, choice_metrics, distill_loss
 from boed.amortised.teacher import (TeacherConfig, TeacherStates, generate_teacher_data, load_shards, missing_shards,
-                                    parse_shard, states_of)
+                                    states_of)
+from boed.commands import run as run_cmd
+from boed.commands import train_policy as train_policy_cmd
 from boed.geometry import ScanGeometry
 from boed.policies import GreedyPolicy, ScanState
 from xray.errors import UserError
@@ -275,13 +277,6 @@ def test_teacher_resume_with_other_settings_is_refused(tmp_path):
                               _first, progress=False)
 
 
-def test_parse_shard():
-    assert parse_shard("1/4") == (1, 4)
-    for bad in ("4/4", "x", "1/0"):
-        with pytest.raises(UserError):
-            parse_shard(bad)
-
-
 # ---------------------------------------------------------------- the command line
 
 
@@ -300,10 +295,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def data64(monkeypatch):
-    import xray.dataset
-
     sets = {"train": Images(8, 64, 0), "test": Images(6, 64, 1)}
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", lambda args, split: sets[split])
+    for command in (run_cmd, train_policy_cmd):  # where the commands open the splits
+        monkeypatch.setattr(command, "dataset_from_args", lambda args, split: sets[split])
     return sets
 
 

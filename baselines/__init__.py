@@ -1,1 +1,0 @@
-"""Baseline scan policies and completion samplers, behind the interfaces `boed` uses."""

@@ -1,0 +1,167 @@
+"""The evaluation's config and its fingerprint, the test subset and every seed of the protocol.
+
+Determinism: the test subset is drawn from ``seed``; every policy-level random choice comes from
+:func:`make_generator` over printable parts (seed, method, task, repeat, image or "prime"); the
+t = 1 dataset draws of a (task, repeat) come from :func:`t1_generator`, the same for every method
+(common random numbers).
+
+Provenance: :meth:`EvalConfig.fingerprint` holds everything that changes the records (tasks,
+methods, scans, seed, repeats, indices, N, n_sequences, temperature, rng, batch size under
+rng=batch, image size, device type, precision, the test and train data fingerprints, the digests
+of every model). It is stored in ``eval_config.json``, in the first (header) line of every records
+file, and as a short digest ``fp`` in every record (:mod:`.records`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from xray.errors import UserError
+from xray.labels import resolve_illness
+from xray.provenance import digest
+
+from .methods import METHODS, parse_methods
+
+DEFAULT_METHODS: tuple[str, ...] = ("eig-ipa", "epe-ipa", "uncond", "nongreedy", "random", "full")
+PAPER_TASKS: tuple[str, ...] = ("Edema", "Effusion", "Infiltration", "No Finding")
+CONFIG_NAME = "eval_config.json"
+DEFAULT_REPEATS = 3
+# EvalConfig fields that change the records (batch_size too when rng == "batch"); see fingerprint().
+RECORD_KEYS = ("tasks", "methods", "scans", "seed", "repeats", "indices", "n_samples", "n_sequences", "temperature",
+               "rng", "image_size", "device_type", "precision", "data", "models")
+
+
+def check_numbers(*, scans: int, repeats: int, batch_size: int, n_samples: int, n_sequences: int, temperature: float,
+                  n_boot: int, n_test: int | None = None) -> None:
+    """The one check of the evaluation's numbers (flags and :class:`EvalConfig`): one-line UserError."""
+    checks = [("--repeats", repeats, 1, "policy seeds"), ("--n-samples", n_samples, 1, "completions"),
+              ("--n-sequences", n_sequences, 1, "candidate sets"), ("--batch-size", batch_size, 1, "images"),
+              ("--scans", scans, 1, "scans"), ("--n-boot", n_boot, 0, "resamples")]
+    for flag, v, lo, what in checks:
+        if v < lo:
+            raise UserError(f"{flag} must be >= {lo} ({what}), got {v}")
+    if n_test is not None and n_test < 1:
+        raise UserError(f"--n-test must be >= 1, got {n_test}")
+    if not temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {temperature}")
+
+
+def canonical_tasks(names: Iterable[str]) -> tuple[str, ...]:
+    """Illness names -> canonical names, deduplicated in order (UserError on unknown)."""
+    out: list[str] = []
+    for n in names:
+        c = resolve_illness(n).name
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def select_test_indices(n_total: int, n_test: int | None, seed: int) -> list[int]:
+    """``n_test`` dataset indices drawn without replacement from ``seed`` (all, shuffled, when None or too many)."""
+    if n_total < 1:
+        raise UserError("the test split is empty; prepare the data first (see `xray prepare`)")
+    if n_test is not None and n_test < 1:
+        raise UserError(f"--n-test must be >= 1, got {n_test}")
+    if n_test is not None and n_test > n_total:
+        warnings.warn(f"--n-test {n_test} is larger than the test set ({n_total} images); using all {n_total}", stacklevel=2)
+    k = n_total if n_test is None else min(n_test, n_total)
+    return np.random.default_rng(seed).permutation(n_total)[:k].tolist()
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts (stable across runs and platforms)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def make_generator(*parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def t1_generator(seed: int, task: str | None, repeat: int | None) -> torch.Generator:
+    """The t = 1 dataset draws of (task, repeat): the same for every method (common random numbers)."""
+    return make_generator(seed, task, repeat, "t1")
+
+
+def record_key(method: str, task: str | None, repeat: int | None, index: int) -> tuple:
+    return method, task, None if repeat is None else int(repeat), int(index)
+
+
+def key_of(rec: Mapping) -> tuple:
+    return record_key(rec["method"], rec["task"], rec.get("repeat", 0), rec["index"])
+
+
+@dataclass
+class EvalConfig:
+    """What an evaluation run computes (saved as ``eval_config.json`` in the output folder)."""
+
+    tasks: tuple[str, ...] = ("Effusion",)  # scan tasks; tasks[0] is the main illness
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    scans: int = 5  # T
+    seed: int = 0
+    repeats: int = 1  # R policy seeds
+    indices: list[int] = field(default_factory=list)  # dataset indices of the test images, in order
+    batch_size: int = 16
+    n_samples: int = 10
+    n_sequences: int = 289  # candidate sets per budget of the non-greedy baseline
+    temperature: float = 1.0  # IPA sampling temperature
+    rng: str = "image"  # "image" | "batch"
+    image_size: int = 64
+    device_type: str = "cpu"
+    precision: str = "float32"  # "float32" | "bf16-autocast"
+    n_boot: int = 1000
+    bootstrap_seed: int = 0
+    cross_task: bool = False
+    data: dict = field(default_factory=dict)  # {"test": fingerprint, "train": fingerprint or None}
+    models: dict = field(default_factory=dict)  # {"avp": digest, "ipa": digest, ...} of every model used
+    paths: dict = field(default_factory=dict)  # where the models were (not part of the fingerprint)
+
+    def __post_init__(self):
+        self.tasks = canonical_tasks(self.tasks)
+        self.methods = parse_methods(self.methods)
+        check_numbers(scans=self.scans, repeats=self.repeats, batch_size=self.batch_size, n_samples=self.n_samples,
+                      n_sequences=self.n_sequences, temperature=self.temperature, n_boot=self.n_boot)
+        if self.rng not in ("image", "batch"):
+            raise UserError(f"rng must be 'image' or 'batch', got {self.rng!r}")
+        self.indices = [int(i) for i in self.indices]
+
+    def scan_tasks(self, method: str) -> tuple[str | None, ...]:
+        """Tasks whose locations ``method`` scans with (None = task-independent, scanned once)."""
+        return (None,) if METHODS[method].task_free else self.tasks
+
+    def repeat_ids(self, method: str) -> tuple[int | None, ...]:
+        """Repeats of ``method`` (``(None,)``: its records do not depend on the repeat)."""
+        return (None,) if METHODS[method].repeat_free else tuple(range(self.repeats))
+
+    def jobs(self) -> list[tuple[str, str | None]]:
+        return [(m, t) for m in self.methods for t in self.scan_tasks(m)]
+
+    def expected_keys(self) -> set[tuple]:
+        return {record_key(m, t, r, i) for m, t in self.jobs() for r in self.repeat_ids(m) for i in self.indices}
+
+    def fingerprint(self) -> dict:
+        """Everything that changes the records (checked on resume and merge)."""
+        fp = {k: getattr(self, k) for k in RECORD_KEYS}
+        if self.rng == "batch":
+            fp["batch_size"] = self.batch_size
+        return json.loads(json.dumps(fp, default=list))  # tuples -> lists, as read back from JSON
+
+    def fingerprint_digest(self) -> str:
+        return digest(self.fingerprint())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tasks"], d["methods"] = list(self.tasks), list(self.methods)
+        d["fingerprint"], d["fp"] = self.fingerprint(), self.fingerprint_digest()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "EvalConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

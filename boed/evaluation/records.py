@@ -1,0 +1,208 @@
+"""The records format: JSON lines, one file per writer, a provenance header on the first line.
+
+Records are JSON lines appended to this writer's own ``records*.jsonl`` (flushed and fsynced after
+each batch), so a killed run resumes where it stopped. Global batches of ``batch_size`` positions
+go round-robin to shards (``--shard i/n``); under torchrun the batches of a shard are split again
+round-robin over the ranks. Every writer process appends to its own file
+(``records-<i>-of-<n>[-rank-<r>-of-<w>].jsonl``), holds an exclusive ``flock`` on it while
+running, repairs only its own torn last line, and reads the other files without modifying them (a
+torn last line there is skipped). The fingerprint (:meth:`.config.EvalConfig.fingerprint`) is
+checked on every resume and merge with :func:`xray.provenance.check_same` (one-line error;
+``--restart`` starts over). The metrics come from the union of the files.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from xray.errors import UserError
+from xray.io import atomic_write_json
+from xray.provenance import check_same
+
+from .config import CONFIG_NAME, EvalConfig, key_of
+
+try:
+    import fcntl
+except ImportError:  # no flock on this platform: one writer per file is then the user's job
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+
+def records_path(out_dir: Path, shard: tuple[int, int], rank: tuple[int, int] = (0, 1)) -> Path:
+    """This writer's own records file."""
+    (i, n), (r, w) = shard, rank
+    if n == 1 and w == 1:
+        return out_dir / "records.jsonl"
+    if w == 1:
+        return out_dir / f"records-{i:03d}-of-{n:03d}.jsonl"
+    if n == 1:
+        return out_dir / f"records-{r:03d}-of-{w:03d}.jsonl"
+    return out_dir / f"records-{i:03d}-of-{n:03d}-rank-{r:03d}-of-{w:03d}.jsonl"
+
+
+def read_records_file(path: Path) -> tuple[dict | None, list[dict], int]:
+    """``(header, records, good_end)`` of one records file, never modifying it.
+
+    A torn last line (a kill, or a writer still mid-line) is left out; ``good_end`` is the byte
+    offset where the complete lines end. A damaged line elsewhere is a UserError.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    header, recs, good_end = None, [], 0
+    lines = data.split(b"\n")
+    for n, line in enumerate(lines):
+        is_last = n == len(lines) - 1
+        if not line.strip():
+            good_end += len(line) + (0 if is_last else 1)
+            continue
+        try:
+            if is_last:  # complete JSON without its newline: the writer always ends lines, so it is torn
+                raise ValueError
+            rec = json.loads(line)
+        except ValueError:
+            if is_last or all(not l.strip() for l in lines[n + 1:]):
+                break
+            raise UserError(f"{path} line {n + 1} is not valid JSON; the records file is damaged: "
+                            "delete it to recompute its records, or pass --restart") from None
+        good_end += len(line) + 1
+        if "header" in rec:
+            header = header or rec["header"]
+        else:
+            recs.append(rec)
+    return header, recs, good_end
+
+
+def _records_files(out_dir: str | Path) -> list[Path]:
+    return sorted(Path(out_dir).glob("records*.jsonl"))
+
+
+def load_records(out_dir: str | Path, fp: str | None = None) -> list[dict]:
+    """All records of every writer's file in ``out_dir`` (later duplicates of a key are dropped).
+
+    Read-only: a torn last line of any file is skipped, never cut off. With ``fp`` every record
+    must carry that fingerprint digest (UserError otherwise).
+    """
+    out: dict[tuple, dict] = {}
+    for path in _records_files(out_dir):
+        _, recs, _ = read_records_file(path)
+        for rec in recs:
+            if fp is not None and rec.get("fp") != fp:
+                raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {fp} "
+                                "(other models, data or flags); use the same flags to resume, or pass --restart to start over")
+            out.setdefault(key_of(rec), rec)
+    return list(out.values())
+
+
+def check_records_provenance(out_dir: Path, cfg: EvalConfig) -> None:
+    """Every records file's header and every record must carry ``cfg``'s fingerprint (works
+    without ``eval_config.json``)."""
+    new, fp = cfg.fingerprint(), cfg.fingerprint_digest()
+    for path in _records_files(out_dir):
+        header, recs, _ = read_records_file(path)
+        if header is not None:
+            check_same(f"{path}", header.get("fingerprint", {}), new,
+                       hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
+        elif recs:
+            raise UserError(f"{path} has records but no provenance header (made by an older boed); "
+                            "pass --restart to start over")
+    load_records(out_dir, fp=fp)
+
+
+def config_from_out(out_dir: Path) -> EvalConfig:
+    """The evaluation config of ``out_dir``: ``eval_config.json``, else the records files' headers."""
+    path = out_dir / CONFIG_NAME
+    if path.is_file():
+        try:
+            return EvalConfig.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON; re-run any shard's command to rewrite it") from None
+    for f in _records_files(out_dir):
+        header, _, _ = read_records_file(f)
+        if header is not None and "config" in header:
+            return EvalConfig.from_dict(header["config"])
+    raise UserError(f"no evaluation in {out_dir} (no {CONFIG_NAME} and no records); run `boed evaluate --out {out_dir} ...` first")
+
+
+def check_shards(out_dir: Path, cfg: EvalConfig) -> None:
+    """``--merge``: every shard's header and records must carry ``cfg``'s fingerprint."""
+    new = cfg.fingerprint()
+    for path in _records_files(out_dir):
+        header, recs, _ = read_records_file(path)
+        if header is None:
+            if recs:
+                raise UserError(f"shard file {path} has no provenance header (made by an older boed); re-run its shard with --restart")
+            continue
+        check_same(f"shard file {path}", new, header.get("fingerprint", {}),
+                   hint="the shards were made with different models, data or flags: re-run that shard with the "
+                        "flags of the others (or delete its file), then merge again")
+    load_records(out_dir, fp=cfg.fingerprint_digest())
+
+
+def check_resume(out_dir: Path, cfg: EvalConfig) -> None:
+    """Check that ``eval_config.json`` (when there) and every records file describe the same
+    records as ``cfg`` (one-line UserError naming the first differing field); write the config."""
+    path = out_dir / CONFIG_NAME
+    new = cfg.fingerprint()
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON; pass --restart to start over (old outputs are moved aside)") from None
+        if "fingerprint" not in old:
+            raise UserError(f"{out_dir} holds an evaluation made by an older boed (no fingerprint in {CONFIG_NAME}); "
+                            "pass --restart to start over or use a new --out")
+        check_same(f"the evaluation in {out_dir}", old["fingerprint"], new)
+    check_records_provenance(out_dir, cfg)
+    atomic_write_json(path, cfg.to_dict())
+
+
+class RecordsWriter:
+    """This process's records file: exclusive ``flock`` while open (a second writer of the same
+    shard/rank is refused), its own torn last line cut off, a provenance header on the first line,
+    appends flushed and fsynced. Never touches any other file."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = Path(path)
+        self._f = open(self.path, "a+b")
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # e.g. a file system without locks
+                warnings.warn(f"cannot lock {self.path} ({e.strerror}); make sure each shard runs once at a time",
+                              stacklevel=2)
+            else:
+                self._f.close()
+                raise UserError(f"another process is writing {self.path} (the same shard/rank of this evaluation); "
+                                "run each shard once at a time") from None
+        _, _, good_end = read_records_file(self.path)
+        size = self._f.seek(0, os.SEEK_END)
+        if good_end < size:
+            log.warning("%s: dropping a torn last record (%d bytes) from an interrupted run", self.path, size - good_end)
+            self._f.truncate(good_end)
+        if good_end == 0:
+            self._write_text(json.dumps({"header": header}, separators=(",", ":")) + "\n")
+
+    def _write_text(self, text: str) -> None:
+        self._f.seek(0, os.SEEK_END)
+        self._f.write(text.encode("utf-8"))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, records: list[dict]) -> None:
+        if records:
+            self._write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+
+    def close(self) -> None:
+        self._f.close()  # releases the lock
+
+
+def missing_records(out_dir: str | Path, cfg: EvalConfig) -> int:
+    have = {key_of(r) for r in load_records(out_dir, fp=cfg.fingerprint_digest())}
+    return len(cfg.expected_keys() - have)
