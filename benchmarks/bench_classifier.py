@@ -11,7 +11,7 @@ scored on every test image (>= 500) for the demo illnesses (Effusion, Edema):
 - ``full``: AUROC on the full image;
 - ``random t``: after t = 1..5 Random scans (distinct uniformly random scan-grid locations, one
   sequence per test image, the same sequences for every recipe);
-- ``uncond t``: after the first t scans of the Uncond sequence (``baselines.policies.UncondPolicy``,
+- ``uncond t``: after the first t scans of the Uncond sequence (``boed.baselines.policies.UncondPolicy``,
   greedy EIG with N = 10 dataset draws; the sequence ignores the test image, so one sequence per
   model and illness), which is also the t = 1 choice of EIG-IPA.
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from boed.metrics import auroc, bootstrap_counts, nll, paired_auroc_diff, summarize, weighted_auroc
+from boed.evaluation.metrics import auroc, bootstrap_counts, nll, paired_auroc_diff, summarize, weighted_auroc
 
 
 def test_auroc_known_answers():
@@ -103,7 +103,7 @@ def test_paired_interval_is_tighter_than_the_marginal_ones():
 
 # ----------------------------------------------------------------------------- repeats: two-level bootstrap
 def test_two_level_counts_shapes_and_one_repeat_is_the_image_bootstrap():
-    from boed.metrics import two_level_counts
+    from boed.evaluation.metrics import two_level_counts
 
     reps, imgs = two_level_counts(4, 30, 50, seed=2)
     assert reps.shape == (50, 4) and (reps.sum(1) == 4).all() and imgs.shape == (50, 30) and (imgs.sum(1) == 30).all()

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from boed.report import CSV_COLUMNS, PAIRED_COLUMNS, cross_task_rows, format_table, metric_rows, paired_rows, write_report
+from boed.evaluation.report import CSV_COLUMNS, PAIRED_COLUMNS, cross_task_rows, format_table, metric_rows, paired_rows, write_report
 from xray.labels import LABELS
 
 EFF, ANY = LABELS.index("Effusion"), LABELS.index("Any Finding")
