@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 
 from xray.errors import UserError
-from xray.io import atomic_write_json
+from xray.integrity import LINE_KEY, open_line, seal_line
+from xray.io import atomic_write_json, disk_full_error, is_disk_full
 from xray.provenance import check_same
 
 from .config import CONFIG_NAME, EvalConfig, key_of
@@ -50,26 +51,30 @@ def read_records_file(path: Path) -> tuple[dict | None, list[dict], int]:
     """``(header, records, good_end)`` of one records file, never modifying it.
 
     A torn last line (a kill, or a writer still mid-line) is left out; ``good_end`` is the byte
-    offset where the complete lines end. A damaged line elsewhere is a UserError.
+    offset where the complete lines end. Every line carries a checksum (:func:`xray.integrity.seal_line`;
+    files whose header has none were written before checksums and are read unchecked): a damaged
+    or edited line elsewhere is a UserError.
     """
     with open(path, "rb") as f:
         data = f.read()
-    header, recs, good_end = None, [], 0
+    header, recs, good_end, sealed = None, [], 0, None
     lines = data.split(b"\n")
     for n, line in enumerate(lines):
         is_last = n == len(lines) - 1
         if not line.strip():
             good_end += len(line) + (0 if is_last else 1)
             continue
+        if sealed is None:  # the first line (the header) says whether the file's lines are sealed
+            sealed = f'"{LINE_KEY}"'.encode() in line
         try:
             if is_last:  # complete JSON without its newline: the writer always ends lines, so it is torn
                 raise ValueError
-            rec = json.loads(line)
-        except ValueError:
-            if is_last or all(not l.strip() for l in lines[n + 1:]):
-                break
-            raise UserError(f"{path} line {n + 1} is not valid JSON; the records file is damaged: "
-                            "delete it to recompute its records, or pass --restart") from None
+            rec = open_line(line.decode("utf-8", "replace"), source=str(path), lineno=n + 1, require=sealed)
+        except ValueError as e:
+            if is_last or (not sealed and all(not l.strip() for l in lines[n + 1:])):
+                break  # torn: the writer ends every line, so only a line without its newline is half-written
+            raise UserError(f"{e} (the records file is damaged: delete it to recompute its records, or pass --restart)"
+                            if str(e) else f"{path} line {n + 1} is damaged; delete the file or pass --restart") from None
         good_end += len(line) + 1
         if "header" in rec:
             header = header or rec["header"]
@@ -95,7 +100,10 @@ def load_records(out_dir: str | Path, fp: str | None = None) -> list[dict]:
             if fp is not None and rec.get("fp") != fp:
                 raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {fp} "
                                 "(other models, data or flags); use the same flags to resume, or pass --restart to start over")
-            out.setdefault(key_of(rec), rec)
+            first = out.setdefault(key_of(rec), rec)
+            if first is not rec and first != rec:
+                raise UserError(f"{path.name} holds two different records of {key_of(rec)}; the records were edited: "
+                                "delete the file to recompute its records, or pass --restart")
     return list(out.values())
 
 
@@ -187,17 +195,24 @@ class RecordsWriter:
             log.warning("%s: dropping a torn last record (%d bytes) from an interrupted run", self.path, size - good_end)
             self._f.truncate(good_end)
         if good_end == 0:
-            self._write_text(json.dumps({"header": header}, separators=(",", ":")) + "\n")
+            self._write_text(seal_line({"header": header}) + "\n")
 
     def _write_text(self, text: str) -> None:
-        self._f.seek(0, os.SEEK_END)
-        self._f.write(text.encode("utf-8"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append whole lines; on a full disk cut back to the last complete line and say so in one line."""
+        end = self._f.seek(0, os.SEEK_END)
+        try:
+            self._f.write(text.encode("utf-8"))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._f.truncate(end)
+            raise disk_full_error(e, self.path, len(text)) from None
 
     def append(self, records: list[dict]) -> None:
         if records:
-            self._write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            self._write_text("".join(seal_line(r) + "\n" for r in records))
 
     def close(self) -> None:
         self._f.close()  # releases the lock

@@ -1,3 +1,4 @@
+import errno
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from boed.baselines.policies import NonGreedyUncondPolicy
 from boed.evaluation.config import CONFIG_NAME, EvalConfig, select_test_indices, t1_generator
 from boed.evaluation.loop import evaluate, shard_positions
 from boed.evaluation.methods import BuildContext, build_policies, parse_methods
-from boed.evaluation.records import RecordsWriter, load_records, missing_records, records_path
+from boed.evaluation.records import RecordsWriter, load_records, missing_records, read_records_file, records_path
 from boed.evaluation.report import CSV_COLUMNS
 from boed.evaluation.run import finish
 from boed.geometry import ScanGeometry
@@ -18,6 +19,7 @@ from boed.policies import Policy
 from boed.samplers import DatasetSampler
 from xray.cli_base import parse_shard
 from xray.errors import UserError
+from xray.integrity import LINE_KEY, open_line, seal_line
 
 S = 64
 L = ScanGeometry(S).num_locations
@@ -311,11 +313,40 @@ def test_resume_with_other_settings_is_refused(tmp_path, classifier):
     # ... and so does every record's own fingerprint digest
     path = records_path(tmp_path, (0, 1))
     lines = path.read_text().splitlines()
-    rec = json.loads(lines[1])
+    rec = open_line(lines[1])
     rec["fp"], rec["index"] = "0123456789abcdef", 10 ** 6
-    path.write_text("\n".join(lines + [json.dumps(rec)]) + "\n")
+    path.write_text("\n".join(lines + [seal_line(rec)]) + "\n")
     with pytest.raises(UserError, match="fingerprint 0123456789abcdef"):
         evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+
+
+def test_edited_damaged_or_duplicated_records_are_refused(tmp_path, classifier):
+    """Valid-JSON edits of a record (a probability, a label), a damaged key and an inserted
+    duplicate with other content are refused in one line; records of an older boed (no checksums)
+    are still read."""
+    data = TinySet()
+    cfg = _cfg(data, methods=("random",), temperature=1.0, data={"test": "aaaa", "train": None})
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
+    path = records_path(tmp_path, (0, 1))
+    good = path.read_text()
+    lines = good.splitlines()
+    assert all(LINE_KEY in json.loads(l) for l in lines)
+    assert len(load_records(tmp_path)) == len(lines) - 1
+    changed = json.loads(lines[1])
+    changed["probs"][0][0] = 0.5 if changed["probs"][0][0] != 0.5 else 0.25  # a valid-JSON edit of one probability
+    edits = {"probability": json.dumps(changed), "key": lines[1].replace('"method"', '"methud"', 1)}
+    for what, line in edits.items():
+        assert line != lines[1], what
+        path.write_text("\n".join([lines[0], line, *lines[2:]]) + "\n")
+        with pytest.raises(UserError, match="line 2"):
+            load_records(tmp_path)
+    dup = open_line(lines[1])
+    dup["probs"][0][0] = 0.123456
+    path.write_text("\n".join([*lines, seal_line(dup)]) + "\n")  # a second, different record of the same key
+    with pytest.raises(UserError, match="two different records"):
+        load_records(tmp_path)
+    path.write_text("\n".join(json.dumps(open_line(l)) for l in lines) + "\n")  # an older boed's file
+    assert len(load_records(tmp_path)) == len(lines) - 1
 
 
 def test_writers_never_touch_each_others_files(tmp_path, classifier):
@@ -552,3 +583,27 @@ def test_cli_evaluates_amortised_policies_and_refuses_a_wrong_one(cli_setup, tmp
                                          "--illness", "edema"]):
         code, out, err = _cli([*common, *argv, "--out", str(tmp_path / "bad")], capsys)
         assert code == 2 and err.count("\n") == 1 and not (tmp_path / "bad").exists(), err
+
+
+def test_records_writer_on_a_full_disk_says_one_line_and_keeps_complete_lines(tmp_path):
+    path = tmp_path / "records.jsonl"
+    w = RecordsWriter(path, {"x": 1})
+    w.append([{"method": "random", "index": 0}])
+    good = path.read_bytes()
+    real = w._f
+
+    class Full:  # the file, except that a write fills the disk halfway
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write(self, b):
+            real.write(b[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    w._f = Full()
+    with pytest.raises(UserError, match="no space left") as e:
+        w.append([{"method": "random", "index": 1}])
+    assert "\n" not in str(e.value)
+    w._f = real
+    w.close()
+    assert path.read_bytes() == good and len(read_records_file(path)[1]) == 1
