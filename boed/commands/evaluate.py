@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from xray.cli_base import add_device_arg, set_help
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, set_help
 from xray.dataset import add_data_args
 
 from boed.evaluation.config import DEFAULT_REPEATS, PAPER_TASKS
@@ -84,7 +84,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="scoring and sampling precision: auto = bf16 autocast on CUDA, float32 on the CPU "
                         f"(default: {DEFAULT_PRECISION})")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    p.add_argument("--temperature", type=finite_float(0, MAX_TEMPERATURE, lo_open=True), default=DEFAULT_TEMPERATURE,
                    help=f"IPA sampling temperature (default: {DEFAULT_TEMPERATURE}, the paper's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)

@@ -19,6 +19,7 @@ import torch
 
 from ipa_core.ipa import IPA
 from ipa_core.persist import weights_digest
+from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.errors import UserError
 
 from ..amortised import PolicyNet, load_policy
@@ -36,6 +37,7 @@ def _load_ipa_model(flag: str, path: str, device, objective: str):
     except UserError as e:
         how = "--objective reverse " if objective == "reverse" else ""
         raise UserError(f"{flag} {path}: {e} (train one with `ipa_core train --stage ipa {how}--out {path}`)") from None
+    check_finite_weights(model, f"the IPA model in {path}", DAMAGED)
     got = getattr(model.config, "objective", "forward")
     if got != objective:
         raise UserError(f"{flag} {path} holds an IPA trained with objective {got!r}, expected {objective!r}; "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ipa_core.persist import weights_digest
+from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.cli_base import parse_device, parse_shard
 from xray.dataset import dataset_from_args
 from xray.errors import UserError
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"method {users[0]} needs {MODEL_FLAGS[key].flag} RUN (a trained model); pass it or drop "
                             f"{users[0]} from --methods")
     classifier = AVPClassifier.from_pretrained(args.avp, map_location=device)
+    check_finite_weights(classifier, f"the AVP model in {args.avp}", DAMAGED)
     S = classifier.config.image_size
     if args.image_size is None:
         args.image_size = S
