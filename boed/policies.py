@@ -48,6 +48,7 @@ class ScanState:
     x_obs: Tensor  # uint8 (B, C, S, S): scanned pixels, zero elsewhere
     mask: Tensor  # float (B, 1, S, S), 1 = observed
     locations: list[list[int]] = field(default_factory=list)  # per image, in scan order
+    truth: Tensor | None = None  # uint8 (B, C, S, S): the whole images, set only for a policy with reads_truth
 
     def __post_init__(self):
         if not self.locations:
@@ -80,10 +81,16 @@ class ScanState:
         mask = torch.maximum(self.mask, patch_masks_of(geometry, locs.to(self.mask.device), self.mask.dtype))  # (B, 1, S, S)
         x_obs = x_full.to(self.x_obs.device) * mask.to(torch.uint8)  # (B, C, S, S) uint8
         locations = [prev + [int(l)] for prev, l in zip(self.locations, locs.tolist())]
-        return ScanState(x_obs=x_obs, mask=mask, locations=locations)
+        return ScanState(x_obs=x_obs, mask=mask, locations=locations, truth=self.truth)
+
+    def row(self, j: int) -> "ScanState":
+        """The one-image state of image ``j``."""
+        truth = None if self.truth is None else self.truth[j:j + 1]
+        return ScanState(self.x_obs[j:j + 1], self.mask[j:j + 1], [list(self.locations[j])], truth)
 
     def to(self, device: torch.device | str) -> "ScanState":
-        return ScanState(self.x_obs.to(device), self.mask.to(device), [list(l) for l in self.locations])
+        truth = None if self.truth is None else self.truth.to(device)
+        return ScanState(self.x_obs.to(device), self.mask.to(device), [list(l) for l in self.locations], truth)
 
 
 def scan_start(classifier, illness: Illness, labels, C: int, S: int, device) -> tuple:
@@ -111,12 +118,16 @@ class Policy(abc.ABC):
     - :attr:`observes_everything` (False): True only for the full-image upper bound (the
       evaluator classifies the whole image at every t, :meth:`next_locations` is never called);
     - :attr:`per_budget` (False) with :meth:`budget_set`: budget t is scored with a set chosen for
-      that budget (non-greedy), not with the first t scans of one sequence.
+      that budget (non-greedy), not with the first t scans of one sequence;
+    - :attr:`reads_truth` (False): True only for a reference that may look at the whole test image
+      (the clairvoyant bound); the evaluator then sets :attr:`ScanState.truth`. No policy ever
+      gets the labels.
     """
 
     name: str = "policy"  # CSV method name: eig-ipa, epe-ipa, random, uncond, nongreedy, full, ...
     observes_everything: bool = False
     per_budget: bool = False
+    reads_truth: bool = False
 
     @abc.abstractmethod
     def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:

@@ -8,6 +8,8 @@
 - :class:`NonGreedyUncondPolicy`: for each budget t = 1..T, the best of ``n_sequences`` random
   sets of t locations under eq. 68 (one search per budget).
 - :class:`FullImagePolicy`: the classifier sees the whole image (upper bound).
+- :class:`ClairvoyantPolicy`: greedy on the true test image instead of completions (what greedy
+  EIG would do with a perfect completer; a reference for how much room adaptivity has).
 
 Ties between equally good candidates are broken uniformly with the injected generator.
 """
@@ -215,3 +217,50 @@ class FullImagePolicy(Policy):
 
     def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
         raise ValueError("FullImagePolicy observes everything; the evaluator classifies the full image instead of scanning")
+
+
+class ClairvoyantPolicy(Policy):
+    """Greedy on the true image: the reference for what adaptivity can gain (issue 21).
+
+    At each t it scans the location whose observation *on the true test image x** moves the
+    classifier's current belief the most,
+
+        l_t = argmax_l KL( g(v | y_{<t} ∪ x*_l) || g(v | y_{<t}) ),
+
+    eq. 69 with the completion x(n) replaced by x* and the reference being the current predictive
+    (:func:`boed.estimators.belief_shift`). It is greedy EIG with a perfect completer, so
+    ``(EIG-IPA - Uncond) / (clairvoyant - Uncond)`` says how much of the available room a
+    completer recovers (:func:`boed.evaluation.metrics.capture_ratio`). It reads the whole image
+    (:attr:`ScanState.truth`, set by the evaluator because :attr:`reads_truth` is True) and never
+    the label; ties are broken uniformly with the injected generator.
+    """
+
+    reads_truth = True
+
+    def __init__(self, classifier, illness, geometry: ScanGeometry, chunk_size: int | None = None, device=None,
+                 channels_last: bool = True, amp: bool = DEFAULT_AMP, name: str = "clairvoyant"):
+        self.illness = _illness(illness)
+        self.geometry = geometry
+        self.name = name
+        self.device = torch.device(device) if device is not None else model_device(classifier)
+        self.classifier = prepare_classifier(classifier, self.device, channels_last)  # an inference copy
+        self.chunk_size, self.channels_last, self.amp = chunk_size, channels_last, amp
+
+    def scores(self, state: ScanState) -> Tensor:
+        """``(B, L)`` belief shift of every candidate on the true images; 0 where already observed."""
+        if state.truth is None:
+            raise UserError("the clairvoyant policy needs the true test images (ScanState.truth); "
+                            "it is a reference for boed evaluate, not a policy for new patients")
+        x = state.truth.to(self.device)[:, None]  # (B, 1, C, S, S): the one "completion" is the truth
+        mask = state.mask.to(self.device)  # (B, 1, S, S)
+        skip = self.geometry.fully_observed(mask)  # (B, L)
+        kw = dict(channels_last=self.channels_last, amp=self.amp)
+        p = candidate_probs(self.classifier, x, mask, self.geometry, self.illness, self.chunk_size, skip, **kw)[..., 0]  # (B, L)
+        every = torch.ones_like(skip)  # all skipped: each row is the current belief, computed once per image
+        q = candidate_probs(self.classifier, x, mask, self.geometry, self.illness, self.chunk_size, every, **kw)[:, 0, 0]  # (B,)
+        return estimators.belief_shift(p, q).masked_fill(skip.to(p.device), 0.0)
+
+    def next_locations(self, state: ScanState, generator: torch.Generator | None = None) -> Tensor:
+        scores = self.scores(state).cpu()  # (B, L)
+        skip = self.geometry.fully_observed(state.mask).cpu()  # (B, L)
+        return select(scores, skip, maximize=True, generator=generator)

@@ -113,6 +113,8 @@ def run_job(policy: Policy, classifier, dataset, positions: Sequence[int], cfg: 
             raise UserError(f"test images are {S} px but the models work at {geometry.image_size} px; use --image-size {geometry.image_size}")
         probs = []  # T + 1 tensors (b, K)
         state = ScanState.empty(b, C, S, device)
+        if policy.reads_truth:  # a reference bound (clairvoyant): the whole images, never the labels
+            state.truth = x
         if full:
             p_full = classifier.predict_proba(x, torch.ones(b, 1, S, S, device=device), chunk_size=B)
             probs = [p_full] * (T + 1)
@@ -127,7 +129,7 @@ def run_job(policy: Policy, classifier, dataset, positions: Sequence[int], cfg: 
                     else [make_generator(cfg.seed, method, task, repeat, "batch", idx[0])])
             for _ in range(T):
                 if cfg.rng == "image":
-                    locs = torch.cat([torch.as_tensor(policy.next_locations(_row(state, j), gens[j])).reshape(-1).cpu()
+                    locs = torch.cat([torch.as_tensor(policy.next_locations(state.row(j), gens[j])).reshape(-1).cpu()
                                       for j in range(b)])  # (b,)
                 else:
                     locs = torch.as_tensor(policy.next_locations(state, gens[0])).reshape(-1).cpu()  # (b,)
@@ -152,11 +154,6 @@ def run_job(policy: Policy, classifier, dataset, positions: Sequence[int], cfg: 
         bar.update(len(recs))
     bar.close()
     return written
-
-
-def _row(state, j: int):
-    """The one-image ScanState of image ``j`` of a batch."""
-    return ScanState(state.x_obs[j:j + 1], state.mask[j:j + 1], [list(state.locations[j])])
 
 
 def shard_positions(n_images: int, batch_size: int, shard: tuple[int, int], rank: tuple[int, int] = (0, 1)) -> list[int]:

@@ -23,7 +23,7 @@ from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.errors import UserError
 
 from ..amortised import PolicyNet, load_policy
-from ..baselines.policies import FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
+from ..baselines.policies import ClairvoyantPolicy, FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
 from ..baselines.samplers import RetrievalSampler
 from ..geometry import ScanGeometry
 from ..policies import FirstChoiceCache, GreedyPolicy, Policy
@@ -136,6 +136,10 @@ def _random(ctx: BuildContext, method: str, task) -> Policy:
     return RandomPolicy(ctx.geometry)
 
 
+def _clairvoyant(ctx: BuildContext, method: str, task: str) -> Policy:
+    return ClairvoyantPolicy(ctx.classifier, task, ctx.geometry, device=ctx.device, amp=ctx.amp, name=method)
+
+
 def _full(ctx: BuildContext, method: str, task) -> Policy:
     return FullImagePolicy()
 
@@ -166,6 +170,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("uncond", (), "Uncond", ("C2", "--"), (), True, _uncond),
     Method("nongreedy", ("non-greedy",), "Non-greedy uncond", ("C4", "--"), (), True, _nongreedy),
     Method("random", (), "Random", ("C5", ":"), (), False, _random, task_free=True),
+    Method("clairvoyant", ("oracle",), "Clairvoyant (true image)", ("C8", "-."), (), False, _clairvoyant),
     Method("full", (), "Full image", ("k", "-."), (), False, _full, task_free=True, repeat_free=True),
     Method("distilled", ("distill",), "distilled", (None, "-"), ("distilled",), False, _amortised),
     Method("gdfs", (), "gdfs", (None, "-"), ("gdfs",), False, _amortised),

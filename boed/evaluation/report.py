@@ -33,7 +33,7 @@ from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
 
 from .methods import METHODS
-from .metrics import paired_auroc_diff, summarize
+from .metrics import capture_ratio, paired_auroc_diff, summarize
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,34 @@ def paired_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, metho
     return rows
 
 
+CAPTURE_COLUMNS = ["method", "base", "reference", "illness", "t", "gain", "gain_lo", "gain_hi", "room", "room_lo",
+                   "room_hi", "capture", "capture_lo", "capture_hi", "n", "repeats"]
+
+
+def capture_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, method: str = "eig-ipa",
+                 base: str = "uncond", reference: str = "clairvoyant", n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """How much of the room ``reference - base`` the ``method`` recovers (:func:`.metrics.capture_ratio`),
+    over t = 2..T (t = 1 is shared by the EIG methods and Uncond), on the images and repeats all
+    three scored; one row per task. Empty unless all three methods were evaluated."""
+    rows = []
+    if scans < 2:
+        return rows
+    for task in tasks:
+        ill = resolve_illness(task)
+        tables = [_by_repeat(records, m, ill.name) for m in (method, base, reference)]
+        if not all(tables):
+            continue
+        reps, common = _aligned(tables)
+        if not common:
+            continue
+        ts = list(range(2, scans + 1))
+        y = _labels(tables[0], reps, common, ill)  # (n,)
+        c = capture_ratio(y, *(_scores(tb, reps, common, ts, ill) for tb in tables), n_boot=n_boot, seed=seed)
+        rows.append({"method": method, "base": base, "reference": reference, "illness": ill.name,
+                     "t": mean_label(scans), **{k: v for k, v in c.to_dict().items()}})
+    return rows
+
+
 def plot_paired(rows: Sequence[dict], path: str | Path) -> Path:
     """AUROC(EIG-IPA) - AUROC(baseline) against t with paired 95 % bands; 0 = a tie."""
     curves = [{"method": r["baseline"], "illness": r["illness"], "t": r["t"], "diff": r["diff"], "diff_lo": r["diff_lo"],
@@ -277,7 +305,8 @@ def plot_cross_task(rows: Sequence[dict], method: str, path: str | Path) -> Path
 def write_report(out_dir: str | Path, records: Sequence[dict], tasks: Sequence[str], scans: int,
                  n_boot: int = 1000, seed: int = 0, cross_task: bool = False) -> list[dict]:
     """Write metrics.csv, auroc.png, nll.png, paired.{csv,png} (when EIG-IPA and another method were
-    evaluated) and the cross-task files; returns the metric rows."""
+    evaluated), capture.csv (when EIG-IPA, Uncond and the clairvoyant reference were) and the
+    cross-task files; returns the metric rows."""
     out = Path(out_dir)
     rows = metric_rows(records, tasks, scans, n_boot, seed)
     atomic_write_text(out / "metrics.csv", to_csv(rows, CSV_COLUMNS))
@@ -287,6 +316,9 @@ def write_report(out_dir: str | Path, records: Sequence[dict], tasks: Sequence[s
     if paired:
         atomic_write_text(out / "paired.csv", to_csv(paired, PAIRED_COLUMNS))
         plot_paired(paired, out / "paired.png")
+    capture = capture_rows(records, tasks, scans, n_boot=n_boot, seed=seed)
+    if capture:
+        atomic_write_text(out / "capture.csv", to_csv(capture, CAPTURE_COLUMNS))
     if cross_task and len(tasks) > 1:
         cross = cross_task_rows(records, tasks, scans, n_boot, seed)
         atomic_write_text(out / "cross_task.csv", to_csv(cross, CROSS_COLUMNS))

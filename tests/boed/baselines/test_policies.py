@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from boed.baselines.policies import FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
+from boed.baselines.policies import ClairvoyantPolicy, FullImagePolicy, NonGreedyUncondPolicy, RandomPolicy, UncondPolicy
 from boed.estimators import binary_entropy
 from boed.geometry import observe
 from boed.policies import Policy, ScanState
@@ -104,3 +104,41 @@ def test_full_image_policy():
     pol = FullImagePolicy()
     assert pol.observes_everything and pol.name == "full"
     assert not RandomPolicy(GEO).observes_everything
+
+
+# ----------------------------------------------------------------------------- clairvoyant reference
+def test_clairvoyant_scans_the_one_cell_the_classifier_reads_first():
+    """A classifier that reads only the centre patch: on the true image only that scan moves the
+    belief, so the clairvoyant scans it first; once it is seen nothing moves the belief any more."""
+    clf = RegionClassifier(GEO.box(CENTRE))
+    images = region_dataset([255, 200]).images  # (2, 1, 32, 32): bright centre patch, zero elsewhere
+    pol = ClairvoyantPolicy(clf, "effusion", GEO)
+    state = ScanState.empty(2, 1, 32)
+    state.truth = images
+    assert pol.next_locations(state, torch.Generator().manual_seed(0)).tolist() == [CENTRE, CENTRE]
+    scores = pol.scores(state)  # (B, L)
+    assert scores.shape == (2, GEO.num_locations) and (scores[:, CENTRE] > 0).all()
+    others = torch.ones(GEO.num_locations, dtype=torch.bool)
+    others[CENTRE] = False
+    overlap = torch.tensor([bool((GEO.mask([l]) * GEO.mask([CENTRE])).sum() > 0) for l in range(GEO.num_locations)])
+    assert (scores[:, others & ~overlap] == 0).all()  # cells that do not touch the box change nothing
+    after = state.scan(images, torch.tensor([CENTRE, CENTRE]), GEO)
+    assert torch.equal(after.truth, images)  # the truth travels with the state
+    assert float(pol.scores(after).abs().max()) < 1e-6
+
+
+def test_clairvoyant_needs_the_truth_and_never_reads_labels():
+    clf = RegionClassifier(GEO.box(CENTRE))
+    pol = ClairvoyantPolicy(clf, "effusion", GEO)
+    assert pol.reads_truth and not RandomPolicy(GEO).reads_truth
+    with pytest.raises(UserError, match="true test images"):
+        pol.next_locations(ScanState.empty(1, 1, 32))
+    # the choices depend on the images alone: the same images with other labels give the same scans
+    a, b = region_dataset([255, 0, 128]), region_dataset([255, 0, 128])
+    b.labels = 1 - b.labels
+    picks = []
+    for ds in (a, b):
+        state = ScanState.empty(3, 1, 32)
+        state.truth = ds.images
+        picks.append(pol.next_locations(state, torch.Generator().manual_seed(3)).tolist())
+    assert picks[0] == picks[1] and picks[0][0] == CENTRE and picks[0][2] == CENTRE

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from boed.classifier import AVPClassifier, AVPConfig
-from boed.baselines.policies import NonGreedyUncondPolicy
+from boed.baselines.policies import ClairvoyantPolicy, NonGreedyUncondPolicy
 from boed.evaluation.config import CONFIG_NAME, EvalConfig, select_test_indices, t1_generator
 from boed.evaluation.loop import evaluate, shard_positions
 from boed.evaluation.methods import BuildContext, build_policies, parse_methods
@@ -607,3 +607,32 @@ def test_records_writer_on_a_full_disk_says_one_line_and_keeps_complete_lines(tm
     w._f = real
     w.close()
     assert path.read_bytes() == good and len(read_records_file(path)[1]) == 1
+
+
+def test_clairvoyant_in_the_evaluator_sees_images_never_labels(tmp_path, classifier):
+    """The evaluator hands the true images to a reads_truth policy only; scrambled labels give the
+    same scans (it never reads them) and the records say what it chose."""
+    geo = ScanGeometry(S)
+    locs = []
+    for k, flip in enumerate((False, True)):
+        data = TinySet()
+        if flip:
+            data.labels = 1 - data.labels
+        cfg = _cfg(data, tasks=("effusion",), methods=("clairvoyant",))
+        pol = ClairvoyantPolicy(classifier, "effusion", geo)
+        evaluate({("clairvoyant", "Effusion"): pol}, classifier, data, cfg, tmp_path / str(k), progress=False)
+        recs = sorted(load_records(tmp_path / str(k)), key=lambda r: r["index"])
+        assert recs and all(len(r["locations"]) == cfg.scans for r in recs)
+        locs.append([r["locations"] for r in recs])
+    assert locs[0] == locs[1]
+    seen = []
+
+    class Spy(RandomStandIn):
+        def next_locations(self, state, generator=None):
+            seen.append(state.truth)
+            return super().next_locations(state, generator)
+
+    data = TinySet()
+    cfg = _cfg(data, tasks=("effusion",), methods=("random",))
+    evaluate({("random", None): Spy()}, classifier, data, cfg, tmp_path / "spy", progress=False)
+    assert seen and all(t is None for t in seen)  # an ordinary policy never gets the images

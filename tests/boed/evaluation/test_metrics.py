@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from boed.evaluation.metrics import auroc, bootstrap_counts, nll, paired_auroc_diff, summarize, weighted_auroc
+from boed.evaluation.metrics import auroc, bootstrap_counts, capture_ratio, nll, paired_auroc_diff, summarize, weighted_auroc
 
 
 def test_auroc_known_answers():
@@ -151,3 +151,37 @@ def test_two_level_interval_widens_with_between_repeat_spread():
     # image bootstrap's, not narrowed by averaging over repeats
     single = summarize(y, close[0], n_boot=400)
     assert (a.auroc_hi - a.auroc_lo) > 0.8 * (single.auroc_hi - single.auroc_lo)
+
+
+# ----------------------------------------------------------------------------- adaptivity: room and capture
+def _scores_for(y, rng, strength):
+    """Scores whose AUROC grows with ``strength`` (labels plus noise)."""
+    return strength * y + rng.normal(size=y.shape)
+
+
+def test_capture_is_exactly_one_for_the_reference_itself_and_zero_for_the_base():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(float)
+    base = np.stack([_scores_for(y, rng, 0.5) for _ in range(4)])  # (T, n)
+    ref = np.stack([_scores_for(y, rng, 2.0) for _ in range(4)])  # (T, n)
+    same = capture_ratio(y, ref + 0.1, base, ref, n_boot=200, seed=1)  # a constant shift: the same AUROC
+    assert same.capture == 1.0 and same.capture_lo == 1.0 and same.capture_hi == 1.0
+    assert same.room > 0.2 and same.room_lo > 0 and same.gain == pytest.approx(same.room)
+    none = capture_ratio(y, base * 3.0, base, ref, n_boot=200, seed=1)  # a monotone map of the base
+    assert none.capture == 0.0 and none.gain == 0.0
+    half = capture_ratio(y, np.stack([_scores_for(y, rng, 1.0) for _ in range(4)]), base, ref, n_boot=200, seed=1)
+    assert 0 < half.capture < 1 and half.capture_lo < half.capture < half.capture_hi
+
+
+def test_paired_interval_width_shrinks_as_one_over_sqrt_n():
+    """The power study's claim: 4x the test images halve the paired interval (synthetic records)."""
+    rng = np.random.default_rng(3)
+    widths = {}
+    for n in (400, 1600):
+        y = (rng.random(n) < 0.25).astype(float)
+        common = rng.normal(size=(3, 4, n))  # (R, T, n) shared by both methods: the paired part
+        a = 1.2 * y + common + 0.6 * rng.normal(size=(3, 4, n))
+        b = 1.0 * y + common + 0.6 * rng.normal(size=(3, 4, n))
+        d = paired_auroc_diff(y, a, b, n_boot=400, seed=0)
+        widths[n] = d.hi - d.lo
+    assert widths[400] / widths[1600] == pytest.approx(2.0, rel=0.25)
