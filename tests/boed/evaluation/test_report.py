@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from boed.evaluation.report import CSV_COLUMNS, PAIRED_COLUMNS, cross_task_rows, format_table, metric_rows, paired_rows, write_report
+from boed.evaluation.report import (CSV_COLUMNS, PAIRED_COLUMNS, capture_rows, cross_task_rows, format_table, metric_rows,
+                                    paired_rows, write_report)
 from xray.labels import LABELS
 
 EFF, ANY = LABELS.index("Effusion"), LABELS.index("Any Finding")
@@ -135,3 +136,20 @@ def test_bootstrap_is_deterministic():
     a = metric_rows(_records(seed=1), ["effusion"], scans=1, n_boot=100, seed=5)
     b = metric_rows(_records(seed=1), ["effusion"], scans=1, n_boot=100, seed=5)
     assert repr(a) == repr(b)  # (repr: the NaN sd of one repeat compares unequal to itself)
+
+
+def test_capture_rows_and_file_from_known_records(tmp_path):
+    """eig-ipa as good as the clairvoyant reference and uncond at chance: room 0.5, capture 1;
+    capture.csv is written only when all three methods were evaluated."""
+    recs = [r for r in _records(T=3) if r["task"] != "No Finding"]
+    for r in [r for r in recs if r["method"] == "eig-ipa"]:
+        recs.append({**r, "method": "clairvoyant", "probs": [[v + 0.01 for v in p] for p in r["probs"]]})  # same ranking
+        recs.append({**r, "method": "uncond", "probs": [[0.5] * 15 for _ in r["probs"]]})
+    rows = capture_rows(recs, ["effusion"], scans=3, n_boot=100)
+    assert len(rows) == 1 and rows[0]["t"] == "2-3"
+    assert rows[0]["room"] == 0.5 and rows[0]["gain"] == 0.5 and rows[0]["capture"] == 1.0
+    assert rows[0]["capture_lo"] == rows[0]["capture_hi"] == 1.0
+    write_report(tmp_path, recs, ["effusion"], 3, n_boot=50)
+    assert (tmp_path / "capture.csv").is_file()
+    write_report(tmp_path / "no-ref", [r for r in recs if r["method"] != "clairvoyant"], ["effusion"], 3, n_boot=50)
+    assert not (tmp_path / "no-ref" / "capture.csv").exists() and not capture_rows(recs, ["effusion"], scans=1)
