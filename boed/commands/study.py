@@ -5,11 +5,17 @@
   boed study completers --quick --out runs/study-q  # minutes, small everything
   boed study seeds --seeds 0,1,2 --out runs/seeds   # boed demo --seed K per seed, then pooled differences
   boed study seeds --seeds 0,1 --out runs/seeds-q -- --quick   # flags after -- go to every boed demo
+  boed study power --out runs/demo                  # EIG-IPA, Uncond, clairvoyant, Random, full on 1 000 test images
+  boed study variability --out runs/variability     # phantom presets default, realistic, hard: gain over Uncond per level
 
 completers: trains (or reuses) the VAE, IPA, IPA-R (reverse KL), an under-trained IPA (1/8 of the
 steps) and the AVP-CNN, evaluates eig-ipa, eig-ipar, eig-ipa-under, eig-retrieval and uncond with R
 repeats, measures every completer's completion quality on the same scan states, and writes
 completers.csv, completers.md and completers.png. seeds: writes seeds.csv, seeds.md, seeds.png.
+power: evaluates eig-ipa, uncond, clairvoyant, random and full on --n-test images per task with R
+repeats and writes power.csv/.md/.png (EIG-IPA minus Uncond with its interval width, the room
+clairvoyant minus Uncond and the share of it EIG-IPA captures). variability: per phantom
+difficulty level a phantom set, the models and the power study; writes variability.csv/.md/.png.
 Every stage skips when done and resumes after a kill: rerun the same command.
 """
 
@@ -19,21 +25,22 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from boed import study
+from boed import adaptivity, study
 from boed.commands import demo
 from boed.demo import PROFILES
 from boed.study import DEFAULT_REPEATS, DEFAULT_STATES, STUDY_ILLNESSES
 from xray.cli_base import parse_device
 from xray.errors import UserError
 
-HELP = "completer study (does the completion model matter?) and training-seed robustness"
+HELP = "completer study, training-seed robustness, and where adaptivity pays (power study, variability sweep)"
 DEFAULT_SEEDS = "0,1,2"
 DEFAULT_PROFILE = "cpu"
 DEFAULT_DEVICE = "auto"
+DEFAULT_SWEEP_PHANTOM = 6000  # phantom images per level of the variability sweep (the cpu profile's scale)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="study", required=True, metavar="{completers,seeds}")
+    sub = p.add_subparsers(dest="study", required=True, metavar="{completers,seeds,power,variability}")
     c = sub.add_parser("completers", help="AUROC gain over Uncond of EIG with each completer, against completion quality",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--out", type=Path, required=True, help="run folder (a finished boed demo folder reuses its models)")
@@ -52,6 +59,29 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list of training seeds (default: {DEFAULT_SEEDS})")
     s.add_argument("--out", type=Path, required=True, help="folder holding seed-K/ per seed and the pooled tables")
     s.add_argument("demo_args", nargs=argparse.REMAINDER, help="after --: flags passed to every boed demo (e.g. -- --quick)")
+    for name, text in (("power", "EIG-IPA vs Uncond with the power to resolve +0.02, the clairvoyant room and the capture"),
+                       ("variability", "the power study on phantom sets of growing variability: when does adaptivity pay?")):
+        q = sub.add_parser(name, help=text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="run folder (power: a finished boed demo folder reuses its models; variability: one folder per level)")
+        q.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help=f"demo profile (default: {DEFAULT_PROFILE})")
+        q.add_argument("--illness", default=",".join(adaptivity.POWER_ILLNESSES), metavar="LIST",
+                       help=f"comma-separated tasks (default: {','.join(adaptivity.POWER_ILLNESSES)})")
+        q.add_argument("--n-test", type=int, default=adaptivity.DEFAULT_POWER_N,
+                       help=f"test images per task (default: {adaptivity.DEFAULT_POWER_N})")
+        q.add_argument("--repeats", type=int, default=adaptivity.DEFAULT_POWER_REPEATS,
+                       help=f"policy repeats R (default: {adaptivity.DEFAULT_POWER_REPEATS})")
+        q.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="where prepared images live (default: ~/.cache/boed)")
+        q.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device: auto, cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})")
+        q.add_argument("--seed", type=int, default=0, help="training and evaluation seed (default: 0)")
+        if name == "power":
+            q.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                           help="NIH-format folder (default: none: phantom data as in boed demo)")
+        else:
+            q.add_argument("--levels", default=",".join(adaptivity.LEVELS), metavar="LIST",
+                           help=f"phantom difficulty presets, in order of variability (default: {','.join(adaptivity.LEVELS)})")
+            q.add_argument("--n-phantom", type=int, default=DEFAULT_SWEEP_PHANTOM,
+                           help=f"phantom images per level (default: {DEFAULT_SWEEP_PHANTOM})")
 
 
 def _check_demo_args(extra: list[str]) -> None:
@@ -63,7 +93,36 @@ def _check_demo_args(extra: list[str]) -> None:
         raise UserError(f"`boed demo` does not take {' '.join(unknown)}; flags after -- go to every demo (see `boed demo --help`)")
 
 
+def _power(args: argparse.Namespace) -> int:
+    """`boed study power` and `boed study variability`: flags checked before any stage runs."""
+    device = str(parse_device(args.device))
+    profile = PROFILES[args.profile]
+    for flag, v in (("--n-test", args.n_test), ("--repeats", args.repeats)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    illnesses = tuple(study.resolve_illness(i).name for i in args.illness.split(",") if i.strip())
+    if args.study == "power":
+        if args.data_root is not None and not args.data_root.is_dir():
+            raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+        opts = adaptivity.PowerOptions(out=args.out, profile=profile, illnesses=illnesses, n_test=args.n_test, repeats=args.repeats,
+                                       data_root=args.data_root, cache_dir=args.cache_dir, device=device, seed=args.seed)
+        adaptivity.run_power_study(opts)
+        stem = "power"
+    else:
+        if args.n_phantom < 100:
+            raise UserError(f"--n-phantom must be >= 100 images per level, got {args.n_phantom}")
+        levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+        adaptivity.run_variability_sweep(levels, args.out, profile, args.n_phantom, args.n_test, args.repeats, illnesses,
+                                         device, args.seed, args.cache_dir)
+        stem = "variability"
+    print((args.out / f"{stem}.md").read_text())
+    print(f"wrote {args.out / f'{stem}.csv'}, {args.out / f'{stem}.md'}, {args.out / f'{stem}.png'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.study in ("power", "variability"):
+        return _power(args)
     if args.study == "seeds":
         seeds = study.parse_seeds(args.seeds)
         extra = [a for a in args.demo_args if a != "--"]

@@ -1,0 +1,79 @@
+"""boed/adaptivity.py: the power study's table from known records, its files, and the sweep's refusals."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from boed.adaptivity import (POWER_COLUMNS, POWER_METHODS, TARGET_HALF_WIDTH, power_row, render_power_md,
+                             run_variability_sweep, write_power_outputs)
+from boed.cli import main as boed_main
+from boed.demo import PROFILES
+from xray.errors import UserError
+from xray.labels import LABELS
+
+EFF = LABELS.index("Effusion")
+
+
+def _records(n=60, T=3, R=2, seed=0):
+    """Effusion records of the five methods: clairvoyant and eig-ipa rank perfectly from t = 2 on,
+    uncond and random from nothing (p = 0.5), full perfectly at every t."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        y = [0] * 15
+        y[EFF] = int(rng.random() < 0.4) if i > 1 else i  # both classes present
+        for method in POWER_METHODS:
+            for r in ([None] if method == "full" else range(R)):
+                probs = []
+                for t in range(T + 1):
+                    p = [0.5] * 15
+                    good = method == "full" or (method in ("eig-ipa", "clairvoyant") and t >= 2)
+                    p[EFF] = 0.2 + 0.6 * y[EFF] if good else 0.5
+                    probs.append(p)
+                recs.append({"method": method, "task": None if method in ("random", "full") else "Effusion",
+                             "repeat": r, "index": i, "locations": [], "probs": probs, "labels": y})
+    return recs
+
+
+def test_power_row_known_answers():
+    recs = _records()
+    row = power_row(recs, "effusion", scans=3, n_boot=100, level="default")
+    assert row["t"] == "2-3" and row["n"] == 60 and row["repeats"] == 2 and row["level"] == "default"
+    assert row["positives"] == sum(r["labels"][EFF] for r in recs if r["method"] == "eig-ipa" and r["repeat"] == 0)
+    assert row["gain_uncond"] == 0.5 and row["room"] == 0.5 and row["capture"] == 1.0
+    assert row["half_width"] == pytest.approx((row["gain_uncond_hi"] - row["gain_uncond_lo"]) / 2)
+    assert row["eig_minus_random"] == 0.5 and row["eig_minus_full"] == 0.0
+    assert set(row) == set(POWER_COLUMNS)
+    with pytest.raises(UserError, match="clairvoyant"):
+        power_row([r for r in recs if r["method"] != "clairvoyant"], "effusion", scans=3, n_boot=0)
+
+
+def test_power_outputs_written_and_say_the_aim(tmp_path):
+    rows = [power_row(_records(seed=s), "effusion", scans=3, n_boot=50, level=lv) for s, lv in ((0, "default"), (1, "hard"))]
+    paths = write_power_outputs(rows, tmp_path, "variability", notes="tiny")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    back = list(csv.DictReader(paths["csv"].open()))
+    assert [r["level"] for r in back] == ["default", "hard"] and float(back[0]["capture"]) == 1.0
+    md = render_power_md(rows)
+    assert str(TARGET_HALF_WIDTH) in md and md.count("| Effusion |") == 2
+
+
+def test_variability_sweep_refuses_unknown_or_single_levels(tmp_path):
+    for levels in (["default"], ["default", "extreme"]):
+        with pytest.raises(UserError, match="--levels"):
+            run_variability_sweep(levels, tmp_path / "v", PROFILES["quick"], 200, 10)
+    assert not (tmp_path / "v").exists()  # refused before anything was made
+
+
+@pytest.mark.slow  # trains the quick profile's models, then evaluates the five methods
+def test_power_study_end_to_end_quick(tmp_path, capsys):
+    out = tmp_path / "power"
+    argv = ["study", "power", "--profile", "quick", "--illness", "effusion", "--n-test", "24", "--repeats", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        boed_main(argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "power.csv").open()))
+    assert len(rows) == 1 and rows[0]["illness"] == "Effusion" and int(rows[0]["n"]) == 24
+    assert np.isfinite(float(rows[0]["room"])) and (out / "power.png").is_file()
