@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-policies study study-seeds test test-slow bench setup clean
+.PHONY: demo demo-quick demo-policies study study-seeds study-power study-variability test test-slow bench setup clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ study: $(STAMP)
 study-seeds: $(STAMP)
 	$(BIN)/boed study seeds --seeds 0,1,2 --out runs/seeds
 	cp runs/seeds/seeds.csv runs/seeds/seeds.md runs/seeds/seeds.png results/
+
+# where adaptivity pays: EIG-IPA vs Uncond on 1 000 test images per task, the clairvoyant room, the capture
+study-power: $(STAMP)
+	$(BIN)/boed study power --out runs/demo
+	cp runs/demo/power.csv runs/demo/power.md runs/demo/power.png results/
+
+# the power study on phantom sets of growing variability (default, realistic, hard)
+study-variability: $(STAMP)
+	$(BIN)/boed study variability --out runs/variability
+	cp runs/variability/variability.csv runs/variability/variability.md runs/variability/variability.png results/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
