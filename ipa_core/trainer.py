@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xray.errors import UserError
-from xray.io import atomic_write_json, ensure_writable_dir
+from xray.io import atomic_write_json, ensure_writable_dir, run_lock
 from xray.provenance import check_same, move_aside
 
 from . import distributed as dist_utils
@@ -64,13 +64,15 @@ def fit(task: TrainTask, train_set, cfg: TrainConfig, run_dir: str | os.PathLike
     run_dir = Path(run_dir)
     if len(train_set) == 0:
         raise UserError("the training set is empty; check --data/--data-root")
-    with dist_utils.process_group(cfg.device) as ctx:
+    with dist_utils.process_group(cfg.device) as ctx, contextlib.ExitStack() as held:
         # validated before anything is moved or created
         order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed, ctx.rank, ctx.world, data_order_key(train_set))
-        if cfg.restart and ctx.rank == 0:
-            moved = move_aside(run_dir)
-            if moved is not None:
+        if ctx.rank == 0:  # one training per run folder: a second one is refused before it writes anything
+            if cfg.restart and run_dir.exists():
+                held.enter_context(run_lock(run_dir))  # never move aside a folder another training is writing
+                moved = move_aside(run_dir)  # the held lock moves with it; the new folder gets its own below
                 log.warning("--restart: moved the old run %s aside to %s", run_dir, moved)
+            held.enter_context(run_lock(run_dir))  # held for the whole training, released on exit or kill
         dist_utils.barrier()
         if ctx.rank != 0:
             return _fit(task, train_set, cfg, run_dir, test_set, order, ctx)

@@ -6,7 +6,7 @@ Layout of a cache folder (everything a reader needs, nothing else)::
     labels.csv       one row per good image in cache order: image, row (into images.u8), split,
                      the label/metadata columns of xray.nih.read_labels
     manifest.json    source root, csv, size, the source fingerprint, counts per label and split,
-                     bad and absent images; written last, so its presence means the cache is complete
+                     bad and absent images, image files the CSV does not list; written last, so its presence means the cache is complete
     sources.json     name, bytes and mtime of the file behind every row: lets a rebuild reuse the
                      rows whose file did not change
     bad_images.txt   missing/corrupt images and why (tab-separated), skipped
@@ -131,6 +131,7 @@ class Plan:
     absent: list[str]  # listed images without a file, left out (present_only) or counted as bad
     fingerprint: str  # what the pixels depend on: names and order, file sizes and mtimes, S, mode
     labels_hash: str  # what labels.csv depends on: the CSV and split-list bytes
+    unlisted: tuple[str, ...] = ()  # image files on disk that the label CSV does not list (a truncated CSV?)
 
     @property
     def n(self) -> int:
@@ -215,7 +216,9 @@ def make_plan(root, size: int, out=None, present_only: bool = False) -> Plan:
     for n, st in zip(names, stats):
         h.update(f"{n}\t{st[0]}\t{st[1]}\n".encode() if st else f"{n}\t-\n".encode())
     lh = _file_hash((csv, root / "train_val_list.txt", root / "test_list.txt"))
-    return Plan(root, csv, out, size, labels, paths, stats, splits, bool(present_only), absent, h.hexdigest(), lh)
+    listed = {files[n][0] for n in labels.index if n in files}
+    unlisted = tuple(sorted(Path(f).name for f in {item[0] for item in files.values()} - listed))  # a .dcm: one file, two keys
+    return Plan(root, csv, out, size, labels, paths, stats, splits, bool(present_only), absent, h.hexdigest(), lh, unlisted)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -559,6 +562,10 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
                         f"{bad[str(bad_rows[0])]}); see {plan.out / BAD_FILE}, fix the files and rerun (finished images are kept)")
     if bad_rows:
         log.warning("skipping %d missing/unreadable image(s), listed in %s", len(bad_rows), plan.out / BAD_FILE)
+    if plan.unlisted:
+        log.warning("%d image file(s) under %s are not listed in %s (e.g. %s) and are left out; a truncated or "
+                    "partial label CSV? Restore the full CSV and rerun to include them", len(plan.unlisted), plan.root,
+                    plan.csv.name, plan.unlisted[0])
 
     good = np.ones(plan.n, dtype=bool)
     good[bad_rows] = False
@@ -583,6 +590,8 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
         "present_only": plan.present_only,
         "n_absent": len(plan.absent) if plan.present_only else 0,
         "absent_examples": plan.absent[:10] if plan.present_only else [],
+        "n_unlisted": len(plan.unlisted),  # image files on disk the label CSV does not list (left out)
+        "unlisted_examples": list(plan.unlisted[:10]),
         "source_root": str(plan.root.resolve()),
         "csv": plan.csv.name,
         "image_size": plan.size,

@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader never sees a half-written file, a kill never leaves one."""
+"""Atomic file writes: a reader never sees a half-written file, a kill never leaves one.
+
+Also :func:`run_lock`: one writer per output folder (an exclusive, non-blocking ``flock``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no inter-process lock, one writer per folder is the user's job
+    fcntl = None
 
 
 def _umask() -> int:
@@ -140,3 +148,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per output folder
+
+RUN_LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "training", flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive, non-blocking ``flock`` on ``folder/.lock`` for the body of the ``with``.
+
+    Creates ``folder`` when missing. A second holder (another process) is refused at once with a
+    one-line :class:`UserError` naming the holder's pid; the refused process writes nothing (it only
+    opens the existing lock file to read). The OS releases the lock when the holder exits or is
+    killed, so a stale ``.lock`` file never blocks anyone. Yields the lock file's path.
+    """
+    p = Path(folder)
+    lock = p / RUN_LOCK_FILE
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {p}: {e.strerror or e}; choose a writable path") from None
+    with f:
+        if fcntl is None:  # pragma: no cover - not POSIX
+            yield lock
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise UserError(f"another {what} is writing {p} (pid {pid}); wait for it or use another {flag}") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield lock
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

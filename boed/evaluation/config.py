@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
@@ -28,6 +29,8 @@ from xray.labels import resolve_illness
 from xray.provenance import digest
 
 from .methods import METHODS, parse_methods
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHODS: tuple[str, ...] = ("eig-ipa", "epe-ipa", "uncond", "nongreedy", "random", "full")
 PAPER_TASKS: tuple[str, ...] = ("Edema", "Effusion", "Infiltration", "No Finding")
@@ -73,6 +76,40 @@ def select_test_indices(n_total: int, n_test: int | None, seed: int) -> list[int
         warnings.warn(f"--n-test {n_test} is larger than the test set ({n_total} images); using all {n_total}", stacklevel=2)
     k = n_total if n_test is None else min(n_test, n_total)
     return np.random.default_rng(seed).permutation(n_total)[:k].tolist()
+
+
+FEW_OF_A_CLASS = 5  # fewer positives (or negatives) than this among the test images: a wide AUROC interval
+
+
+def check_task_classes(labels: np.ndarray, indices: Iterable[int], tasks: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Count each task's positives and negatives among the selected test images, before any compute.
+
+    ``labels``: the whole test split's label table ``(n, K)``; ``indices``: the selected images.
+    A task with no positive or no negative among them has no AUROC: a one-line :class:`UserError`.
+    Fewer than :data:`FEW_OF_A_CLASS` of either class: one logged warning (the interval will be wide).
+    Returns ``{task: (positives, negatives)}`` among the selected images. The selection itself is
+    not changed (published results depend on the draw).
+    """
+    labels = np.asarray(labels)
+    idx = np.asarray(list(indices), dtype=np.int64)
+    counts, few = {}, []
+    for task in tasks:
+        ill = resolve_illness(task)
+        split = ill.target(labels) > 0.5  # (n,)
+        pos = int(split[idx].sum())
+        counts[ill.name] = (pos, len(idx) - pos)
+        for kind, got, total in (("positives", pos, int(split.sum())), ("negatives", len(idx) - pos, int((~split).sum()))):
+            if got == 0:
+                advice = ("raise --n-test or drop the task" if total > 0 else
+                          "the split has none: drop the task or use other data")
+                raise UserError(f"{ill.name} has 0 {kind} among the {len(idx)} test images (of {total} {kind} in "
+                                f"the test split); {advice}")
+            if got < FEW_OF_A_CLASS:
+                few.append(f"{ill.name}: {got} {kind} of {len(idx)}")
+    if few:
+        log.warning("few test images of a class (%s): the AUROC interval will be wide; raise --n-test for a tighter one",
+                    "; ".join(few))
+    return counts
 
 
 def derive_seed(*parts: Any) -> int:

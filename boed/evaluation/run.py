@@ -26,7 +26,7 @@ from xray.provenance import move_aside
 
 from ..classifier import AVPClassifier
 from ..geometry import ScanGeometry
-from .config import EvalConfig, canonical_tasks, check_numbers, select_test_indices
+from .config import EvalConfig, canonical_tasks, check_numbers, check_task_classes, select_test_indices
 from .loop import evaluate
 from .methods import METHODS, MODEL_FLAGS, BuildContext, build_policies, needed_models, parse_methods
 from .records import check_shards, config_from_out, load_records, missing_records
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     test_set = dataset_from_args(args, "test")
     if test_set.image_size != S:
         raise UserError(f"test images are {test_set.image_size} px, the AVP-CNN works at {S} px; prepare data with --image-size {S}")
+    indices = select_test_indices(len(test_set), args.n_test, args.seed)
+    check_task_classes(test_set.labels, indices, tasks)  # no AUROC without both classes: say so before any work
     need_train = any(METHODS[m].train_data for m in methods)
     train_set = dataset_from_args(args, "train") if need_train else None
     amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     digests = {"avp": weights_digest(args.avp)}
     digests.update({key: MODEL_FLAGS[key].digest(paths[key]) for key in needed})
     cfg = EvalConfig(tasks=tasks, methods=methods, scans=args.scans, seed=args.seed, repeats=args.repeats,
-                     indices=select_test_indices(len(test_set), args.n_test, args.seed), batch_size=args.batch_size,
+                     indices=indices, batch_size=args.batch_size,
                      n_samples=args.n_samples, n_sequences=args.n_sequences, temperature=args.temperature, rng=args.rng,
                      image_size=S, device_type=device.type, precision=precision, n_boot=args.n_boot,
                      cross_task=args.cross_task is not None,

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from ipa_core.masks import IPA_TRAINING_MASKS
 from tests.xray.conftest import make_nih
 from xray.cli_base import make_main
 from xray.errors import UserError
+from xray.io import run_lock
 
 S = 64
 
@@ -196,6 +198,13 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
         other = [a for i, a in enumerate(argv[:-4]) if "--width" not in argv[i - 1:i + 1]]  # --width: the tiny net's only
         main(other + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
+    before = {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()}
+    with run_lock(tmp_path / "avp"), pytest.raises(SystemExit) as e:  # another training holds the folder
+        main(argv[:-4] + ["--steps", "9", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: another training is writing {tmp_path / 'avp'} (pid {os.getpid()}); wait for it or use another --out\n"
+    before[tmp_path / "avp" / ".lock"] = f"{os.getpid()}\n".encode()  # only the holder wrote its pid
+    assert {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()} == before
 
 
 def test_task_provenance_records_the_training_config():

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from ipa_core.trainer import (BatchOrder, SkipRule, TrainConfig, add_train_args,
 from ipa_core.vae_task import VAETask, measure_standardisation
 from xray.errors import UserError
 from xray.integrity import write_sidecar
+from xray.io import run_lock
 
 torch.set_num_threads(1)
 
@@ -479,3 +483,35 @@ def test_a_model_with_non_finite_weights_is_refused_not_saved():
         net.bias[1] = float("nan")
     with pytest.raises(UserError, match=r"non-finite weights \(bias\)"):
         check_finite_weights(net, "the model")
+
+
+HOLD_LOCK = """
+import sys
+from xray.io import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_second_training_into_one_folder_is_refused_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    fit(VAETask(new_vae()), ImageSet(), tcfg(steps=2, sample_every=2, ckpt_every=2), out)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert before[Path(".lock")] == f"{holder.pid}\n".encode()
+        for restart in (False, True):  # --restart does not move the other training's folder aside either
+            with pytest.raises(UserError) as e:
+                fit(VAETask(new_vae()), ImageSet(), tcfg(steps=4, restart=restart), out)
+            msg = str(e.value)
+            assert msg == f"another training is writing {out} (pid {holder.pid}); wait for it or use another --out"
+            assert "\n" not in msg
+            assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+            assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with run_lock(out):  # the holder exited: the OS released its lock
+        pass

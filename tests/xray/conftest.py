@@ -33,14 +33,17 @@ def image_for(i: int, px: int) -> np.ndarray:
 
 
 def make_nih(root: Path, n: int = TINY_N, px: int = TINY_PX, layout: str = "flat",
-             official_split: bool = False, skip_images: tuple[int, ...] = ()) -> Path:
-    """Write an NIH-format folder: v2020 CSV + PNGs (layout "flat": images/, "nested": images_00k/images/)."""
+             official_split: bool = False, skip_images: tuple[int, ...] = (), findings=finding_for) -> Path:
+    """Write an NIH-format folder: v2020 CSV + PNGs (layout "flat": images/, "nested": images_00k/images/).
+
+    ``findings(i)``: the "Finding Labels" of image ``i`` (default :func:`finding_for`).
+    """
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
         pid = i // 2 + 1  # two images per patient
         name = f"{pid:08d}_{i % 2:03d}.png"
-        rows.append({"Image Index": name, "Finding Labels": finding_for(i), "Follow-up #": i % 2,
+        rows.append({"Image Index": name, "Finding Labels": findings(i), "Follow-up #": i % 2,
                      "Patient ID": pid, "Patient Age": 20 + i, "Patient Gender": "MF"[i % 2],
                      "View Position": ("PA", "AP")[i % 3 == 1]})
         if i in skip_images:

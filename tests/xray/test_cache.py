@@ -542,3 +542,25 @@ def test_labels_only_rewrite_keeps_the_chunk_digests_without_rereading(tiny_nih,
     cache.prepare(tiny_nih, S, out=out, workers=0, progress=False)
     assert json.loads((out / "manifest.json").read_text())["files"]["images.u8"] == before
     assert cache.check_files(out, S, full=True) is None
+
+
+def test_image_files_the_csv_does_not_list_are_counted_and_reported(tmp_path, caplog):
+    """A truncated label CSV: the images on disk it no longer lists are reported, not silently dropped."""
+    root = make_nih(tmp_path / "nih", n=20, px=8)
+    csv = nih.find_csv(root)
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines[:13]))  # header + 12 of 20 rows
+    with caplog.at_level("WARNING", logger="xray.cache"):
+        out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    listed = nih.read_labels(csv).index
+    unlisted = sorted(set(nih.find_images(root)) - set(listed))
+    assert len(listed) == 12 and len(unlisted) == 8
+    assert (m["n_images"], m["n_unlisted"], m["unlisted_examples"]) == (12, 8, unlisted)
+    [msg] = [r.getMessage() for r in caplog.records if "not listed" in r.getMessage()]
+    assert msg.startswith(f"8 image file(s) under {root} are not listed in {csv.name} (e.g. {unlisted[0]})")
+    # the full CSV again: nothing unlisted
+    csv.write_text("".join(lines))
+    out = cache.prepare(root, 8, out=tmp_path / "c", workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["n_images"], m["n_unlisted"], m["unlisted_examples"]) == (20, 0, [])

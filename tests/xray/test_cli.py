@@ -156,6 +156,13 @@ def test_prepare_cache_dir_and_present_only(tmp_path, capsys):
     code, out, _ = run(["info", str(where)], capsys)
     assert "absent images (listed, not on disk; --present-only): 2" in out
     assert not (root / "prepared-8").exists()
+    # a truncated label CSV: the image files it no longer lists are counted in the summary line and by `xray info`
+    csv = root / "Data_Entry_2017_v2020.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:16]))  # header + 15 of 20 rows (images 0 and 1 have no file)
+    code, out, _ = run(base + ["--cache-dir", str(tmp_path / "cc"), "--present-only"], capsys)
+    assert code == 0 and "13 images at 8 px" in out and "5 image files on disk not listed in Data_Entry_2017_v2020.csv and left out (e.g. " in out, out
+    code, out, _ = run(["info", str(where)], capsys)
+    assert "image files on disk not listed in Data_Entry_2017_v2020.csv (left out): 5" in out
     with pytest.raises(SystemExit):  # --out and --cache-dir name the same thing twice
         cli.main(base + ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cc")])
     assert not (tmp_path / "o").exists()

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from xray.errors import UserError
-from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir, run_lock
 
 
 def test_atomic_write_replaces_and_respects_umask(tmp_path):
@@ -48,3 +48,15 @@ def test_atomic_write_where_no_folder_can_be_made_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot write .*file/sub/x.txt: .*; choose a writable path") as e:
         atomic_write_text(tmp_path / "file" / "sub" / "x.txt", "x")
     assert "\n" not in str(e.value)
+
+
+def test_run_lock_is_exclusive_and_released_on_exit(tmp_path):
+    out = tmp_path / "a" / "run"
+    with run_lock(out) as lock:
+        assert lock == out / ".lock" and lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"^another training is writing {out} \(pid {os.getpid()}\); wait for it or use another --out$"):
+            with run_lock(out):
+                pass
+    with run_lock(out):  # released: the next writer gets it
+        pass
+    assert [p.name for p in out.iterdir()] == [".lock"]

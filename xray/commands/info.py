@@ -41,6 +41,9 @@ def summarise(path: str | Path, show_missing: int = 10) -> str:
         if m.get("present_only"):
             lines.append(f"absent images (listed, not on disk; --present-only): {m.get('n_absent', 0)}")
             lines += [f"  {name}" for name in m.get("absent_examples", [])[:show_missing]]
+        if m.get("n_unlisted"):
+            lines.append(f"image files on disk not listed in {m['csv']} (left out): {m['n_unlisted']}")
+            lines += [f"  {name}" for name in m.get("unlisted_examples", [])[:show_missing]]
         return "\n".join(lines)
     csv = nih.find_csv(p)
     labels = nih.read_labels(csv)

@@ -49,6 +49,9 @@ def summary_line(out) -> str:
     if m.get("present_only"):
         listed = m.get("source", {}).get("listed", m["n_rows"])
         line += f", {m.get('n_absent', 0)} of {listed} listed images absent (--present-only)"
+    if m.get("n_unlisted"):
+        line += (f", {m['n_unlisted']} image files on disk not listed in {m['csv']} and left out "
+                 f"(e.g. {m['unlisted_examples'][0]})")
     return line
 
 

@@ -423,7 +423,7 @@ def cli_setup(tmp_path_factory):
 
     from ipa_core.config import get_config
     from ipa_core.ipa import IPA, IPAConfig
-    from tests.xray.conftest import make_nih
+    from tests.xray.conftest import finding_for, make_nih
 
     root = tmp_path_factory.mktemp("evalcli")
     torch.manual_seed(0)
@@ -436,8 +436,12 @@ def cli_setup(tmp_path_factory):
     small = dataclasses.replace(vae_cfg, image_size=16, width=16, custom_width_str="", num_mixtures=2,
                                 enc_blocks="16x1,16d2,8x1,8d2,4x1,4d4,1x1", dec_blocks="1x1,4m1,4x1,8m4,8x1,16m8,16x1")
     IPA(IPAConfig.from_vae(small)).save_pretrained(root / "ipa16")
-    nih = make_nih(root / "nih", n=40, px=48)
-    make_nih(root / "nih2", n=40, px=40)  # the same size of set, other images
+    def findings(i: int) -> str:  # both classes of Effusion and Edema among the 4 test images of seed 0
+        base = [x for x in finding_for(i).split("|") if x not in ("Effusion", "Edema", "No Finding")]
+        return "|".join(base + (["Effusion", "Edema"] if i % 2 else [])) or "No Finding"
+
+    nih = make_nih(root / "nih", n=40, px=48, findings=findings)
+    make_nih(root / "nih2", n=40, px=40, findings=findings)  # the same size of set and labels, other images
     data = ["--data", "chestxray", "--data-root", str(nih), "--cache-dir", str(root / "cache")]
     return root, data
 
@@ -501,7 +505,7 @@ def test_cli_evaluate_all_methods_and_cross_task(cli_setup, tmp_path, capsys):
 
 def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
     root, data = cli_setup
-    base = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--out", str(tmp_path / "e"), "--n-test", "2", *data]
+    base = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--out", str(tmp_path / "e"), "--n-test", "4", *data]
     cases = [
         (["--methods", "eig,magic"], "unknown method 'magic'"),
         (["--illness", "flu"], "unknown illness 'flu'"),
@@ -512,13 +516,17 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
         (["--shard", "3/2"], "--shard"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--n-sequences", "0"], "--n-sequences must be >= 1"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "--temperature: 0 is out of range"),
         (["--device", "tpu9"], "--device"),
         (["--methods", "eig,ipar"], "method eig-ipar needs --ipar RUN"),
         (["--methods", "ipa-under"], "method eig-ipa-under needs --ipa-under RUN"),
         (["--methods", "ipar", "--ipar", str(root / "ipa")], "objective 'forward', expected 'reverse'"),
         (["--methods", "eig,ipar", "--ipar", str(root / "ipar"), "--ipa", str(root / "ipa16")], "works at 16 px"),
         (["--restart", "--shard", "0/2"], "--restart with --shard"),
+        # the 2 test images of seed 0 hold no Effusion positive: refused before any model work
+        (["--n-test", "2"], "Effusion has 0 positives among the 2 test images (of 4 positives in the test split); "
+                            "raise --n-test or drop the task"),
+        (["--n-test", "2", "--illness", "edema", "--cross-task", "no finding"], "Edema has 0 positives"),
     ]
     for extra, msg in cases:
         code, out, err = _cli(base + extra, capsys)
