@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     tuple(f"boed.{m}" for m in BOED_CORE),
     ("boed.baselines", "boed.amortised"),
     ("boed.evaluation",),
-    ("boed.demo", "boed.demo_publish", "boed.study"),
+    ("boed.demo", "boed.demo_publish", "boed.study", "boed.adaptivity"),
     ("boed.commands",),
     ("boed", "boed.cli", "boed.__main__"),
 ]
