@@ -41,6 +41,7 @@ from xray.labels import resolve_illness
 from . import demo
 from .evaluation.records import load_records
 from .evaluation.report import capture_rows, mean_label, paired_rows
+from .study import PipelineOptions
 
 log = logging.getLogger("boed.adaptivity")
 
@@ -152,21 +153,11 @@ def write_power_outputs(rows: Sequence[dict], out: Path, stem: str, notes: str =
 
 
 @dataclass
-class PowerOptions:
-    out: Path
-    profile: object  # boed.demo.DemoProfile
+class PowerOptions(PipelineOptions):
     illnesses: tuple[str, ...] = POWER_ILLNESSES
     n_test: int = DEFAULT_POWER_N
     repeats: int = DEFAULT_POWER_REPEATS
-    data_root: Path | None = None
-    cache_dir: Path | None = None
-    device: str = "cpu"
-    seed: int = 0
-    level: str = ""
-
-    def demo_options(self) -> demo.DemoOptions:
-        return demo.DemoOptions(out=self.out, profile=self.profile, illnesses=self.illnesses, data_root=self.data_root,
-                                cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+    level: str = ""  # the phantom difficulty preset (variability sweep), "" otherwise
 
 
 def power_stages(opts: PowerOptions, dopts: demo.DemoOptions) -> list[demo.Stage]:

@@ -283,12 +283,12 @@ def measure_quality(test_set, train_set, ipa_runs: dict[str, Path], geometry, sc
 
 
 @dataclass
-class StudyOptions:
+class PipelineOptions:
+    """What every study shares with the demo it builds on: the run folder, profile, tasks, data, device, seed."""
+
     out: Path
     profile: object  # boed.demo.DemoProfile
-    illnesses: tuple[str, ...] = tuple(resolve_illness(i).name for i in STUDY_ILLNESSES)
-    repeats: int = DEFAULT_REPEATS
-    n_states: int = DEFAULT_STATES
+    illnesses: tuple[str, ...] = ()
     data_root: Path | None = None
     cache_dir: Path | None = None
     device: str = "cpu"
@@ -296,7 +296,14 @@ class StudyOptions:
 
     def demo_options(self) -> demo.DemoOptions:
         return demo.DemoOptions(out=self.out, profile=self.profile, illnesses=self.illnesses, data_root=self.data_root,
-                           cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+                                cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+
+
+@dataclass
+class StudyOptions(PipelineOptions):
+    illnesses: tuple[str, ...] = tuple(resolve_illness(i).name for i in STUDY_ILLNESSES)
+    repeats: int = DEFAULT_REPEATS
+    n_states: int = DEFAULT_STATES
 
 
 def study_stages(opts: StudyOptions, dopts: demo.DemoOptions) -> list[demo.Stage]:
