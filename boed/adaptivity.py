@@ -126,6 +126,7 @@ def plot_power(rows: Sequence[dict], path: str | Path, x: str = "level") -> Path
         ax.plot(xs, [r["eig_minus_random"] for r in sub], "x:", color="C5", label="EIG-IPA - Random")
         ax.plot(xs, [-r["eig_minus_full"] for r in sub], "+-.", color="k", label="full image - EIG-IPA")
         ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xlim(-0.5, len(sub) - 0.5)
         ax.set_xticks(xs, [r[x] or "-" for r in sub])
         ax.set_title(ill, fontsize=9)
         ax.set_ylabel(f"AUROC difference, t = {sub[0]['t']}" if sub else "AUROC difference")
