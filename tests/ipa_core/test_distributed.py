@@ -66,7 +66,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert len(seen0) == len(seen1) == 6 and seen0 != seen1
     # rank 0 wrote one run folder
     assert (run / "model" / "config.json").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]  # log_every 2, one writer, no duplicate after the resume
     ck = torch.load(run / "checkpoints" / "ckpt-00000006.pt", weights_only=True)
