@@ -182,6 +182,9 @@ def test_lower_steps_on_a_finished_run_is_refused_and_writes_nothing(trained, tm
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+STEPS = 120  # long enough that the random kills (0.3-3 s after start-up) land inside the training
+
+
 @pytest.mark.slow
 def test_kill_loop_harness(tmp_path, capsys):
     """kill -9 a training run at random instants (and flip a bit in its newest checkpoint every other
@@ -198,14 +201,14 @@ def test_kill_loop_harness(tmp_path, capsys):
               "from ipa_core.trainer import fit; from ipa_core.vae_task import VAETask\n"
               "from tests.ipa_core.test_trainer import ImageSet, new_vae, tcfg\n"
               "print('start', flush=True)\n"
-              f"fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), {str(run)!r})\n")
+              f"fit(VAETask(new_vae()), ImageSet(), tcfg(steps={STEPS}, ckpt_every=4), {str(run)!r})\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     kills, flips, finished = 0, 0, False
     for attempt in range(10):
         p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         p.stdout.readline()  # imports done
         try:
-            p.wait(timeout=rng.uniform(0.5, 6.0))
+            p.wait(timeout=rng.uniform(0.3, 3.0))
         except subprocess.TimeoutExpired:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
@@ -220,12 +223,13 @@ def test_kill_loop_harness(tmp_path, capsys):
         break
     if not finished:
         subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
-    ref = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), tmp_path / "ref")
+    ref = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=STEPS, ckpt_every=4), tmp_path / "ref")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=40, ckpt_every=2), run)  # finished: loads the final state
+        out = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=STEPS, ckpt_every=4), run)  # finished: loads the final state
     same = torch.equal(flat(out), flat(ref))
     with capsys.disabled():
         print(f"\nkill loop: {kills} kills (+{flips} bit flips in the newest checkpoint), final model identical: {same}")
+    assert kills >= 2, f"the harness killed the run {kills} times: the training finished before the kills (raise STEPS)"
     assert same
     assert not list((run / "checkpoints").glob(".*.tmp"))

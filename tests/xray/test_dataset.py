@@ -207,7 +207,8 @@ def test_partial_nih_folder_runs_training_and_evaluation(tmp_path):
     from ipa_core.cli import main as ipa_main
     from xray.cli import main as xray_main
 
-    root = phantom.generate(tmp_path / "nih", n=60, size=32, seed=0, workers=1, progress=False)
+    root = phantom.generate(tmp_path / "nih", n=60, size=32, seed=0, workers=1, progress=False,
+                            prevalence={"Effusion": 0.5})  # positives and negatives in the test split (checked before work)
     gone = sorted((root / "images").iterdir())[::3]
     for p in gone:
         p.unlink()
@@ -225,7 +226,7 @@ def test_partial_nih_folder_runs_training_and_evaluation(tmp_path):
     ok(ipa_main, ["train", "--stage", "vae", "--config", "tiny", "--steps", 2, "--batch-size", 4, "--out", runs / "vae", *data])
     ok(ipa_main, ["train", "--stage", "ipa", "--vae", runs / "vae", "--steps", 2, "--batch-size", 4, "--out", runs / "ipa", *data])
     ok(boed_main, ["train-avp", "--arch", "tiny", "--steps", 2, "--batch-size", 4, "--eval-images", 8, "--out", runs / "avp", *data])
-    ok(boed_main, ["evaluate", "--illness", "effusion", "--scans", 1, "--methods", "random,eig", "--n-test", 3,
+    ok(boed_main, ["evaluate", "--illness", "effusion", "--scans", 1, "--methods", "random,eig", "--n-test", 8,
                    "--n-samples", 2, "--ipa", runs / "ipa", "--avp", runs / "avp", "--out", runs / "eval", *data])
     assert (runs / "eval" / "metrics.csv").is_file()
     assert not any((root / "prepared-64").parent.glob("prepared-64?*"))  # one cache, the one prepare wrote
