@@ -185,10 +185,7 @@ def run_power_study(opts: PowerOptions, publish: bool = True) -> list[dict]:
     dopts = opts.demo_options()
     if opts.data_root is None and opts.profile.phantom_n is not None:  # the demo's private small phantom set
         dopts.data_root = opts.out / "phantom"
-    timings: dict[str, float] = {}
-    fingerprints: dict[str, str] = {}
-    for st in power_stages(opts, dopts):
-        demo._stage(dopts, st, fingerprints, timings)
+    _, timings = demo.run_stages(dopts, power_stages(opts, dopts))
     rows = [power_row(load_records(opts.out / "power-eval" / resolve_illness(ill).slug), ill, opts.profile.scans,
                       level=opts.level) for ill in opts.illnesses]
     atomic_write_json(opts.out / "power.json", {"profile": dataclasses.asdict(opts.profile), "n_test": opts.n_test,

@@ -491,6 +491,22 @@ def policy_stages(opts: DemoOptions) -> list[Stage]:
                                                    _data_args(opts), str(opts.device), opts.seed)]
 
 
+def run_stages(opts: DemoOptions, stages: Sequence[Stage]) -> tuple[dict[str, str], dict[str, float]]:
+    """Run (or adopt) ``stages`` in order, each fingerprinted with the digests of the models it
+    reads; the one loop of the demo and of every study built on its stages. Returns
+    ``(fingerprints, timings)``, keyed by stage name."""
+    fingerprints: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    models: dict[str, str] = {}
+    legacy: dict[str, str] = {}
+    for st in stages:
+        _stage(opts, st, fingerprints, timings, models, legacy)
+        d = stage_model_digest(st)
+        if d is not None:
+            models[st.name] = d
+    return fingerprints, timings
+
+
 def plan(opts: DemoOptions) -> list[Stage]:
     """Every stage of the run, in order (``phantom`` only for a profile with a private phantom set)."""
     p = opts.profile
@@ -509,18 +525,9 @@ def plan(opts: DemoOptions) -> list[Stage]:
 def run_demo(opts: DemoOptions) -> dict:
     """Run the stages up to ``opts.until``; return the summary (also written to ``<out>/summary.json``)."""
     opts.out = ensure_writable_dir(opts.out)
-    timings: dict[str, float] = {}
-    fingerprints: dict[str, str] = {}
-    models: dict[str, str] = {}
-    legacy: dict[str, str] = {}
     last = STAGES.index(opts.until)
-    for st in plan(opts):
-        kind = st.name.split("/")[0]
-        if kind == "phantom" or STAGES.index(kind) <= last:
-            _stage(opts, st, fingerprints, timings, models, legacy)
-            d = stage_model_digest(st)
-            if d is not None:
-                models[st.name] = d
+    fingerprints, timings = run_stages(opts, [st for st in plan(opts) if st.name.split("/")[0] == "phantom"
+                                              or STAGES.index(st.name.split("/")[0]) <= last])
     timings["total"] = sum(timings.values())  # the whole demo's wall time, skipped stages included
     current = current_stages(opts, fingerprints)
     data = (_read_json(opts.out / "data" / "done.json") or {}).get("result") if "data" in current else None

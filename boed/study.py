@@ -377,13 +377,10 @@ def run_completer_study(opts: StudyOptions) -> dict:
         raise UserError(f"--repeats must be >= 1, got {opts.repeats}")
     opts.out = ensure_writable_dir(opts.out)
     dopts = opts.demo_options()
-    timings: dict[str, float] = {}
-    fingerprints: dict[str, str] = {}
     p = opts.profile
     if opts.data_root is None and p.phantom_n is not None:  # the demo's private small phantom set
         dopts.data_root = opts.out / "phantom"
-    for st in study_stages(opts, dopts):
-        demo._stage(dopts, st, fingerprints, timings)
+    _, timings = demo.run_stages(dopts, study_stages(opts, dopts))
     timings["total"] = sum(timings.values())  # stages done by an earlier run count with their recorded time
     rows = pd.read_csv(opts.out / "completers.csv", dtype={"t": str}).to_dict(orient="records")
     summary = {"profile": dataclasses.asdict(p), "repeats": opts.repeats, "n_states": opts.n_states,

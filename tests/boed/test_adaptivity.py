@@ -1,6 +1,7 @@
 """boed/adaptivity.py: the power study's table from known records, its files, and the sweep's refusals."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,40 @@ def test_power_study_end_to_end_quick(tmp_path, capsys):
     rows = list(csv.DictReader((out / "power.csv").open()))
     assert len(rows) == 1 and rows[0]["illness"] == "Effusion" and int(rows[0]["n"]) == 24
     assert np.isfinite(float(rows[0]["room"])) and (out / "power.png").is_file()
+
+
+def test_power_study_on_a_finished_demo_runs_only_the_evaluations(tmp_path, monkeypatch):
+    """`boed study power --out RUN` on a finished demo folder adopts its data, VAE, IPA and AVP-CNN
+    stages: the stage fingerprints are the demo's own, model digests included (a study that
+    fingerprinted without them retrained the IPA of a published run)."""
+    import dataclasses
+
+    import boed.adaptivity as adaptivity
+    import boed.demo as demo
+    from tests.boed.test_study import _tiny_ipa
+    from tests.xray.conftest import make_nih
+
+    calls = []
+
+    def fake(module, argv, procs=None):
+        argv = [str(a) for a in argv]
+        calls.append(argv[argv.index("--out") + 1])
+        if module != "boed.commands.evaluate":
+            _tiny_ipa(Path(argv[argv.index("--out") + 1]))  # every trained stage leaves a model with a digest
+
+    monkeypatch.setattr(demo, "run_command", fake)
+    monkeypatch.setattr(demo, "run_sharded", fake)
+    monkeypatch.setattr(adaptivity, "load_records", lambda out: [])
+    monkeypatch.setattr(adaptivity, "power_row", lambda recs, ill, T, level="": {"illness": ill})
+    nih = make_nih(tmp_path / "data", n=40, px=16)
+    profile = dataclasses.replace(PROFILES["quick"], phantom_n=None, image_size=16)
+    run = tmp_path / "run"
+    demo.run_demo(demo.DemoOptions(out=run, profile=profile, illnesses=("Effusion",), data_root=nih,
+                                   cache_dir=tmp_path / "cache", device="cpu", until="avp"))
+    assert calls == [str(run / s) for s in ("vae", "ipa", "avp")]
+    calls.clear()
+    opts = adaptivity.PowerOptions(out=run, profile=profile, illnesses=("Effusion",), n_test=10, repeats=1,
+                                   data_root=nih, cache_dir=tmp_path / "cache", device="cpu")
+    adaptivity.run_power_study(opts, publish=False)
+    assert calls == [str(run / "power-eval" / "effusion")]
+    assert not list(run.glob("*.old-*"))  # nothing moved aside
