@@ -226,9 +226,10 @@ def test_completer_study_orchestration_skips_done_stages_and_resumes(tmp_path, n
     calls.clear()
     study.run_completer_study(opts)  # every stage done: nothing reruns
     assert calls == []
-    (tmp_path / "run" / "ipa-under" / "done.json").unlink()  # a stage killed before it finished: only it reruns
-    study.run_completer_study(opts)
-    assert [c[1][c[1].index("--out") + 1] for c in calls] == [str(tmp_path / "run" / "ipa-under")]
+    (tmp_path / "run" / "ipa-under" / "done.json").unlink()  # a stage killed before it finished reruns, and
+    study.run_completer_study(opts)  # its new model (other weights: another digest) reruns what reads it
+    assert [c[1][c[1].index("--out") + 1] for c in calls] == [str(tmp_path / "run" / s)
+                                                              for s in ("ipa-under", "study-eval/effusion")]
 
 
 def test_study_evaluate_arguments_parse_with_the_evaluate_command(tmp_path):
