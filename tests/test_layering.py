@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("xray", "ipa_core", "boed")
-BOED_CORE = ("geometry", "estimators", "incremental", "scoring", "samplers", "policies", "classifier", "heatmaps",
+BOED_CORE = ("geometry", "estimators", "incremental", "scoring", "samplers", "policies", "classifier", "heatmaps", "scan_loop",
              "train_avp")
 # Lowest first; a unit may import units of its own layer or lower ones (never a circle).
 LAYERS: list[tuple[str, ...]] = [

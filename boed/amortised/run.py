@@ -15,9 +15,10 @@ import torch
 from matplotlib.figure import Figure
 
 from boed.geometry import ScanGeometry
-from boed.heatmaps import _save, draw_grid_heatmap, draw_observation, plot_summary, scan_out_dir
-from boed.policies import GreedyPolicy, scan_start
+from boed.heatmaps import _save, draw_grid_heatmap, draw_observation, scan_out_dir
+from boed.policies import GreedyPolicy
 from boed.samplers import IPASampler
+from boed.scan_loop import Decision, scan_image
 from xray.io import atomic_write_json
 
 from .network import load_policy
@@ -45,7 +46,7 @@ def plot_policy_step(path, geometry: ScanGeometry, x_obs, mask, probs, chosen: i
 def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source: str, illness, device,
                first_sampler=None) -> int:
     """The scan loop of `boed run --policy` (``x`` uint8 (1, C, S, S); ``ipa`` may be None: no EIG maps)."""
-    S, C = avp.config.image_size, avp.config.in_channels
+    S = avp.config.image_size
     geometry = ScanGeometry(S)
     policy = load_policy(policy_dir, illness, geometry, device)
     out = scan_out_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}-{policy.name}", getattr(args, "data_root", None))
@@ -55,11 +56,7 @@ def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source:
                               n_samples=args.n_samples, first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
     generator = torch.Generator().manual_seed(args.seed)
 
-    prob, state, target = scan_start(avp, illness, labels, C, S, device)
-    probs, steps = [prob(state)], []
-    print(f"{illness.name} on {source}: {policy.name} policy from {policy_dir}"
-          + ("" if target is None else f" (label: {int(target)})"))
-    for t in range(1, args.scans + 1):
+    def decide(t: int, state) -> Decision:
         t0 = time.perf_counter()
         pi = policy.probs(state)[0]  # (L,)
         loc = int(policy.next_locations(state, generator)[0])
@@ -68,23 +65,23 @@ def run_policy(args, policy_dir: str, avp, ipa, x: torch.Tensor, labels, source:
         if greedy is not None:
             use = first_sampler if (t == 1 and first_sampler is not None) else None
             eig = greedy.score(state, generator, sampler=use).eig[0].cpu()  # (L,)
-        new = state.scan(x, torch.tensor([loc]), geometry)
-        probs.append(prob(new))
         row, col = divmod(loc, geometry.grid)
-        steps.append(dict(t=t, location=loc, row=row, col=col, box=list(geometry.box(loc)), pi=float(pi[loc]),
-                          eig=None if eig is None else float(eig[loc]),
-                          eig_argmax=None if eig is None else int(eig.argmax()), prob=probs[-1], seconds=seconds))
-        print(f"t={t}  location {loc:3d} (row {row:2d}, col {col:2d})  pi {float(pi[loc]):.3f}"
-              + ("" if eig is None else f"  EIG {float(eig[loc]):.4g} nats (EIG-IPA's best: {int(eig.argmax())})")
-              + f"  p({illness.name}) = {probs[-1]:.3f}  decision {1000 * seconds:.1f} ms")
-        if not args.no_figures:
-            plot_policy_step(out / f"step_{t}.png", geometry, state.x_obs[0], state.mask[0], pi, loc, new.x_obs[0],
-                             new.mask[0], state.locations[0], eig,
+
+        def plot(path, state, new):
+            plot_policy_step(path, geometry, state.x_obs[0], state.mask[0], pi, loc, new.x_obs[0], new.mask[0],
+                             state.locations[0], eig,
                              title=f"{illness.name}, scan {t} by {policy.name}: location {loc} (row {row}, col {col})")
-        state = new
-    if not args.no_figures:
-        plot_summary(out / "summary.png", geometry, x[0], state.x_obs[0], state.mask[0], state.locations[0], probs,
-                     [s["eig"] if s["eig"] is not None else s["pi"] for s in steps], illness.name, target)
+
+        return Decision(loc, fields=dict(pi=float(pi[loc]), eig=None if eig is None else float(eig[loc]),
+                                         eig_argmax=None if eig is None else int(eig.argmax())),
+                        text=f"pi {float(pi[loc]):.3f}"
+                        + ("" if eig is None else f"  EIG {float(eig[loc]):.4g} nats (EIG-IPA's best: {int(eig.argmax())})"),
+                        after=f"  decision {1000 * seconds:.1f} ms", value=float(pi[loc]) if eig is None else float(eig[loc]),
+                        plot=plot, seconds=seconds)
+
+    result = scan_image(x, labels, avp, illness, geometry, args.scans, decide, None if args.no_figures else out, device,
+                        source, f"{policy.name} policy from {policy_dir}", models=f"the model files {policy_dir}, {args.avp}")
+    probs, steps, target, state = result.probs, result.steps, result.target, result.state
     atomic_write_json(out / "scans.json", dict(illness=illness.name, source=source, target=target, policy=str(policy_dir),
                                                method=policy.name, seed=args.seed, geometry=geometry.to_dict(),
                                                prob_before=probs[0], steps=steps, locations=state.locations[0]))

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shlex
-import time
 import warnings
 from pathlib import Path
 
@@ -32,9 +30,10 @@ import torch
 from boed.amortised.run import run_policy
 from boed.classifier import AVPClassifier
 from boed.geometry import ScanGeometry
-from boed.heatmaps import plot_decision, plot_summary, scan_out_dir
-from boed.policies import GreedyPolicy, scan_start
+from boed.heatmaps import plot_decision, scan_out_dir
+from boed.policies import GreedyPolicy
 from boed.samplers import DatasetSampler, IPASampler
+from boed.scan_loop import Decision, scan_image
 from ipa_core.ipa import IPA
 from ipa_core.persist import model_digest
 from ipa_core.trainer import DAMAGED, check_finite_weights
@@ -261,41 +260,31 @@ def main(args: argparse.Namespace) -> int:
                           first_sampler=first_sampler, chunk_size=args.chunk_size, device=device)
     generator = torch.Generator().manual_seed(args.seed)
 
-    prob, state, target = scan_start(avp, illness, labels, C, S, device)
-    probs, steps = [prob(state)], []
-    truth = "" if target is None else f" (label: {int(target)})"
-    print(f"{illness.name} on {source}{truth}: {geometry.grid}x{geometry.grid} grid, patch {geometry.patch_size} px, "
-          f"N = {args.n_samples}, estimator {args.estimator}")
-    print(f"t=0  p({illness.name}) = {probs[0]:.3f} with nothing observed")
-    for t in range(1, args.scans + 1):
-        t0 = time.perf_counter()
-        use = first_sampler if (t == 1 and first_sampler is not None) else None
-        res = policy.score(state, generator, sampler=use)
-        if not (math.isfinite(probs[-1]) and bool(torch.isfinite(res.eig).all())):
-            raise UserError(f"scan {t}: the models give non-finite probabilities or EIG (p = {probs[-1]}); the model files "
-                            f"{args.ipa}, {args.avp} are damaged or diverged; nothing more is saved")
+    def decide(t: int, state) -> Decision:
+        res = policy.score(state, generator, sampler=first_sampler if (t == 1 and first_sampler is not None) else None)
+        if not bool(torch.isfinite(res.eig).all()):
+            raise UserError(f"scan {t}: the models give a non-finite EIG; the model files {args.ipa}, {args.avp} "
+                            "are damaged or diverged; nothing more is saved")
         loc = int(res.choose(args.estimator, generator)[0])  # ties: a uniform pick
-        new = state.scan(x, torch.tensor([loc]), geometry)
-        probs.append(prob(new))
         row, col = divmod(loc, geometry.grid)
         top, left, bottom, right = geometry.box(loc)
         gain, post = float(res.eig[0, loc]), float(res.epe[0, loc])
-        steps.append(dict(t=t, location=loc, row=row, col=col, box=[top, left, bottom, right], eig=gain, epe=post,
-                          prob=probs[-1], seconds=time.perf_counter() - t0))
-        print(f"t={t}  location {loc:3d} (row {row:2d}, col {col:2d})  pixels y {top}:{bottom}, x {left}:{right}  "
-              f"EIG {gain:.4g} nats" + (f"  EPE {post:.4g} nats" if args.estimator == "epe" else "")
-              + f"  p({illness.name}) = {probs[-1]:.3f}")
-        if not args.no_figures:
-            plot_decision(out / f"step_{t}.png", geometry, state.x_obs[0], state.mask[0], res.eig[0], res.info_gain[0],
-                          res.samples[0], loc, new.x_obs[0], new.mask[0], state.locations[0],
+
+        def plot(path, state, new):
+            plot_decision(path, geometry, state.x_obs[0], state.mask[0], res.eig[0], res.info_gain[0], res.samples[0],
+                          loc, new.x_obs[0], new.mask[0], state.locations[0],
                           title=f"{illness.name}, scan {t}: location {loc} (row {row}, col {col}), EIG {gain:.3g} nats"
                           + (f", chosen by min EPE ({post:.3g} nats)" if args.estimator == "epe" else ""),
                           n_show=args.show)
-        state = new
-    locations = state.locations[0]
-    if not args.no_figures:
-        plot_summary(out / "summary.png", geometry, x[0], state.x_obs[0], state.mask[0], locations, probs,
-                     [s["eig"] for s in steps], illness.name, target)
+
+        return Decision(loc, fields=dict(eig=gain, epe=post), value=gain, plot=plot,
+                        text=f"pixels y {top}:{bottom}, x {left}:{right}  EIG {gain:.4g} nats"
+                        + (f"  EPE {post:.4g} nats" if args.estimator == "epe" else ""))
+
+    result = scan_image(x, labels, avp, illness, geometry, args.scans, decide, None if args.no_figures else out, device,
+                        source, f"{geometry.grid}x{geometry.grid} grid, patch {geometry.patch_size} px, "
+                        f"N = {args.n_samples}, estimator {args.estimator}", models=f"the model files {args.ipa}, {args.avp}")
+    probs, steps, target, locations = result.probs, result.steps, result.target, result.state.locations[0]
     atomic_write_json(out / "scans.json", dict(
         illness=illness.name, source=str(args.image) if args.image else source, target=target,
         estimator=args.estimator, n_samples=args.n_samples, seed=args.seed, first_draws=args.first_draws,
