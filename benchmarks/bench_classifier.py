@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import platform
 import tempfile
 import time
@@ -70,6 +69,11 @@ RECIPES: dict[str, tuple[str, dict, dict, float]] = {
     "full+scan-2x": ("full+scan with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), {}, 2.0),
     "full+scan-w20": ("full+scan, tiny net width 20 (2.7x the FLOPs)", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"),
                       dict(width=20), 1.0),
+    "full+scan-2x-ipa": ("full+scan-2x on `--arch encoder --init ipa:RUN`: IPA's partial encoder (trained on images of the "
+                         "preset, --encoder-run) fine-tuned, 6.5x the tiny net's FLOPs",
+                         dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="ipa"), 2.0),
+    "full+scan-2x-vae": ("full+scan-2x on `--arch encoder --init vae:RUN`: the VAE's encoder phi, a zero mask channel",
+                         dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="vae"), 2.0),
 }
 
 CHOSEN = "full+scan-2x"  # the recipe of the cpu demo profile, chosen from this table
@@ -106,8 +110,10 @@ def make_data(work: Path, preset: str, n: int, seed: int):
     return open_dataset("chestxray", root, split="train", **kw), open_dataset("chestxray", root, split="test", **kw)
 
 
-def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int = 0, steps: int | None = None):
-    """Train one recipe as ``boed train-avp`` does (cpu profile); return (model, seconds)."""
+def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int = 0, steps: int | None = None,
+          encoder_run: Path | None = None):
+    """Train one recipe as ``boed train-avp`` does (cpu profile); return (model, seconds). Recipes
+    on ``--arch encoder`` start from ``encoder_run``'s ``ipa/`` or ``vae/`` (a finished demo folder)."""
     from ipa_core.seeding import seeded
     from ipa_core.trainer import fit
 
@@ -119,8 +125,12 @@ def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int =
     n_steps = steps if steps is not None else int(round(tcfg0.steps * factor * steps_scale))
     tcfg = dataclasses.replace(tcfg0, steps=n_steps, seed=seed, sample_every=10**9, ckpt_every=max(n_steps, 1),
                                log_every=max(n_steps // 4, 1))
-    init = parse_init("scratch", "tiny", None)
-    mcfg = init_config(AVPConfig(arch="tiny", image_size=train_set.image_size, **mo), init)
+    mo = dict(mo)
+    kind = mo.pop("init", None)
+    if kind is not None and encoder_run is None:
+        raise SystemExit(f"recipe {recipe} starts from a trained {kind.upper()}: pass --encoder-run RUN (a finished boed demo folder)")
+    init = parse_init("scratch" if kind is None else f"{kind}:{encoder_run / kind}", mo.get("arch", "tiny"), None)
+    mcfg = init_config(AVPConfig(image_size=train_set.image_size, **mo), init)
     with seeded(seed):
         model = init_state(AVPClassifier(mcfg), init)
     task = AVPTrainTask(model, AVPTrainConfig(seed=seed, **tr), progress=False)
@@ -258,12 +268,14 @@ def run_recipes(args) -> None:
             if (preset, recipe) in done:
                 continue
             with tempfile.TemporaryDirectory(dir=work) as run_dir:
-                model, secs = train(recipe, train_set, args.steps_scale, Path(run_dir))
+                model, secs = train(recipe, train_set, args.steps_scale, Path(run_dir), encoder_run=args.encoder_run)
             t1 = time.perf_counter()
             scores = score_model(model, train_set, test_set, args.bootstrap)
             row = {"preset": preset, "recipe": recipe, "train_s": secs, "score_s": time.perf_counter() - t1,
                    "steps": int(round(tcfg.steps * RECIPES[recipe][3] * args.steps_scale)),
-                   "n_train": len(train_set), "scores": scores}
+                   "n_train": len(train_set), "scores": scores,
+                   **({"init": f"{RECIPES[recipe][2]['init']}:{args.encoder_run / RECIPES[recipe][2]['init']}"}
+                      if "init" in RECIPES[recipe][2] else {})}
             data["rows"].append(row)
             atomic_write_json(results, data)
             a = scores[ILLNESSES[0]]["auroc"]
@@ -369,6 +381,8 @@ def main() -> None:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (smoke runs)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     ap.add_argument("--results", default=str(RESULTS_DIR), help="folder of classifier.json and classifier.md")
+    ap.add_argument("--encoder-run", type=Path, default=None,
+                    help="a finished boed demo folder whose ipa/ and vae/ start the *-ipa / *-vae recipes")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "boed-bench-classifier"), help="data and run folder")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

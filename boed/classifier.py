@@ -43,7 +43,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ipa_core.persist import DictConfig, PretrainedMixin, resolve_model_dir, strict_load
+from ipa_core.config import VAEConfig, parse_layer_string
+from ipa_core.ipa import IPA
+from ipa_core.persist import DictConfig, PretrainedMixin, load_config_json, model_digest, resolve_model_dir, strict_load
+from ipa_core.vae import VAE, Encoder
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
 from xray.labels import LABELS
@@ -53,14 +56,18 @@ from .geometry import observe
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("tiny", "resnet18", "resnet50", "densenet121")
-INPUT_NORMS = ("none", "imagenet", "xrv")
+ARCHS = ("tiny", "resnet18", "resnet50", "densenet121", "encoder")
+INPUT_NORMS = ("none", "imagenet", "xrv", "vae")
+# The VD-VAE encoder fields an "encoder" AVP keeps from the VAE/IPA it was initialised from (--init ipa:RUN | vae:RUN).
+ENCODER_FIELDS = ("image_size", "image_channels", "width", "custom_width_str", "enc_blocks", "bottleneck_multiple",
+                  "shift", "scale")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 # The first convolution and the classification head of each torchvision backbone (state-dict keys).
-_FIRST_CONV = {"resnet18": "conv1", "resnet50": "conv1", "densenet121": "features.conv0", "tiny": "stem.0"}
-_HEAD = {"resnet18": "fc", "resnet50": "fc", "densenet121": "classifier", "tiny": "head"}
+_FIRST_CONV = {"resnet18": "conv1", "resnet50": "conv1", "densenet121": "features.conv0", "tiny": "stem.0",
+               "encoder": "encoder.in_conv"}
+_HEAD = {"resnet18": "fc", "resnet50": "fc", "densenet121": "classifier", "tiny": "head", "encoder": "head"}
 
 # Per-channel (mean, std) of each input normalisation, on pixel values in [0, 1].
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -81,7 +88,8 @@ class AVPConfig(DictConfig):
     label_names: tuple[str, ...] = field(default_factory=lambda: tuple(LABELS))
     width: int = 12  # tiny only: channels of the stem (doubled at each of the 3 later blocks)
     pool: int = 4  # tiny only: features pooled to pool x pool before the linear head (1 = global average)
-    input_norm: str = "none"  # "none" | "imagenet" | "xrv": see the module docstring
+    input_norm: str = "none"  # "none" | "imagenet" | "xrv" | "vae": see the module docstring
+    encoder: dict | None = None  # arch "encoder": the VD-VAE encoder's fields (ENCODER_FIELDS) of the init's VAE/IPA
 
     def __post_init__(self):
         self.label_names = tuple(self.label_names)
@@ -91,6 +99,15 @@ class AVPConfig(DictConfig):
             raise UserError(f"unknown input normalisation {self.input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
         if self.input_norm != "none" and self.arch == "tiny":
             raise UserError(f"input_norm {self.input_norm!r} is for pretrained torchvision backbones, not arch 'tiny'")
+        if self.encoder is not None and (self.arch, self.input_norm) != ("encoder", "vae"):  # encoder None: not built yet
+            raise UserError(f"the encoder's fields go with arch 'encoder' and input_norm 'vae' (--init ipa:RUN or vae:RUN), "
+                            f"got arch {self.arch!r}, input_norm {self.input_norm!r}")
+        if self.encoder is not None:
+            self.encoder = dict(self.encoder)
+            missing = [k for k in ENCODER_FIELDS if k not in self.encoder]
+            if missing or self.encoder["image_size"] != self.image_size or self.encoder["image_channels"] != self.in_channels:
+                raise UserError(f"the encoder's fields must hold {', '.join(ENCODER_FIELDS)} for images {self.in_channels}x"
+                                f"{self.image_size}px, got {self.encoder} (missing {missing})")
         if self.input_norm == "imagenet" and self.in_channels not in (1, 3):
             raise UserError(f"ImageNet normalisation needs 1 (grey) or 3 image channels, got {self.in_channels}")
         if self.input_norm == "xrv" and self.in_channels != 1:
@@ -145,6 +162,35 @@ class TinyCNN(nn.Module):
         return [*self.stem, *self.blocks, self.pool, nn.Flatten(1), self.head]
 
 
+class EncoderNet(nn.Module):
+    """The bottom-up VD-VAE encoder of a trained VAE or IPA (:class:`ipa_core.vae.Encoder`) as an
+    AVP backbone: ``cat(x * m, m)`` standardised as the VAE does (input_norm "vae") -> the encoder's
+    blocks down to resolution ``max(pool, S / 16)`` (S/16: where :class:`TinyCNN` pools too) ->
+    ``pool x pool`` average pool -> linear. ``--init ipa:RUN`` starts it from IPA's partial
+    encoder, which was trained to read exactly this input; ``vae:RUN`` from the VAE's encoder phi
+    (its mask channel starts at zero weight). The in-domain, offline stand-in for ImageNet weights.
+    """
+
+    def __init__(self, encoder: dict, num_outputs: int, pool: int = 4):
+        super().__init__()
+        cfg = VAEConfig(**{k: encoder[k] for k in ENCODER_FIELDS})
+        self.encoder = Encoder(cfg, in_channels=cfg.image_channels + 1)
+        res, keep = cfg.image_size, 0
+        self.res = max(pool, cfg.image_size // 16)
+        for down in (d for _, d in parse_layer_string(cfg.enc_blocks)):  # blocks whose output is still >= self.res
+            if res // (down or 1) < self.res:
+                break
+            res, keep = res // (down or 1), keep + 1
+        self.res = res
+        self.encoder.enc_blocks = self.encoder.enc_blocks[:keep]
+        self.pool = nn.AdaptiveAvgPool2d(pool)  # (B, W, pool, pool)
+        self.head = nn.Linear(self.encoder.widths[res] * pool * pool, num_outputs)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(y)[self.res]  # (B, W, res, res)
+        return self.head(self.pool(h).flatten(1))  # (B, K)
+
+
 def _torchvision_backbone(arch: str, in_channels: int, num_outputs: int) -> nn.Module:
     """A torchvision backbone (weights=None) taking ``in_channels`` and giving ``num_outputs`` logits."""
     import torchvision
@@ -186,6 +232,14 @@ class InputNorm(nn.Module):
         return f"in_channels={self.in_channels}, out_channels={self.mean.shape[1]}"
 
 
+def _norm_stats(c: AVPConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of ``c.input_norm`` on [0, 1] pixels; "vae": the VAE's ``(x_u8 + shift) * scale``,
+    i.e. mean -shift / 255 and std 1 / (255 scale)."""
+    if c.input_norm == "vae":
+        return (-c.encoder["shift"] / 255,) * c.in_channels, (1 / (255 * c.encoder["scale"]),) * c.in_channels
+    return _NORM_STATS[c.input_norm]
+
+
 class AVPClassifier(PretrainedMixin, nn.Module):
     """g(v | y): ``forward(y (B, C+1, S, S) float) -> logits (B, K)``."""
 
@@ -199,9 +253,13 @@ class AVPClassifier(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config or AVPConfig()
         c = self.config
-        self.norm = None if c.input_norm == "none" else InputNorm(c.in_channels, *_NORM_STATS[c.input_norm])
+        self.norm = None if c.input_norm == "none" else InputNorm(c.in_channels, *_norm_stats(c))
         if c.arch == "tiny":
             self.net = TinyCNN(c.net_channels + 1, c.num_labels, c.width, c.pool)
+        elif c.arch == "encoder":
+            if c.encoder is None or c.input_norm != "vae":
+                raise UserError("an 'encoder' AVP is built from a trained VAE or IPA: pass --init ipa:RUN or vae:RUN")
+            self.net = EncoderNet(c.encoder, c.num_labels, c.pool)
         else:
             self.net = _torchvision_backbone(c.arch, c.net_channels + 1, c.num_labels)
         with torch.no_grad():  # the mask channel starts at zero weight (see module docstring)
@@ -286,14 +344,15 @@ class AVPClassifier(PretrainedMixin, nn.Module):
 
 # ---------------------------------------------------------------- initialisation (--init, --init-weights)
 
-INIT_CHOICES = "scratch, imagenet, xrv:NAME or the path of an AVP model/run folder"
+INIT_CHOICES = "scratch, imagenet, xrv:NAME, ipa:RUN, vae:RUN or the path of an AVP model/run folder"
 DEFAULT_INIT = "scratch"
 
 
 @dataclass(frozen=True)
 class InitSpec:
-    """A parsed ``--init``: ``kind`` scratch | imagenet | xrv | avp; ``name`` (xrv weights); ``path``
-    (the AVP folder for ``avp``, the local weights file for imagenet / xrv, None to download)."""
+    """A parsed ``--init``: ``kind`` scratch | imagenet | xrv | avp | ipa | vae; ``name`` (xrv
+    weights); ``path`` (the AVP folder for ``avp``, the model folder for ipa / vae, the local weights
+    file for imagenet / xrv, None to download)."""
 
     kind: str
     name: str | None = None
@@ -302,12 +361,14 @@ class InitSpec:
     @property
     def input_norm(self) -> str | None:
         """The input normalisation the initial weights expect (None: read from the AVP source)."""
-        return {"scratch": "none", "imagenet": "imagenet", "xrv": "xrv"}.get(self.kind)
+        return {"scratch": "none", "imagenet": "imagenet", "xrv": "xrv", "ipa": "vae", "vae": "vae"}.get(self.kind)
 
     def describe(self) -> dict:
         """What :func:`init_state` will load, as a JSON-able dict (for provenance records)."""
         d: dict = {"init": self.kind if self.kind != "xrv" else f"xrv:{self.name}"}
-        if self.path is not None:
+        if self.kind in ("ipa", "vae"):
+            d.update(init_path=str(self.path), init_digest=model_digest(self.path))
+        elif self.path is not None:
             p = Path(self.path)
             f = _avp_weights_file(p) if self.kind == "avp" else p
             d.update(init_path=str(p), init_digest=file_digest(f))
@@ -330,8 +391,19 @@ def parse_init(spec: str | None, arch: str, weights_file: str | Path | None = No
                             "pass --init imagenet or --init xrv:NAME with it, or drop --init-weights")
         if not wf.is_file():
             raise UserError(f"--init-weights {wf}: no such file; give the path of a downloaded weights file (.pth, .pt or .safetensors)")
+    if (arch == "encoder") != spec.startswith(("ipa:", "vae:")):
+        raise UserError(f"--arch encoder is the VD-VAE encoder of a trained VAE or IPA and goes with --init ipa:RUN or vae:RUN, "
+                        f"got --arch {arch} --init {spec}; pass both or neither")
     if spec == "scratch":
         return InitSpec("scratch")
+    if spec.startswith(("ipa:", "vae:")):
+        kind, path = spec[:3], spec[4:]
+        want = {"ipa": IPA, "vae": VAE}[kind]
+        d = resolve_model_dir(path, f"{kind.upper()} model", f"give a run folder written by `ipa_core train --stage {kind}`")
+        if load_config_json(d / CONFIG_NAME).get("model_type") != want.model_type:
+            raise UserError(f"--init {spec}: {d} holds a {load_config_json(d / CONFIG_NAME).get('model_type')!r} model, "
+                            f"expected {want.model_type!r}; give a run folder of `ipa_core train --stage {kind}`")
+        return InitSpec(kind, path=str(d))
     if spec == "imagenet":
         if arch == "tiny":
             raise UserError("--init imagenet: there are no ImageNet weights for --arch tiny; use --arch resnet18, resnet50 or densenet121, or --init scratch")
@@ -369,6 +441,12 @@ def init_config(config: AVPConfig, init: InitSpec) -> AVPConfig:
     """``config`` with the input normalisation ``init`` needs (an AVP source's own, checked for ``arch``)."""
     from dataclasses import replace
 
+    if init.kind in ("ipa", "vae"):
+        src = {"ipa": IPA, "vae": VAE}[init.kind].config_from_dir(init.path)
+        if (src.image_size, src.image_channels) != (config.image_size, config.in_channels):
+            raise UserError(f"--init {init.kind}:{init.path} was trained on {src.image_channels}x{src.image_size}px images, "
+                            f"this classifier takes {config.in_channels}x{config.image_size}px; pass --image-size {src.image_size}")
+        return replace(config, input_norm="vae", encoder={k: getattr(src, k) for k in ENCODER_FIELDS})
     if init.kind != "avp":
         return replace(config, input_norm=init.input_norm)
     src = AVPClassifier.config_from_dir(_avp_dir(Path(init.path)))
@@ -470,6 +548,20 @@ def _load_backbone(model: "AVPClassifier", sd: Mapping[str, torch.Tensor], sourc
     load_state_checked(model.net, sd, source=f"{source} ({arch})", hint="pass the --arch these weights were made for")
 
 
+def _load_encoder(model: "AVPClassifier", init: InitSpec) -> None:
+    """The encoder weights of ``init``'s model into an "encoder" AVP: IPA's partial encoder psi
+    (it reads ``cat(x * m, m)`` already) or the VAE's encoder phi with a zero mask channel; the
+    blocks below the AVP's feature resolution and the head are not used (the head starts fresh)."""
+    src = (IPA if init.kind == "ipa" else VAE).from_pretrained(init.path)
+    prefix = "part_encoder." if init.kind == "ipa" else "encoder."
+    own = model.net.encoder.state_dict()
+    sd = {k[len(prefix):]: v for k, v in src.state_dict().items() if k.startswith(prefix) and k[len(prefix):] in own}
+    w = sd["in_conv.weight"]  # (O, C or C + 1, 3, 3)
+    if w.shape[1] == model.config.in_channels:  # phi reads the image alone: add a zero mask channel
+        sd["in_conv.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], dim=1)
+    load_state_checked(model.net.encoder, sd, source=f"{init.kind}:{init.path}", hint="pass --arch encoder with matching --image-size")
+
+
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
                        hint: str = "check --arch/--image-size against the checkpoint") -> None:
     """``load_state_dict`` that raises a one-line UserError naming the first missing/extra/mis-shaped key."""
@@ -495,6 +587,9 @@ def init_state(model: "AVPClassifier", init: InitSpec) -> "AVPClassifier":
             raise UserError(f"--init {init.path} is a {src.config.arch} AVP model with input_norm {src.config.input_norm!r}, "
                             f"this model is {model.config.arch} with {model.config.input_norm!r}; pass --arch {src.config.arch}")
         load_state_checked(model, src.state_dict(), source=str(d))
+        return model
+    if init.kind in ("ipa", "vae"):
+        _load_encoder(model, init)
         return model
     sd, source = _imagenet_state(model.config.arch, init.path) if init.kind == "imagenet" else _xrv_state(init.name, init.path)
     _load_backbone(model, sd, source)

@@ -81,10 +81,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None,
                    help=f"tiny only: stem channels (default: {w} channels for --arch tiny)")
     p.add_argument("--pool", type=int, default=None,
-                   help=f"tiny only: pooled grid before the head, 1 = global average (default: a {pool} x {pool} grid for --arch tiny)")
+                   help=f"tiny and encoder: pooled grid before the head, 1 = global average (default: a {pool} x {pool} grid)")
     p.add_argument("--init", default=DEFAULT_INIT, metavar="SPEC",
                    help="initial weights: scratch; imagenet (torchvision ImageNet weights, ImageNet normalisation); "
                         f"xrv:NAME (torchxrayvision chest x-ray model, NAME one of {', '.join(XRV_MODELS)}); "
+                        "ipa:RUN or vae:RUN (with --arch encoder: the VD-VAE encoder of a trained IPA (its partial encoder, "
+                        "which reads the same masked input) or VAE, fine-tuned; in-domain and offline); "
                         f"or an AVP model/run folder to fine-tune (default: {DEFAULT_INIT})")
     p.add_argument("--init-weights", default=None, metavar="FILE",
                    help="a local copy of the --init imagenet or xrv:NAME weights (a state dict); nothing is downloaded (default: none)")
@@ -103,7 +105,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="free-form masks drawn once and reused under random flips; 0 draws each fresh (slow on CPU) "
                         f"(default: {_default(AVPTrainConfig, 'freeform_bank')})")
     p.add_argument("--eval-images", type=int, default=_default(AVPTrainConfig, "eval_images"),
-                   help=f"test images in the end-of-run AUROC report (default: {_default(AVPTrainConfig, 'eval_images')})")
+                   help=f"test images in the end-of-run AUROC report, 0 for none (default: {_default(AVPTrainConfig, 'eval_images')})")
     add_data_args(p)
     add_train_args(p, _defaults())
     describe_train_flags(p, {"AVP-CNN": _defaults()})
@@ -114,7 +116,8 @@ def main(args: argparse.Namespace) -> int:
     args.device = device_flag(args.device)  # checked before anything is created
     if args.eval_images < 0:
         raise UserError(f"--eval-images is {args.eval_images}; expected 0 or more test images for the end-of-run AUROC report")
-    tiny_only = [f"--{k} {getattr(args, k)}" for k in ("width", "pool") if getattr(args, k) is not None]
+    tiny_only = [f"--{k} {getattr(args, k)}" for k in ("width", "pool") if getattr(args, k) is not None
+                 and not (k == "pool" and args.arch == "encoder")]
     if args.arch != "tiny" and tiny_only:
         raise UserError(f"{' '.join(tiny_only)} {'shapes' if len(tiny_only) == 1 else 'shape'} the tiny network only, not --arch {args.arch}; drop them or use --arch tiny")
     args.width = _default(AVPConfig, "width") if args.width is None else args.width
@@ -137,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
     if args.channels_last:
         model.channels_last = True
     task = AVPTrainTask(model, acfg, train_labels=getattr(train_set, "labels", None), preview=test_set)
-    fit(task, train_set, tcfg, args.out, test_set=test_set)
+    fit(task, train_set, tcfg, args.out, test_set=test_set if args.eval_images != 0 else None)  # 0: no report
     write_data_record(args.out, args, train_set)  # `boed run` draws its t = 1 images from the same data
 
     out = Path(args.out)

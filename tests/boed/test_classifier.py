@@ -312,3 +312,80 @@ def test_save_load_through_the_mixin_keeps_train_config_and_refuses_other_kinds(
     assert not PolicyNet.from_pretrained(tmp_path / "policy").training
     with pytest.raises(UserError, match="expected 'avp-cnn'"):
         AVPClassifier.from_pretrained(tmp_path / "policy")
+
+
+# ---------------------------------------------------------------- --arch encoder --init ipa:RUN | vae:RUN
+
+
+@pytest.fixture(scope="module")
+def vae_ipa(tmp_path_factory):
+    """A tiny 64 px VAE and the IPA built on it (psi <- phi, then psi perturbed: it differs from phi)."""
+    import dataclasses
+
+    from ipa_core.config import get_config
+    from ipa_core.ipa import IPA, IPAConfig
+    from ipa_core.vae import VAE
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_config("tiny"), shift=-100.0, scale=1 / 50)
+    vae = VAE(cfg)
+    vae.save_pretrained(root / "vae" / "model")
+    ipa = IPA(IPAConfig.from_vae(cfg))
+    with torch.no_grad():
+        for p in ipa.part_encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ipa.save_pretrained(root / "ipa" / "model")
+    return root, vae, ipa
+
+
+def _encoder_avp(spec):
+    init = parse_init(spec, "encoder")
+    return init_state(AVPClassifier(init_config(AVPConfig(arch="encoder", image_size=64), init)), init), init
+
+
+def test_ipa_init_reads_cat_x_m_as_ipas_partial_encoder_does(vae_ipa):
+    root, _, ipa = vae_ipa
+    model, init = _encoder_avp(f"ipa:{root / 'ipa'}")
+    assert model.config.input_norm == "vae" and model.net.res == 4 and init.describe()["init_digest"]
+    x, m = _inputs(B=2, S=64)
+    inp = (x.float() + ipa.config.shift) * ipa.config.scale  # the VAE's standardisation
+    want = ipa.partial_acts(inp, m)[4]  # (B, W, 4, 4)
+    got = model.net.encoder(model.norm(observe(x.float() / 255, m)))[4]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model.predict_proba(x, m).shape == (2, len(LABELS))
+
+
+def test_vae_init_is_phi_with_a_zero_mask_channel(vae_ipa):
+    root, vae, _ = vae_ipa
+    model, _ = _encoder_avp(f"vae:{root / 'vae'}")
+    w = model.net.encoder.in_conv.weight  # (O, C + 1, 3, 3)
+    torch.testing.assert_close(w[:, :1], vae.encoder.in_conv.weight)
+    assert (w[:, 1:] == 0).all()
+    x, m = _inputs(B=2, S=64)
+    full = torch.ones_like(m)  # fully observed: the AVP's features are phi's
+    want = vae.encoder((x.float() + vae.config.shift) * vae.config.scale)[4]
+    torch.testing.assert_close(model.net.encoder(model.norm(observe(x.float() / 255, full)))[4], want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_avp_round_trips_without_its_source(vae_ipa, tmp_path):
+    root, _, _ = vae_ipa
+    model, _ = _encoder_avp(f"ipa:{root / 'ipa'}")
+    model.save_pretrained(tmp_path / "avp")
+    back = AVPClassifier.from_pretrained(tmp_path / "avp")  # config.json holds the encoder's fields
+    x, m = _inputs(B=2, S=64)
+    torch.testing.assert_close(back.predict_proba(x, m), model.predict_proba(x, m))
+
+
+def test_encoder_init_refusals_are_one_line(vae_ipa, tmp_path):
+    root, _, _ = vae_ipa
+    for spec, arch, match in ((f"ipa:{root / 'ipa'}", "tiny", "--arch encoder"), ("scratch", "encoder", "--arch encoder"),
+                              (f"ipa:{root / 'vae'}", "encoder", "holds a 'vae' model, expected 'ipa'"),
+                              (f"vae:{tmp_path / 'none'}", "encoder", "does not exist")):
+        with pytest.raises(UserError, match=match):
+            parse_init(spec, arch)
+    init = parse_init(f"ipa:{root / 'ipa'}", "encoder")
+    with pytest.raises(UserError, match="pass --image-size 64"):
+        init_config(AVPConfig(arch="encoder", image_size=32), init)
+    with pytest.raises(UserError, match="--init ipa:RUN or vae:RUN"):
+        AVPClassifier(AVPConfig(arch="encoder", image_size=64))

@@ -372,3 +372,35 @@ def test_cpu_recipe_learns_full_images_of_harder_films(tmp_path):
     above chance on the full image (see the measurements above for what this cannot show)."""
     auroc = brief_cpu_recipe_auroc(tmp_path, BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST, "realistic")
     assert auroc >= FULL_IMAGE_FLOOR, auroc
+
+
+def test_cli_encoder_arch_starts_from_the_ipa_run_and_records_it(tmp_path, capsys):
+    """`boed train-avp --arch encoder --init ipa:RUN`: the first step starts from IPA's partial
+    encoder (its blocks are the AVP's before training), the run records the init and its digest."""
+    import dataclasses
+
+    from ipa_core.config import get_config
+    from ipa_core.ipa import IPA, IPAConfig
+    from ipa_core.persist import model_digest
+
+    torch.manual_seed(0)
+    ipa = IPA(IPAConfig.from_vae(dataclasses.replace(get_config("tiny"), shift=-100.0, scale=1 / 50)))
+    ipa.save_pretrained(tmp_path / "ipa" / "model")
+    root = make_nih(tmp_path / "nih", n=40, px=64)
+    argv = ["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+            "--image-size", "64", "--arch", "encoder", "--init", f"ipa:{tmp_path / 'ipa'}", "--pool", "2", "--lr", "1e-12",
+            "--steps", "2", "--batch-size", "4", "--sample-every", "100", "--eval-images", "0", "--out", str(tmp_path / "avp")]
+    with pytest.raises(SystemExit) as e:
+        _cli()(argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    avp = AVPClassifier.from_pretrained(tmp_path / "avp")
+    assert (avp.config.arch, avp.config.input_norm, avp.config.pool, avp.net.res) == ("encoder", "vae", 2, 4)
+    own = avp.net.encoder.state_dict()
+    for k, v in ipa.part_encoder.state_dict().items():  # lr 1e-12: the weights are still psi's
+        if k in own and not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(own[k], v, msg=k)
+    tc = avp.train_config
+    assert tc["init"] == "ipa" and tc["init_digest"] == model_digest(tmp_path / "ipa")
+    with pytest.raises(SystemExit) as e:  # the tiny net's --width does not shape the encoder
+        _cli()([*argv[:-2], "--width", "8", "--out", str(tmp_path / "avp2")])
+    assert e.value.code == 2 and "--width 8" in capsys.readouterr().err and not (tmp_path / "avp2").exists()
