@@ -26,10 +26,11 @@ full image for scale. The presets are test beds chosen before any policy was run
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -198,17 +199,48 @@ def run_power_study(opts: PowerOptions, publish: bool = True) -> list[dict]:
     return rows
 
 
+def reused_rows(run: Path, level: str, illnesses: Sequence[str]) -> list[dict]:
+    """``level``'s rows from a finished power study in ``run`` (its ``power.json``), one per task."""
+    path = Path(run) / "power.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--reuse {level}={run}: cannot read {path} ({type(e).__name__}); run `boed study power --out {run}` "
+                        "first, or drop --reuse") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--reuse {level}={run}: {path} holds no power study summary (a JSON object); rerun the power study")
+    rows = {r["illness"]: r for r in data.get("rows", [])}
+    names = [resolve_illness(i).name for i in illnesses]
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise UserError(f"{run / 'power.json'} holds no {', '.join(missing)} row; rerun `boed study power --out {run} "
+                        f"--illness {','.join(names)}` or drop --reuse {level}={run}")
+    return [{**rows[n], "level": level} for n in names]
+
+
 def run_variability_sweep(levels: Sequence[str], out: Path, profile, n_phantom: int, n_test: int,
                           repeats: int = DEFAULT_POWER_REPEATS, illnesses: Sequence[str] = POWER_ILLNESSES,
-                          device: str = "cpu", seed: int = 0, cache_dir: Path | None = None) -> list[dict]:
+                          device: str = "cpu", seed: int = 0, cache_dir: Path | None = None,
+                          reuse: Mapping[str, Path] | None = None) -> list[dict]:
     """For each level: ``xray phantom --difficulty LEVEL`` into ``OUT/LEVEL/phantom`` (a demo stage), then
-    the power study on it in ``OUT/LEVEL``; ``variability.{csv,md,png}`` in ``out``."""
-    unknown = [lv for lv in levels if lv not in LEVELS]
+    the power study on it in ``OUT/LEVEL``; ``variability.{csv,md,png}`` in ``out``. ``reuse``:
+    ``{level: RUN}`` takes a level's rows from a finished ``boed study power --out RUN`` instead
+    (e.g. the default level from the power study on the default phantom; the table states it)."""
+    reuse = dict(reuse or {})
+    unknown = [lv for lv in [*levels, *reuse] if lv not in LEVELS]
     if unknown or len(levels) < 2:
-        raise UserError(f"--levels must name at least 2 of {', '.join(LEVELS)}, got {', '.join(levels) or 'none'}")
+        raise UserError(f"--levels must name at least 2 of {', '.join(LEVELS)}, got {', '.join(levels) or 'none'}"
+                        + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    stray = [lv for lv in reuse if lv not in levels]
+    if stray:
+        raise UserError(f"--reuse names level {', '.join(stray)}, which --levels ({', '.join(levels)}) does not; add it or drop it")
+    reused = {lv: reused_rows(run, lv, illnesses) for lv, run in reuse.items()}  # checked before anything is made
     out = ensure_writable_dir(out)
     rows = []
     for level in levels:
+        if level in reused:
+            rows += reused[level]
+            continue
         opts = PowerOptions(out=out / level, profile=profile, illnesses=tuple(illnesses), n_test=n_test, repeats=repeats,
                             data_root=out / level / "phantom", cache_dir=cache_dir, device=device, seed=seed, level=level)
         ensure_writable_dir(opts.out)
@@ -218,6 +250,8 @@ def run_variability_sweep(levels: Sequence[str], out: Path, profile, n_phantom: 
         demo._stage(opts.demo_options(), phantom, {}, {})  # fingerprinted: a rerun adopts or redoes it, never mixes
         rows += run_power_study(opts, publish=False)
     notes = (f"Profile {profile.name}; per level a phantom set of {n_phantom} images (seed {seed}), VAE, IPA and AVP-CNN "
-             f"trained on it, {n_test} test images per task, R = {repeats}.")
+             f"trained on it, {n_test} test images per task, R = {repeats}."
+             + "".join(f" Level {lv}: the rows of the power study in {run} (its own data and n, in the table)."
+                       for lv, run in reuse.items()))
     write_power_outputs(rows, out, "variability", notes)
     return rows

@@ -82,6 +82,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                            help=f"phantom difficulty presets, in order of variability (default: {','.join(adaptivity.LEVELS)})")
             q.add_argument("--n-phantom", type=int, default=DEFAULT_SWEEP_PHANTOM,
                            help=f"phantom images per level (default: {DEFAULT_SWEEP_PHANTOM})")
+            q.add_argument("--reuse", action="append", default=[], metavar="LEVEL=RUN",
+                           help="take LEVEL's rows from a finished `boed study power --out RUN` instead of training it "
+                                "(e.g. default=runs/demo); repeatable (default: none)")
 
 
 def _check_demo_args(extra: list[str]) -> None:
@@ -112,8 +115,12 @@ def _power(args: argparse.Namespace) -> int:
         if args.n_phantom < 100:
             raise UserError(f"--n-phantom must be >= 100 images per level, got {args.n_phantom}")
         levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+        bad = [r for r in args.reuse if r.count("=") != 1 or not all(r.split("="))]
+        if bad:
+            raise UserError(f"--reuse takes LEVEL=RUN (e.g. default=runs/demo), got {', '.join(bad)}")
+        reuse = {lv.strip(): Path(run) for lv, run in (r.split("=") for r in args.reuse)}
         adaptivity.run_variability_sweep(levels, args.out, profile, args.n_phantom, args.n_test, args.repeats, illnesses,
-                                         device, args.seed, args.cache_dir)
+                                         device, args.seed, args.cache_dir, reuse=reuse)
         stem = "variability"
     print((args.out / f"{stem}.md").read_text())
     print(f"wrote {args.out / f'{stem}.csv'}, {args.out / f'{stem}.md'}, {args.out / f'{stem}.png'}")

@@ -115,3 +115,33 @@ def test_power_study_on_a_finished_demo_runs_only_the_evaluations(tmp_path, monk
     adaptivity.run_power_study(opts, publish=False)
     assert calls == [str(run / "power-eval" / "effusion")]
     assert not list(run.glob("*.old-*"))  # nothing moved aside
+
+
+def test_variability_sweep_reuses_finished_power_studies_per_level(tmp_path):
+    """--reuse LEVEL=RUN: a level's rows come from RUN/power.json (nothing is generated or trained
+    for it); bad or missing summaries are refused before anything is made."""
+    import json
+
+    runs = {}
+    for k, level in enumerate(("default", "realistic")):
+        row = power_row(_records(seed=k), "Effusion", 3)
+        runs[level] = tmp_path / f"power-{level}"
+        runs[level].mkdir()
+        (runs[level] / "power.json").write_text(json.dumps({"rows": [row]}))
+    rows = run_variability_sweep(["default", "realistic"], tmp_path / "v", PROFILES["quick"], 200, 10,
+                                 illnesses=["effusion"], reuse=runs)
+    assert [r["level"] for r in rows] == ["default", "realistic"] and rows[0]["room"] == pytest.approx(
+        power_row(_records(seed=0), "Effusion", 3)["room"])
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["variability.csv", "variability.md", "variability.png"]
+    assert "Level default: the rows of the power study in" in (tmp_path / "v" / "variability.md").read_text()
+    for levels, reuse, match in ((["default", "realistic"], {"hard": runs["default"]}, "--reuse names level hard"),
+                                 (["default", "realistic"], {"default": tmp_path / "none"}, "cannot read"),
+                                 (["default", "realistic"], {"default": runs["default"]}, None)):
+        if match is None:  # Edema was not in that power study
+            with pytest.raises(UserError, match="holds no Edema row"):
+                run_variability_sweep(levels, tmp_path / "w", PROFILES["quick"], 200, 10, illnesses=["effusion", "edema"],
+                                      reuse=reuse)
+        else:
+            with pytest.raises(UserError, match=match):
+                run_variability_sweep(levels, tmp_path / "w", PROFILES["quick"], 200, 10, reuse=reuse)
+    assert not (tmp_path / "w").exists()
