@@ -87,22 +87,22 @@ class XrayDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """What this split's pixels and labels came from: the cache's source fingerprint, its
-        label hash (which cover every image file's name, size and mtime, the label CSV and the split
-        lists), the image size, the split and ``max_images`` (see :mod:`xray.provenance`)."""
+        """What this split's pixels and labels came from: the cache's source identity (every image
+        file's name and content SHA-256; a cache made before identities existed keeps its old
+        name/size/mtime fingerprint), its label hash (the label CSV and the split lists' bytes), the
+        image size, the split and ``max_images`` (see :mod:`xray.provenance`). Content, not file
+        times: a byte-identical copy of the data (``cp -r``) is the same data."""
         from .provenance import digest
 
         m = self.manifest
-        return digest({"source": m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
+        return digest({"source": m.get("identity") or m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
                        "split": self.split, "n": len(self), "max_images": self.max_images})
 
     @property
     def order_key(self) -> str:
         """What the training order may depend on: which images (names, in order), their labels,
-        the image size, the split and ``max_images``; not when the files were written. The
-        :attr:`fingerprint` covers file mtimes (a cache is never served stale), so a phantom set
-        generated again, or a copy of the data, would otherwise be shuffled differently and
-        train other models from the same seed."""
+        the image size, the split and ``max_images``; not when the files were written nor (unlike
+        :attr:`fingerprint`) the bytes of each file."""
         from .provenance import digest
 
         return digest({"names": self.names, "labels": self.labels.astype(np.uint8).tobytes().hex(), "size": self.image_size,
@@ -217,7 +217,8 @@ def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: in
     The prepared cache is :func:`prepared_dir` ``(root, size, cache_dir)``: ``root/prepared-S``
     (what ``xray prepare --root ROOT --size S`` writes), or under ``cache_dir`` when given. Every
     open checks the cache against its source folder (labels, split lists, image files' sizes and
-    mtimes) and brings it up to date when they differ; a missing cache is built. ``present_only``:
+    mtimes; a file whose size or mtime changed has its content compared) and brings it up to date
+    when they differ; a missing cache is built. ``present_only``:
     use the listed images that are present (None: as the existing cache was prepared).
     ``max_images`` caps the split (see :class:`XrayDataset`). The default phantom set lives in
     ``cache_dir`` (default ``~/.cache/boed``).
