@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, set_help
-from xray.dataset import add_data_args
+from xray.dataset import add_data_args, models_data_help
 
 from boed.evaluation.config import DEFAULT_REPEATS, PAPER_TASKS
 from boed.evaluation.methods import METHODS, MODEL_FLAGS, method_names
@@ -88,7 +88,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"IPA sampling temperature (default: {DEFAULT_TEMPERATURE}, the paper's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
-    p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
+    p.set_defaults(image_size=None, data=None)  # the AVP model decides S; the data: the models' record (use_models_data)
+    set_help(p, "--data", models_data_help())
     set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
 
 
