@@ -25,7 +25,7 @@ import argparse
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, set_help
 from xray.dataset import add_data_args, models_data_help
 
-from boed.evaluation.config import DEFAULT_REPEATS, PAPER_TASKS
+from boed.evaluation.config import DEFAULT_DRAW, DEFAULT_REPEATS, DRAWS, PAPER_TASKS
 from boed.evaluation.methods import METHODS, MODEL_FLAGS, method_names
 from boed.evaluation.run import flag_attr, run
 
@@ -55,6 +55,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "sequences, sample streams, Random) is redrawn per repeat; intervals bootstrap repeats and "
                         f"images; R >= 1 (default: {DEFAULT_REPEATS})")
     p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
+    p.add_argument("--draw", choices=DRAWS, default=DEFAULT_DRAW,
+                   help="how --n-test images are drawn: uniform (the published results), or stratified by the "
+                        "--illness label, keeping the split's prevalence and at least one image of each class "
+                        f"(default: {DEFAULT_DRAW})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the test subset and of every policy's randomness (default: {DEFAULT_SEED})")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (records, metrics.csv, plots); re-run to resume")

@@ -22,6 +22,7 @@ from xray.cli_base import parse_device, parse_shard
 from xray.dataset import dataset_from_args, use_models_data
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
+from xray.labels import resolve_illness
 from xray.provenance import move_aside
 
 from ..classifier import AVPClassifier
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     test_set = dataset_from_args(args, "test")
     if test_set.image_size != S:
         raise UserError(f"test images are {test_set.image_size} px, the AVP-CNN works at {S} px; prepare data with --image-size {S}")
-    indices = select_test_indices(len(test_set), args.n_test, args.seed)
+    strata = resolve_illness(tasks[0]).target(test_set.labels) > 0.5 if args.draw == "stratified" else None  # (n,)
+    indices = select_test_indices(len(test_set), args.n_test, args.seed, strata)
     check_task_classes(test_set.labels, indices, tasks)  # no AUROC without both classes: say so before any work
     need_train = any(METHODS[m].train_data for m in methods)
     train_set = dataset_from_args(args, "train") if need_train else None
