@@ -293,10 +293,26 @@ class PipelineOptions:
     cache_dir: Path | None = None
     device: str = "cpu"
     seed: int = 0
+    data: str | None = None  # --data (as boed demo's); None: chestxray with data_root, else phantom
 
     def demo_options(self) -> demo.DemoOptions:
         return demo.DemoOptions(out=self.out, profile=self.profile, illnesses=self.illnesses, data_root=self.data_root,
-                                cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+                                data=self.data, cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+
+
+def check_demo_profile(out: Path, profile_name: str, command: str) -> None:
+    """Refuse, before anything runs, a study whose ``out`` holds a ``boed demo`` run of another
+    profile: the study would move its stages aside and train every model again at this profile
+    (the cpu profile: about an hour on 2 cores) instead of reusing them."""
+    summary = out / "summary.json"
+    try:
+        made = json.loads(summary.read_text()).get("profile", {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if made and made != profile_name:
+        raise UserError(f"--out {out} holds a `boed demo` run of profile {made}, this study runs profile {profile_name} "
+                        f"and would retrain every model; pass --profile {made} to reuse them (`{command} --profile {made} "
+                        f"--out {out}`), or another --out")
 
 
 @dataclass
@@ -347,7 +363,7 @@ def study_stages(opts: StudyOptions, dopts: demo.DemoOptions) -> list[demo.Stage
 
 def _quality_stage(opts: StudyOptions):
     def run(dopts) -> None:
-        data = "chestxray" if dopts.data_root is not None else "phantom"
+        data = demo._data_name(dopts)  # noqa: SLF001 - the demo's one rule for --data
         kw = dict(size=opts.profile.image_size, cache_dir=opts.cache_dir)
         test = open_dataset(data, dopts.data_root, split="test", **kw)
         train = open_dataset(data, dopts.data_root, split="train", **kw)

@@ -19,8 +19,13 @@ Layout of a cache folder (everything a reader needs, nothing else)::
 modification time (one ``stat`` per file, no reads), the image size and the ``present_only`` mode;
 ``labels_hash`` digests the bytes of the label CSV and the split lists. Every open through
 :func:`prepare` (which :func:`xray.dataset.open_dataset` calls each time) recomputes both and
-compares them with the manifest: new labels rewrite ``labels.csv`` only; new, removed, replaced or
-touched images rebuild the cache, copying over the rows whose file is unchanged.
+compares them with the manifest: new labels rewrite ``labels.csv`` only; new, removed or replaced
+images rebuild the cache, copying over the rows whose file is unchanged. A file whose size and mtime
+differ from those recorded has its bytes hashed: equal content (a copy of the folder, a touch) is
+recorded as unchanged, nothing is decoded. **Identity is content**: the manifest's ``identity``
+digests every row's name and source SHA-256 (:func:`content_identity`); it is what
+:attr:`xray.dataset.XrayDataset.fingerprint` covers, so a byte-identical copy of the data is the
+same data for every resume and provenance check.
 
 **One location rule** (:func:`cache_location`): the cache of ``ROOT`` at ``S`` px is
 ``ROOT/prepared-S``; with a cache folder ``C`` (``--cache-dir C``) it is ``C/prepared/<hash of
@@ -335,6 +340,8 @@ def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
             log.warning("prepared cache %s: %s; repairing it", plan.out, damage.what)
             _mark_stale(plan.out, damage)
             manifest = _read_json(plan.out / MANIFEST_FILE)
+    if manifest is not None and manifest.get("fingerprint") != plan.fingerprint and _restamp(plan, manifest):
+        manifest = _read_json(plan.out / MANIFEST_FILE)
     if manifest is not None and manifest.get("fingerprint") == plan.fingerprint:
         if manifest.get("labels_hash") == plan.labels_hash:
             return plan.out
@@ -361,6 +368,67 @@ def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
         _run_chunks(plan, todo, done, bad, (plan.n, plan.size, plan.size), progress, workers)
 
     return _finish(plan, bad)
+
+
+def content_identity(size: int, present_only: bool, rows: list) -> str | None:
+    """What the cache's pixels are, by content: a digest of every row's image name and source file
+    SHA-256 (``sources.json`` rows ``[name, bytes, mtime_ns, sha256]``), the image size and the
+    ``present_only`` mode. None when a present file has no recorded digest."""
+    h = hashlib.sha1(f"content-v{FORMAT_VERSION}\0{size}\0{int(present_only)}\0".encode())
+    for row in rows:
+        if row[1] is None:
+            h.update(f"{row[0]}\t-\n".encode())
+        elif len(row) > 3 and row[3]:
+            h.update(f"{row[0]}\t{row[3]}\n".encode())
+        else:
+            return None
+    return h.hexdigest()
+
+
+def _restamp(plan: Plan, manifest: dict) -> bool:
+    """Image files whose size and mtime differ from ``sources.json`` but whose bytes are those cached
+    (a copy of the data folder, a touch, a phantom set generated again): their content is hashed and,
+    when equal, their new size and mtime are recorded; nothing is decoded. True when the cache then
+    matches ``plan`` entirely: its stat fingerprint becomes the plan's and its ``identity`` (what
+    :attr:`xray.dataset.XrayDataset.fingerprint` digests) stays as it was. Otherwise the files found
+    equal are recorded, so the rebuild that follows reuses their rows."""
+    src = _read_json(plan.out / SOURCES_FILE)
+    if (src is None or src.get("fingerprint") not in (manifest.get("fingerprint"), plan.fingerprint)
+            or manifest.get("format") != FORMAT_VERSION or manifest.get("image_size") != plan.size
+            or bool(manifest.get("present_only")) != plan.present_only or src.get("size") != plan.size):
+        return False
+    rows = src.get("rows") or []
+    if [row[0] for row in rows] != plan.labels.index.tolist():
+        return False
+
+    def stat_of(row):
+        return None if row[1] is None else (row[1], row[2])
+
+    differ = [r for r, (row, st) in enumerate(zip(rows, plan.stats)) if stat_of(row) != (None if st is None else tuple(st))]
+    candidates = [r for r in differ if plan.stats[r] is not None and rows[r][1] == plan.stats[r][0] and len(rows[r]) > 3 and rows[r][3]]
+    if candidates:
+        log.info("%d image file(s) of %s have another mtime than when cached; comparing their content", len(candidates), plan.root)
+    same = []
+    for r in candidates:
+        try:
+            if sha256_file(plan.paths[r]) == rows[r][3]:
+                same.append(r)
+        except OSError:
+            pass
+    for r in same:
+        rows[r] = [rows[r][0], *plan.stats[r], rows[r][3]]
+    if len(same) < len(differ):
+        if same:  # the rebuild reuses these rows (keyed by name, size and mtime)
+            atomic_write_json(plan.out / SOURCES_FILE, src)
+        return False
+    identity = manifest.get("identity") or manifest.get("fingerprint")  # a cache made before identities: its old fingerprint
+    src["fingerprint"] = plan.fingerprint
+    atomic_write_json(plan.out / SOURCES_FILE, src)  # a kill here: the next open restamps again (src matches the plan)
+    atomic_write_json(plan.out / MANIFEST_FILE, {**manifest, "fingerprint": plan.fingerprint, "identity": identity,
+                                                 "source": plan.source(), "source_root": str(plan.root.resolve())})
+    if same:
+        log.info("%s: same content as when cached (%d file(s) copied or touched); nothing to decode", plan.out, len(same))
+    return True
 
 
 def _unchanged(root, size: int, out: Path, present_only: bool) -> dict | None:
@@ -577,6 +645,7 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
         table.to_csv(tmp, index_label="image")
         labels_file = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     _record_source_digests(plan)
+    identity = content_identity(plan.size, plan.present_only, (_read_json(plan.out / SOURCES_FILE) or {}).get("rows", []))
 
     any_finding = int((table[NO_FINDING] == 0).sum())
     counts = {c: int(table[c].sum()) for c in nih.LABEL_COLUMNS} | {ANY_FINDING: any_finding}
@@ -585,6 +654,7 @@ def _finish(plan: Plan, bad: dict[str, str]) -> Path:
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": plan.fingerprint,
+        "identity": identity or plan.fingerprint,  # content: a copy of the data is the same data
         "labels_hash": plan.labels_hash,
         "source": plan.source(),
         "present_only": plan.present_only,

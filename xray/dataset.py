@@ -87,22 +87,22 @@ class XrayDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """What this split's pixels and labels came from: the cache's source fingerprint, its
-        label hash (which cover every image file's name, size and mtime, the label CSV and the split
-        lists), the image size, the split and ``max_images`` (see :mod:`xray.provenance`)."""
+        """What this split's pixels and labels came from: the cache's source identity (every image
+        file's name and content SHA-256; a cache made before identities existed keeps its old
+        name/size/mtime fingerprint), its label hash (the label CSV and the split lists' bytes), the
+        image size, the split and ``max_images`` (see :mod:`xray.provenance`). Content, not file
+        times: a byte-identical copy of the data (``cp -r``) is the same data."""
         from .provenance import digest
 
         m = self.manifest
-        return digest({"source": m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
+        return digest({"source": m.get("identity") or m.get("fingerprint"), "labels": m.get("labels_hash"), "size": self.image_size,
                        "split": self.split, "n": len(self), "max_images": self.max_images})
 
     @property
     def order_key(self) -> str:
         """What the training order may depend on: which images (names, in order), their labels,
-        the image size, the split and ``max_images``; not when the files were written. The
-        :attr:`fingerprint` covers file mtimes (a cache is never served stale), so a phantom set
-        generated again, or a copy of the data, would otherwise be shuffled differently and
-        train other models from the same seed."""
+        the image size, the split and ``max_images``; not when the files were written nor (unlike
+        :attr:`fingerprint`) the bytes of each file."""
         from .provenance import digest
 
         return digest({"names": self.names, "labels": self.labels.astype(np.uint8).tobytes().hex(), "size": self.image_size,
@@ -217,7 +217,8 @@ def open_dataset(data: str, data_root: str | os.PathLike | None = None, size: in
     The prepared cache is :func:`prepared_dir` ``(root, size, cache_dir)``: ``root/prepared-S``
     (what ``xray prepare --root ROOT --size S`` writes), or under ``cache_dir`` when given. Every
     open checks the cache against its source folder (labels, split lists, image files' sizes and
-    mtimes) and brings it up to date when they differ; a missing cache is built. ``present_only``:
+    mtimes; a file whose size or mtime changed has its content compared) and brings it up to date
+    when they differ; a missing cache is built. ``present_only``:
     use the listed images that are present (None: as the existing cache was prepared).
     ``max_images`` caps the split (see :class:`XrayDataset`). The default phantom set lives in
     ``cache_dir`` (default ``~/.cache/boed``).
@@ -329,3 +330,113 @@ def write_data_record(run_dir: str | os.PathLike, args: argparse.Namespace, trai
         "data": args.data, "data_root": resolved(args.data_root), "cache_dir": resolved(args.cache_dir),
         "max_images": getattr(args, "max_images", None), "present_only": getattr(args, "present_only", None),
         "image_size": getattr(train_set, "image_size", None), "fingerprint": getattr(train_set, "fingerprint", None)})
+
+
+DATA_KEYS = ("data", "data_root", "cache_dir")  # the fields of a data record that say where the data is
+
+
+def _record_files(model_path: str | os.PathLike) -> list[Path]:
+    """Where a run may record its training data: the run folder (and its parent when given ``.../model``)."""
+    p = Path(model_path)
+    dirs = [p] + ([p.parent] if p.name == "model" else [])
+    return [d / name for d in dirs for name in (DATA_RECORD, "provenance.json", "train_config.json")]
+
+
+def recorded_data(model_path: str | os.PathLike) -> dict | None:
+    """The training data a model run recorded: ``{"data", "data_root", "cache_dir", "image_size",
+    "fingerprint"}`` (missing keys None), or None when the run records nothing.
+
+    Read from ``data.json`` in the run folder (or a ``"data"`` object in ``provenance.json`` /
+    ``train_config.json`` there), next to ``model/``.
+    """
+    import json
+
+    for path in _record_files(model_path):
+        if not path.is_file():
+            continue
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{path} is not valid JSON; repair it or pass --data-root DIR explicitly") from None
+        if isinstance(d, dict) and isinstance(d.get("data"), dict):  # nested: {"data": {...}, ...}
+            d = d["data"]
+        if isinstance(d, dict) and isinstance(d.get("data"), str):
+            rec = {k: d.get(k) for k in (*DATA_KEYS, "image_size", "fingerprint")}
+            if rec["data_root"] is not None:
+                root = Path(rec["data_root"]).expanduser()
+                rec["data_root"] = str(root if root.is_absolute() else (path.parent / root))
+            return rec
+    return None
+
+
+def models_data(models: dict[str, str | os.PathLike | None]) -> tuple[dict | None, str | None]:
+    """``(record, conflict)`` of the data the models ``{what: run folder}`` record: the one record
+    they agree on (or the only one), and a few words naming the first field where two records differ
+    (then ``record`` is None)."""
+    known = {w: r for w, p in models.items() if p is not None for r in (recorded_data(p),) if r is not None}
+    items = list(known.items())
+    for (wa, a), (wb, b) in zip(items, items[1:]):
+        for k in DATA_KEYS:
+            if a[k] != b[k]:
+                return None, f"the {wa} run was trained on {k}={a[k]} but the {wb} run on {k}={b[k]}"
+    return (items[0][1] if items else None), None
+
+
+def same_data(args: argparse.Namespace, rec: dict) -> bool:
+    """True when the flags name the data folder (or set) the record ``rec`` names."""
+    def where(p):
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    return args.data == rec.get("data") and where(args.data_root) == where(rec.get("data_root"))
+
+
+def data_text(args: argparse.Namespace) -> str:
+    """A few words naming the data the flags of :func:`add_data_args` select."""
+    if args.data == "phantom" and args.data_root is None:
+        return "the default phantom set"
+    return f"--data {args.data}" + ("" if args.data_root is None else f" --data-root {args.data_root}")
+
+
+def use_models_data(args: argparse.Namespace, models: dict[str, str | os.PathLike | None], command: str,
+                    required: bool = False) -> dict | None:
+    """THE data rule of every command that uses trained models (``args.data`` defaults to None):
+    ``--data``/``--data-root`` given win (a warning when the models record other data); otherwise
+    the data the models record (their runs' ``data.json``); otherwise, when nothing is recorded,
+    the default phantom set, or with ``required`` a one-line error. Fills ``args.data``,
+    ``args.data_root`` (and ``args.cache_dir`` when not given) and logs one line saying which data
+    is used; returns the models' record (None when there is none or the records disagree)."""
+    rec, conflict = models_data(models)
+    if args.data is not None or args.data_root is not None:
+        if args.data is None:  # MedMNIST's file, or an NIH-format folder
+            args.data = "chestmnist" if _chestmnist.holds_chestmnist(args.data_root) else "chestxray"
+        if conflict is not None:
+            log.warning("%s; %s uses the data given, %s", conflict, command, data_text(args))
+        elif rec is not None and not same_data(args, rec):
+            log.warning("%s uses %s, but the models were trained on %s; results on other data than the training data "
+                        "are not comparable", command, data_text(args), data_text(argparse.Namespace(**rec)))
+        else:
+            log.info("%s uses %s (given)", command, data_text(args))
+        return rec
+    if conflict is not None:
+        raise UserError(f"{conflict}; pass --data/--data-root to say which data {command} uses")
+    if rec is None:
+        where = " and ".join(str(p) for p in models.values() if p is not None)
+        if required:
+            raise UserError(f"the models in {where} do not record the data they were trained on (no {DATA_RECORD}); "
+                            "pass --data-root DIR (the NIH-format folder they were trained on), or --data phantom for the "
+                            "default phantom set")
+        args.data = "phantom"
+        log.info("%s uses the default phantom set (the models in %s record no %s; pass --data/--data-root for other data)",
+                 command, where, DATA_RECORD)
+        return None
+    args.data, args.data_root = rec["data"], rec["data_root"]
+    if args.cache_dir is None:
+        args.cache_dir = rec["cache_dir"]
+    log.info("%s uses the models' training data: %s (recorded in their %s)", command, data_text(args), DATA_RECORD)
+    return rec
+
+
+def models_data_help() -> str:
+    """The ``--data`` help of a command that follows :func:`use_models_data`."""
+    return ("phantom, chestxray or chestmnist (default: the data the models were trained on, as recorded in their runs' "
+            f"{DATA_RECORD}; the default phantom set when they record none)")

@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, set_help
-from xray.dataset import add_data_args
+from xray.dataset import add_data_args, models_data_help
 
-from boed.evaluation.config import DEFAULT_REPEATS, PAPER_TASKS
+from boed.evaluation.config import DEFAULT_DRAW, DEFAULT_REPEATS, DRAWS, PAPER_TASKS
 from boed.evaluation.methods import METHODS, MODEL_FLAGS, method_names
 from boed.evaluation.run import flag_attr, run
 
@@ -55,6 +55,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "sequences, sample streams, Random) is redrawn per repeat; intervals bootstrap repeats and "
                         f"images; R >= 1 (default: {DEFAULT_REPEATS})")
     p.add_argument("--n-test", type=int, default=None, help="test images drawn at random from the test split (default: all)")
+    p.add_argument("--draw", choices=DRAWS, default=DEFAULT_DRAW,
+                   help="how --n-test images are drawn: uniform (the published results), or stratified by the "
+                        "--illness label, keeping the split's prevalence and at least one image of each class "
+                        f"(default: {DEFAULT_DRAW})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the test subset and of every policy's randomness (default: {DEFAULT_SEED})")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (records, metrics.csv, plots); re-run to resume")
@@ -88,7 +92,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"IPA sampling temperature (default: {DEFAULT_TEMPERATURE}, the paper's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
-    p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
+    p.set_defaults(image_size=None, data=None)  # the AVP model decides S; the data: the models' record (use_models_data)
+    set_help(p, "--data", models_data_help())
     set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
 
 

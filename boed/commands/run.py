@@ -19,7 +19,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import warnings
@@ -37,10 +36,9 @@ from boed.scan_loop import Decision, scan_image
 from ipa_core.ipa import IPA
 from ipa_core.persist import model_digest
 from ipa_core.trainer import DAMAGED, check_finite_weights
-from xray.chestmnist import holds_chestmnist
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, finite_float, parse_device
 from xray.cache import resize_square
-from xray.dataset import DATA_RECORD, add_data_args, dataset_from_args
+from xray.dataset import add_data_args, dataset_from_args, models_data, models_data_help, same_data, use_models_data
 from xray.errors import UserError
 from xray.imageio import read_image
 from xray.io import atomic_write_json
@@ -50,7 +48,6 @@ HELP = "choose scan locations for one image by EIG (greedy BOED with IPA complet
 DEFAULT_IPA = "runs/demo/ipa"
 DEFAULT_AVP = "runs/demo/avp"
 MIN_N_SAMPLES, MAX_N_SAMPLES = 2, 1000  # one completion gives EIG 0 everywhere; a million fills any memory
-DATA_KEYS = ("data", "data_root", "cache_dir")  # the fields that say where the data is
 log = logging.getLogger(__name__)
 
 
@@ -81,8 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(image_size=None)  # the models decide S unless --image-size is given
     parser._option_string_actions["--image-size"].help = "image side in pixels (default: the models' size)"
     parser.set_defaults(data=None)  # None: the data recorded in the model runs
-    parser._option_string_actions["--data"].help = ("phantom, chestxray or chestmnist; omitted: the data the models were trained on, "
-                                                    f"as recorded in their runs ({DATA_RECORD})")
+    parser._option_string_actions["--data"].help = models_data_help()
 
 
 def _image_size_of(model) -> int | None:
@@ -117,71 +113,14 @@ def load_models(ipa_path: str, avp_path: str, device: torch.device):
     return ipa, avp, s_avp
 
 
-def _record_files(model_path: str) -> list[Path]:
-    """Where a run may record its training data: the run folder (and its parent when given ``.../model``)."""
-    p = Path(model_path)
-    dirs = [p] + ([p.parent] if p.name == "model" else [])
-    return [d / name for d in dirs for name in (DATA_RECORD, "provenance.json", "train_config.json")]
-
-
-def recorded_training_data(model_path: str) -> dict | None:
-    """The training data a model run recorded: ``{"data", "data_root", "cache_dir", "image_size",
-    "fingerprint"}`` (missing keys None), or None when the run records nothing.
-
-    Read from ``data.json`` in the run folder (or a ``"data"`` object in ``provenance.json`` /
-    ``train_config.json`` there), next to ``model/``.
-    """
-    for path in _record_files(model_path):
-        if not path.is_file():
-            continue
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{path} is not valid JSON; repair it or pass --data-root DIR explicitly") from None
-        if isinstance(d, dict) and isinstance(d.get("data"), dict):  # nested: {"data": {...}, ...}
-            d = d["data"]
-        if isinstance(d, dict) and isinstance(d.get("data"), str):
-            rec = {k: d.get(k) for k in (*DATA_KEYS, "image_size", "fingerprint")}
-            if rec["data_root"] is not None:
-                root = Path(rec["data_root"]).expanduser()
-                rec["data_root"] = str(root if root.is_absolute() else (path.parent / root))
-            return rec
-    return None
-
-
-def training_data(ipa_path: str | None, avp_path: str) -> dict | None:
-    """The data both models were trained on (one record); UserError when their records disagree."""
-    recs = {what: recorded_training_data(p) for what, p in (("IPA", ipa_path), ("AVP", avp_path)) if p is not None}
-    known = {w: r for w, r in recs.items() if r is not None}
-    if len(known) == 2:
-        a, b = known["IPA"], known["AVP"]
-        for k in DATA_KEYS:
-            if a[k] != b[k]:
-                raise UserError(f"the IPA run was trained on {k}={a[k]} but the AVP run on {k}={b[k]}; "
-                                "pass --data/--data-root to say which data the t = 1 draws come from")
-    return next(iter(known.values()), None)
-
-
 def resolve_data_args(args, needs_data: bool) -> dict | None:
-    """Fill ``args.data``/``data_root``/``cache_dir`` from the models' record unless given; returns the record.
-
-    Explicit --data/--data-root win. With neither given nor recorded and data needed: one-line error.
-    """
-    rec = training_data(args.ipa, args.avp)
-    if args.data is not None or args.data_root is not None:
-        if args.data is None:
-            args.data = "chestmnist" if holds_chestmnist(args.data_root) else "chestxray"  # MedMNIST's file, or an NIH-format folder
-        return rec
-    if not needs_data:
-        return rec
-    if rec is None:
-        raise UserError(f"the models in {args.ipa} and {args.avp} do not record the data they were trained on "
-                        f"(no {DATA_RECORD}); pass --data-root DIR (the NIH-format folder they were trained on), "
-                        "or --data phantom for the default phantom set")
-    args.data, args.data_root = rec["data"], rec["data_root"]
-    if args.cache_dir is None:
-        args.cache_dir = rec["cache_dir"]
-    return rec
+    """Fill ``args.data``/``data_root``/``cache_dir`` by the one data rule
+    (:func:`xray.dataset.use_models_data`): explicit --data/--data-root win, else the models' record;
+    with neither and data needed, a one-line error. Returns the models' record."""
+    models = {"IPA": args.ipa, "AVP": args.avp}
+    if not needs_data and args.data is None and args.data_root is None:
+        return models_data(models)[0]
+    return use_models_data(args, models, "boed run", required=True)
 
 
 def check_fingerprint(train_set, rec: dict | None) -> None:
@@ -252,7 +191,8 @@ def main(args: argparse.Namespace) -> int:
     first_sampler = None
     if args.first_draws == "dataset":
         train = _dataset(args, S, "train")
-        check_fingerprint(train, rec)
+        if rec is not None and same_data(args, rec):  # other data given: warned already
+            check_fingerprint(train, rec)
         first_sampler = DatasetSampler(train)
     out = scan_out_dir(args.out or Path("runs") / f"scan-{illness.slug}-{source}", args.data_root)  # after every check
     sampler = IPASampler(ipa, temperature=args.temperature)

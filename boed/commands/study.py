@@ -1,7 +1,8 @@
 """Studies over whole pipelines: the completer study and training-seed robustness.
 
   boed study completers --out runs/study            # cpu profile, effusion, R = 3 (about an hour on 2 cores)
-  boed study completers --out runs/demo             # reuse a finished demo's VAE, IPA and AVP-CNN
+  boed study completers --out runs/demo             # reuse a finished `boed demo`'s VAE, IPA and AVP-CNN
+  boed study completers --profile quick --out runs/demo   # ... of `boed demo --quick` (the same profile)
   boed study completers --quick --out runs/study-q  # minutes, small everything
   boed study seeds --seeds 0,1,2 --out runs/seeds   # boed demo --seed K per seed, then pooled differences
   boed study seeds --seeds 0,1 --out runs/seeds-q -- --quick   # flags after -- go to every boed demo
@@ -29,7 +30,9 @@ from boed import adaptivity, study
 from boed.commands import demo
 from boed.demo import PROFILES
 from boed.study import DEFAULT_REPEATS, DEFAULT_STATES, STUDY_ILLNESSES
-from xray.cli_base import parse_device
+from xray.chestmnist import find_npz
+from xray.cli_base import check_output, parse_device
+from xray.dataset import DATA_NAMES
 from xray.errors import UserError
 
 HELP = "completer study, training-seed robustness, and where adaptivity pays (power study, variability sweep)"
@@ -37,6 +40,20 @@ DEFAULT_SEEDS = "0,1,2"
 DEFAULT_PROFILE = "cpu"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SWEEP_PHANTOM = 6000  # phantom images per level of the variability sweep (the cpu profile's scale)
+
+
+DATA_HELP = ("as boed demo's: phantom, chestxray (an NIH-format --data-root) or chestmnist (default: chestxray with "
+             "--data-root, else the demo's phantom set)")
+
+
+def _check_data(args: argparse.Namespace, profile) -> None:
+    """--data/--data-root as `boed demo` checks them, before any stage runs (one line, nothing created)."""
+    if args.data == "chestxray" and args.data_root is None:
+        raise UserError("--data chestxray needs --data-root DIR (a folder with Data_Entry_2017*.csv and images/)")
+    if args.data == "chestmnist":
+        find_npz(args.data_root, profile.image_size)  # the file is there (or fetched) before any folder is made
+    elif args.data_root is not None and not args.data_root.is_dir():
+        raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -50,7 +67,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     c.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"policy repeats R of the evaluation (default: {DEFAULT_REPEATS})")
     c.add_argument("--n-test", type=int, default=None, help="test images per illness; omitted: the profile's")
     c.add_argument("--states", type=int, default=DEFAULT_STATES, help=f"scan states of the quality measurement (default: {DEFAULT_STATES})")
-    c.add_argument("--data-root", type=Path, default=None, help="NIH-format folder; omitted: phantom data as in boed demo")
+    c.add_argument("--data", choices=DATA_NAMES, default=None, help=DATA_HELP)
+    c.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="NIH-format folder, or the folder holding chestmnist_S.npz (default: none: phantom data as in boed demo)")
     c.add_argument("--cache-dir", type=Path, default=None, help="where prepared images live (omitted: the xray default)")
     c.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device: auto, cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})")
     c.add_argument("--seed", type=int, default=0, help="training and evaluation seed (default: 0)")
@@ -75,8 +94,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device: auto, cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})")
         q.add_argument("--seed", type=int, default=0, help="training and evaluation seed (default: 0)")
         if name == "power":
+            q.add_argument("--data", choices=DATA_NAMES, default=None, help=DATA_HELP)
             q.add_argument("--data-root", type=Path, default=None, metavar="DIR",
-                           help="NIH-format folder (default: none: phantom data as in boed demo)")
+                           help="NIH-format folder, or the folder holding chestmnist_S.npz (default: none: phantom data as in boed demo)")
         else:
             q.add_argument("--levels", default=",".join(adaptivity.LEVELS), metavar="LIST",
                            help=f"phantom difficulty presets, in order of variability (default: {','.join(adaptivity.LEVELS)})")
@@ -104,11 +124,13 @@ def _power(args: argparse.Namespace) -> int:
         if v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
     illnesses = tuple(study.resolve_illness(i).name for i in args.illness.split(",") if i.strip())
+    check_output(args.out, "--out", "folder")
     if args.study == "power":
-        if args.data_root is not None and not args.data_root.is_dir():
-            raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
+        _check_data(args, profile)
+        study.check_demo_profile(args.out, profile.name, "boed study power")
         opts = adaptivity.PowerOptions(out=args.out, profile=profile, illnesses=illnesses, n_test=args.n_test, repeats=args.repeats,
-                                       data_root=args.data_root, cache_dir=args.cache_dir, device=device, seed=args.seed)
+                                       data_root=args.data_root, data=args.data, cache_dir=args.cache_dir, device=device,
+                                       seed=args.seed)
         adaptivity.run_power_study(opts)
         stem = "power"
     else:
@@ -136,12 +158,16 @@ def main(args: argparse.Namespace) -> int:
         if any(a in ("--seed", "--out") for a in extra):
             raise UserError("pass --seeds and --out to `boed study seeds`, not after --; the study sets each demo's --seed and --out")
         _check_demo_args(extra)
+        check_output(args.out, "--out", "folder")
         rows = study.run_seed_study(seeds, args.out, extra)
         print((args.out / "seeds.md").read_text())
         print(f"wrote {args.out / 'seeds.csv'}, {args.out / 'seeds.md'}, {args.out / 'seeds.png'} ({len(rows)} rows)")
         return 0
 
     device = str(parse_device(args.device))  # a one-line error now, not after the training stages
+    if args.quick and args.profile not in (DEFAULT_PROFILE, "quick"):
+        raise UserError(f"--quick is --profile quick (and fewer repeats and states), but --profile {args.profile} was given too; "
+                        "pass one of them")
     profile = PROFILES["quick" if args.quick else args.profile]
     repeats, states = (min(args.repeats, 2), min(args.states, 24)) if args.quick else (args.repeats, args.states)
     if repeats < 1:
@@ -152,11 +178,12 @@ def main(args: argparse.Namespace) -> int:
         if args.n_test < 1:
             raise UserError(f"--n-test must be >= 1, got {args.n_test}")
         profile = dataclasses.replace(profile, n_test=args.n_test)
-    if args.data_root is not None and not args.data_root.is_dir():
-        raise UserError(f"data root {args.data_root} does not exist; pass an NIH-format folder or leave --data-root out for phantom data")
     illnesses = tuple(study.resolve_illness(i).name for i in args.illness)
+    _check_data(args, profile)
+    check_output(args.out, "--out", "folder")
+    study.check_demo_profile(args.out, profile.name, "boed study completers")
     opts = study.StudyOptions(out=args.out, profile=profile, illnesses=illnesses, repeats=repeats, n_states=states,
-                              data_root=args.data_root, cache_dir=args.cache_dir, device=device, seed=args.seed)
+                              data_root=args.data_root, data=args.data, cache_dir=args.cache_dir, device=device, seed=args.seed)
     study.run_completer_study(opts)
     print((args.out / "completers.md").read_text())
     print(f"wrote {args.out / 'completers.csv'}, {args.out / 'completers.md'}, {args.out / 'completers.png'}")

@@ -39,7 +39,7 @@ from boed.geometry import ScanGeometry
 from ipa_core.ipa import IPA
 from ipa_core.trainer import add_train_args, train_config_from_args
 from xray.cli_base import DEVICE_HELP, MAX_TEMPERATURE, finite_float, parse_device, parse_shard, set_help
-from xray.dataset import add_data_args, dataset_from_args
+from xray.dataset import add_data_args, dataset_from_args, models_data_help, use_models_data
 from xray.errors import UserError
 from xray.io import atomic_write_json
 from xray.labels import resolve_illness
@@ -77,7 +77,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     gg.add_argument("--temp-stages", type=int, default=g.temp_stages, help=f"geometric temperature levels (default: {g.temp_stages})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_data_args(p)
-    p.set_defaults(image_size=None)  # the AVP model decides S unless --image-size is given
+    p.set_defaults(image_size=None, data=None)  # the AVP model decides S; the data: the models' record (use_models_data)
+    set_help(p, "--data", models_data_help())
     add_train_args(p, distill_defaults(), note=" with --method distill")
     set_help(p, "--device", DEVICE_HELP)  # None: auto, resolved with parse_device
     set_help(p, "--image-size", "image side in pixels; must match the models (default: the AVP-CNN's size)")
@@ -137,6 +138,7 @@ def main(args: argparse.Namespace) -> int:
     if args.scans < 1:
         raise UserError(f"--scans must be >= 1, got {args.scans}")
     avp, ipa = _load_models(args, method, device)
+    use_models_data(args, {"AVP": args.avp, **({"IPA": args.ipa} if method == "distill" else {})}, "boed train-policy")
 
     if args.scans > ScanGeometry(avp.config.image_size).num_locations:
         raise UserError(f"--scans {args.scans} exceeds the {ScanGeometry(avp.config.image_size).num_locations} grid locations")

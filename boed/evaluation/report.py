@@ -190,11 +190,17 @@ def capture_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, meth
     return rows
 
 
+PAIRED_CAPTION = ("bars: paired 95 % bootstrap interval of the difference (repeats, then images), each method "
+                  "shifted a little along t; above 0: EIG-IPA scores the better AUROC, 0 = a tie")
+
+
 def plot_paired(rows: Sequence[dict], path: str | Path) -> Path:
-    """AUROC(EIG-IPA) - AUROC(baseline) against t with paired 95 % bands; 0 = a tie."""
+    """AUROC(EIG-IPA) - AUROC(baseline) against t with paired 95 % intervals; 0 = a tie. The
+    intervals are error bars dodged along t (filled bands of five baselines pile up into one grey
+    area), explained by a caption."""
     curves = [{"method": r["baseline"], "illness": r["illness"], "t": r["t"], "diff": r["diff"], "diff_lo": r["diff_lo"],
                "diff_hi": r["diff_hi"]} for r in rows if isinstance(r["t"], int)]
-    return plot_curves(curves, "diff", path, zero_line=True)
+    return plot_curves(curves, "diff", path, zero_line=True, bands="bars", caption=PAIRED_CAPTION)
 
 
 def cross_task_rows(records: Sequence[dict], tasks: Sequence[str], scans: int, n_boot: int = 1000, seed: int = 0) -> list[dict]:
@@ -238,32 +244,69 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def plot_curves(rows: Sequence[dict], metric: str, path: str | Path, zero_line: bool = False) -> Path:
-    """AUROC or NLL (or any ``metric`` with ``_lo``/``_hi``) against t, one panel per illness, one
-    line (with CI band) per method."""
+METRIC_LABELS = {"auroc": "AUROC", "nll": "NLL (nats)", "diff": "AUROC(EIG-IPA) - AUROC(method)"}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def curves_figure(rows: Sequence[dict], metric: str, zero_line: bool = False, bands: str = "fill", caption: str | None = None):
+    """The figure of :func:`plot_curves`. ``bands``: "fill" (shaded 95 % bands) or "bars" (error
+    bars, each method shifted a little along t so that they never cover each other). A panel (or a
+    figure) with no finite value says so in words instead of being empty; a method with none is
+    marked "(no data)" in the legend."""
     from matplotlib.figure import Figure
 
+    name = METRIC_LABELS.get(metric, metric)
     tasks = list(dict.fromkeys(r["illness"] for r in rows))
-    fig = Figure(figsize=(3.6 * max(1, len(tasks)), 3.2), layout="constrained")
+    fig = Figure(figsize=(3.6 * max(1, len(tasks)), 3.2 + (0.3 if caption else 0)), layout="constrained")
     axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
+    lo, hi = f"{metric}_lo", f"{metric}_hi"
     for ax, task in zip(axes, tasks):
-        for method in _order(r["method"] for r in rows if r["illness"] == task):
+        methods = _order(r["method"] for r in rows if r["illness"] == task)
+        for j, method in enumerate(methods):
             rs = sorted((r for r in rows if r["illness"] == task and r["method"] == method), key=lambda r: r["t"])
-            t = [r["t"] for r in rs]
+            t = np.asarray([r["t"] for r in rs], dtype=float)
+            y = [r[metric] for r in rs]
             color, ls = METHOD_STYLE.get(method, (None, "-"))
-            ax.plot(t, [r[metric] for r in rs], ls, color=color, marker="o", ms=3, label=METHOD_LABELS.get(method, method))
-            lo, hi = f"{metric}_lo", f"{metric}_hi"
-            if rs and lo in rs[0] and all(math.isfinite(r[lo]) for r in rs):
+            label = METHOD_LABELS.get(method, method) + ("" if any(_finite(v) for v in y) else " (no data)")
+            has_band = bool(rs) and lo in rs[0] and all(_finite(r[lo]) and _finite(r[hi]) for r in rs)
+            if bands == "bars":
+                t = t + 0.5 * (j - (len(methods) - 1) / 2) / max(len(methods), 1)  # dodge: never on top of each other
+                if has_band:
+                    err = np.array([[r[metric] - r[lo] for r in rs], [r[hi] - r[metric] for r in rs]])  # (2, T)
+                    ax.errorbar(t, y, yerr=np.abs(err), fmt=ls, color=color, marker="o", ms=3, lw=1, elinewidth=0.8,
+                                capsize=2, label=label)
+                    continue
+            ax.plot(t, y, ls, color=color, marker="o", ms=3, label=label)
+            if has_band and bands == "fill":
                 ax.fill_between(t, [r[lo] for r in rs], [r[hi] for r in rs], color=color, alpha=0.15, lw=0)
+        if not any(_finite(r[metric]) for r in rows if r["illness"] == task):
+            ax.text(0.5, 0.5, f"no data: no finite {name}\n(a test set with one class only?\nsee metrics.csv)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.3")
         if zero_line:
             ax.axhline(0.0, color="0.3", lw=0.8)
         ax.set_title(task)
         ax.set_xlabel("scans t")
         ax.set_xticks(range(min((r["t"] for r in rows), default=0), max((r["t"] for r in rows), default=0) + 1))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel({"auroc": "AUROC", "nll": "NLL (nats)", "diff": "AUROC(EIG-IPA) - AUROC(method)"}.get(metric, metric))
-    axes[-1].legend(fontsize=7, loc="best")
-    _save(fig, Path(path))
+    if not tasks:
+        axes[0].text(0.5, 0.5, f"no data: no {name} values to plot", ha="center", va="center",
+                     transform=axes[0].transAxes, fontsize=8, color="0.3")
+    axes[0].set_ylabel(name)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[-1].legend(fontsize=7, loc="best")
+    if caption:
+        fig.suptitle(caption, fontsize=6.5, wrap=True)
+    return fig
+
+
+def plot_curves(rows: Sequence[dict], metric: str, path: str | Path, zero_line: bool = False, bands: str = "fill",
+                caption: str | None = None) -> Path:
+    """AUROC or NLL (or any ``metric`` with ``_lo``/``_hi``) against t, one panel per illness, one
+    line (with CI band) per method (:func:`curves_figure`)."""
+    _save(curves_figure(rows, metric, zero_line, bands, caption), Path(path))
     return Path(path)
 
 

@@ -19,9 +19,10 @@ import torch.distributed as dist
 from ipa_core.persist import weights_digest
 from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.cli_base import parse_device, parse_shard
-from xray.dataset import dataset_from_args
+from xray.dataset import dataset_from_args, use_models_data
 from xray.errors import UserError
 from xray.io import ensure_writable_dir
+from xray.labels import resolve_illness
 from xray.provenance import move_aside
 
 from ..classifier import AVPClassifier
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
     """``boed evaluate`` with parsed flags (see :func:`boed.commands.evaluate.configure`)."""
     out = Path(args.out)
     if args.merge:
+        if args.shard is not None or args.restart:
+            flag = "--shard " + args.shard if args.shard is not None else "--restart"
+            raise UserError(f"--merge merges the records of every shard in --out and computes nothing, so {flag} has no "
+                            f"meaning with it; run `boed evaluate --merge --out {out}` alone")
         return finish(out)
     # ---- validate everything before anything is created
     shard, rank, local_rank = _dist_info(args.shard)
@@ -119,10 +124,13 @@ def run(args: argparse.Namespace) -> int:
         if s_m is not None and s_m != S:
             raise UserError(f"the model of {mf.flag} ({path}) works at {s_m} px but the AVP-CNN ({args.avp}) at {S} px; "
                             "train all models at the same --image-size")
+    use_models_data(args, {"AVP": args.avp, **{MODEL_FLAGS[key].flag.lstrip("-").upper(): paths[key] for key in needed}},
+                    "boed evaluate")
     test_set = dataset_from_args(args, "test")
     if test_set.image_size != S:
         raise UserError(f"test images are {test_set.image_size} px, the AVP-CNN works at {S} px; prepare data with --image-size {S}")
-    indices = select_test_indices(len(test_set), args.n_test, args.seed)
+    strata = resolve_illness(tasks[0]).target(test_set.labels) > 0.5 if args.draw == "stratified" else None  # (n,)
+    indices = select_test_indices(len(test_set), args.n_test, args.seed, strata)
     check_task_classes(test_set.labels, indices, tasks)  # no AUROC without both classes: say so before any work
     need_train = any(METHODS[m].train_data for m in methods)
     train_set = dataset_from_args(args, "train") if need_train else None

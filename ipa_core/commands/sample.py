@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from xray.cli_base import MAX_TEMPERATURE, add_device_arg, check_output, finite_float, parse_device
+from xray.cli_base import MAX_TEMPERATURE, add_device_arg, check_output, finite_float, parse_device, set_help
 from xray.errors import UserError
 
 HELP = "draw IPA completions of a partially observed image (grid PNG)"
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from xray.dataset import add_data_args
+    from xray.dataset import add_data_args, models_data_help
 
     from ..masks import MASK_SPEC_HELP
 
@@ -51,6 +51,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_device_arg(p)
     p.add_argument("--out", required=True, metavar="FILE", help="output figure, a .png file")
     add_data_args(p)
+    p.set_defaults(data=None)  # the data recorded with the model (use_models_data)
+    set_help(p, "--data", models_data_help())
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
@@ -83,8 +85,9 @@ def main(args: argparse.Namespace) -> int:
         if C == 3:
             x = x.expand(1, 3, S, S).contiguous()  # (1, 3, S, S) grey as RGB
     else:
-        from xray.dataset import dataset_from_args
+        from xray.dataset import dataset_from_args, use_models_data
 
+        use_models_data(args, {"IPA": run}, "ipa_core sample")
         if args.image_size != S:
             raise UserError(f"--image-size {args.image_size} does not match the model's image size {S}; pass --image-size {S}")
         ds = dataset_from_args(args, "test")

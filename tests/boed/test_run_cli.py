@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import sys
 
 import numpy as np
@@ -170,7 +171,7 @@ def recorded(models, tmp_path):
     return runs, rec
 
 
-def test_run_draws_t1_images_from_the_recorded_training_data(recorded, image_png, tmp_path, capsys, monkeypatch):
+def test_run_draws_t1_images_from_the_recorded_training_data(recorded, image_png, tmp_path, capsys, monkeypatch, caplog):
     runs, rec = recorded
     asked = _fake_data(monkeypatch)
     out = tmp_path / "scan"
@@ -180,13 +181,20 @@ def test_run_draws_t1_images_from_the_recorded_training_data(recorded, image_png
     assert asked == [("train", "chestxray", rec["data_root"], rec["cache_dir"])]  # never the default phantom set
     saved = json.loads((out / "scans.json").read_text())["data"]
     assert saved["data"] == "chestxray" and saved["data_root"] == rec["data_root"]
-    # explicit flags win over the record, and other data than the models saw gives a warning
+    # the recorded folder whose content changed since: the fingerprint check warns
     asked = _fake_data(monkeypatch, fingerprint="fp-other")
     with pytest.warns(UserWarning, match="not the one the models were trained on"):
+        code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
+                            "--n-samples", "2", "--out", str(out), "--no-figures"], capsys)
+    assert code == 0, err
+    # explicit flags win over the record, and other data than the models saw gives one warning
+    asked = _fake_data(monkeypatch, fingerprint="fp-other")
+    with caplog.at_level(logging.INFO, logger="xray.dataset"):
         code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
                             "--n-samples", "2", "--out", str(out), "--no-figures", "--data", "phantom"], capsys)
     assert code == 0, err
     assert asked == [("train", "phantom", None, None)]
+    assert [r.levelno for r in caplog.records if "the models were trained on" in r.getMessage()] == [logging.WARNING]
 
 
 def test_run_without_recorded_data_needs_data_root(models, image_png, tmp_path, capsys, monkeypatch):
@@ -204,13 +212,21 @@ def test_run_without_recorded_data_needs_data_root(models, image_png, tmp_path, 
     assert code == 0, err
 
 
-def test_run_refuses_models_trained_on_different_data(recorded, image_png, tmp_path, capsys, monkeypatch):
+def test_run_refuses_models_trained_on_different_data(recorded, image_png, tmp_path, capsys, monkeypatch, caplog):
     runs, rec = recorded
     _fake_data(monkeypatch)
     (runs / "avp" / "data.json").write_text(json.dumps({**rec, "data_root": str(tmp_path / "elsewhere")}))
     code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
                         "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "data_root" in err and "--data-root" in err
+    # an explicit --data-root wins, with a warning that the models were trained on other data
+    asked = _fake_data(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="xray.dataset"):
+        code, _, err = run(["--scans", "1", "--image", str(image_png), "--ipa", str(runs / "ipa"), "--avp", str(runs / "avp"),
+                            "--n-samples", "2", "--data-root", rec["data_root"], "--out", str(tmp_path / "o"), "--no-figures"], capsys)
+    assert code == 0, err
+    assert asked == [("train", "chestxray", rec["data_root"], None)]
+    assert any("the IPA run was trained on data_root" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("device, message", [("gpu9", "is not a device"), ("cuda:7", "CUDA")])

@@ -148,12 +148,39 @@ def _cli(argv, capsys):
     (["completers", "--out", "X", "--device", "gpu9"], "is not a device"),
     (["completers", "--out", "X", "--illness", "flu"], "unknown illness"),
     (["completers", "--out", "X", "--data-root", "NOWHERE"], "does not exist"),
+    (["completers", "--out", "X", "--data", "chestxray"], "--data chestxray needs --data-root"),
+    (["completers", "--out", "X", "--quick", "--profile", "paper"], "pass one of them"),
+    (["power", "--out", "X", "--data", "chestxray"], "--data chestxray needs --data-root"),
+    (["power", "--out", "X", "--data-root", "NOWHERE"], "does not exist"),
 ])
 def test_study_cli_bad_input(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     code, err = _cli(argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "X").exists()
+
+
+@pytest.mark.parametrize("which", ["completers", "power"])
+def test_a_study_into_a_demo_folder_of_another_profile_is_refused_up_front(tmp_path, capsys, monkeypatch, which):
+    """`boed demo --quick` then `boed study completers --out runs/demo`: refused in one line naming
+    the demo's profile (the study would move the quick demo aside and train for an hour); with the
+    same --profile the study runs on it."""
+    import json
+
+    from boed import adaptivity, study
+
+    demo_dir = tmp_path / "runs" / "demo"
+    demo_dir.mkdir(parents=True)
+    (demo_dir / "summary.json").write_text(json.dumps({"profile": {"name": "quick"}}))
+    ran = []
+    monkeypatch.setattr(study, "run_completer_study", lambda opts: ran.append(opts))
+    monkeypatch.setattr(adaptivity, "run_power_study", lambda opts: ran.append(opts))
+    code, err = _cli([which, "--out", str(demo_dir)], capsys)
+    assert code == 2 and "profile quick" in err and "--profile quick" in err and len(err.strip().splitlines()) == 1
+    assert ran == [] and sorted(p.name for p in demo_dir.iterdir()) == ["summary.json"]
+    with pytest.raises(FileNotFoundError):  # it runs (the stub writes no tables to print)
+        _cli([which, "--profile", "quick", "--out", str(demo_dir)], capsys)
+    assert len(ran) == 1 and ran[0].profile.name == "quick" and ran[0].data is None
 
 
 def test_scan_state_masks_are_unions_of_1_to_T_grid_patches():

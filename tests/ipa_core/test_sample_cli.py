@@ -73,3 +73,29 @@ def test_one_line_errors(runs, tmp_path, capsys, case, needle):
                         "--out", str(tmp_path / "o.png")], capsys)
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_index_images_come_from_the_data_recorded_with_the_model(runs, tmp_path, capsys, monkeypatch):
+    """No --data: the test split of the data the model was trained on (its data.json), not the default phantom set."""
+    import json
+    import shutil
+
+    import xray.dataset
+    from xray.errors import UserError
+
+    run_dir = tmp_path / "ipa"
+    shutil.copytree(runs / "ipa", run_dir)
+    S = IPA.from_pretrained(run_dir).config.image_size
+    root = str(tmp_path / "nih")
+    (run_dir / "data.json").write_text(json.dumps({"data": "chestxray", "data_root": root, "cache_dir": None,
+                                                   "image_size": S, "fingerprint": "x"}))
+    asked = []
+
+    def fake(args, split):
+        asked.append((args.data, args.data_root))
+        raise UserError("stop here")
+
+    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    code, _, err = run(["sample", "--run", str(run_dir), "--index", "0", "--image-size", str(S), "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "stop here" in err
+    assert asked == [("chestxray", root)]

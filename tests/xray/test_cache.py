@@ -243,12 +243,67 @@ def test_touched_or_replaced_image_is_redecoded(tmp_path, monkeypatch):
     assert _manifest(out)["fingerprint"] != fp
     assert len(seen) == cache.CHUNK and str(victim) in seen  # that chunk only
     np.testing.assert_array_equal(images_of_size(out, 2 * cache.CHUNK, 8)[row], new)
-    # touching alone (same bytes, new mtime) is noticed too
-    fp = _manifest(out)["fingerprint"]
+    # touching alone (same bytes, new mtime) is noticed, its content compared, and nothing decoded
+    m = _manifest(out)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
     seen.clear()
     cache.prepare(root, 8, workers=0, progress=False)
-    assert _manifest(out)["fingerprint"] != fp and str(victim) in seen
+    assert _manifest(out)["fingerprint"] != m["fingerprint"] and _manifest(out)["identity"] == m["identity"]
+    assert seen == []
+    assert cache._unchanged(root, 8, out, False)  # the new mtime is recorded: the next open is the quick one
+
+
+def test_a_byte_identical_copy_is_the_same_data_without_decoding(tmp_path, monkeypatch):
+    """`cp -r data D2` (new mtimes): the copied cache is restamped after a content check, the
+    dataset fingerprint is unchanged; a fresh cache of the copy elsewhere has the same identity."""
+    import shutil
+
+    from xray.dataset import XrayDataset
+
+    root = make_nih(tmp_path / "nih", n=12, px=8)
+    out = cache.prepare(root, 8, workers=0, progress=False)
+    fp = XrayDataset(out, "train").fingerprint
+    copy = tmp_path / "D2"
+    shutil.copytree(root, copy, copy_function=shutil.copy)  # contents alike, mtimes not
+    for f in copy.rglob("*.png"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    assert not cache._unchanged(copy, 8, copy / "prepared-8", False)  # the quick stat check sees other mtimes
+    seen = _decoded(monkeypatch)
+    out2 = cache.prepare(copy, 8, workers=0, progress=False)
+    assert out2 == copy / "prepared-8" and seen == []
+    assert XrayDataset(out2, "train").fingerprint == fp
+    assert _manifest(out2)["source_root"] == str(copy.resolve())
+    assert cache._unchanged(copy, 8, out2, False)  # the copy's mtimes are recorded: the next open is the quick one
+    fresh = cache.prepare(copy, 8, out=tmp_path / "elsewhere", workers=0, progress=False)
+    assert XrayDataset(fresh, "train").fingerprint == fp and len(seen) == 12
+
+
+def test_a_copy_with_one_image_changed_at_the_same_size_is_other_data(tmp_path, monkeypatch):
+    """The content check is what decides: in a copy (new mtimes everywhere), one image rewritten
+    with other pixels at the same byte size is found, re-decoded alone, and changes the identity."""
+    import shutil
+
+    from xray.dataset import XrayDataset
+
+    root = make_nih(tmp_path / "nih", n=12, px=8)
+    for f in (root / "images").glob("*.png"):  # uncompressed: the byte size depends on the shape only
+        Image.fromarray(np.asarray(Image.open(f))).save(f, format="PNG", compress_level=0)
+    out = cache.prepare(root, 8, workers=0, progress=False)
+    fp = XrayDataset(out, "train").fingerprint
+    copy = tmp_path / "D2"
+    shutil.copytree(root, copy, copy_function=shutil.copy)
+    victim = sorted((copy / "images").glob("*.png"))[3]
+    size = victim.stat().st_size
+    img = np.asarray(Image.open(victim)).copy()
+    img[:4] = 255 - img[:4]
+    Image.fromarray(img).save(victim, format="PNG", compress_level=0)
+    assert victim.stat().st_size == size
+    seen = _decoded(monkeypatch)
+    out2 = cache.prepare(copy, 8, workers=0, progress=False)
+    assert XrayDataset(out2, "train").fingerprint != fp
+    assert str(victim) in seen and len(seen) <= cache.CHUNK  # its chunk only
+    row = pd.read_csv(out2 / "labels.csv", index_col="image").loc[victim.name, "row"]
+    np.testing.assert_array_equal(images_of_size(out2, 12, 8)[row], cache.resize_square(read_image(victim), 8))
 
 
 def test_edited_label_is_noticed_through_open_dataset(tmp_path):

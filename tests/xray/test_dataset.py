@@ -241,9 +241,9 @@ def test_data_summary_counts_what_a_run_uses(tmp_path):
 
 
 def test_order_key_ignores_when_files_were_written_but_not_what_they_are(prepared, tiny_nih, tmp_path):
-    """The same images written again (a regenerated phantom set, a copy: new mtimes) get a new
-    fingerprint (the cache is not served stale) but the same training order key, so the same
-    seed trains the same model; other labels change the key."""
+    """The same images written again (a regenerated phantom set, a copy: new mtimes) get the same
+    fingerprint (identity is content) and the same training order key, so the same seed trains the
+    same model; other labels change the key."""
     import os
     import shutil
 
@@ -254,7 +254,7 @@ def test_order_key_ignores_when_files_were_written_but_not_what_they_are(prepare
     for f in copy.rglob("*.png"):
         os.utime(f, (1_000_000_000, 1_000_000_000))
     a, b = XrayDataset(prepared, "train"), XrayDataset(cache.prepare(copy, S, out=tmp_path / "c2", workers=0, progress=False), "train")
-    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint == b.fingerprint
     assert a.order_key == b.order_key == data_order_key(b)
     n = len(a)
     assert np.array_equal(BatchOrder(n, 2, seed=0, fingerprint=data_order_key(a)).permutation(0),

@@ -525,7 +525,7 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
         (["--restart", "--shard", "0/2"], "--restart with --shard"),
         # the 2 test images of seed 0 hold no Effusion positive: refused before any model work
         (["--n-test", "2"], "Effusion has 0 positives among the 2 test images (of 4 positives in the test split); "
-                            "raise --n-test or drop the task"),
+                            "raise --n-test, draw with --draw stratified, or drop the task"),
         (["--n-test", "2", "--illness", "edema", "--cross-task", "no finding"], "Edema has 0 positives"),
     ]
     for extra, msg in cases:
@@ -534,6 +534,10 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
         assert not (tmp_path / "e").exists(), extra  # nothing created by a refused command
     code, out, err = _cli(["--merge", "--out", str(tmp_path / "empty")], capsys)
     assert code == 2 and "no evaluation" in err
+    # the same 2 images drawn stratified by Effusion hold one positive: evaluated
+    strat = ["--illness", "effusion", "--n-test", "2", "--draw", "stratified", "--methods", "full", "--n-boot", "10", "--no-progress"]
+    code, out, err = _cli(base + strat + ["--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
     ok = ["--methods", "full", "--n-boot", "10", "--no-progress"]
     code, out, err = _cli(base + ok, capsys)
     assert code == 0, err

@@ -153,3 +153,38 @@ def test_capture_rows_and_file_from_known_records(tmp_path):
     assert (tmp_path / "capture.csv").is_file()
     write_report(tmp_path / "no-ref", [r for r in recs if r["method"] != "clairvoyant"], ["effusion"], 3, n_boot=50)
     assert not (tmp_path / "no-ref" / "capture.csv").exists() and not capture_rows(recs, ["effusion"], scans=1)
+
+
+def _texts(fig) -> str:
+    return " ".join([t.get_text() for ax in fig.axes for t in ax.texts] + [fig._suptitle.get_text() if fig._suptitle else ""])
+
+
+def test_a_plot_with_no_data_says_so():
+    from boed.evaluation.report import curves_figure
+
+    nan = float("nan")
+    rows = [{"method": m, "illness": "Edema", "t": t, "auroc": nan, "auroc_lo": nan, "auroc_hi": nan}
+            for m in ("eig-ipa", "random") for t in range(3)]
+    fig = curves_figure(rows, "auroc")
+    assert "no data: no finite AUROC" in _texts(fig)
+    assert all(label.endswith("(no data)") for label in fig.axes[0].get_legend_handles_labels()[1])
+    assert "no data" in _texts(curves_figure([], "auroc"))
+    rows[0]["auroc"] = 0.7  # one value: the panel has data
+    fig = curves_figure(rows, "auroc")
+    assert "no data: no finite" not in _texts(fig)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert not labels[0].endswith("(no data)") and labels[1].endswith("(no data)")
+
+
+def test_paired_intervals_are_explained_and_do_not_pile_up():
+    from boed.evaluation.report import PAIRED_CAPTION, curves_figure, paired_rows
+
+    paired = paired_rows(_records(), ["effusion"], scans=2, n_boot=50)
+    curves = [{"method": r["baseline"], "illness": r["illness"], "t": r["t"], "diff": r["diff"], "diff_lo": r["diff_lo"],
+               "diff_hi": r["diff_hi"]} for r in paired if isinstance(r["t"], int)]
+    fig = curves_figure(curves, "diff", zero_line=True, bands="bars", caption=PAIRED_CAPTION)
+    ax = fig.axes[0]
+    assert "95 % bootstrap interval" in _texts(fig) and "0 = a tie" in _texts(fig)
+    assert not ax.collections or all(type(c).__name__ == "LineCollection" for c in ax.collections)  # no shaded bands
+    xs = [tuple(np.round(line.get_xdata(), 6)) for line in ax.lines if line.get_marker() == "o"]  # each method's t = 1, 2
+    assert len(xs) == 2 and len(set(xs)) == 2  # the methods' intervals sit at different x
