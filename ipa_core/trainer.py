@@ -91,7 +91,7 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     random.seed(cfg.seed)
 
     # resume (the checkpoint must have been made the same way) or start fresh
-    state = _load_on_rank0(run_dir, rank)
+    state = _load_on_rank0(run_dir, rank, state_check(model, task, cfg))
     if state is not None:
         merge_model_config(model, state.get("model_config"))
     elif hasattr(task, "prepare"):
@@ -259,12 +259,82 @@ def train_step(task, model: nn.Module, params: list[nn.Parameter], opt: torch.op
     return loss.detach(), metrics, norm, threshold, skipped
 
 
-def _load_on_rank0(run_dir: Path, rank: int) -> dict | None:
+_STATE_KEYS = ("step", "world", "provenance", "model", "ema", "optimizer", "skip", "data", "rng", "model_config")
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+_RNG_KEYS = {"torch": None, "generator": None, "cuda": None, "numpy": {"keys", "pos", "has_gauss", "gauss"},
+             "python": {"version", "internal", "gauss_next"}}
+
+
+def _same_keys(what: str, have, want) -> None:
+    if not isinstance(have, dict):
+        raise ValueError(f"{what} is a {type(have).__name__}, not a dict")
+    if set(have) != set(want):
+        odd = sorted(map(str, set(have) ^ set(want)))
+        raise ValueError(f"{what} has other entries than the trainer writes ({', '.join(odd[:2])})")
+
+
+def state_check(model: nn.Module, task, cfg: TrainConfig):
+    """``check(state)`` for :func:`load_latest_checkpoint`: raise ``ValueError`` when a checkpoint
+    (one without a digest) holds other entries, key names or tensor shapes than this training
+    writes and reads, so a damaged name is a fallback, not a ``load_state_dict`` traceback. A
+    different model config is left to :func:`merge_model_config` (a refusal, not damage)."""
+    current = config_dict(model)
+    tensors = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    skip_keys = SkipRule.from_config(cfg).state_dict().keys()
+    task_keys = task.provenance().keys() if callable(getattr(task, "provenance", None)) else None
+
+    def check(state: dict) -> None:
+        try:
+            _check(state)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"unexpected contents ({type(e).__name__}: {str(e)[:80]})") from None
+
+    def _check(state: dict) -> None:
+        _same_keys("the checkpoint", {k: 0 for k in state if k in _STATE_KEYS or k in ("format", "train_config")},
+                   {k: 0 for k in (*_STATE_KEYS, "format", "train_config")})
+        _same_keys("its data position", state["data"], ("epoch", "pos", "batch"))
+        _same_keys("its skip rule", state["skip"], skip_keys)
+        prov = state["provenance"]
+        _same_keys("its provenance", prov, ("train", "world", "data", "task"))
+        _same_keys("its provenance's training settings", prov["train"], cfg.provenance())
+        _same_keys("its provenance's data", prov["data"], ("fingerprint", "size"))
+        if task_keys is not None and prov["task"] is not None:
+            _same_keys("its provenance's task", prov["task"], task_keys)
+        if not isinstance(state["rng"], list) or not state["rng"]:
+            raise ValueError("its RNG states are not a list")
+        for r in state["rng"]:
+            _same_keys("its RNG state", r, _RNG_KEYS)
+            for k, want in _RNG_KEYS.items():
+                if want is not None:
+                    _same_keys(f"its {k} RNG state", r[k], want)
+        opt = state["optimizer"]
+        _same_keys("its optimizer state", opt, ("state", "param_groups"))
+        for entry in opt["state"].values():
+            _same_keys("its optimizer state of a parameter", entry, _ADAMW_STATE)
+        saved = state["model_config"]
+        if current is None or saved is None:
+            return
+        _same_keys("its model config", saved, current)
+        if any(v is not None and v != saved[k] and not (isinstance(v, (list, tuple)) and list(v) == list(saved[k] or []))
+               for k, v in current.items()):
+            return  # another model: merge_model_config refuses it with the differing field
+        for name in ("model", "ema"):
+            if state[name] is None and name == "ema":
+                continue
+            _same_keys(f"its {name} weights", state[name], tensors)
+            bad = next((k for k, v in state[name].items() if not isinstance(v, torch.Tensor) or tuple(v.shape) != tensors[k]), None)
+            if bad is not None:
+                raise ValueError(f"its {name} weights' {bad} has another shape than the model's")
+
+    return check
+
+
+def _load_on_rank0(run_dir: Path, rank: int, check=None) -> dict | None:
     """Rank 0 reads the newest readable checkpoint and broadcasts it (or its refusal) to every rank."""
     result = ("ok", None)
     if rank == 0 and run_dir.is_dir():
         try:
-            result = ("ok", load_latest_checkpoint(run_dir))
+            result = ("ok", load_latest_checkpoint(run_dir, check))
         except UserError as e:
             result = ("error", str(e))
     kind, value = dist_utils.broadcast_object(result)
