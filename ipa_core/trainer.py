@@ -49,7 +49,7 @@ from .train_config import RESULT_FIELDS, TrainConfig, TrainTask, add_train_args,
 
 __all__ = ["fit", "TrainConfig", "TrainTask", "RESULT_FIELDS", "add_train_args", "train_config_from_args", "warmup_lr",
            "make_optimizer", "train_step", "SkipRule", "BatchOrder", "fetch_batch", "iterate_batches", "check_batch", "EMA", "ema_copy", "save_image_grid",
-           "checkpoint_paths", "load_latest_checkpoint", "save_checkpoint", "read_provenance", "train_provenance",
+           "checkpoint_paths", "load_latest_checkpoint", "check_resume_settings", "save_checkpoint", "read_provenance", "train_provenance",
            "CKPT_DIR", "CKPT_FORMAT", "KEEP_CKPTS"]
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         task.prepare(train_set, torch.Generator().manual_seed(cfg.seed))
     provenance = train_provenance(cfg, world, train_set, task)
     if state is not None:
-        check_same(f"checkpoint {state['path']}", state["provenance"], provenance,
+        check_same(f"checkpoint {state['path']}", state["provenance"], provenance, flags=TRAIN_FLAGS,
                    hint=f"resume with the same settings and data, or pass --restart to move {run_dir} aside and start over")
 
     if device.type == "cpu" and any(getattr(m, "checkpointing", False) for m in model.modules()):
@@ -210,6 +210,26 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
             log.info("test metrics at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
     dist_utils.barrier()
     return out_model
+
+
+# The flag that sets each provenance field a resume compares (the refusal names the flag).
+TRAIN_FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.lr": "--lr", "train.warmup": "--warmup",
+               "train.weight_decay": "--weight-decay", "train.ema_rate": "--ema-rate", "train.grad_clip": "--grad-clip",
+               "train.skip_threshold": "--skip-threshold", "train.amp": "--amp",
+               "world": "the number of processes (torchrun --nproc-per-node)"}
+
+
+def check_resume_settings(run_dir: str | os.PathLike, cfg: TrainConfig, world: int = 1) -> None:
+    """Before any data is opened or model built: a rerun into a run folder whose checkpoints were
+    made with other training settings or another number of processes is refused in one line naming
+    the flag (from ``provenance.json``), so a refused resume prepares no data cache. :func:`fit`
+    checks everything again (data, task, model) against the checkpoint itself."""
+    old = read_provenance(Path(run_dir))
+    if old is None or cfg.restart:
+        return
+    check_same(f"the run in {run_dir}", {"train": old.get("train", {}), "world": old.get("world")},
+               {"train": cfg.provenance(), "world": world}, flags=TRAIN_FLAGS,
+               hint=f"resume with the same settings, or pass --restart to move {run_dir} aside and start over")
 
 
 DIVERGED = "training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; lower --lr (or set --grad-clip) and rerun with --restart"

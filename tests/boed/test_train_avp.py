@@ -198,6 +198,11 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
         other = [a for i, a in enumerate(argv[:-4]) if "--width" not in argv[i - 1:i + 1]]  # --width: the tiny net's only
         main(other + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # another seed, and a new cache folder: refused before the data is prepared
+        main(argv[:-4] + ["--seed", "3", "--cache-dir", str(tmp_path / "cache2"), "--out", str(tmp_path / "avp")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --seed changed: the run in {tmp_path / 'avp'} was made with 0, this run has 3; ")
+    assert not (tmp_path / "cache2").exists()
     before = {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()}
     with run_lock(tmp_path / "avp"), pytest.raises(SystemExit) as e:  # another training holds the folder
         main(argv[:-4] + ["--steps", "9", "--out", str(tmp_path / "avp"), "--eval-images", "50"])

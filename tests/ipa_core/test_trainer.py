@@ -311,9 +311,9 @@ def test_resume_with_changed_settings_or_data_is_refused(tmp_path):
     fit(VAETask(new_vae()), Fingerprinted(), tcfg(steps=3), run)
     before = (run / "train_config.json").read_text()
     for change, data, field in [
-        (dict(seed=1), "data-a", "train.seed=0, this run has train.seed=1"),
-        (dict(batch_size=2), "data-a", "train.batch_size=4, this run has train.batch_size=2"),
-        (dict(lr=1e-3), "data-a", "train.lr=0.003, this run has train.lr=0.001"),
+        (dict(seed=1), "data-a", "--seed changed: checkpoint"),
+        (dict(batch_size=2), "data-a", "--batch-size changed: checkpoint"),
+        (dict(lr=1e-3), "data-a", "was made with 0.003, this run has 0.001"),
         (dict(), "data-b", "data.fingerprint=data-a, this run has data.fingerprint=data-b"),
     ]:
         with pytest.raises(UserError) as e:
