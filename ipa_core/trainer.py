@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -126,11 +127,11 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         if rank == 0:
             log.info("resumed from %s at step %d", state["path"], step)
             truncate_metrics(metrics_path, step)
-            for tmp in [*(run_dir / CKPT_DIR).glob(".ckpt-*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
-                tmp.unlink(missing_ok=True)  # left by a kill during a write
         del state
     elif rank == 0:
         truncate_metrics(metrics_path, 0)  # a fresh start in a used folder: no rows of an unreadable run
+    if rank == 0:
+        remove_killed_writes(run_dir)
 
     model.train()
     out_model = ema if ema is not None else model
@@ -277,6 +278,19 @@ def train_step(task, model: nn.Module, params: list[nn.Parameter], opt: torch.op
         if ema_updater is not None:
             ema_updater.update()
     return loss.detach(), metrics, norm, threshold, skipped
+
+
+def remove_killed_writes(run_dir: Path) -> None:
+    """Temp files and folders a kill during a write left in a run folder (``.*.tmp`` beside the
+    records, in ``checkpoints/`` and ``samples/``; ``.model.*`` of an interrupted model save). Only
+    the training holding the run lock calls it, so no live write is touched; the model is saved
+    again at the end of the run."""
+    for tmp in [*(run_dir / CKPT_DIR).glob(".*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+    for d in run_dir.glob(".model.*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 _STATE_KEYS = ("step", "world", "provenance", "model", "ema", "optimizer", "skip", "data", "rng", "model_config")
