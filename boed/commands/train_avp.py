@@ -104,7 +104,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="free-form masks drawn once and reused under random flips; 0 draws each fresh (slow on CPU) "
                         f"(default: {_default(AVPTrainConfig, 'freeform_bank')})")
     p.add_argument("--eval-images", type=int, default=_default(AVPTrainConfig, "eval_images"),
-                   help=f"test images in the end-of-run AUROC report (default: {_default(AVPTrainConfig, 'eval_images')})")
+                   help=f"test images in the end-of-run AUROC report, 0 = no report (default: {_default(AVPTrainConfig, 'eval_images')})")
     add_data_args(p)
     add_train_args(p, _defaults())
     describe_train_flags(p, {"AVP-CNN": _defaults()})
@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     if args.channels_last:
         model.channels_last = True
     task = AVPTrainTask(model, acfg, train_labels=getattr(train_set, "labels", None), preview=test_set)
-    fit(task, train_set, tcfg, args.out, test_set=test_set)
+    fit(task, train_set, tcfg, args.out, test_set=test_set if args.eval_images > 0 else None)  # 0: no report
     write_data_record(args.out, args, train_set)  # `boed run` draws its t = 1 images from the same data
 
     out = Path(args.out)

@@ -212,6 +212,17 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()} == before
 
 
+def test_cli_eval_images_0_trains_without_a_report(tmp_path, capsys):
+    main = make_main("boed", "test", {"train-avp": "boed.commands.train_avp"})
+    root = make_nih(tmp_path / "nih", n=40, px=48)
+    with pytest.raises(SystemExit) as e:
+        main(["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+              "--image-size", str(S), "--width", "4", "--steps", "1", "--batch-size", "4", "--sample-every", "100",
+              "--freeform-bank", "4", "--eval-images", "0", "--out", str(tmp_path / "avp")])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "avp" / "model" / "model.safetensors").is_file() and not (tmp_path / "avp" / "eval.json").exists()
+
+
 def test_task_provenance_records_the_training_config():
     model = AVPClassifier(AVPConfig(arch="resnet18", image_size=S, input_norm="imagenet"))
     cfg = AVPTrainConfig(p_full=0.1, freeform_bank=4, pos_weight="none", init="imagenet", init_weights="/w/densenet.pth",
