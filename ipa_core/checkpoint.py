@@ -11,7 +11,8 @@ and data that change the result, see :func:`train_provenance`), compared on ever
 the file is renamed into place (:mod:`xray.integrity`) and checked before it is read: a flipped bit
 anywhere (a tensor payload, a key name) makes it *damaged*, and the resume falls back to the
 previous checkpoint with a one-line warning. A checkpoint without a sidecar (written before the
-digests existed) is read with a warning. Free space for the state's tensors is checked before the
+digests existed) is read with a warning, and its contents are checked against the model being
+trained (every entry, key name and tensor shape the resume reads): a damaged name falls back too. Free space for the state's tensors is checked before the
 write; a full disk is a one-line :class:`UserError` and leaves the previous checkpoints as they were.
 """
 
@@ -228,12 +229,19 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_latest_checkpoint(run_dir: Path) -> dict | None:
+def load_latest_checkpoint(run_dir: Path, check=None) -> dict | None:
     """The checkpoint with the highest step that reads back; a damaged one is reported and the
-    previous one used. ``state["path"]`` names the file."""
+    previous one used. ``state["path"]`` names the file.
+
+    ``check(state)`` (raising ``ValueError``) is applied to checkpoints without a recorded digest:
+    their damage shows only in what they hold (a flipped bit in a key name), and the trainer's
+    check (:func:`ipa_core.trainer.state_check`) finds it before anything is loaded from them."""
     for path in checkpoint_paths(run_dir):
         try:
+            unchecked = read_sidecar(path) is None
             state = read_checkpoint(path)
+            if unchecked and check is not None:
+                check(state)
         except ValueError as e:
             msg = f"checkpoint {path} is damaged ({e}); falling back to the previous one"
             log.warning(msg)

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from .train_config import RESULT_FIELDS, TrainConfig, TrainTask, add_train_args,
 
 __all__ = ["fit", "TrainConfig", "TrainTask", "RESULT_FIELDS", "add_train_args", "train_config_from_args", "warmup_lr",
            "make_optimizer", "train_step", "SkipRule", "BatchOrder", "fetch_batch", "iterate_batches", "check_batch", "EMA", "ema_copy", "save_image_grid",
-           "checkpoint_paths", "load_latest_checkpoint", "save_checkpoint", "read_provenance", "train_provenance",
+           "checkpoint_paths", "load_latest_checkpoint", "check_resume_settings", "save_checkpoint", "read_provenance", "train_provenance",
            "CKPT_DIR", "CKPT_FORMAT", "KEEP_CKPTS"]
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,14 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     random.seed(cfg.seed)
 
     # resume (the checkpoint must have been made the same way) or start fresh
-    state = _load_on_rank0(run_dir, rank)
+    state = _load_on_rank0(run_dir, rank, state_check(model, task, cfg))
     if state is not None:
         merge_model_config(model, state.get("model_config"))
     elif hasattr(task, "prepare"):
         task.prepare(train_set, torch.Generator().manual_seed(cfg.seed))
     provenance = train_provenance(cfg, world, train_set, task)
     if state is not None:
-        check_same(f"checkpoint {state['path']}", state["provenance"], provenance,
+        check_same(f"checkpoint {state['path']}", state["provenance"], provenance, flags=TRAIN_FLAGS,
                    hint=f"resume with the same settings and data, or pass --restart to move {run_dir} aside and start over")
 
     if device.type == "cpu" and any(getattr(m, "checkpointing", False) for m in model.modules()):
@@ -126,11 +127,11 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
         if rank == 0:
             log.info("resumed from %s at step %d", state["path"], step)
             truncate_metrics(metrics_path, step)
-            for tmp in [*(run_dir / CKPT_DIR).glob(".ckpt-*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
-                tmp.unlink(missing_ok=True)  # left by a kill during a write
         del state
     elif rank == 0:
         truncate_metrics(metrics_path, 0)  # a fresh start in a used folder: no rows of an unreadable run
+    if rank == 0:
+        remove_killed_writes(run_dir)
 
     model.train()
     out_model = ema if ema is not None else model
@@ -212,6 +213,26 @@ def _fit(task, train_set, cfg: TrainConfig, run_dir: Path, test_set, order: Batc
     return out_model
 
 
+# The flag that sets each provenance field a resume compares (the refusal names the flag).
+TRAIN_FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.lr": "--lr", "train.warmup": "--warmup",
+               "train.weight_decay": "--weight-decay", "train.ema_rate": "--ema-rate", "train.grad_clip": "--grad-clip",
+               "train.skip_threshold": "--skip-threshold", "train.amp": "--amp",
+               "world": "the number of processes (torchrun --nproc-per-node)"}
+
+
+def check_resume_settings(run_dir: str | os.PathLike, cfg: TrainConfig, world: int = 1) -> None:
+    """Before any data is opened or model built: a rerun into a run folder whose checkpoints were
+    made with other training settings or another number of processes is refused in one line naming
+    the flag (from ``provenance.json``), so a refused resume prepares no data cache. :func:`fit`
+    checks everything again (data, task, model) against the checkpoint itself."""
+    old = read_provenance(Path(run_dir))
+    if old is None or cfg.restart:
+        return
+    check_same(f"the run in {run_dir}", {"train": old.get("train", {}), "world": old.get("world")},
+               {"train": cfg.provenance(), "world": world}, flags=TRAIN_FLAGS,
+               hint=f"resume with the same settings, or pass --restart to move {run_dir} aside and start over")
+
+
 DIVERGED = "training diverged: {what} has non-finite weights ({name}); nothing was saved as the model; lower --lr (or set --grad-clip) and rerun with --restart"
 DAMAGED = "{what} has non-finite weights ({name}): the weights file is damaged; copy it again or retrain the model"
 
@@ -259,12 +280,95 @@ def train_step(task, model: nn.Module, params: list[nn.Parameter], opt: torch.op
     return loss.detach(), metrics, norm, threshold, skipped
 
 
-def _load_on_rank0(run_dir: Path, rank: int) -> dict | None:
+def remove_killed_writes(run_dir: Path) -> None:
+    """Temp files and folders a kill during a write left in a run folder (``.*.tmp`` beside the
+    records, in ``checkpoints/`` and ``samples/``; ``.model.*`` of an interrupted model save). Only
+    the training holding the run lock calls it, so no live write is touched; the model is saved
+    again at the end of the run."""
+    for tmp in [*(run_dir / CKPT_DIR).glob(".*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+    for d in run_dir.glob(".model.*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+_STATE_KEYS = ("step", "world", "provenance", "model", "ema", "optimizer", "skip", "data", "rng", "model_config")
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+_RNG_KEYS = {"torch": None, "generator": None, "cuda": None, "numpy": {"keys", "pos", "has_gauss", "gauss"},
+             "python": {"version", "internal", "gauss_next"}}
+
+
+def _same_keys(what: str, have, want) -> None:
+    if not isinstance(have, dict):
+        raise ValueError(f"{what} is a {type(have).__name__}, not a dict")
+    if set(have) != set(want):
+        odd = sorted(map(str, set(have) ^ set(want)))
+        raise ValueError(f"{what} has other entries than the trainer writes ({', '.join(odd[:2])})")
+
+
+def state_check(model: nn.Module, task, cfg: TrainConfig):
+    """``check(state)`` for :func:`load_latest_checkpoint`: raise ``ValueError`` when a checkpoint
+    (one without a digest) holds other entries, key names or tensor shapes than this training
+    writes and reads, so a damaged name is a fallback, not a ``load_state_dict`` traceback. A
+    different model config is left to :func:`merge_model_config` (a refusal, not damage)."""
+    current = config_dict(model)
+    tensors = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    skip_keys = SkipRule.from_config(cfg).state_dict().keys()
+    task_keys = task.provenance().keys() if callable(getattr(task, "provenance", None)) else None
+
+    def check(state: dict) -> None:
+        try:
+            _check(state)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"unexpected contents ({type(e).__name__}: {str(e)[:80]})") from None
+
+    def _check(state: dict) -> None:
+        _same_keys("the checkpoint", {k: 0 for k in state if k in _STATE_KEYS or k in ("format", "train_config")},
+                   {k: 0 for k in (*_STATE_KEYS, "format", "train_config")})
+        _same_keys("its data position", state["data"], ("epoch", "pos", "batch"))
+        _same_keys("its skip rule", state["skip"], skip_keys)
+        prov = state["provenance"]
+        _same_keys("its provenance", prov, ("train", "world", "data", "task"))
+        _same_keys("its provenance's training settings", prov["train"], cfg.provenance())
+        _same_keys("its provenance's data", prov["data"], ("fingerprint", "size"))
+        if task_keys is not None and prov["task"] is not None:
+            _same_keys("its provenance's task", prov["task"], task_keys)
+        if not isinstance(state["rng"], list) or not state["rng"]:
+            raise ValueError("its RNG states are not a list")
+        for r in state["rng"]:
+            _same_keys("its RNG state", r, _RNG_KEYS)
+            for k, want in _RNG_KEYS.items():
+                if want is not None:
+                    _same_keys(f"its {k} RNG state", r[k], want)
+        opt = state["optimizer"]
+        _same_keys("its optimizer state", opt, ("state", "param_groups"))
+        for entry in opt["state"].values():
+            _same_keys("its optimizer state of a parameter", entry, _ADAMW_STATE)
+        saved = state["model_config"]
+        if current is None or saved is None:
+            return
+        _same_keys("its model config", saved, current)
+        if any(v is not None and v != saved[k] and not (isinstance(v, (list, tuple)) and list(v) == list(saved[k] or []))
+               for k, v in current.items()):
+            return  # another model: merge_model_config refuses it with the differing field
+        for name in ("model", "ema"):
+            if state[name] is None and name == "ema":
+                continue
+            _same_keys(f"its {name} weights", state[name], tensors)
+            bad = next((k for k, v in state[name].items() if not isinstance(v, torch.Tensor) or tuple(v.shape) != tensors[k]), None)
+            if bad is not None:
+                raise ValueError(f"its {name} weights' {bad} has another shape than the model's")
+
+    return check
+
+
+def _load_on_rank0(run_dir: Path, rank: int, check=None) -> dict | None:
     """Rank 0 reads the newest readable checkpoint and broadcasts it (or its refusal) to every rank."""
     result = ("ok", None)
     if rank == 0 and run_dir.is_dir():
         try:
-            result = ("ok", load_latest_checkpoint(run_dir))
+            result = ("ok", load_latest_checkpoint(run_dir, check))
         except UserError as e:
             result = ("error", str(e))
     kind, value = dist_utils.broadcast_object(result)

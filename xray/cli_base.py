@@ -172,6 +172,10 @@ def check_output(path: str | os.PathLike, flag: str = "--out", kind: str = "fold
     from .errors import UserError
 
     p = Path(path).expanduser()
+    for a in [p, *p.parents]:  # a symlink loop or a dangling link would fail at the first mkdir or rename
+        if a.is_symlink() and not a.exists():
+            raise UserError(f"{flag} {p}: {a} is a symbolic link that leads nowhere (a loop or a missing target, "
+                            f"{os.readlink(a)!r}); remove the link or choose another path")
     if kind == "file":
         if p.is_dir():
             example = p / f"out{suffixes[0] if suffixes else ''}"

@@ -82,8 +82,28 @@ def _short(v: Any, width: int = 60) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
-def check_same(what: str, old: Mapping, new: Mapping, hint: str = "use the same flags to resume, or pass --restart to start over") -> None:
-    """Raise a one-line :class:`UserError` naming the first field where ``old`` and ``new`` differ."""
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def check_same(what: str, old: Mapping, new: Mapping, hint: str = "use the same flags to resume, or pass --restart to start over",
+               flags: Mapping[str, str] | None = None) -> None:
+    """Raise a one-line :class:`UserError` naming the first field where ``old`` and ``new`` differ.
+
+    ``flags`` maps dotted fields to the command-line flag that sets them (``{"seed": "--seed"}``):
+    those are compared first, in the mapping's order, and a difference is named by its flag
+    (``--seed changed: ... was made with 0, this run has 1``), so the user reads the flag they
+    changed rather than a field derived from it. A field missing on the old side (written by an
+    older version) is left to the plain comparison."""
+    old, new = canonical(old), canonical(new)
+    for field, flag in (flags or {}).items():
+        a, b = _get(old, field), _get(new, field)
+        if a is not _MISSING and b is not _MISSING and a != b:
+            raise UserError(f"{flag} changed: {what} was made with {_short(a)}, this run has {_short(b)}; {hint}")
     d = first_difference(old, new)
     if d is not None:
         field, a, b = d

@@ -31,7 +31,8 @@ from boed.classifier import (ARCHS, AVPClassifier, AVPConfig, DEFAULT_INIT, XRV_
                              parse_init)
 from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig, AVPTrainTask, format_auroc_table
 from ipa_core.seeding import seeded
-from ipa_core.trainer import TrainConfig, add_train_args, fit, train_config_from_args
+from ipa_core.distributed import env_world
+from ipa_core.trainer import TrainConfig, add_train_args, check_resume_settings, fit, train_config_from_args
 from xray.cli_base import describe_train_flags, device_flag, finite_float
 from xray.dataset import add_data_args, dataset_from_args, write_data_record
 from xray.errors import UserError
@@ -134,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
     check_fits(mcfg, args.device, tcfg.batch_size)
     with seeded(tcfg.seed):  # the initial weights depend on the seed alone
         model = init_state(AVPClassifier(mcfg), init)
+    check_resume_settings(args.out, tcfg, env_world()[1])  # a refused resume prepares no data
     train_set = dataset_from_args(args, "train")
     test_set = dataset_from_args(args, "test")
     model.config.image_size = train_set.image_size

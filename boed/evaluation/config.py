@@ -6,10 +6,16 @@ t = 1 dataset draws of a (task, repeat) come from :func:`t1_generator`, the same
 (common random numbers).
 
 Provenance: :meth:`EvalConfig.fingerprint` holds everything that changes the records (tasks,
-methods, scans, seed, repeats, indices, N, n_sequences, temperature, rng, batch size under
-rng=batch, image size, device type, precision, the test and train data fingerprints, the digests
-of every model). It is stored in ``eval_config.json``, in the first (header) line of every records
-file, and as a short digest ``fp`` in every record (:mod:`.records`).
+methods, scans, seed, repeats, indices, N, n_sequences, temperature, rng, batch size, image size,
+device type, precision, the test and train data fingerprints, the digests of every model). It is
+stored in ``eval_config.json``, in the first (header) line of every records file, and as a short
+digest ``fp`` in every record (:mod:`.records`). A resume that differs is refused naming the flag
+that changed (:data:`FLAGS`), before any data is prepared (:func:`.records.precheck_resume`).
+
+Batch size is part of the fingerprint in both ``rng`` modes: under ``rng="image"`` the scanned
+locations do not depend on it, but the classifier's probabilities do, at float32 rounding
+(about 1e-7: its batched convolutions sum in another order), so a resume with another
+``--batch-size`` is refused rather than mixing the two.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from xray.errors import UserError
 from xray.labels import resolve_illness
 from xray.provenance import digest
 
-from .methods import METHODS, parse_methods
+from .methods import METHODS, MODEL_FLAGS, parse_methods
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +42,20 @@ DEFAULT_METHODS: tuple[str, ...] = ("eig-ipa", "epe-ipa", "uncond", "nongreedy",
 PAPER_TASKS: tuple[str, ...] = ("Edema", "Effusion", "Infiltration", "No Finding")
 CONFIG_NAME = "eval_config.json"
 DEFAULT_REPEATS = 3
-# EvalConfig fields that change the records (batch_size too when rng == "batch"); see fingerprint().
-RECORD_KEYS = ("tasks", "methods", "scans", "seed", "repeats", "indices", "n_samples", "n_sequences", "temperature",
-               "rng", "image_size", "device_type", "precision", "data", "models")
+# EvalConfig fields that change the records; see fingerprint().
+RECORD_KEYS = ("tasks", "methods", "scans", "seed", "repeats", "indices", "batch_size", "n_samples", "n_sequences",
+               "temperature", "rng", "image_size", "device_type", "precision", "data", "models")
+# The flag that sets each fingerprint field, in the order a changed resume is checked (the flag the
+# user changed is named, not a field derived from it: --seed before the indices it draws).
+FLAGS = {"seed": "--seed", "rng": "--rng", "batch_size": "--batch-size", "n_samples": "--n-samples",
+         "n_sequences": "--n-sequences", "temperature": "--temperature", "scans": "--scans", "repeats": "--repeats",
+         "methods": "--methods", "tasks": "--illness/--cross-task", "image_size": "--image-size",
+         "device_type": "--device", "precision": "--precision", "models.avp": "--avp",
+         **{f"models.{k}": mf.flag for k, mf in MODEL_FLAGS.items()},
+         "data.test": "the test data (--data/--data-root)", "data.train": "the training data (--data/--data-root)",
+         "indices": "--n-test (the test images drawn)"}
+# Fields known before the test data is opened (a resume is checked on these before any cache is built).
+PRE_DATA_KEYS = tuple(k for k in RECORD_KEYS if k not in ("indices", "data"))
 
 
 def check_numbers(*, scans: int, repeats: int, batch_size: int, n_samples: int, n_sequences: int, temperature: float,
@@ -214,8 +231,6 @@ class EvalConfig:
     def fingerprint(self) -> dict:
         """Everything that changes the records (checked on resume and merge)."""
         fp = {k: getattr(self, k) for k in RECORD_KEYS}
-        if self.rng == "batch":
-            fp["batch_size"] = self.batch_size
         return json.loads(json.dumps(fp, default=list))  # tuples -> lists, as read back from JSON
 
     def fingerprint_digest(self) -> str:

@@ -23,10 +23,14 @@ metrics use them for every repeat. ``boed evaluate --repeats`` defaults to :data
 1 for library use. R repeats cost R x one evaluation minus what is shared (measured in
 ``benchmarks/bench_repeats.py``: 0.99 x for R = 3).
 
-Determinism: the test subset is drawn from ``seed``; with ``rng="image"`` (default) records do not
-depend on batch size, sharding or resume point. ``rng="batch"`` calls the policy once per batch
-with a generator per (seed, method, task, repeat, first image of the batch): records then depend on
-``batch_size`` (part of the fingerprint in that mode).
+Determinism: the test subset is drawn from ``seed``; records do not depend on sharding, torchrun
+ranks or the resume point: a global batch ``[k B, (k + 1) B)`` always runs whole, in one writer,
+also when some of its records exist (a kill mid-write), so every image is scored in the same batch.
+With ``rng="image"`` (default) the scanned locations do not depend on the batch size either, but
+the probabilities do at float32 rounding (about 1e-7, the classifier's batched convolutions).
+``rng="batch"`` calls the policy once per batch with a generator per (seed, method, task, repeat,
+first image of the batch): the locations then depend on ``batch_size`` too. ``batch_size`` is part
+of the fingerprint in both modes.
 
 Provenance and the records format: :mod:`.config` (the fingerprint) and :mod:`.records` (one
 JSON-lines file per writer, resumable, checked on every resume and merge).
@@ -85,8 +89,9 @@ def run_job(policy: Policy, classifier, dataset, positions: Sequence[int], cfg: 
     """Scan the images at ``positions`` (into ``cfg.indices``) with one policy in one repeat;
     append their records. Returns the number of records written.
 
-    Batches are global (``positions`` are grouped by ``position // batch_size``) and images whose
-    records exist are skipped.
+    Batches are global (``positions`` are grouped by ``position // batch_size``) and run whole
+    (every image scored in the same batch as in an uninterrupted run); only records that do not
+    exist yet are written.
     """
     device = torch.device(device) if device is not None else next(classifier.parameters()).device
     T, B = cfg.scans, cfg.batch_size
@@ -104,8 +109,9 @@ def run_job(policy: Policy, classifier, dataset, positions: Sequence[int], cfg: 
     desc = f"{method}/{task or 'any'}" + ("" if repeat is None else f"/r{repeat}")
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
     for batch_no, batch_pos in sorted(todo.items()):
-        if cfg.rng == "batch":  # the whole global batch runs so the policy sees the same inputs
-            batch_pos = list(range(batch_no * B, min((batch_no + 1) * B, len(cfg.indices))))
+        # the whole global batch runs (it belongs to this writer): the classifier and, under rng="batch",
+        # the policy see the same inputs as in an uninterrupted run
+        batch_pos = list(range(batch_no * B, min((batch_no + 1) * B, len(cfg.indices))))
         idx = [cfg.indices[p] for p in batch_pos]
         x = dataset_images(dataset, idx).to(device)  # (b, C, S, S) uint8
         b, C, S, _ = x.shape

@@ -25,7 +25,7 @@ from xray.integrity import LINE_KEY, open_line, seal_line
 from xray.io import atomic_write_json, disk_full_error, is_disk_full
 from xray.provenance import check_same
 
-from .config import CONFIG_NAME, EvalConfig, key_of
+from .config import CONFIG_NAME, FLAGS, PRE_DATA_KEYS, EvalConfig, key_of
 
 try:
     import fcntl
@@ -114,7 +114,7 @@ def check_records_provenance(out_dir: Path, cfg: EvalConfig) -> None:
     for path in _records_files(out_dir):
         header, recs, _ = read_records_file(path)
         if header is not None:
-            check_same(f"{path}", header.get("fingerprint", {}), new,
+            check_same(f"{path}", header.get("fingerprint", {}), new, flags=FLAGS,
                        hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
         elif recs:
             raise UserError(f"{path} has records but no provenance header (made by an older boed); "
@@ -152,20 +152,56 @@ def check_shards(out_dir: Path, cfg: EvalConfig) -> None:
     load_records(out_dir, fp=cfg.fingerprint_digest())
 
 
+def _stored_fingerprint(out_dir: Path) -> dict | None:
+    """The fingerprint in ``out_dir/eval_config.json`` (None when there is no such file)."""
+    path = out_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; pass --restart to start over (old outputs are moved aside)") from None
+    if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), dict):
+        raise UserError(f"{out_dir} holds an evaluation made by an older boed (no fingerprint in {CONFIG_NAME}); "
+                        "pass --restart to start over or use a new --out")
+    return old["fingerprint"]
+
+
+def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
+    """:func:`check_resume` on the fields known before the test data is opened (:data:`.config.PRE_DATA_KEYS`:
+    flags and model digests), reading nothing but ``eval_config.json`` and the records files' first
+    lines: a resume with a changed flag is refused before any prepared cache is built or folder made.
+    ``cfg`` may hold placeholder ``indices`` and ``data``; they are not compared."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+
+    def part(fp: dict) -> dict:
+        return {k: v for k, v in fp.items() if k in PRE_DATA_KEYS}
+
+    new = part(cfg.fingerprint())
+    old = _stored_fingerprint(out_dir)
+    if old is not None:
+        check_same(f"the evaluation in {out_dir}", part(old), new, flags=FLAGS)
+    for path in _records_files(out_dir):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.readline()).get("header")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable or damaged: the full check reports it
+        if isinstance(header, dict) and isinstance(header.get("fingerprint"), dict):
+            check_same(f"{path}", part(header["fingerprint"]), new, flags=FLAGS,
+                       hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
+
+
 def check_resume(out_dir: Path, cfg: EvalConfig) -> None:
     """Check that ``eval_config.json`` (when there) and every records file describe the same
-    records as ``cfg`` (one-line UserError naming the first differing field); write the config."""
+    records as ``cfg`` (one-line UserError naming the flag that changed, else the first differing
+    field); write the config."""
     path = out_dir / CONFIG_NAME
-    new = cfg.fingerprint()
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is not valid JSON; pass --restart to start over (old outputs are moved aside)") from None
-        if "fingerprint" not in old:
-            raise UserError(f"{out_dir} holds an evaluation made by an older boed (no fingerprint in {CONFIG_NAME}); "
-                            "pass --restart to start over or use a new --out")
-        check_same(f"the evaluation in {out_dir}", old["fingerprint"], new)
+    old = _stored_fingerprint(out_dir)
+    if old is not None:
+        check_same(f"the evaluation in {out_dir}", old, cfg.fingerprint(), flags=FLAGS)
     check_records_provenance(out_dir, cfg)
     atomic_write_json(path, cfg.to_dict())
 

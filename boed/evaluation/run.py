@@ -30,7 +30,7 @@ from ..geometry import ScanGeometry
 from .config import EvalConfig, canonical_tasks, check_numbers, check_task_classes, select_test_indices
 from .loop import evaluate
 from .methods import METHODS, MODEL_FLAGS, BuildContext, build_policies, needed_models, parse_methods
-from .records import check_shards, config_from_out, load_records, missing_records
+from .records import check_shards, config_from_out, load_records, missing_records, precheck_resume
 from .report import format_table, write_report
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,23 @@ def run(args: argparse.Namespace) -> int:
                             "train all models at the same --image-size")
     use_models_data(args, {"AVP": args.avp, **{MODEL_FLAGS[key].flag.lstrip("-").upper(): paths[key] for key in needed}},
                     "boed evaluate")
+    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    precision = "bf16-autocast" if amp and device.type == "cuda" else "float32"
+    if args.precision == "bf16" and device.type != "cuda":
+        raise UserError(f"--precision bf16 needs a CUDA device, got --device {args.device} ({device}); use float32 or auto")
+    digests = {"avp": weights_digest(args.avp)}
+    digests.update({key: MODEL_FLAGS[key].digest(paths[key]) for key in needed})
+
+    def config(indices: list[int], data: dict) -> EvalConfig:
+        return EvalConfig(tasks=tasks, methods=methods, scans=args.scans, seed=args.seed, repeats=args.repeats,
+                          indices=indices, batch_size=args.batch_size,
+                          n_samples=args.n_samples, n_sequences=args.n_sequences, temperature=args.temperature, rng=args.rng,
+                          image_size=S, device_type=device.type, precision=precision, n_boot=args.n_boot,
+                          cross_task=args.cross_task is not None, data=data,
+                          models=digests, paths={"avp": str(args.avp), **paths})
+
+    if not args.restart:  # a changed flag or model is refused before the data is opened (no cache is built)
+        precheck_resume(out, config([], {}))
     test_set = dataset_from_args(args, "test")
     if test_set.image_size != S:
         raise UserError(f"test images are {test_set.image_size} px, the AVP-CNN works at {S} px; prepare data with --image-size {S}")
@@ -134,19 +151,7 @@ def run(args: argparse.Namespace) -> int:
     check_task_classes(test_set.labels, indices, tasks)  # no AUROC without both classes: say so before any work
     need_train = any(METHODS[m].train_data for m in methods)
     train_set = dataset_from_args(args, "train") if need_train else None
-    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    precision = "bf16-autocast" if amp and device.type == "cuda" else "float32"
-    if args.precision == "bf16" and device.type != "cuda":
-        raise UserError(f"--precision bf16 needs a CUDA device, got --device {args.device} ({device}); use float32 or auto")
-    digests = {"avp": weights_digest(args.avp)}
-    digests.update({key: MODEL_FLAGS[key].digest(paths[key]) for key in needed})
-    cfg = EvalConfig(tasks=tasks, methods=methods, scans=args.scans, seed=args.seed, repeats=args.repeats,
-                     indices=indices, batch_size=args.batch_size,
-                     n_samples=args.n_samples, n_sequences=args.n_sequences, temperature=args.temperature, rng=args.rng,
-                     image_size=S, device_type=device.type, precision=precision, n_boot=args.n_boot,
-                     cross_task=args.cross_task is not None,
-                     data={"test": test_set.fingerprint, "train": train_set.fingerprint if train_set is not None else None},
-                     models=digests, paths={"avp": str(args.avp), **paths})
+    cfg = config(indices, {"test": test_set.fingerprint, "train": train_set.fingerprint if train_set is not None else None})
     ctx = BuildContext(cfg, classifier, ScanGeometry(S), device, train_set, models, paths, amp=amp)
     policies = build_policies(cfg, ctx)
 

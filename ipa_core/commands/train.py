@@ -137,7 +137,8 @@ def _vae_model(args):
 
 
 def run_vae_stage(args, out: Path) -> Path:
-    from ..trainer import fit, train_config_from_args
+    from ..distributed import env_world
+    from ..trainer import check_resume_settings, fit, train_config_from_args
     from ..vae_task import TRAIN_DEFAULTS, VAETask
 
     if args.config not in TRAIN_DEFAULTS:
@@ -148,6 +149,7 @@ def run_vae_stage(args, out: Path) -> Path:
     model = _vae_model(args).set_checkpointing(args.checkpointing)
     if args.image_size is not None and args.image_size != model.config.image_size:
         raise UserError(f"--image-size {args.image_size} does not match config {args.config!r} ({model.config.image_size}px); drop the flag or pick another config")
+    check_resume_settings(out, cfg, env_world()[1])  # a refused resume prepares no data
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     init = None
     if args.import_official:
@@ -181,8 +183,9 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
     from xray.dataset import dataset_images
 
     from ..ipa import IPA
+    from ..distributed import env_world
     from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
-    from ..trainer import fit, train_config_from_args
+    from ..trainer import check_resume_settings, fit, train_config_from_args
     from ..vae import VAE
 
     vae = VAE.from_pretrained(vae_dir)
@@ -190,6 +193,8 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
     cfg = train_config_from_args(args, IPA_TRAIN_DEFAULTS.get(name, IPA_TRAIN_DEFAULTS["default"]))
     torch.manual_seed(cfg.seed)
     model = IPA.from_vae(vae, warm_start=True, objective=args.objective).set_checkpointing(args.checkpointing)
+    if not follow_vae:  # (following a retrained VAE restarts the run whatever its settings were)
+        check_resume_settings(out, cfg, env_world()[1])  # a refused resume prepares no data
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     shown = test if test is not None else train  # the same images in every sample grid, also after a resume
     grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8

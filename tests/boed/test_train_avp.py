@@ -198,6 +198,11 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
         other = [a for i, a in enumerate(argv[:-4]) if "--width" not in argv[i - 1:i + 1]]  # --width: the tiny net's only
         main(other + ["--arch", "resnet18", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
     assert e.value.code == 2 and "different model config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # another seed, and a new cache folder: refused before the data is prepared
+        main(argv[:-4] + ["--seed", "3", "--cache-dir", str(tmp_path / "cache2"), "--out", str(tmp_path / "avp")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --seed changed: the run in {tmp_path / 'avp'} was made with 0, this run has 3; ")
+    assert not (tmp_path / "cache2").exists()
     before = {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()}
     with run_lock(tmp_path / "avp"), pytest.raises(SystemExit) as e:  # another training holds the folder
         main(argv[:-4] + ["--steps", "9", "--out", str(tmp_path / "avp"), "--eval-images", "50"])
@@ -205,6 +210,17 @@ def test_cli_trains_resumes_and_writes_report(tmp_path, capsys):
     assert e.value.code == 2 and err == f"error: another training is writing {tmp_path / 'avp'} (pid {os.getpid()}); wait for it or use another --out\n"
     before[tmp_path / "avp" / ".lock"] = f"{os.getpid()}\n".encode()  # only the holder wrote its pid
     assert {p: p.read_bytes() for p in (tmp_path / "avp").rglob("*") if p.is_file()} == before
+
+
+def test_cli_eval_images_0_trains_without_a_report(tmp_path, capsys):
+    main = make_main("boed", "test", {"train-avp": "boed.commands.train_avp"})
+    root = make_nih(tmp_path / "nih", n=40, px=48)
+    with pytest.raises(SystemExit) as e:
+        main(["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+              "--image-size", str(S), "--width", "4", "--steps", "1", "--batch-size", "4", "--sample-every", "100",
+              "--freeform-bank", "4", "--eval-images", "0", "--out", str(tmp_path / "avp")])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "avp" / "model" / "model.safetensors").is_file() and not (tmp_path / "avp" / "eval.json").exists()
 
 
 def test_task_provenance_records_the_training_config():

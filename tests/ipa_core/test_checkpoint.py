@@ -233,3 +233,24 @@ def test_kill_loop_harness(tmp_path, capsys):
     assert kills >= 2, f"the harness killed the run {kills} times: the training finished before the kills (raise STEPS)"
     assert same
     assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", [b"decoder", b"exp_avg_sq", b"consecutive", b"epoch", b"gauss_next", b"lr"])
+def test_damaged_name_in_a_checkpoint_without_digest_falls_back(trained, tmp_path, name):
+    """An old run (no .sha256 sidecars) whose newest checkpoint has a damaged key name: the resume
+    falls back to the previous checkpoint with a one-line warning, never a load_state_dict traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    for p in checkpoint_paths(run):
+        sidecar_path(p).unlink()
+    latest = checkpoint_paths(run)[0]
+    flip_bit(latest, latest.read_bytes().index(name) + 1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fit(VAETask(new_vae()), ImageSet(), tcfg(steps=6, ckpt_every=3), run)
+    damaged = [str(x.message) for x in w if "is damaged" in str(x.message)]
+    assert len(damaged) == 1 and "ckpt-00000006.pt is damaged" in damaged[0] and "falling back" in damaged[0], damaged
+    assert "\n" not in damaged[0]
+    assert torch.equal(flat(out), trained[1])  # redone from step 3: the same model as an uninterrupted run

@@ -77,7 +77,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     from ipa_core.vae_task import VAETask
     from tests.ipa_core.test_trainer import ImageSet, micro_cfg, tcfg
 
-    with pytest.raises(UserError, match="world=2, this run has world=1"):
+    with pytest.raises(UserError, match=r"the number of processes \(torchrun --nproc-per-node\) changed: .* made with 2, this run has 1"):
         fit(VAETask(VAE(micro_cfg())), ImageSet(), tcfg(steps=8, batch_size=4, ckpt_every=2), run)
 
 

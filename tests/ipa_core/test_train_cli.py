@@ -214,9 +214,14 @@ def test_changed_seed_on_resume_is_refused_and_restart_works(tmp_path, fake_data
     out = tmp_path / "run"
     assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST]) == 0
     capsys.readouterr()
+    opened = len(fake_data)
     assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST, "--seed", "5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint") and "train.seed=0, this run has train.seed=5" in err and "--restart" in err
+    assert err.startswith(f"error: --seed changed: the run in {out} was made with 0, this run has 5; ") and "--restart" in err
+    assert len(err.splitlines()) == 1
+    assert len(fake_data) == opened  # refused before any data is opened (no prepared cache is built)
+    assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST, "--lr", "0.01"]) == 2
+    assert capsys.readouterr().err.startswith("error: --lr changed: ") and len(fake_data) == opened
     assert json.loads((out / "train_config.json").read_text())["seed"] == 0
     assert run(["--stage", "vae", "--config", "micro", "--out", str(out), *FAST, "--seed", "5", "--restart"]) == 0
     assert json.loads((out / "train_config.json").read_text())["seed"] == 5

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ipa_core import VAE, VAEConfig
-from ipa_core.trainer import (BatchOrder, SkipRule, TrainConfig, add_train_args, checkpoint_paths, fit,
+from ipa_core.trainer import (CKPT_DIR, BatchOrder, SkipRule, TrainConfig, add_train_args, checkpoint_paths, fit,
                               iterate_batches, train_config_from_args, warmup_lr)
 from ipa_core.vae_task import VAETask, measure_standardisation
 from xray.errors import UserError
@@ -311,9 +311,9 @@ def test_resume_with_changed_settings_or_data_is_refused(tmp_path):
     fit(VAETask(new_vae()), Fingerprinted(), tcfg(steps=3), run)
     before = (run / "train_config.json").read_text()
     for change, data, field in [
-        (dict(seed=1), "data-a", "train.seed=0, this run has train.seed=1"),
-        (dict(batch_size=2), "data-a", "train.batch_size=4, this run has train.batch_size=2"),
-        (dict(lr=1e-3), "data-a", "train.lr=0.003, this run has train.lr=0.001"),
+        (dict(seed=1), "data-a", "--seed changed: checkpoint"),
+        (dict(batch_size=2), "data-a", "--batch-size changed: checkpoint"),
+        (dict(lr=1e-3), "data-a", "was made with 0.003, this run has 0.001"),
         (dict(), "data-b", "data.fingerprint=data-a, this run has data.fingerprint=data-b"),
     ]:
         with pytest.raises(UserError) as e:
@@ -515,3 +515,18 @@ def test_second_training_into_one_folder_is_refused_and_writes_nothing(tmp_path)
         holder.wait(timeout=30)
     with run_lock(out):  # the holder exited: the OS released its lock
         pass
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
+    """A run killed mid-write (before its first checkpoint, or during a model save) leaves temp files
+    and folders; the next training in the folder removes them, and only them."""
+    leftovers = [tmp_path / ".train_config.json.k2j3.tmp", tmp_path / CKPT_DIR / ".ckpt-00000003.pt.x1.tmp",
+                 tmp_path / "samples" / ".step-00000003.png.y2.tmp", tmp_path / ".model.ab12cd" / "model.safetensors",
+                 tmp_path / ".model.old" / "config.json"]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    (tmp_path / "notes.tmp").write_text("the user's")  # not a hidden temp: kept
+    fit(VAETask(new_vae()), ImageSet(), tcfg(steps=3, ckpt_every=3), tmp_path)
+    assert not [p for p in leftovers if p.exists()] and not list(tmp_path.glob(".model.*"))
+    assert (tmp_path / "notes.tmp").read_text() == "the user's" and (tmp_path / "model" / "model.safetensors").is_file()

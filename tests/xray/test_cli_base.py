@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from xray.cli_base import ArgumentParser, finite_float, make_main, parse_device, parse_shard, run_command
+from xray.cli_base import ArgumentParser, check_output, finite_float, make_main, parse_device, parse_shard, run_command
 from xray.errors import UserError
 
 
@@ -77,3 +77,20 @@ def test_run_command_parses_like_the_cli_and_raises_on_a_failing_status(monkeypa
     assert seen == [2]
     with pytest.raises(UserError, match="fake_command exited with status 3"):
         run_command("fake_command", ["--n", "7"])
+
+
+def test_check_output_refuses_a_symlink_loop_or_dangling_link_in_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    for path in (tmp_path / "a", tmp_path / "a" / "sub", tmp_path / "gone"):
+        with pytest.raises(UserError, match=r"^--out \S+: \S+ is a symbolic link that leads nowhere .*; remove the link") as e:
+            check_output(path, "--out", "folder")
+        assert "\n" not in str(e.value)
+    # the command: one line, exit 2, nothing made
+    main = make_main("xray", "test", {"phantom": "xray.commands.phantom"})
+    with pytest.raises(SystemExit) as e:
+        main(["phantom", "--out", str(tmp_path / "a"), "--n", "2", "--size", "32", "--seed", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --out ") and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "gone"]

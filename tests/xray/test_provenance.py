@@ -21,6 +21,18 @@ def test_check_same_names_field_and_values():
         check_same("run R", {"seed": 0}, {"seed": 1})
 
 
+def test_check_same_names_the_flag_before_derived_fields():
+    old = {"indices": [3, 1], "seed": 0, "rng": "image", "models": {"avp": "aa"}}
+    new = {"indices": [2, 0], "seed": 1, "rng": "image", "models": {"avp": "aa"}, "batch_size": 4}
+    flags = {"seed": "--seed", "rng": "--rng", "batch_size": "--batch-size", "models.avp": "--avp"}
+    with pytest.raises(UserError, match=r"^--seed changed: run R was made with 0, this run has 1; .*--restart to start over$"):
+        check_same("run R", old, new, flags=flags)
+    with pytest.raises(UserError, match=r"^--rng changed: run R was made with image, this run has batch;"):
+        check_same("run R", old, {**old, "rng": "batch", "batch_size": 4}, flags=flags)  # not batch_size=<missing>
+    with pytest.raises(UserError, match=r"^--avp changed: run R was made with aa, this run has bb;"):
+        check_same("run R", old, {**old, "models": {"avp": "bb"}}, flags=flags)
+
+
 def test_move_aside_and_file_digest(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("x")

@@ -1,5 +1,6 @@
 import errno
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,22 +172,49 @@ def test_resume_after_kill_gives_same_records(tmp_path, classifier):
     assert len(lines) == 1 + len(ref) and '"header"' in lines[0]  # header, no duplicates, torn line gone
 
 
-def test_records_independent_of_batch_size_and_shards(tmp_path, classifier):
+def test_records_independent_of_shards_and_of_batch_size_up_to_float32(tmp_path, classifier):
     data = TinySet()
-    cfg = _cfg(data)
+    cfg = _cfg(data, batch_size=2)
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
-    cfg2 = _cfg(data, batch_size=2)
     for i in range(3):
-        evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path / "sharded", shard=(i, 3), progress=False)
+        evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "sharded", shard=(i, 3), progress=False)
         if i < 2:
-            assert missing_records(tmp_path / "sharded", cfg2) > 0
+            assert missing_records(tmp_path / "sharded", cfg) > 0
     assert len(list((tmp_path / "sharded").glob("records-*.jsonl"))) == 3
-    got = {(r["method"], r["task"], r["index"]): r for r in load_records(tmp_path / "sharded")}
+    assert _canon(load_records(tmp_path / "sharded")) == _canon(load_records(tmp_path / "ref"))  # exactly
+    cfg3 = _cfg(data, batch_size=3)
+    evaluate(_policies(cfg3), classifier, data, cfg3, tmp_path / "b3", progress=False)
+    got = {(r["method"], r["task"], r["index"]): r for r in load_records(tmp_path / "b3")}
     want = {(r["method"], r["task"], r["index"]): r for r in load_records(tmp_path / "ref")}
     assert got.keys() == want.keys()
     for k, r in want.items():  # same scans; probabilities equal up to float32 batching noise
         assert got[k]["locations"] == r["locations"]
         np.testing.assert_allclose(got[k]["probs"], r["probs"], rtol=1e-5, atol=1e-6)
+    # so the batch size is fingerprinted: a resume with another one is refused, naming the flag
+    with pytest.raises(UserError, match=r"^--batch-size changed: the evaluation in \S+ref was made with 2, this run has 3; "):
+        evaluate(_policies(cfg3), classifier, data, cfg3, tmp_path / "ref", progress=False)
+
+
+def test_a_batch_cut_by_a_kill_is_recomputed_whole(tmp_path):
+    """Records of a batch whose write was cut (some lines written) equal an uninterrupted run's bit
+    for bit: the whole batch runs again, so every image is scored with the same batch neighbours."""
+    class BatchDependent(AVPClassifier):  # a real classifier's batched convolutions, exaggerated
+        def predict_proba(self, x, mask, chunk_size=None):
+            return super().predict_proba(x, mask, chunk_size=chunk_size) * (1 - 1e-3 * len(x))
+
+    torch.manual_seed(0)
+    classifier = BatchDependent(AVPConfig(arch="tiny", image_size=S, width=4)).eval()
+    data = TinySet()
+    cfg = _cfg(data, methods=("random",))
+    evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "ref", progress=False)
+    ref = _canon(load_records(tmp_path / "ref"))
+    run = tmp_path / "run"
+    evaluate(_policies(cfg), classifier, data, cfg, run, progress=False)
+    path = records_path(run, (0, 1))
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))  # a kill mid-write: batch [3, 6) keeps 2 of its 3 records, [6, 7) none
+    evaluate(_policies(cfg), classifier, data, cfg, run, progress=False)
+    assert _canon(load_records(run)) == ref
 
 
 def test_batch_rng_mode_resumes_exactly(tmp_path, classifier):
@@ -198,7 +226,7 @@ def test_batch_rng_mode_resumes_exactly(tmp_path, classifier):
         evaluate(_policies(cfg, fail_after=4), classifier, data, cfg, tmp_path / "run", progress=False)
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path / "run", progress=False)
     assert _canon(load_records(tmp_path / "run")) == ref
-    with pytest.raises(UserError, match="batch_size=3"):  # batch size changes the numbers in this mode
+    with pytest.raises(UserError, match="--batch-size changed: .* made with 3, this run has 2"):  # batch size changes the numbers
         evaluate(_policies(cfg), classifier, data, _cfg(data, rng="batch", methods=("random",), batch_size=2),
                  tmp_path / "run", progress=False)
 
@@ -207,7 +235,7 @@ def test_different_config_in_same_out_dir_is_user_error(tmp_path, classifier):
     data = TinySet()
     cfg = _cfg(data, methods=("full",))
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
-    with pytest.raises(UserError, match="scans=3.*scans=2"):
+    with pytest.raises(UserError, match="--scans changed: .* made with 3, this run has 2"):
         cfg2 = _cfg(data, methods=("full",), scans=2)
         evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path, progress=False)
 
@@ -300,15 +328,16 @@ def test_resume_with_other_settings_is_refused(tmp_path, classifier):
     data = TinySet()
     cfg = _cfg(data, methods=("random",), temperature=1.0, data={"test": "aaaa", "train": None})
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
-    for change, field in (({"temperature": 0.5}, "temperature"), ({"data": {"test": "bbbb", "train": None}}, "data.test"),
-                          ({"repeats": 2}, "repeats"), ({"n_sequences": 5}, "n_sequences")):
+    for change, flag in (({"temperature": 0.5}, "--temperature"), ({"data": {"test": "bbbb", "train": None}}, "the test data"),
+                         ({"repeats": 2}, "--repeats"), ({"n_sequences": 5}, "--n-sequences"), ({"seed": 2}, "--seed"),
+                         ({"rng": "batch"}, "--rng"), ({"batch_size": 2}, "--batch-size")):
         other = _cfg(data, methods=("random",), **{"temperature": 1.0, "data": {"test": "aaaa", "train": None}, **change})
-        with pytest.raises(UserError, match=rf"made with {field}=.*--restart"):
+        with pytest.raises(UserError, match=rf"^{re.escape(flag)}.* changed: .*--restart"):
             evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
     # without eval_config.json the records files' headers still refuse it ...
     (tmp_path / CONFIG_NAME).unlink()
     other = _cfg(data, methods=("random",), temperature=0.5, data={"test": "aaaa", "train": None})
-    with pytest.raises(UserError, match=r"records.jsonl was made with temperature=1.0.*temperature=0.5"):
+    with pytest.raises(UserError, match=r"--temperature changed: \S+records.jsonl was made with 1.0, this run has 0.5"):
         evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
     # ... and so does every record's own fingerprint digest
     path = records_path(tmp_path, (0, 1))
@@ -542,9 +571,17 @@ def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
     code, out, err = _cli(base + ok, capsys)
     assert code == 0, err
     code, out, err = _cli(base + ok + ["--avp", str(root / "avp_b")], capsys)  # resume with another model
-    assert code == 2 and "models.avp" in err and "--restart" in err
+    assert code == 2 and "--avp changed" in err and "--restart" in err
     code, out, err = _cli(base + ok + ["--data-root", str(root / "nih2")], capsys)  # another data root
-    assert code == 2 and "data.test" in err, err
+    assert code == 2 and "the test data (--data/--data-root) changed" in err, err
+    # a changed flag is named as the flag, and refused before any data is prepared (a new cache would be built)
+    fresh = ["--cache-dir", str(tmp_path / "new-cache")]
+    for extra, said in ((["--seed", "1"], "--seed changed: the evaluation in {} was made with 0, this run has 1; "),
+                        (["--rng", "batch"], "--rng changed: the evaluation in {} was made with image, this run has batch; "),
+                        (["--batch-size", "3"], "--batch-size changed: the evaluation in {} was made with 16, this run has 3; ")):
+        code, out, err = _cli(base + ok + extra + fresh, capsys)
+        assert code == 2 and err.startswith("error: " + said.format(tmp_path / "e")) and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "new-cache").exists(), extra  # nothing created by a refused command
     code, out, err = _cli(base + ok + ["--avp", str(root / "avp_b"), "--restart"], capsys)  # start over
     assert code == 0, err
     assert [p.name for p in tmp_path.glob("e.old-*")] and "--restart: moved" in out
