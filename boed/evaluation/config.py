@@ -204,6 +204,9 @@ class EvalConfig:
     data: dict = field(default_factory=dict)  # {"test": fingerprint, "train": fingerprint or None}
     models: dict = field(default_factory=dict)  # {"avp": digest, "ipa": digest, ...} of every model used
     paths: dict = field(default_factory=dict)  # where the models were (not part of the fingerprint)
+    # False for an evaluation begun before --batch-size was fingerprinted: its records keep the
+    # fingerprint they were made with (batch_size left out), so they resume and merge as before.
+    batch_in_fingerprint: bool = True
 
     def __post_init__(self):
         self.tasks = canonical_tasks(self.tasks)
@@ -230,7 +233,7 @@ class EvalConfig:
 
     def fingerprint(self) -> dict:
         """Everything that changes the records (checked on resume and merge)."""
-        fp = {k: getattr(self, k) for k in RECORD_KEYS}
+        fp = {k: getattr(self, k) for k in RECORD_KEYS if k != "batch_size" or self.batch_in_fingerprint}
         return json.loads(json.dumps(fp, default=list))  # tuples -> lists, as read back from JSON
 
     def fingerprint_digest(self) -> str:
@@ -244,4 +247,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "EvalConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if isinstance(d.get("fingerprint"), Mapping) and "batch_size" not in d["fingerprint"]:
+            kw["batch_in_fingerprint"] = False  # saved before --batch-size was fingerprinted
+        return cls(**kw)

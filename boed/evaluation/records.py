@@ -167,6 +167,23 @@ def _stored_fingerprint(out_dir: Path) -> dict | None:
     return old["fingerprint"]
 
 
+def batch_fingerprinted(out_dir: str | Path) -> bool:
+    """False when ``out_dir`` holds an evaluation begun before ``--batch-size`` was part of the
+    fingerprint (its ``eval_config.json`` or a records header has none): such a folder resumes and
+    merges with the fingerprint it was made with, under the batch size of the resuming run."""
+    out_dir = Path(out_dir)
+    fps = []
+    try:
+        if (out_dir / CONFIG_NAME).is_file():
+            fps.append(json.loads((out_dir / CONFIG_NAME).read_text()).get("fingerprint"))
+        for path in _records_files(out_dir):
+            with open(path, "rb") as f:
+                fps.append((json.loads(f.readline()) or {}).get("header", {}).get("fingerprint"))
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable or damaged: the full checks report it
+    return not any(isinstance(fp, dict) and "batch_size" not in fp for fp in fps)
+
+
 def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
     """:func:`check_resume` on the fields known before the test data is opened (:data:`.config.PRE_DATA_KEYS`:
     flags and model digests), reading nothing but ``eval_config.json`` and the records files' first

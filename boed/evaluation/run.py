@@ -30,7 +30,7 @@ from ..geometry import ScanGeometry
 from .config import EvalConfig, canonical_tasks, check_numbers, check_task_classes, select_test_indices
 from .loop import evaluate
 from .methods import METHODS, MODEL_FLAGS, BuildContext, build_policies, needed_models, parse_methods
-from .records import check_shards, config_from_out, load_records, missing_records, precheck_resume
+from .records import batch_fingerprinted, check_shards, config_from_out, load_records, missing_records, precheck_resume
 from .report import format_table, write_report
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,13 @@ def run(args: argparse.Namespace) -> int:
     digests = {"avp": weights_digest(args.avp)}
     digests.update({key: MODEL_FLAGS[key].digest(paths[key]) for key in needed})
 
+    legacy = not args.restart and not batch_fingerprinted(out)
+    if legacy:
+        log.warning("%s was begun before --batch-size was recorded in the fingerprint: resuming it with --batch-size %d "
+                    "(a different batch size changes probabilities only at float32 rounding)", out, args.batch_size)
+
     def config(indices: list[int], data: dict) -> EvalConfig:
-        return EvalConfig(tasks=tasks, methods=methods, scans=args.scans, seed=args.seed, repeats=args.repeats,
+        return EvalConfig(batch_in_fingerprint=not legacy, tasks=tasks, methods=methods, scans=args.scans, seed=args.seed, repeats=args.repeats,
                           indices=indices, batch_size=args.batch_size,
                           n_samples=args.n_samples, n_sequences=args.n_sequences, temperature=args.temperature, rng=args.rng,
                           image_size=S, device_type=device.type, precision=precision, n_boot=args.n_boot,

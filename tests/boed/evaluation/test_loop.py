@@ -532,6 +532,52 @@ def test_cli_evaluate_all_methods_and_cross_task(cli_setup, tmp_path, capsys):
     assert (tmp_path / "sh" / "metrics.csv").read_text() == (tmp_path / "single" / "metrics.csv").read_text()
 
 
+def _as_before_batch_size_was_fingerprinted(out: Path) -> str:
+    """Rewrite an evaluation folder as an older boed wrote it: no batch_size in any fingerprint, the
+    records' digests of that fingerprint, every line resealed. Returns that digest."""
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    cfg["fingerprint"].pop("batch_size")
+    old = EvalConfig.from_dict(cfg)
+    assert not old.batch_in_fingerprint and "batch_size" not in old.fingerprint()
+    fp = old.fingerprint_digest()
+    cfg["fp"] = fp
+    (out / CONFIG_NAME).write_text(json.dumps(cfg))
+    for path in sorted(out.glob("records*.jsonl")):
+        lines = []
+        for n, line in enumerate(path.read_text().splitlines()):
+            obj = open_line(line, source=str(path), lineno=n + 1, require=True)
+            if "header" in obj:
+                obj["header"]["fingerprint"].pop("batch_size")
+                obj["header"]["fp"] = fp
+                obj["header"]["config"]["fingerprint"] = obj["header"]["fingerprint"]
+            else:
+                obj["fp"] = fp
+            lines.append(seal_line(obj))
+        path.write_text("\n".join(lines) + "\n")
+    return fp
+
+
+def test_an_evaluation_begun_before_batch_size_was_fingerprinted_resumes_and_merges(cli_setup, tmp_path, capsys):
+    """Shards written by an older boed (no batch size in the fingerprint) are merged and resumed by
+    this one as they are, never refused or recomputed (a power study in flight across the upgrade)."""
+    root, data = cli_setup
+    common = ["--avp", str(root / "avp"), "--illness", "effusion", "--scans", "2", "--n-test", "4", "--methods", "random",
+              "--n-boot", "20", "--no-progress", "--out", str(tmp_path / "ev"), *data]
+    for i in range(2):
+        code, out, err = _cli(common + ["--shard", f"{i}/2"], capsys)
+        assert code == 0, err
+    (tmp_path / "ev" / "metrics.csv").unlink(missing_ok=True)
+    fp = _as_before_batch_size_was_fingerprinted(tmp_path / "ev")
+    records = {p.name: p.read_bytes() for p in (tmp_path / "ev").glob("records*.jsonl")}
+    code, out, err = _cli(["--merge", "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "ev" / "metrics.csv").is_file()
+    code, out, err = _cli(common + ["--shard", "0/2", "--batch-size", "4"], capsys)  # a resume: nothing left to do
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ev").glob("records*.jsonl")} == records  # nothing recomputed
+    assert json.loads((tmp_path / "ev" / CONFIG_NAME).read_text())["fp"] == fp  # still the folder's own fingerprint
+
+
 def test_cli_errors_are_one_line(cli_setup, tmp_path, capsys):
     root, data = cli_setup
     base = ["--ipa", str(root / "ipa"), "--avp", str(root / "avp"), "--out", str(tmp_path / "e"), "--n-test", "4", *data]
