@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
@@ -241,8 +242,6 @@ def _save(fig, path: Path) -> None:
 def plot_curves(rows: Sequence[dict], metric: str, path: str | Path, zero_line: bool = False) -> Path:
     """AUROC or NLL (or any ``metric`` with ``_lo``/``_hi``) against t, one panel per illness, one
     line (with CI band) per method."""
-    from matplotlib.figure import Figure
-
     tasks = list(dict.fromkeys(r["illness"] for r in rows))
     fig = Figure(figsize=(3.6 * max(1, len(tasks)), 3.2), layout="constrained")
     axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
@@ -272,8 +271,6 @@ def plot_cross_task(rows: Sequence[dict], method: str, path: str | Path) -> Path
 
     As in the paper, colour intensity is the cell's distance below the best cell of its row (white = best).
     """
-    from matplotlib.figure import Figure
-
     rs = [r for r in rows if r["method"] == method]
     scan = list(dict.fromkeys(r["scan_task"] for r in rs))
     score = list(dict.fromkeys(r["score_task"] for r in rs))
