@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ipa_core.config import VAEConfig, parse_layer_string
@@ -193,7 +194,7 @@ class EncoderNet(nn.Module):
 
 def _torchvision_backbone(arch: str, in_channels: int, num_outputs: int) -> nn.Module:
     """A torchvision backbone (weights=None) taking ``in_channels`` and giving ``num_outputs`` logits."""
-    import torchvision
+    import torchvision  # here, not at the top: +4 s on `boed --help` (measured), only torchvision archs need it
 
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_outputs)
     name = _FIRST_CONV[arch]
@@ -439,7 +440,6 @@ def _avp_weights_file(p: Path) -> Path:
 
 def init_config(config: AVPConfig, init: InitSpec) -> AVPConfig:
     """``config`` with the input normalisation ``init`` needs (an AVP source's own, checked for ``arch``)."""
-    from dataclasses import replace
 
     if init.kind in ("ipa", "vae"):
         src = {"ipa": IPA, "vae": VAE}[init.kind].config_from_dir(init.path)
@@ -460,8 +460,6 @@ def _read_weights(path: Path, hint: str = "give a plain state dict of tensors (.
         raise UserError(f"weights file {path} not found; check the path")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:  # corrupt files, or pickled whole models that weights_only refuses
@@ -487,7 +485,7 @@ def _modern_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _imagenet_state(arch: str, weights_file: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    from torchvision.models import get_model_weights
+    from torchvision.models import get_model_weights  # +4 s at the top (see _torchvision_backbone)
 
     weights = get_model_weights(arch).IMAGENET1K_V1
     if weights_file is not None:
@@ -508,7 +506,7 @@ def _xrv_state(name: str, weights_file: str | None) -> tuple[dict[str, torch.Ten
         sd, source = _read_weights(Path(weights_file), hint=f"give a plain state dict ({export})"), str(weights_file)
     else:
         try:
-            import torchxrayvision as xrv
+            import torchxrayvision as xrv  # +4.6 s on `boed --help` at the top (measured); also may be missing
         except ImportError:
             raise UserError(f"--init xrv:{name} needs the torchxrayvision package to download its weights (pip install torchxrayvision); "
                             f"offline, pass a local state dict with --init-weights FILE ({export})") from None

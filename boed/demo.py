@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
 import torch
 
 from ipa_core.persist import model_digest, resolve_model_dir
@@ -547,8 +548,6 @@ def summarize(opts: DemoOptions, timings: dict[str, float], data: dict | None = 
     ``current``: the stages finished with this run's fingerprint (:func:`current_stages`); only
     their results are collected (None: every illness's, for a summary rebuilt by hand).
     """
-    import pandas as pd
-
     def collect(name: str):
         slugs = [resolve_illness(ill).slug for ill in opts.illnesses]
         files = [opts.out / "eval" / slug / name for slug in slugs if current is None or f"eval/{slug}" in current]

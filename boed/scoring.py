@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 from boed.geometry import ScanGeometry
@@ -60,8 +61,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     Inference only (uses the BN running statistics); works in place on ``module`` and returns it.
     The folded BN becomes ``nn.Identity``. Other layouts (e.g. BN before conv) are left as they are.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):

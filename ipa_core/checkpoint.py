@@ -19,6 +19,7 @@ write; a full disk is a one-line :class:`UserError` and leaves the previous chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 import random
@@ -59,8 +60,6 @@ def train_provenance(cfg, world: int, train_set, task) -> dict:
 
 def read_provenance(run_dir: Path) -> dict | None:
     """The provenance the run folder's latest checkpoint was written with (from provenance.json), if any."""
-    import json
-
     p = Path(run_dir) / PROVENANCE_FILE
     if not p.is_file() or not checkpoint_paths(Path(run_dir)):
         return None

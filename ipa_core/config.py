@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from xray.errors import UserError
 from xray.integrity import read_folder_digest, verify_file
+from xray.io import atomic_write_json
 
 
 @dataclass
@@ -66,8 +67,6 @@ class VAEConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        from xray.io import atomic_write_json
-
         atomic_write_json(path, {"model_type": "vae", **self.to_dict()})
 
 

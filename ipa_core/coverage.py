@@ -15,16 +15,23 @@ between completions: :func:`pairwise_distance`); ``boed study completers`` uses 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm import tqdm
 
 from xray.errors import UserError
+from xray.io import atomic_path, atomic_write_text
+
+from .masks import OBSERVED_BINS, bin_name, freeform_masks
+from .sampling import sample_completions
 
 # (x_obs uint8 (B, C, S, S), m (B, 1, S, S), n, generator) -> uint8 (B, N, C, S, S)
 SampleFn = Callable[[Tensor, Tensor, int, torch.Generator], Tensor]
@@ -111,8 +118,6 @@ def coverage_study(sample_fn: SampleFn, method: str, images: Tensor, masks_by_bi
 
 def ipa_sampler(model, t: float | Sequence[float] = 1.0, max_batch: int | None = 64) -> SampleFn:
     """A :data:`SampleFn` drawing IPA completions (observed pixels pasted back), ``max_batch`` rows per decoder pass."""
-    from .sampling import sample_completions
-
     device = model.decoder.gain.device
 
     def fn(x: Tensor, m: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
@@ -124,24 +129,12 @@ def ipa_sampler(model, t: float | Sequence[float] = 1.0, max_batch: int | None =
 
 def bin_masks(n: int, S: int, generator: torch.Generator) -> dict[str, Tensor]:
     """One free-form mask per image for each observed-fraction bin: ``{"0-20%": (n, 1, S, S), ...}``."""
-    from .masks import OBSERVED_BINS, bin_name, freeform_masks
-
     return {bin_name(b): freeform_masks(n, S, generator, observed_range=b) for b in OBSERVED_BINS}
 
 
 def write_results(rows: list[CoverageRow], out_dir: str | Path, notes: str = "") -> dict[str, Path]:
     """``coverage.csv`` (all rows), ``coverage.png`` (best-of-K MSE against K per bin, and diversity),
     ``coverage.md`` (tables of best-of-K MSE per method and bin, diversity, and ``notes``), written atomically."""
-    import csv
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from xray.io import atomic_path, atomic_write_text
-
     out = Path(out_dir)
     fields = [f.name for f in dataclasses.fields(CoverageRow)]
     buf = io.StringIO()
@@ -156,7 +149,8 @@ def write_results(rows: list[CoverageRow], out_dir: str | Path, notes: str = "")
     ks = sorted({r.k for r in rows})
     get = {(r.method, r.bin, r.k): r for r in rows}
 
-    fig, axes = plt.subplots(1, len(bins) + 1, figsize=(3.2 * (len(bins) + 1), 3.2), squeeze=False)
+    fig = Figure(figsize=(3.2 * (len(bins) + 1), 3.2))  # no pyplot: no global backend or figure registry
+    axes = fig.subplots(1, len(bins) + 1, squeeze=False)
     for ax, b in zip(axes[0], bins):
         for mth in methods:
             pts = [(k, get[(mth, b, k)]) for k in ks if (mth, b, k) in get]
@@ -178,7 +172,6 @@ def write_results(rows: list[CoverageRow], out_dir: str | Path, notes: str = "")
     fig.tight_layout()
     with atomic_path(out / "coverage.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
     lines = ["# Posterior coverage of IPA completions", "", notes.strip(), "",
              "Best-of-K MSE on the unobserved pixels (pixel values in [0, 1]; mean over images, +- standard error):", ""]

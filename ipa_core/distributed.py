@@ -17,6 +17,9 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from xray.cli_base import parse_device
 
 
 
@@ -38,8 +41,6 @@ def env_world() -> tuple[int, int, int]:
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     """``--device`` flag -> torch.device through :func:`xray.cli_base.parse_device` (auto = CUDA
     when available); plain ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    from xray.cli_base import parse_device
-
     d = parse_device(device, local_rank)
     if d.type == "cuda":
         torch.cuda.set_device(d)
@@ -71,8 +72,6 @@ def _destroy() -> None:
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel over the trainable parameters (frozen ones are left alone)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 

@@ -6,6 +6,7 @@ import math
 import os
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from xray.io import atomic_path
@@ -13,8 +14,6 @@ from xray.io import atomic_path
 
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, pad: int = 2) -> None:
     """Write uint8 ``(N, C, H, W)`` images (C = 1 or 3) as one PNG grid, atomically."""
-    from PIL import Image
-
     x = images.detach().to("cpu", torch.uint8)
     n, c, h, w = x.shape
     nrow = nrow or math.ceil(math.sqrt(n))

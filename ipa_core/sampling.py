@@ -12,9 +12,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from xray.errors import UserError
+from xray.io import atomic_path
 
 from .ipa import IPA
 
@@ -137,10 +139,6 @@ def save_png(img: np.ndarray, path: str | Path, min_size: int = 256, titles: lis
     ``titles``: one per column of ``cell`` px panels separated by ``pad`` px (the layout of
     :func:`completion_figure`), written centred above the columns after the upscale, so they stay sharp.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    from xray.io import atomic_path
-
     im = Image.fromarray(img)
     k = max(1, -(-min_size // min(img.shape[:2])))
     if k > 1:

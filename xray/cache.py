@@ -242,7 +242,7 @@ def is_complete(cache_dir: str | os.PathLike) -> bool:
 def _locked(folder: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``folder/.lock``: one writer at a time; others wait here."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: not at the top so that other platforms can import this module
     except ImportError:  # pragma: no cover - not POSIX: no inter-process lock, say so once
         warnings.warn("no fcntl on this platform: do not prepare one cache from two processes at once", stacklevel=3)
         yield

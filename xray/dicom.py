@@ -47,7 +47,7 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
 
     Colour, multi-frame and unreadable files raise :class:`UserError`.
     """
-    import pydicom
+    import pydicom  # here, not at the top: +0.55 s on `ipa_core --help` (measured; xray.cache imports this module)
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     forced = False

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import gzip
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -377,8 +378,6 @@ def _get_small(url: str, dest: Path, timeout: float) -> bool:
 
 def _shipped(name: str) -> Path | None:
     """torchxrayvision's gzipped copy of ``name``, found without importing it (that takes seconds)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -8,6 +8,7 @@ the complement of ``"Any Finding"`` (see :func:`resolve_illness`).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -63,8 +64,6 @@ def resolve_illness(name: str) -> Illness:
     """Case-, space- and underscore-insensitive illness lookup ("effusion", "No finding", ...)."""
     ill = _ILLNESSES.get(_key(name))
     if ill is None:
-        import difflib
-
         valid = ", ".join(n.lower() for n in ILLNESS_NAMES)
         close = difflib.get_close_matches(_key(name), list(_ILLNESSES), n=1, cutoff=0.6)
         hint = f"did you mean {_ILLNESSES[close[0]].name.lower()!r}? " if close else ""

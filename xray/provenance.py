@@ -17,6 +17,7 @@ them with new ones).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -31,8 +32,6 @@ _MISSING = object()
 
 def canonical(obj: Any) -> Any:
     """A JSON-able, order-stable copy of ``obj``: tuples -> lists, Paths -> str, dataclasses -> dicts."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     if isinstance(obj, Mapping):

@@ -37,7 +37,7 @@ def _as_arrays(y_true, p) -> tuple[np.ndarray, np.ndarray]:
 
 def auroc(y_true, scores) -> float:
     """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); NaN (with a warning) if one class only."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # +2.3 s on `boed --help` at the top (measured)
 
     y, s = _as_arrays(y_true, scores)
     if y.min(initial=1.0) == y.max(initial=0.0):

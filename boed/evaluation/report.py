@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from xray.io import atomic_path, atomic_write_text
 from xray.labels import resolve_illness
@@ -256,8 +257,6 @@ def curves_figure(rows: Sequence[dict], metric: str, zero_line: bool = False, ba
     bars, each method shifted a little along t so that they never cover each other). A panel (or a
     figure) with no finite value says so in words instead of being empty; a method with none is
     marked "(no data)" in the legend."""
-    from matplotlib.figure import Figure
-
     name = METRIC_LABELS.get(metric, metric)
     tasks = list(dict.fromkeys(r["illness"] for r in rows))
     fig = Figure(figsize=(3.6 * max(1, len(tasks)), 3.2 + (0.3 if caption else 0)), layout="constrained")
@@ -315,8 +314,6 @@ def plot_cross_task(rows: Sequence[dict], method: str, path: str | Path) -> Path
 
     As in the paper, colour intensity is the cell's distance below the best cell of its row (white = best).
     """
-    from matplotlib.figure import Figure
-
     rs = [r for r in rows if r["method"] == method]
     scan = list(dict.fromkeys(r["scan_task"] for r in rs))
     score = list(dict.fromkeys(r["score_task"] for r in rs))

@@ -20,8 +20,16 @@ from pathlib import Path
 
 import torch
 
+from xray.cache import resize_square
 from xray.cli_base import MAX_TEMPERATURE, add_device_arg, check_output, finite_float, parse_device, set_help
+from xray.dataset import add_data_args, dataset_from_args, models_data_help, use_models_data
 from xray.errors import UserError
+from xray.imageio import read_image
+
+from ..ipa import IPA
+from ..masks import MASK_SPEC_HELP, parse_mask_spec
+from ..sampling import completion_figure, completion_titles, sample_completions, save_png
+from ..trainer import DAMAGED, check_finite_weights
 
 HELP = "draw IPA completions of a partially observed image (grid PNG)"
 DEFAULT_MASK = "patches:3"
@@ -34,9 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from xray.dataset import add_data_args, models_data_help
 
-    from ..masks import MASK_SPEC_HELP
 
     p.add_argument("--run", required=True, metavar="DIR", help=f"IPA run folder (or its model/ folder), made by `{MAKE_RUN}` or `boed demo` (runs/demo/ipa)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -57,18 +63,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """An image file as uint8 ``(1, 1, size, size)``, resized exactly as the prepared cache does."""
-    from xray.cache import resize_square
-    from xray.imageio import read_image
-
     return torch.from_numpy(resize_square(read_image(path), size).copy())[None, None]  # (1, 1, S, S)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..ipa import IPA
-    from ..masks import parse_mask_spec
-    from ..sampling import completion_figure, completion_titles, sample_completions, save_png
-    from ..trainer import DAMAGED, check_finite_weights
-
     if not 1 <= args.n <= MAX_N:
         raise UserError(f"--n is {args.n}; expected 1 to {MAX_N} completions (one grid figure)")
     check_output(args.out, "--out", "file", suffixes=(".png",))
@@ -85,7 +83,6 @@ def main(args: argparse.Namespace) -> int:
         if C == 3:
             x = x.expand(1, 3, S, S).contiguous()  # (1, 3, S, S) grey as RGB
     else:
-        from xray.dataset import dataset_from_args, use_models_data
 
         use_models_data(args, {"IPA": run}, "ipa_core sample")
         if args.image_size != S:

@@ -29,7 +29,19 @@ from pathlib import Path
 import torch
 
 from xray.cli_base import describe_train_flags, device_flag, format_default, set_help
+from xray.dataset import add_data_args, dataset_from_args, dataset_images, write_data_record
 from xray.errors import UserError
+from xray.provenance import file_digest
+
+from ..config import CONFIGS, get_config
+from ..distributed import env_world
+from ..ipa import IPA
+from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
+from ..ipa_task import SAMPLE_N as IPA_SAMPLE_N
+from ..trainer import add_train_args, check_resume_settings, fit, read_provenance, train_config_from_args
+from ..vae import VAE
+from ..vae_task import SAMPLE_N as VAE_SAMPLE_N
+from ..vae_task import TRAIN_DEFAULTS, VAETask
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +50,6 @@ STAGES = ("vae", "ipa")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from xray.dataset import add_data_args
-
-    from ..config import CONFIGS
-    from ..ipa_task import IPA_TRAIN_DEFAULTS
-    from ..trainer import add_train_args
-    from ..vae_task import TRAIN_DEFAULTS
-
     add_data_args(p)
     p.set_defaults(image_size=None)  # None: the model config's image_size
     set_help(p, "--image-size", "image side in pixels; must equal the model config's (default: the --config's size, e.g. "
@@ -61,9 +66,6 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "posterior of the whole image (O_for); reverse = IPA-R, an ELBO of the observed pixels alone "
                         "(O_rev, paper appendix E) (default: forward)")
     p.add_argument("--eval-images", type=int, default=512, help="test images for the end-of-run metrics, 0 = skip them (default: 512)")
-    from ..ipa_task import SAMPLE_N as IPA_SAMPLE_N
-    from ..vae_task import SAMPLE_N as VAE_SAMPLE_N
-
     p.add_argument("--sample-n", type=int, default=None, metavar="N",
                    help="images per row of the sample grids (VAE: samples per temperature; IPA: completions per image); "
                         "0 = no sample grids; each sample at 256 px costs about one decoder pass "
@@ -83,14 +85,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _record_data(out, args, train) -> None:
     """``out/data.json``: the data this run trained on (`boed run` draws its t = 1 images from it)."""
-    from xray.dataset import write_data_record
-
     write_data_record(out, args, train)
 
 
 def _datasets(args, image_size: int, eval_images: int):
-    from xray.dataset import dataset_from_args
-
     args.image_size = image_size
     train = dataset_from_args(args, "train")
     test = None
@@ -126,9 +124,6 @@ def check_checkpoint_file(path: str | Path, flag: str) -> Path:
 
 
 def _vae_model(args):
-    from ..config import get_config
-    from ..vae import VAE
-
     if args.import_official:
         model = VAE.from_official(args.import_official, args.config)
         log.info("imported official weights from %s (config %s)", args.import_official, args.config)
@@ -137,12 +132,8 @@ def _vae_model(args):
 
 
 def run_vae_stage(args, out: Path) -> Path:
-    from ..distributed import env_world
-    from ..trainer import check_resume_settings, fit, train_config_from_args
-    from ..vae_task import TRAIN_DEFAULTS, VAETask
 
     if args.config not in TRAIN_DEFAULTS:
-        from ..config import CONFIGS
         raise UserError(f"unknown config {args.config!r}; valid configs: {', '.join(CONFIGS)}")
     cfg = train_config_from_args(args, TRAIN_DEFAULTS[args.config])
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
@@ -153,8 +144,6 @@ def run_vae_stage(args, out: Path) -> Path:
     train, test = _datasets(args, model.config.image_size, args.eval_images)
     init = None
     if args.import_official:
-        from xray.provenance import file_digest
-
         init = file_digest(args.import_official)
     task = VAETask(model, eval_max_images=args.eval_images or None, init_digest=init, **_sample_kw(args))
     fit(task, train, cfg, out, test_set=test)
@@ -169,8 +158,6 @@ def _sample_kw(args) -> dict:
 
 def _config_name(cfg) -> str | None:
     """The named config a trained VAE was built from (measured shift/scale aside), if any."""
-    from ..config import CONFIGS
-
     def arch(c) -> dict:
         return {k: v for k, v in c.to_dict().items() if k not in ("shift", "scale")}
 
@@ -180,13 +167,7 @@ def _config_name(cfg) -> str | None:
 def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> Path:
     """Train IPA on the VAE in ``vae_dir``. ``follow_vae``: when ``out`` holds an IPA run made on
     another VAE, move it aside and start over (the combined run); otherwise such a resume is refused."""
-    from xray.dataset import dataset_images
 
-    from ..ipa import IPA
-    from ..distributed import env_world
-    from ..ipa_task import IPA_TRAIN_DEFAULTS, IPATask
-    from ..trainer import check_resume_settings, fit, train_config_from_args
-    from ..vae import VAE
 
     vae = VAE.from_pretrained(vae_dir)
     name = _config_name(vae.config) or args.config
@@ -200,8 +181,6 @@ def run_ipa_stage(args, vae_dir: Path, out: Path, follow_vae: bool = False) -> P
     grid = dataset_images(shown, range(min(4, len(shown))))  # (4, C, S, S) uint8
     task = IPATask(model, sample_images=grid, eval_max_images=args.eval_images or 1, **_sample_kw(args))
     if follow_vae and not cfg.restart:
-        from ..trainer import read_provenance
-
         old = read_provenance(out) or {}
         old_vae, new_vae = (old.get("task") or {}).get("vae"), task.provenance()["vae"]
         if old_vae is not None and old_vae != new_vae:
@@ -240,8 +219,6 @@ def main(args: argparse.Namespace) -> int:
         vae_dir = Path(args.vae) if args.vae else run_vae_stage(args, out / "vae")
         results["vae"] = vae_dir
         results["ipa"] = run_ipa_stage(args, vae_dir, out / "ipa", follow_vae=True)
-    from ..distributed import env_world
-
     if env_world()[0] == 0:
         for stage, d in results.items():
             ev = Path(d) / "eval.json"

@@ -80,7 +80,7 @@ def test_index_images_come_from_the_data_recorded_with_the_model(runs, tmp_path,
     import json
     import shutil
 
-    import xray.dataset
+    import ipa_core.commands.sample
     from xray.errors import UserError
 
     run_dir = tmp_path / "ipa"
@@ -95,7 +95,7 @@ def test_index_images_come_from_the_data_recorded_with_the_model(runs, tmp_path,
         asked.append((args.data, args.data_root))
         raise UserError("stop here")
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", fake)
+    monkeypatch.setattr(ipa_core.commands.sample, "dataset_from_args", fake)  # the name the command binds
     code, _, err = run(["sample", "--run", str(run_dir), "--index", "0", "--image-size", str(S), "--out", str(tmp_path / "o.png")], capsys)
     assert code == 2 and "stop here" in err
     assert asked == [("chestxray", root)]

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import xray.dataset
 from ipa_core import CONFIGS, VAE, VAEConfig, get_config
 from ipa_core.cli import main
 from ipa_core.commands import train as train_cmd
@@ -36,7 +35,7 @@ def fake_data(monkeypatch):
         calls.append((args.data, args.image_size, split))
         return ImageSet(n=24 if split == "train" else 6, size=args.image_size, seed=0 if split == "train" else 1)
 
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", dataset_from_args)
+    monkeypatch.setattr(train_cmd, "dataset_from_args", dataset_from_args)  # the name the command calls
     return calls
 
 
@@ -135,7 +134,7 @@ KILL_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-import xray.dataset
+import ipa_core.commands.train as train_cmd
 from ipa_core import CONFIGS
 from ipa_core.cli import main
 from ipa_core.vae_task import TRAIN_DEFAULTS
@@ -143,7 +142,7 @@ from tests.ipa_core.test_train_cli import MICRO
 from tests.ipa_core.test_trainer import ImageSet
 CONFIGS["micro"] = MICRO
 TRAIN_DEFAULTS["micro"] = TRAIN_DEFAULTS["tiny"]
-xray.dataset.dataset_from_args = lambda args, split: ImageSet(n=24, size=16, seed=0 if split == "train" else 1)
+train_cmd.dataset_from_args = lambda args, split: ImageSet(n=24, size=16, seed=0 if split == "train" else 1)
 main(["train", "--stage", "vae", "--config", "micro", "--out", sys.argv[1], "--steps", "40", "--batch-size", "2",
       "--ckpt-every", "2", "--sample-every", "100", "--eval-images", "0"])
 """

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import types
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from tests.xray.conftest import make_nih
 from tests.xray.test_dicom import write_dicom
 from xray import cli
+from xray.commands import phantom as phantom_cmd
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -122,8 +122,7 @@ def test_phantom_command_wiring(tmp_path, capsys, monkeypatch):
 
     fake = types.SimpleNamespace(generate=generate, DEMO_PREVALENCE={"Mass": 0.3}, DEFAULT_DIFFICULTY="default",
                                  PRESETS={"default": None, "hard": None})
-    monkeypatch.setitem(sys.modules, "xray.phantom", fake)
-    monkeypatch.setattr(sys.modules["xray"], "phantom", fake, raising=False)
+    monkeypatch.setattr(phantom_cmd, "phantom", fake)  # the module the command reads
     code, out, _ = run(["phantom", "--out", str(tmp_path / "ph"), "--n", "6", "--size", "16", "--seed", "3",
                         "--workers", "1", "--demo-prevalence", "--no-progress", "--difficulty", "hard"], capsys)
     assert code == 0 and "6 phantom images at 16 px (seed 3, difficulty hard)" in out

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 
 from xray.cli_base import finite_float
+from xray.commands.info import summarise
+from xray.download import DEFAULT_JOBS, DEFAULT_PARTS, DEFAULT_RETRIES, DEFAULT_TIMEOUT, download
+from xray.errors import UserError
 
 HELP = "download the NIH ChestX-ray14 images and metadata (resumable, verified)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from xray.download import DEFAULT_JOBS, DEFAULT_PARTS, DEFAULT_RETRIES, DEFAULT_TIMEOUT
-
     p.add_argument("--out", required=True, metavar="DIR", help="NIH-format folder to fill (new or an earlier download)")
     p.add_argument("--parts", default=DEFAULT_PARTS, metavar="SPEC",
                    help=f"which of the 12 archives, e.g. 1-3 or 1,3,5 (default: {DEFAULT_PARTS})")
@@ -36,10 +37,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from xray.commands.info import summarise
-    from xray.download import download
-    from xray.errors import UserError
-
     if args.timeout <= 0:
         raise UserError(f"--timeout is {args.timeout}; expected a positive number of seconds")
     report = download(args.out, parts=args.parts, jobs=args.jobs, mirror=args.mirror, retries=args.retries,
