@@ -149,20 +149,22 @@ def test_training_with_fit_resumes_the_schedule_and_saves_a_policy(tmp_path):
 
 
 def test_train_policy_gdfs_cli(tmp_path, capsys, monkeypatch):
-    import xray.dataset
+    import boed.commands.train_policy
     from boed.cli import main
 
     torch.manual_seed(0)
     AVPClassifier(AVPConfig(arch="tiny", image_size=64, width=4, pool=2)).save_pretrained(tmp_path / "avp")
     sets = {"train": Images(8, 64), "test": Images(6, 64, seed=1)}
-    monkeypatch.setattr(xray.dataset, "dataset_from_args", lambda args, split: sets[split])
+    asked = []
+    monkeypatch.setattr(boed.commands.train_policy, "dataset_from_args",  # the name the command binds
+                        lambda args, split: asked.append(split) or sets[split])
     out = tmp_path / "gdfs"
     with pytest.raises(SystemExit) as e:
         main(["train-policy", "--method", "gdfs", "--avp", str(tmp_path / "avp"), "--out", str(out), "--scans", "2",
               "--steps", "2", "--batch-size", "4", "--device", "cpu", "--gdfs-predictor", "frozen", "--no-progress"])
     captured = capsys.readouterr()
     assert e.value.code == 0, captured.err
-    assert "GDFS policy" in captured.out
+    assert "GDFS policy" in captured.out and asked == ["train", "test"]  # the test's images, not the default phantom
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "gdfs" and "auroc_t2" in report
     assert load_policy(out, "effusion", ScanGeometry(64)).name == "gdfs"
