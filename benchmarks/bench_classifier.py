@@ -69,8 +69,9 @@ RECIPES: dict[str, tuple[str, dict, dict, float]] = {
     "full+scan-2x": ("full+scan with 2x the steps", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), {}, 2.0),
     "full+scan-w20": ("full+scan, tiny net width 20 (2.7x the FLOPs)", dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"),
                       dict(width=20), 1.0),
-    "full+scan-2x-ipa": ("full+scan-2x on `--arch encoder --init ipa:RUN`: IPA's partial encoder (trained on images of the "
-                         "preset, --encoder-run) fine-tuned, 6.5x the tiny net's FLOPs",
+    "full+scan-2x-ipa": ("full+scan-2x on `--arch encoder --init ipa:RUN`: the partial encoder of a finished demo's IPA "
+                         "(--encoder-run; its images are other draws of the preset, never this table's test images) "
+                         "fine-tuned; 6.5x the tiny net's FLOPs per input, no patch-local scoring",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="ipa"), 2.0),
     "full+scan-2x-vae": ("full+scan-2x on `--arch encoder --init vae:RUN`: the VAE's encoder phi, a zero mask channel",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="vae"), 2.0),
@@ -236,6 +237,11 @@ def markdown(data: dict) -> str:
             cells.append(" / ".join(f"{au[k]:.3f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k in ("full", "random_mean", "uncond_mean")))
         lines.append(f"| {r['preset']} | {r['recipe']} | " + " | ".join(cells) + " |")
     lines += ["", "Recipes:", ""] + [f"- `{k}`: {v[0]}" for k, v in RECIPES.items() if any(r["recipe"] == k for r in rows)]
+    enc = [r for r in rows if r.get("init")]
+    if enc:
+        lines += ["", "Encoder-initialised rows start from " + ", ".join(sorted({f"`{r['init']}`" for r in enc})) + " (the "
+                  "published cpu demo's models, trained on the default phantom set of 8 000 images, seed 0); their wall "
+                  "time was measured while a power study shared the machine."]
     lines += ["", f"The cpu demo profile uses `{CHOSEN}` (`boed.demo.PROFILES['cpu']`): the best mean AUROC after 1..5 Random "
               "scans on every preset, and a full-image AUROC above the old default's on every preset. The paper profile "
               "keeps appendix I.4 (the `default` masks)."]
