@@ -194,6 +194,7 @@ def test_kill_loop_harness(tmp_path, capsys):
     import signal
     import subprocess
     import sys
+    import time
 
     rng = random.Random(22)
     run = tmp_path / "run"
@@ -207,9 +208,16 @@ def test_kill_loop_harness(tmp_path, capsys):
     for attempt in range(10):
         p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         p.stdout.readline()  # imports done
-        try:
-            p.wait(timeout=rng.uniform(0.3, 3.0))
-        except subprocess.TimeoutExpired:
+        # kill at a random instant after this attempt wrote a checkpoint (whatever the machine's
+        # load: a fixed delay landed every kill before the first checkpoint on a busy machine)
+        started, extra, saved_at = time.time(), rng.uniform(0.0, 1.5), None
+        while p.poll() is None:
+            if saved_at is None and any(c.is_file() and c.stat().st_mtime >= started for c in checkpoint_paths(run)):
+                saved_at = time.monotonic()
+            if saved_at is not None and time.monotonic() - saved_at >= extra:
+                break
+            time.sleep(0.01)
+        if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
             kills += 1
@@ -230,7 +238,7 @@ def test_kill_loop_harness(tmp_path, capsys):
     same = torch.equal(flat(out), flat(ref))
     with capsys.disabled():
         print(f"\nkill loop: {kills} kills (+{flips} bit flips in the newest checkpoint), final model identical: {same}")
-    assert kills >= 2, f"the harness killed the run {kills} times: the training finished before the kills (raise STEPS)"
+    assert kills >= 2 and flips >= 1, f"the harness killed the run {kills} times ({flips} flips): the training finished before the kills (raise STEPS)"
     assert same
     assert not list((run / "checkpoints").glob(".*.tmp"))
 
