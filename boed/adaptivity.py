@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ TARGET_HALF_WIDTH = 0.012  # of the paired interval of EIG-IPA minus Uncond over
 POWER_ILLNESSES = ("effusion", "edema")
 LEVELS = ("default", "realistic", "hard")  # the sweep's order: how much the films vary
 POWER_COLUMNS = ["level", "illness", "t", "n", "positives", "repeats", "gain_uncond", "gain_uncond_lo", "gain_uncond_hi",
-                 "half_width", "room", "room_lo", "room_hi", "capture", "capture_lo", "capture_hi",
+                 "half_width", "gain_uncond_sd_repeats", "room", "room_lo", "room_hi", "capture", "capture_lo", "capture_hi",
                  "clairvoyant_minus_uncond", "eig_minus_random", "eig_minus_random_lo", "eig_minus_random_hi",
                  "eig_minus_full", "eig_minus_full_lo", "eig_minus_full_hi"]
 
@@ -79,7 +80,7 @@ def power_row(records: Sequence[dict], illness: str, scans: int, n_boot: int = 1
     positives = int(sum(ill.target(np.asarray(v, dtype=np.float32)) for v in labels.values()))
     row = {"level": level, "illness": ill.name, "t": span, "n": u["n"], "positives": positives, "repeats": u["repeats"],
            "gain_uncond": u["diff"], "gain_uncond_lo": u["diff_lo"], "gain_uncond_hi": u["diff_hi"],
-           "half_width": (u["diff_hi"] - u["diff_lo"]) / 2, "room": cap["room"], "room_lo": cap["room_lo"],
+           "half_width": (u["diff_hi"] - u["diff_lo"]) / 2, "gain_uncond_sd_repeats": u["diff_sd_repeats"], "room": cap["room"], "room_lo": cap["room_lo"],
            "room_hi": cap["room_hi"], "capture": cap["capture"], "capture_lo": cap["capture_lo"],
            "capture_hi": cap["capture_hi"], "clairvoyant_minus_uncond": cap["room"]}
     for base, key in (("random", "eig_minus_random"), ("full", "eig_minus_full")):
@@ -94,18 +95,21 @@ def _fmt(v: float, lo: float, hi: float) -> str:
 
 def render_power_md(rows: Sequence[dict], notes: str = "") -> str:
     """The markdown table of ``power.csv`` (one line per level and task)."""
-    out = ["| level | illness | n (positives) | R | EIG-IPA - Uncond | half-width | room: clairvoyant - Uncond | capture "
-           "| EIG-IPA - Random | EIG-IPA - full |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| level | illness | n (positives) | R | EIG-IPA - Uncond | half-width | sd over repeats | room: clairvoyant - Uncond "
+           "| capture | EIG-IPA - Random | EIG-IPA - full |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['level'] or '-'} | {r['illness']} | {r['n']} ({r['positives']}) | {r['repeats']} "
                    f"| {_fmt(r['gain_uncond'], r['gain_uncond_lo'], r['gain_uncond_hi'])} | {r['half_width']:.3f} "
+                   f"| {r.get('gain_uncond_sd_repeats', float('nan')):.3f} "
                    f"| {_fmt(r['room'], r['room_lo'], r['room_hi'])} "
                    f"| {r['capture']:.2f} [{r['capture_lo']:.2f}, {r['capture_hi']:.2f}] "
                    f"| {_fmt(r['eig_minus_random'], r['eig_minus_random_lo'], r['eig_minus_random_hi'])} "
                    f"| {_fmt(r['eig_minus_full'], r['eig_minus_full_lo'], r['eig_minus_full_hi'])} |")
     aim = (f"AUROC averaged over t = {rows[0]['t'] if rows else '2-T'}; paired two-level 95 % intervals (policy repeats, "
            f"then test images). Aim: half-width of EIG-IPA - Uncond at most {TARGET_HALF_WIDTH}. Capture = (EIG-IPA - "
-           "Uncond) / (clairvoyant - Uncond), meaningful only where the room's interval excludes 0.")
+           "Uncond) / (clairvoyant - Uncond), meaningful only where the room's interval excludes 0. `sd over repeats`: "
+           "the spread of EIG-IPA - Uncond between policy repeats (its IPA draws); with it the interval narrows as "
+           "1/sqrt(R), not with more test images.")
     return "\n".join(out) + "\n\n" + aim + ("\n\n" + notes if notes else "") + "\n"
 
 
@@ -142,7 +146,7 @@ def plot_power(rows: Sequence[dict], path: str | Path, x: str = "level") -> Path
 def write_power_outputs(rows: Sequence[dict], out: Path, stem: str, notes: str = "") -> dict[str, Path]:
     """``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` in ``out``."""
     csv = ",".join(POWER_COLUMNS) + "\n" + "".join(
-        ",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in POWER_COLUMNS) + "\n" for r in rows)
+        ",".join(f"{r.get(c, math.nan):.6g}" if isinstance(r.get(c, math.nan), float) else str(r[c]) for c in POWER_COLUMNS) + "\n" for r in rows)
     paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     atomic_write_text(paths["csv"], csv)
     atomic_write_text(paths["md"], render_power_md(rows, notes))

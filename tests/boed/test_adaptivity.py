@@ -45,6 +45,7 @@ def test_power_row_known_answers():
     assert row["gain_uncond"] == 0.5 and row["room"] == 0.5 and row["capture"] == 1.0
     assert row["half_width"] == pytest.approx((row["gain_uncond_hi"] - row["gain_uncond_lo"]) / 2)
     assert row["eig_minus_random"] == 0.5 and row["eig_minus_full"] == 0.0
+    assert row["gain_uncond_sd_repeats"] == 0.0  # the repeats agree exactly
     assert set(row) == set(POWER_COLUMNS)
     with pytest.raises(UserError, match="clairvoyant"):
         power_row([r for r in recs if r["method"] != "clairvoyant"], "effusion", scans=3, n_boot=0)
