@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -59,11 +60,31 @@ def _model_size(model) -> int | None:
     return None
 
 
+STALE_TEMP_S = 600  # a temp file this old has no live writer (outputs are written whole in well under a minute)
+
+
+def remove_stale_temps(out: Path, min_age_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove the ``.NAME.*.tmp`` files of writes killed midway in ``out`` (never renamed into
+    place), sparing younger ones: shards share the folder, and a live shard's write is recent."""
+    now, gone = time.time(), []
+    for p in Path(out).glob(".*.tmp") if Path(out).is_dir() else ():
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                gone.append(p)
+        except OSError:  # removed by another shard meanwhile, or not ours to remove
+            continue
+    if gone:
+        log.info("removed %d temp file(s) of killed writes in %s", len(gone), out)
+    return gone
+
+
 def finish(out: Path) -> int:
     """Merge the records of every shard into metrics and plots (when complete and consistent)."""
     if not out.is_dir():
         raise UserError(f"no evaluation in {out} (the folder does not exist); run `boed evaluate --out {out} ...` first")
     cfg = config_from_out(out)
+    remove_stale_temps(out)
     check_shards(out, cfg)
     missing = missing_records(out, cfg)
     if missing:
@@ -170,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed:
         dist.barrier()  # nobody reads --out before rank 0 has moved it aside
     ensure_writable_dir(out)
+    remove_stale_temps(out)  # of an earlier, killed run
     path = evaluate(policies, classifier, test_set, cfg, out, shard, device, progress=args.progress, rank=rank)
     print(f"records: {path}")
     log.info("t = 1 choices: %d computed, %d shared between methods", ctx.first_cache.misses, ctx.first_cache.hits)

@@ -60,3 +60,22 @@ def test_evaluate_merge_with_shard_is_refused(tmp_path, capsys):
     code, _, err = run(["evaluate", "--merge", "--shard", "0/2", "--out", str(tmp_path / "e")], capsys)
     assert code == 2 and "--merge" in err and "--shard" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e").exists()
+
+
+def test_stale_temps_of_killed_writes_are_removed_and_live_ones_spared(tmp_path):
+    import os
+    import time
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    old = out / ".metrics.csv.abc123.tmp"  # a write killed 20 minutes ago
+    young = out / ".records-000-of-002.jsonl.def456.tmp"  # another shard writing now
+    keep = out / "metrics.csv"
+    for p in (old, young, keep):
+        p.write_text("x")
+    past = time.time() - 20 * 60
+    os.utime(old, (past, past))
+    os.utime(keep, (past, past))
+    assert eval_run.remove_stale_temps(out) == [old]
+    assert not old.exists() and young.exists() and keep.exists()
+    assert eval_run.remove_stale_temps(tmp_path / "missing") == []
