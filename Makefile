@@ -41,9 +41,10 @@ study-power: $(STAMP)
 	$(BIN)/boed study power --out runs/demo
 	cp runs/demo/power.csv runs/demo/power.md runs/demo/power.png results/
 
-# the power study on phantom sets of growing variability (default, realistic, hard)
-study-variability: $(STAMP)
-	$(BIN)/boed study variability --out runs/variability
+# the power study on phantom sets of growing variability: default (the power study's own row), realistic, hard;
+# Effusion, 300 test images per level (the budget: each level trains its own VAE, IPA and AVP-CNN)
+study-variability: study-power
+	$(BIN)/boed study variability --levels default,realistic,hard --reuse default=runs/demo --illness effusion --n-test 300 --out runs/variability
 	cp runs/variability/variability.csv runs/variability/variability.md runs/variability/variability.png results/
 
 test: $(STAMP)

@@ -8,6 +8,8 @@
   boed study seeds --seeds 0,1 --out runs/seeds-q -- --quick   # flags after -- go to every boed demo
   boed study power --out runs/demo                  # EIG-IPA, Uncond, clairvoyant, Random, full on 1 000 test images
   boed study variability --out runs/variability     # phantom presets default, realistic, hard: gain over Uncond per level
+  boed study variability --reuse default=runs/demo --illness effusion --n-test 300 --out runs/variability
+                                                    # the default level's row from the power study in runs/demo
 
 completers: trains (or reuses) the VAE, IPA, IPA-R (reverse KL), an under-trained IPA (1/8 of the
 steps) and the AVP-CNN, evaluates eig-ipa, eig-ipar, eig-ipa-under, eig-retrieval and uncond with R
