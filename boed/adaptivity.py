@@ -213,7 +213,8 @@ def reused_rows(run: Path, level: str, illnesses: Sequence[str]) -> list[dict]:
                         "first, or drop --reuse") from None
     if not isinstance(data, dict):
         raise UserError(f"--reuse {level}={run}: {path} holds no power study summary (a JSON object); rerun the power study")
-    rows = {r["illness"]: r for r in data.get("rows", [])}
+    need = [c for c in POWER_COLUMNS if c not in ("level", "gain_uncond_sd_repeats")]  # the latter is newer than some summaries
+    rows = {r["illness"]: r for r in data.get("rows", []) if isinstance(r, dict) and all(c in r for c in need)}
     names = [resolve_illness(i).name for i in illnesses]
     missing = [n for n in names if n not in rows]
     if missing:

@@ -176,13 +176,12 @@ class EncoderNet(nn.Module):
         super().__init__()
         cfg = VAEConfig(**{k: encoder[k] for k in ENCODER_FIELDS})
         self.encoder = Encoder(cfg, in_channels=cfg.image_channels + 1)
-        res, keep = cfg.image_size, 0
-        self.res = max(pool, cfg.image_size // 16)
-        for down in (d for _, d in parse_layer_string(cfg.enc_blocks)):  # blocks whose output is still >= self.res
-            if res // (down or 1) < self.res:
+        res, keep, target = cfg.image_size, 0, max(pool, cfg.image_size // 16)
+        for down in (d for _, d in parse_layer_string(cfg.enc_blocks)):  # the blocks whose output is still >= target
+            if res // (down or 1) < target:
                 break
             res, keep = res // (down or 1), keep + 1
-        self.res = res
+        self.res = res  # the resolution of the features the head reads
         self.encoder.enc_blocks = self.encoder.enc_blocks[:keep]
         self.pool = nn.AdaptiveAvgPool2d(pool)  # (B, W, pool, pool)
         self.head = nn.Linear(self.encoder.widths[res] * pool * pool, num_outputs)

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xray.errors import UserError
-from xray.io import atomic_write_json, ensure_writable_dir, run_lock
+from xray.io import atomic_write_json, ensure_writable_dir, remove_temp_files, run_lock
 from xray.provenance import check_same, move_aside
 
 from . import distributed as dist_utils
@@ -285,9 +285,8 @@ def remove_killed_writes(run_dir: Path) -> None:
     records, in ``checkpoints/`` and ``samples/``; ``.model.*`` of an interrupted model save). Only
     the training holding the run lock calls it, so no live write is touched; the model is saved
     again at the end of the run."""
-    for tmp in [*(run_dir / CKPT_DIR).glob(".*.tmp"), *run_dir.glob(".*.tmp"), *(run_dir / "samples").glob(".*.tmp")]:
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+    for folder in (run_dir, run_dir / CKPT_DIR, run_dir / "samples"):
+        remove_temp_files(folder)
     for d in run_dir.glob(".model.*"):
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)

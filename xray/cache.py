@@ -71,7 +71,8 @@ from . import nih
 from .errors import UserError
 from .imageio import read_image
 from .integrity import sha256_file
-from .io import atomic_path, atomic_write_json, atomic_write_text, check_free_space, ensure_writable_dir
+from .io import (atomic_path, atomic_write_json, atomic_write_text, check_free_space, ensure_writable_dir,
+                 remove_temp_files)
 from .labels import ANY_FINDING, NO_FINDING
 
 log = logging.getLogger(__name__)
@@ -331,8 +332,7 @@ def prepare(root: str | os.PathLike, size: int, out: str | os.PathLike | None = 
 
 
 def _prepare_locked(plan: Plan, workers: int | None, progress: bool) -> Path:
-    for tmp in plan.out.glob(".*.tmp"):  # temp files of a killed run (we hold the lock: no writer is live)
-        tmp.unlink(missing_ok=True)
+    remove_temp_files(plan.out)  # of a killed run (we hold the lock: no writer is live)
     manifest = _read_json(plan.out / MANIFEST_FILE)
     if manifest is not None:
         damage = check_files(plan.out, plan.size, sample=0)

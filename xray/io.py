@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -148,6 +149,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def remove_temp_files(folder: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Remove the temp files :func:`atomic_path` leaves in ``folder`` when a write is killed midway
+    (``.NAME.*.tmp``, never renamed into place), sparing those younger than ``min_age_s`` (a live
+    writer's, where other processes share the folder). Returns what was removed."""
+    d, now, gone = Path(folder), time.time(), []
+    for p in d.glob(".*.tmp") if d.is_dir() else ():
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                gone.append(p)
+        except OSError:  # removed by another process meanwhile
+            continue
+    return gone
 
 
 # ----------------------------------------------------------------------------------------------

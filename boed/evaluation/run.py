@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -22,7 +21,7 @@ from ipa_core.trainer import DAMAGED, check_finite_weights
 from xray.cli_base import parse_device, parse_shard
 from xray.dataset import dataset_from_args, use_models_data
 from xray.errors import UserError
-from xray.io import ensure_writable_dir
+from xray.io import ensure_writable_dir, remove_temp_files
 from xray.labels import resolve_illness
 from xray.provenance import move_aside
 
@@ -64,16 +63,9 @@ STALE_TEMP_S = 600  # a temp file this old has no live writer (outputs are writt
 
 
 def remove_stale_temps(out: Path, min_age_s: float = STALE_TEMP_S) -> list[Path]:
-    """Remove the ``.NAME.*.tmp`` files of writes killed midway in ``out`` (never renamed into
-    place), sparing younger ones: shards share the folder, and a live shard's write is recent."""
-    now, gone = time.time(), []
-    for p in Path(out).glob(".*.tmp") if Path(out).is_dir() else ():
-        try:
-            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
-                p.unlink()
-                gone.append(p)
-        except OSError:  # removed by another shard meanwhile, or not ours to remove
-            continue
+    """Remove the temp files of writes killed midway in ``out``, sparing younger ones: shards share
+    the folder, and a live shard's write is recent."""
+    gone = remove_temp_files(out, min_age_s)
     if gone:
         log.info("removed %d temp file(s) of killed writes in %s", len(gone), out)
     return gone

@@ -145,4 +145,8 @@ def test_variability_sweep_reuses_finished_power_studies_per_level(tmp_path):
         else:
             with pytest.raises(UserError, match=match):
                 run_variability_sweep(levels, tmp_path / "w", PROFILES["quick"], 200, 10, reuse=reuse)
+    (runs["realistic"] / "power.json").write_text(json.dumps({"rows": [{"illness": "Effusion", "room": 0.1}]}))
+    with pytest.raises(UserError, match="holds no Effusion row"):  # a row without the table's fields
+        run_variability_sweep(["default", "realistic"], tmp_path / "w", PROFILES["quick"], 200, 10, illnesses=["effusion"],
+                              reuse=runs)
     assert not (tmp_path / "w").exists()

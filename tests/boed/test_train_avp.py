@@ -128,16 +128,8 @@ def test_bad_config_is_user_error():
         AVPTrainTask(AVPClassifier(AVPConfig(arch="tiny", image_size=S)), AVPTrainConfig(pos_weight="auto"))
 
 
-class BrightCornerSet:
-    """Label k = 1 when a bright square sits in a known place: learnable from masked views."""
-
-    def __init__(self, n=256, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randint(0, 80, (n, 1, S, S), generator=g, dtype=torch.uint8)
-        y = (torch.rand(n, 15, generator=g) > 0.5).float()
-        y[:, 4] = torch.arange(n) % 2  # Effusion balanced
-        x[y[:, 4] == 1, :, 8:40, 8:40] = 230
-        self.images, self.labels, self.image_size = x, y.numpy(), S
+class _InMemorySet:
+    """``images`` (n, 1, S, S) uint8 and ``labels`` (n, K) as the trainer reads a dataset."""
 
     def __len__(self):
         return len(self.images)
@@ -147,6 +139,18 @@ class BrightCornerSet:
 
     def get_batch(self, idx):
         return self.images[torch.as_tensor(idx)]
+
+
+class BrightCornerSet(_InMemorySet):
+    """Label k = 1 when a bright square sits in a known place: learnable from masked views."""
+
+    def __init__(self, n=256, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 80, (n, 1, S, S), generator=g, dtype=torch.uint8)
+        y = (torch.rand(n, 15, generator=g) > 0.5).float()
+        y[:, 4] = torch.arange(n) % 2  # Effusion balanced
+        x[y[:, 4] == 1, :, 8:40, 8:40] = 230
+        self.images, self.labels, self.image_size = x, y.numpy(), S
 
 
 def test_fit_learns_and_reports(tmp_path):
@@ -314,7 +318,7 @@ def test_cli_initial_weights_depend_on_the_seed_alone(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the cpu recipe on harder data (issue 24)
 
-class _PhantomSet:
+class _PhantomSet(_InMemorySet):
     """An in-memory phantom set of the given difficulty: Effusion on every other film, nothing else."""
 
     def __init__(self, n: int, offset: int, difficulty: str, size: int = S, seed: int = 7):
@@ -332,15 +336,6 @@ class _PhantomSet:
             y[i, k] = y[i, LABELS.index("Any Finding")] = float(pos)
         self.images = torch.as_tensor(np.stack(ims))[:, None]  # (n, 1, S, S) uint8
         self.labels, self.image_size, self.effusion = y, size, k
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], torch.as_tensor(self.labels[i])
-
-    def get_batch(self, idx):
-        return self.images[torch.as_tensor(idx)]
 
 
 def brief_cpu_recipe_auroc(tmp_path, steps: int, n_train: int, n_test: int, difficulty: str, seed: int = 0,

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from xray.errors import UserError
-from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir, run_lock
+from xray.io import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir, remove_temp_files, run_lock
 
 
 def test_atomic_write_replaces_and_respects_umask(tmp_path):
@@ -60,3 +60,23 @@ def test_run_lock_is_exclusive_and_released_on_exit(tmp_path):
     with run_lock(out):  # released: the next writer gets it
         pass
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_remove_temp_files_takes_only_killed_writes_temps(tmp_path):
+    import os
+    import time
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            killed = tmp.with_name(tmp.name + "-copy.tmp")  # what a kill -9 leaves: atomic_path's own cleanup never ran
+            killed.write_text("half")
+            raise RuntimeError
+    (tmp_path / "keep.tmp").write_text("not ours")  # no leading dot: not an atomic_path temp
+    young = tmp_path / ".b.json.x.tmp"
+    young.write_text("live")
+    past = time.time() - 100
+    os.utime(killed, (past, past))
+    assert remove_temp_files(tmp_path, min_age_s=50) == [killed]
+    assert young.exists() and (tmp_path / "keep.tmp").exists() and not (tmp_path / "a.json").exists()
+    assert remove_temp_files(tmp_path) == [young] and remove_temp_files(tmp_path / "none") == []
