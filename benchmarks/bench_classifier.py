@@ -73,6 +73,9 @@ RECIPES: dict[str, tuple[str, dict, dict, float]] = {
                          "(--encoder-run; its images are other draws of the preset, never this table's test images) "
                          "fine-tuned; 6.5x the tiny net's FLOPs per input, no patch-local scoring",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="ipa"), 2.0),
+    "full+scan-2x-enc": ("the control of full+scan-2x-ipa: the same encoder architecture (read from --encoder-run's IPA), "
+                         "input standardisation and steps, from random weights (no init)",
+                         dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="ipa", scratch=True), 2.0),
     "full+scan-2x-vae": ("full+scan-2x on `--arch encoder --init vae:RUN`: the VAE's encoder phi, a zero mask channel",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="vae"), 2.0),
 }
@@ -128,12 +131,13 @@ def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int =
                                log_every=max(n_steps // 4, 1))
     mo = dict(mo)
     kind = mo.pop("init", None)
+    scratch = mo.pop("scratch", False)  # the encoder's architecture from the init's config, random weights
     if kind is not None and encoder_run is None:
         raise SystemExit(f"recipe {recipe} starts from a trained {kind.upper()}: pass --encoder-run RUN (a finished boed demo folder)")
     init = parse_init("scratch" if kind is None else f"{kind}:{encoder_run / kind}", mo.get("arch", "tiny"), None)
     mcfg = init_config(AVPConfig(image_size=train_set.image_size, **mo), init)
     with seeded(seed):
-        model = init_state(AVPClassifier(mcfg), init)
+        model = AVPClassifier(mcfg) if scratch else init_state(AVPClassifier(mcfg), init)
     task = AVPTrainTask(model, AVPTrainConfig(seed=seed, **tr), progress=False)
     t0 = time.perf_counter()
     out = fit(task, train_set, tcfg, run_dir)
@@ -280,7 +284,8 @@ def run_recipes(args) -> None:
             row = {"preset": preset, "recipe": recipe, "train_s": secs, "score_s": time.perf_counter() - t1,
                    "steps": int(round(tcfg.steps * RECIPES[recipe][3] * args.steps_scale)),
                    "n_train": len(train_set), "scores": scores,
-                   **({"init": f"{RECIPES[recipe][2]['init']}:{args.encoder_run / RECIPES[recipe][2]['init']}"}
+                   **({"init": ("arch of " if RECIPES[recipe][2].get("scratch") else "")
+                               + f"{RECIPES[recipe][2]['init']}:{args.encoder_run / RECIPES[recipe][2]['init']}"}
                       if "init" in RECIPES[recipe][2] else {})}
             data["rows"].append(row)
             atomic_write_json(results, data)

@@ -248,6 +248,35 @@ def stage_fingerprint(opts: DemoOptions, st: Stage, upstream: dict[str, str], re
                    **({"models": used} if used else {})})
 
 
+# Flags whose larger value a stage's command adds to its existing output instead of starting over:
+# `boed evaluate` keeps the records of fewer --repeats (boed.evaluation.config.GROWS).
+GROWING_FLAGS = {"boed evaluate": ("--repeats",)}
+
+
+def grows_in_place(opts: DemoOptions, st: Stage, old_command: str | None, old_fp: str | None,
+                   upstream: dict[str, str], result: Any = None, models: dict[str, str] | None = None) -> bool:
+    """True when the stage's output, made by ``old_command`` with fingerprint ``old_fp``, differs
+    from this run only by smaller values of :data:`GROWING_FLAGS`: the command then extends it
+    (proved by recomputing the fingerprint with the old values, so nothing else changed)."""
+    flags = GROWING_FLAGS.get(st.cli, ())
+    if not flags or not old_command or not old_fp:
+        return False
+    old, argv = shlex.split(old_command)[len(st.cli.split()):], list(st.argv)
+    for flag in flags:
+        texts = [str(a) for a in argv]
+        if flag not in texts[:-1] or flag not in old[:-1]:
+            return False
+        i = texts.index(flag) + 1
+        try:
+            before, now = int(old[old.index(flag) + 1]), int(texts[i])
+        except ValueError:
+            return False
+        if before > now:
+            return False
+        argv[i] = before
+    return stage_fingerprint(opts, dataclasses.replace(st, argv=argv), upstream, result, models) == old_fp
+
+
 def stage_output(st: Stage) -> Path | None:
     """The folder a stage's command writes (its ``--out``), if it has one."""
     argv = [str(a) for a in st.argv]
@@ -319,8 +348,13 @@ def _stage(opts: DemoOptions, st: Stage, fingerprints: dict[str, str], timings: 
         log.info("[%s] done already (%.0f s): %s", st.name, timings[st.name], line)
         return
     started = opts.out / ".stages" / f"{st.name.replace('/', '--')}.json"
-    old_fp = (done or _read_json(started) or {}).get("fingerprint")
-    if folder.exists() and old_fp != fp:
+    old_run = done or _read_json(started) or {}
+    old_fp = old_run.get("fingerprint")
+    if folder.exists() and old_fp != fp and grows_in_place(opts, st, old_run.get("command"), old_fp, fingerprints,
+                                                           identity, models):
+        log.info("[%s] extending its output in place (only %s grew): %s", st.name,
+                 ", ".join(GROWING_FLAGS[st.cli]), old_run.get("command"))
+    elif folder.exists() and old_fp != fp:
         moved = move_aside(folder)
         log.warning("[%s] its inputs changed since it ran: old outputs moved to %s", st.name, moved)
     elif done is None and old_fp == fp and _complete_output(st, folder):

@@ -12,6 +12,12 @@ stored in ``eval_config.json``, in the first (header) line of every records file
 digest ``fp`` in every record (:mod:`.records`). A resume that differs is refused naming the flag
 that changed (:data:`FLAGS`), before any data is prepared (:func:`.records.precheck_resume`).
 
+Growing ``--repeats`` extends an evaluation: a record of repeat r depends on (seed, method, task, r,
+image) and never on R (every policy-level stream is drawn per repeat, below), so the records of an
+R-repeat evaluation are records of the same evaluation with more repeats. A resume with a larger
+``--repeats`` keeps them and computes only the new repeats (:meth:`EvalConfig.accepted_digests`;
+a smaller one is refused). Tested: R = 2 extended to R = 3 gives the records of an R = 3 run.
+
 Batch size is part of the fingerprint in both ``rng`` modes: under ``rng="image"`` the scanned
 locations do not depend on it, but the classifier's probabilities do, at float32 rounding
 (about 1e-7: its batched convolutions sum in another order), so a resume with another
@@ -24,7 +30,7 @@ import hashlib
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -54,6 +60,8 @@ FLAGS = {"seed": "--seed", "rng": "--rng", "batch_size": "--batch-size", "n_samp
          **{f"models.{k}": mf.flag for k, mf in MODEL_FLAGS.items()},
          "data.test": "the test data (--data/--data-root)", "data.train": "the training data (--data/--data-root)",
          "indices": "--n-test (the test images drawn)"}
+# Fingerprint fields a resume may raise: the records made with the smaller value stay valid (module doc).
+GROWS = ("repeats",)
 # Fields known before the test data is opened (a resume is checked on these before any cache is built).
 PRE_DATA_KEYS = tuple(k for k in RECORD_KEYS if k not in ("indices", "data"))
 
@@ -238,6 +246,12 @@ class EvalConfig:
 
     def fingerprint_digest(self) -> str:
         return digest(self.fingerprint())
+
+    def accepted_digests(self) -> dict[str, int]:
+        """The fingerprint digests whose records this run keeps, each mapped to its number of repeats:
+        this config's own and those of the same evaluation with fewer repeats (a record of repeat r
+        does not depend on R, so a larger ``--repeats`` extends an evaluation)."""
+        return {replace(self, repeats=r).fingerprint_digest(): r for r in range(1, self.repeats + 1)}
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -189,7 +189,7 @@ def evaluate(policies: Mapping[tuple[str, str | None], Policy], classifier, data
               "writer": {"shard": list(shard), "rank": list(rank)}}
     writer = RecordsWriter(records_path(out, shard, rank), header)
     try:
-        done = {key_of(r) for r in load_records(out, fp=cfg.fingerprint_digest())}
+        done = {key_of(r) for r in load_records(out, fp=cfg.accepted_digests())}
         positions = shard_positions(len(cfg.indices), cfg.batch_size, shard, rank)
         geometry = ScanGeometry(cfg.image_size)
         dev = torch.device(device) if device is not None else next(classifier.parameters()).device

@@ -8,7 +8,9 @@ round-robin over the ranks. Every writer process appends to its own file
 running, repairs only its own torn last line, and reads the other files without modifying them (a
 torn last line there is skipped). The fingerprint (:meth:`.config.EvalConfig.fingerprint`) is
 checked on every resume and merge with :func:`xray.provenance.check_same` (one-line error;
-``--restart`` starts over). The metrics come from the union of the files.
+``--restart`` starts over), except that ``--repeats`` may grow (:data:`.config.GROWS`: the records
+of fewer repeats are kept, each record checked against the fingerprint it was made with). The
+metrics come from the union of the files.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 from xray.errors import UserError
 from xray.integrity import LINE_KEY, open_line, seal_line
 from xray.io import atomic_write_json, disk_full_error, is_disk_full
 from xray.provenance import check_same
 
-from .config import CONFIG_NAME, FLAGS, PRE_DATA_KEYS, EvalConfig, key_of
+from .config import CONFIG_NAME, FLAGS, GROWS, PRE_DATA_KEYS, EvalConfig, key_of
 
 try:
     import fcntl
@@ -87,18 +90,23 @@ def _records_files(out_dir: str | Path) -> list[Path]:
     return sorted(Path(out_dir).glob("records*.jsonl"))
 
 
-def load_records(out_dir: str | Path, fp: str | None = None) -> list[dict]:
+def load_records(out_dir: str | Path, fp: str | Mapping[str, int] | None = None) -> list[dict]:
     """All records of every writer's file in ``out_dir`` (later duplicates of a key are dropped).
 
     Read-only: a torn last line of any file is skipped, never cut off. With ``fp`` every record
-    must carry that fingerprint digest (UserError otherwise).
+    must carry that fingerprint digest (UserError otherwise); ``fp`` may be
+    :meth:`.config.EvalConfig.accepted_digests` (digest -> repeats), then a record's repeat must
+    also be one of its own fingerprint's.
     """
+    accepted = None if fp is None else {fp: None} if isinstance(fp, str) else dict(fp)
+    this = None if fp is None else fp if isinstance(fp, str) else max(accepted, key=accepted.get)
     out: dict[tuple, dict] = {}
     for path in _records_files(out_dir):
         _, recs, _ = read_records_file(path)
         for rec in recs:
-            if fp is not None and rec.get("fp") != fp:
-                raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {fp} "
+            if accepted is not None and (rec.get("fp") not in accepted or (
+                    accepted[rec["fp"]] is not None and rec.get("repeat") is not None and rec["repeat"] >= accepted[rec["fp"]])):
+                raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {this} "
                                 "(other models, data or flags); use the same flags to resume, or pass --restart to start over")
             first = out.setdefault(key_of(rec), rec)
             if first is not rec and first != rec:
@@ -107,19 +115,26 @@ def load_records(out_dir: str | Path, fp: str | None = None) -> list[dict]:
     return list(out.values())
 
 
+def grown(old: Mapping, new: Mapping) -> Mapping:
+    """``old`` (a stored fingerprint) with the :data:`.config.GROWS` fields that ``new`` raises set to
+    ``new``'s: an evaluation that a resume with more repeats extends compares equal."""
+    up = {k: new[k] for k in GROWS if isinstance(old.get(k), int) and isinstance(new.get(k), int) and old[k] <= new[k]}
+    return {**old, **up}
+
+
 def check_records_provenance(out_dir: Path, cfg: EvalConfig) -> None:
-    """Every records file's header and every record must carry ``cfg``'s fingerprint (works
-    without ``eval_config.json``)."""
-    new, fp = cfg.fingerprint(), cfg.fingerprint_digest()
+    """Every records file's header and every record must carry ``cfg``'s fingerprint, or one with
+    fewer repeats (works without ``eval_config.json``)."""
+    new = cfg.fingerprint()
     for path in _records_files(out_dir):
         header, recs, _ = read_records_file(path)
         if header is not None:
-            check_same(f"{path}", header.get("fingerprint", {}), new, flags=FLAGS,
+            check_same(f"{path}", grown(header.get("fingerprint", {}), new), new, flags=FLAGS,
                        hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
         elif recs:
             raise UserError(f"{path} has records but no provenance header (made by an older boed); "
                             "pass --restart to start over")
-    load_records(out_dir, fp=fp)
+    load_records(out_dir, fp=cfg.accepted_digests())
 
 
 def config_from_out(out_dir: Path) -> EvalConfig:
@@ -146,10 +161,10 @@ def check_shards(out_dir: Path, cfg: EvalConfig) -> None:
             if recs:
                 raise UserError(f"shard file {path} has no provenance header (made by an older boed); re-run its shard with --restart")
             continue
-        check_same(f"shard file {path}", new, header.get("fingerprint", {}),
+        check_same(f"shard file {path}", new, grown(header.get("fingerprint", {}), new),
                    hint="the shards were made with different models, data or flags: re-run that shard with the "
                         "flags of the others (or delete its file), then merge again")
-    load_records(out_dir, fp=cfg.fingerprint_digest())
+    load_records(out_dir, fp=cfg.accepted_digests())
 
 
 def _stored_fingerprint(out_dir: Path) -> dict | None:
@@ -199,7 +214,7 @@ def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
     new = part(cfg.fingerprint())
     old = _stored_fingerprint(out_dir)
     if old is not None:
-        check_same(f"the evaluation in {out_dir}", part(old), new, flags=FLAGS)
+        check_same(f"the evaluation in {out_dir}", part(grown(old, new)), new, flags=FLAGS)
     for path in _records_files(out_dir):
         try:
             with open(path, "rb") as f:
@@ -207,7 +222,7 @@ def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
         except (OSError, ValueError, AttributeError):
             continue  # unreadable or damaged: the full check reports it
         if isinstance(header, dict) and isinstance(header.get("fingerprint"), dict):
-            check_same(f"{path}", part(header["fingerprint"]), new, flags=FLAGS,
+            check_same(f"{path}", part(grown(header["fingerprint"], new)), new, flags=FLAGS,
                        hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
 
 
@@ -216,9 +231,12 @@ def check_resume(out_dir: Path, cfg: EvalConfig) -> None:
     records as ``cfg`` (one-line UserError naming the flag that changed, else the first differing
     field); write the config."""
     path = out_dir / CONFIG_NAME
-    old = _stored_fingerprint(out_dir)
+    old, new = _stored_fingerprint(out_dir), cfg.fingerprint()
     if old is not None:
-        check_same(f"the evaluation in {out_dir}", old, cfg.fingerprint(), flags=FLAGS)
+        if grown(old, new) != old:
+            log.info("%s: --repeats %d extends the evaluation's %d repeats (their records are kept)", out_dir,
+                     new["repeats"], old["repeats"])
+        check_same(f"the evaluation in {out_dir}", grown(old, new), new, flags=FLAGS)
     check_records_provenance(out_dir, cfg)
     atomic_write_json(path, cfg.to_dict())
 
@@ -272,5 +290,5 @@ class RecordsWriter:
 
 
 def missing_records(out_dir: str | Path, cfg: EvalConfig) -> int:
-    have = {key_of(r) for r in load_records(out_dir, fp=cfg.fingerprint_digest())}
+    have = {key_of(r) for r in load_records(out_dir, fp=cfg.accepted_digests())}
     return len(cfg.expected_keys() - have)

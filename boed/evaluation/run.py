@@ -82,7 +82,7 @@ def finish(out: Path) -> int:
     if missing:
         raise UserError(f"{out} lacks {missing} of {len(cfg.expected_keys())} records; finish every shard "
                         "(re-run its command) before merging")
-    rows = write_report(out, load_records(out, fp=cfg.fingerprint_digest()), cfg.tasks, cfg.scans, cfg.n_boot,
+    rows = write_report(out, load_records(out, fp=cfg.accepted_digests()), cfg.tasks, cfg.scans, cfg.n_boot,
                         cfg.bootstrap_seed, cfg.cross_task)
     print(format_table([r for r in rows if r["t"] in (0, 1, cfg.scans)]))
     print(f"wrote {out / 'metrics.csv'}, {out / 'auroc.png'}, {out / 'nll.png'}"

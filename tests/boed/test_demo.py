@@ -448,3 +448,38 @@ def test_avp_stage_passes_the_profiles_training_masks(tmp_path):
     argv, args = parsed(PROFILES["paper"])
     assert not {"--p-full", "--p-freeform", "--patch-layout"} & set(argv)
     assert (args.p_full, args.p_freeform, args.patch_layout) == (0.0, 0.5, "uniform")  # appendix I.4
+
+
+def test_an_evaluation_stage_grows_in_place_when_only_its_repeats_grow(tmp_path, caplog):
+    """`boed study power --repeats 7` on a finished R = 3 study extends its evaluation folders (the
+    evaluation keeps the records of fewer repeats) instead of moving them aside; fewer repeats or any
+    other change still moves the old output aside and starts over."""
+    import logging
+
+    from boed.demo import Stage, _stage
+
+    opts = _tiny_opts(tmp_path)
+    opts.out.mkdir()
+    folder = opts.out / "power-eval" / "effusion"
+    calls = []
+
+    def stage(repeats, seed=0):
+        def target(_opts):
+            calls.append(repeats)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"records-r{repeats}.jsonl").write_text("x")
+
+        return Stage("power-eval/effusion", "boed evaluate", target, ["--repeats", repeats, "--seed", seed, "--out", folder])
+
+    _stage(opts, stage(3), {}, {})
+    with caplog.at_level(logging.INFO, logger="boed.demo"):
+        _stage(opts, stage(7), {}, {})
+    assert calls == [3, 7] and "extending its output in place" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["done.json", "records-r3.jsonl", "records-r7.jsonl"]
+    assert not list(folder.parent.glob("effusion.old-*"))
+    _stage(opts, stage(7), {}, {})  # done: not run again
+    assert calls == [3, 7]
+    _stage(opts, stage(5), {}, {})  # fewer repeats: the old output is moved aside
+    assert len(list(folder.parent.glob("effusion.old-*"))) == 1 and not (folder / "records-r7.jsonl").exists()
+    _stage(opts, stage(6, seed=1), {}, {})  # more repeats but another seed: moved aside too
+    assert len(list(folder.parent.glob("effusion.old-*"))) == 2 and calls == [3, 7, 5, 6]

@@ -281,6 +281,44 @@ def test_repeats_redraw_policy_randomness_and_resume(tmp_path, classifier):
     assert _canon(load_records(tmp_path / "run")) == ref
 
 
+def test_more_repeats_extend_an_evaluation_to_the_records_of_a_fresh_run(tmp_path, classifier):
+    """A resume with a larger --repeats keeps every record (bytes unchanged), computes only the new
+    repeats, and ends with the records and metrics of an evaluation run with that many repeats from
+    the start; a smaller --repeats and a record outside its own fingerprint's repeats are refused."""
+    data = TinySet()
+    cfg2, cfg3 = _cfg(data, repeats=2), _cfg(data, repeats=3)
+    evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path / "grown", progress=False)
+    path = records_path(tmp_path / "grown", (0, 1))
+    before = path.read_bytes()
+    pols = _policies(cfg3)
+    evaluate(pols, classifier, data, cfg3, tmp_path / "grown", progress=False)
+    assert path.read_bytes().startswith(before)  # kept as they were
+    assert pols[("random", None)].calls == 3 * 7  # only repeat 2 was scanned (T = 3 scans of 7 images)
+    evaluate(_policies(cfg3), classifier, data, cfg3, tmp_path / "fresh", progress=False)
+
+    def content(recs):
+        return sorted(json.dumps({k: v for k, v in r.items() if k not in ("pos", "fp")}, sort_keys=True) for r in recs)
+
+    grown, fresh = load_records(tmp_path / "grown"), load_records(tmp_path / "fresh")
+    assert content(grown) == content(fresh) and len(fresh) == 7 * 3 * 3 + 7
+    assert {r["fp"] for r in grown} == {cfg2.fingerprint_digest(), cfg3.fingerprint_digest()}
+    assert missing_records(tmp_path / "grown", cfg3) == 0
+    for run in ("grown", "fresh"):
+        finish(tmp_path / run)
+    assert (tmp_path / "grown" / "metrics.csv").read_bytes() == (tmp_path / "fresh" / "metrics.csv").read_bytes()
+    assert json.loads((tmp_path / "grown" / CONFIG_NAME).read_text())["repeats"] == 3
+    with pytest.raises(UserError, match=r"^--repeats changed: .* was made with 3, this run has 2"):
+        evaluate(_policies(cfg2), classifier, data, cfg2, tmp_path / "grown", progress=False)
+    # a record of repeat 2 stamped with the 2-repeat fingerprint was not made by that evaluation
+    lines = path.read_text().splitlines()
+    rec = open_line(lines[-1])
+    assert rec["repeat"] == 2
+    rec["fp"] = cfg2.fingerprint_digest()
+    path.write_text("\n".join(lines[:-1] + [seal_line(rec)]) + "\n")
+    with pytest.raises(UserError, match=f"fingerprint {cfg2.fingerprint_digest()}"):
+        evaluate(_policies(cfg3), classifier, data, cfg3, tmp_path / "grown", progress=False)
+
+
 def test_common_random_numbers_across_eig_completers(tmp_path, classifier):
     """Every EIG method makes the same t = 1 computation from the same draws: identical t = 1 records
     per repeat (computed once per repeat and shared), and new draws in every repeat."""
@@ -326,17 +364,18 @@ def test_nongreedy_records_use_the_budget_t_set(tmp_path, classifier):
 
 def test_resume_with_other_settings_is_refused(tmp_path, classifier):
     data = TinySet()
-    cfg = _cfg(data, methods=("random",), temperature=1.0, data={"test": "aaaa", "train": None})
+    cfg = _cfg(data, methods=("random",), temperature=1.0, data={"test": "aaaa", "train": None}, repeats=2)
     evaluate(_policies(cfg), classifier, data, cfg, tmp_path, progress=False)
     for change, flag in (({"temperature": 0.5}, "--temperature"), ({"data": {"test": "bbbb", "train": None}}, "the test data"),
-                         ({"repeats": 2}, "--repeats"), ({"n_sequences": 5}, "--n-sequences"), ({"seed": 2}, "--seed"),
+                         ({"repeats": 1}, "--repeats"), ({"n_sequences": 5}, "--n-sequences"), ({"seed": 2}, "--seed"),
                          ({"rng": "batch"}, "--rng"), ({"batch_size": 2}, "--batch-size")):
-        other = _cfg(data, methods=("random",), **{"temperature": 1.0, "data": {"test": "aaaa", "train": None}, **change})
+        other = _cfg(data, methods=("random",), **{"temperature": 1.0, "data": {"test": "aaaa", "train": None},
+                                                   "repeats": 2, **change})
         with pytest.raises(UserError, match=rf"^{re.escape(flag)}.* changed: .*--restart"):
             evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
     # without eval_config.json the records files' headers still refuse it ...
     (tmp_path / CONFIG_NAME).unlink()
-    other = _cfg(data, methods=("random",), temperature=0.5, data={"test": "aaaa", "train": None})
+    other = _cfg(data, methods=("random",), temperature=0.5, data={"test": "aaaa", "train": None}, repeats=2)
     with pytest.raises(UserError, match=r"--temperature changed: \S+records.jsonl was made with 1.0, this run has 0.5"):
         evaluate(_policies(other), classifier, data, other, tmp_path, progress=False)
     # ... and so does every record's own fingerprint digest
