@@ -56,7 +56,10 @@ ILLNESSES = ("Effusion", "Edema")  # the demo's tasks
 T = 5  # scans
 PRESET_NAMES = ("default", "realistic", "hard")
 
-#: name -> (what it is, AVPTrainConfig overrides, AVPConfig overrides, steps factor)
+TTA_SHIFT = 2  # px: test-time averaging over the input and its shifts by this much up, down, left and right
+NORM_STATS_IMAGES = 1024  # training images whose pixels give input_norm "dataset" its mean and std
+
+#: name -> (what it is, AVPTrainConfig overrides, AVPConfig overrides (``tta``: scoring only), steps factor)
 RECIPES: dict[str, tuple[str, dict, dict, float]] = {
     "default": ("today's default: free-form/uniform-patch mixture, no full images (I.4)",
                 dict(p_full=0.0, p_freeform=0.5, patch_layout="uniform"), {}, 1.0),
@@ -76,6 +79,14 @@ RECIPES: dict[str, tuple[str, dict, dict, float]] = {
     "full+scan-2x-enc": ("the control of full+scan-2x-ipa: the same encoder architecture (read from --encoder-run's IPA), "
                          "input standardisation and steps, from random weights (no init)",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="ipa", scratch=True), 2.0),
+    "full+scan-2x-nomask": ("full+scan-2x without the mask channel (mask_channel=False: the net sees x * m only)",
+                            dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(mask_channel=False), 2.0),
+    "full+scan-2x-std": ("full+scan-2x with the input standardised by the training images' pixel mean and std "
+                         "(input_norm 'dataset': unobserved pixels read as the mean, not as black)",
+                         dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(input_norm="dataset"), 2.0),
+    "full+scan-2x+tta": ("full+scan-2x scored with test-time averaging: the mean probability over the input and its 4 "
+                         f"shifts by {TTA_SHIFT} px (image and mask shifted together, unobserved fill); 5x the inference",
+                         dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(tta=True), 2.0),
     "full+scan-2x-vae": ("full+scan-2x on `--arch encoder --init vae:RUN`: the VAE's encoder phi, a zero mask channel",
                          dict(p_full=0.2, p_freeform=0.0, patch_layout="scan"), dict(arch="encoder", init="vae"), 2.0),
 }
@@ -121,7 +132,7 @@ def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int =
     from ipa_core.seeding import seeded
     from ipa_core.trainer import fit
 
-    from boed.classifier import init_config, init_state, parse_init
+    from boed.classifier import dataset_norm_stats, init_config, init_state, parse_init
     from boed.train_avp import AVPTrainConfig, AVPTrainTask
 
     _, tcfg0 = cpu_recipe()
@@ -130,6 +141,12 @@ def train(recipe: str, train_set, steps_scale: float, run_dir: Path, seed: int =
     tcfg = dataclasses.replace(tcfg0, steps=n_steps, seed=seed, sample_every=10**9, ckpt_every=max(n_steps, 1),
                                log_every=max(n_steps // 4, 1))
     mo = dict(mo)
+    mo.pop("tta", None)  # scoring only
+    if mo.get("input_norm") == "dataset":
+        from xray.dataset import dataset_images
+
+        idx = np.random.default_rng(seed).permutation(len(train_set))[:NORM_STATS_IMAGES].tolist()
+        mo["norm_stats"] = dataset_norm_stats(dataset_images(train_set, idx))
     kind = mo.pop("init", None)
     scratch = mo.pop("scratch", False)  # the encoder's architecture from the init's config, random weights
     if kind is not None and encoder_run is None:
@@ -155,8 +172,23 @@ def auroc_matrix(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
         return ((r * y).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
 
 
-def score_model(model, train_set, test_set, n_boot: int, seed: int = 0) -> dict:
-    """Full / Random t / Uncond t AUROCs with bootstrap CIs for each illness."""
+def shifted(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``t (B, C, S, S)`` moved by (dy, dx) pixels, the vacated border filled with 0 (unobserved)."""
+    S = t.shape[-1]
+    p = torch.nn.functional.pad(t, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))  # (B, C, S + |dy|, S + |dx|)
+    return p[..., max(-dy, 0):max(-dy, 0) + S, max(-dx, 0):max(-dx, 0) + S]  # (B, C, S, S)
+
+
+def predict_tta(model, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Test-time averaging: the mean of ``predict_proba`` over the input and its 4 shifts by :data:`TTA_SHIFT` px."""
+    k = TTA_SHIFT
+    views = [(0, 0), (k, 0), (-k, 0), (0, k), (0, -k)]
+    return torch.stack([model.predict_proba(shifted(x, dy, dx), shifted(m, dy, dx)) for dy, dx in views]).mean(0)  # (B, K)
+
+
+def score_model(model, train_set, test_set, n_boot: int, seed: int = 0, tta: bool = False) -> dict:
+    """Full / Random t / Uncond t AUROCs with bootstrap CIs for each illness (``tta``: every input scored
+    with :func:`predict_tta`; the Uncond sequence is still chosen with the plain model)."""
     from boed.baselines.policies import UncondPolicy
     from boed.geometry import ScanGeometry
     from boed.samplers import DatasetSampler
@@ -176,7 +208,7 @@ def score_model(model, train_set, test_set, n_boot: int, seed: int = 0) -> dict:
         out = []
         for s in range(0, n, 256):
             idx = list(range(s, min(s + 256, n)))
-            out.append(model.predict_proba(x[idx], masks_fn(idx)))
+            out.append(predict_tta(model, x[idx], masks_fn(idx)) if tta else model.predict_proba(x[idx], masks_fn(idx)))
         return torch.cat(out).double().numpy()  # (n, K)
 
     conds = {"full": probs(lambda idx: torch.ones(len(idx), 1, S, S))}
@@ -280,7 +312,7 @@ def run_recipes(args) -> None:
             with tempfile.TemporaryDirectory(dir=work) as run_dir:
                 model, secs = train(recipe, train_set, args.steps_scale, Path(run_dir), encoder_run=args.encoder_run)
             t1 = time.perf_counter()
-            scores = score_model(model, train_set, test_set, args.bootstrap)
+            scores = score_model(model, train_set, test_set, args.bootstrap, tta=bool(RECIPES[recipe][2].get("tta")))
             row = {"preset": preset, "recipe": recipe, "train_s": secs, "score_s": time.perf_counter() - t1,
                    "steps": int(round(tcfg.steps * RECIPES[recipe][3] * args.steps_scale)),
                    "n_train": len(train_set), "scores": scores,

@@ -29,7 +29,10 @@ The normalisation is part of the model: ``AVPConfig.input_norm`` is saved in ``c
 :class:`InputNorm` (module ``AVPClassifier.norm``, before ``AVPClassifier.net``) applies it in
 ``forward``. It is pointwise: each output pixel depends on the same pixel of ``y`` only, as
 ``(x - mean) / std * m`` per image channel (unobserved pixels read as 0, the normalised mean) with
-the mask passed through.
+the mask passed through. ``input_norm "dataset"`` standardises with the training images' own pixel
+mean and std (``AVPConfig.norm_stats``, from :func:`dataset_norm_stats`), the one option besides
+``none`` for ``tiny``; ``mask_channel=False`` multiplies the mask channel by 0 (the network then
+sees ``x * m`` only). Both are variants measured in ``benchmarks/bench_classifier.py``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from .geometry import observe
 log = logging.getLogger(__name__)
 
 ARCHS = ("tiny", "resnet18", "resnet50", "densenet121", "encoder")
-INPUT_NORMS = ("none", "imagenet", "xrv", "vae")
+INPUT_NORMS = ("none", "imagenet", "xrv", "vae", "dataset")
 # The VD-VAE encoder fields an "encoder" AVP keeps from the VAE/IPA it was initialised from (--init ipa:RUN | vae:RUN).
 ENCODER_FIELDS = ("image_size", "image_channels", "width", "custom_width_str", "enc_blocks", "bottleneck_multiple",
                   "shift", "scale")
@@ -89,8 +92,11 @@ class AVPConfig(DictConfig):
     label_names: tuple[str, ...] = field(default_factory=lambda: tuple(LABELS))
     width: int = 12  # tiny only: channels of the stem (doubled at each of the 3 later blocks)
     pool: int = 4  # tiny only: features pooled to pool x pool before the linear head (1 = global average)
-    input_norm: str = "none"  # "none" | "imagenet" | "xrv" | "vae": see the module docstring
+    input_norm: str = "none"  # "none" | "imagenet" | "xrv" | "vae" | "dataset": see the module docstring
     encoder: dict | None = None  # arch "encoder": the VD-VAE encoder's fields (ENCODER_FIELDS) of the init's VAE/IPA
+    # input_norm "dataset": the training images' per-channel pixel (mean, std) on [0, 1] (dataset_norm_stats)
+    norm_stats: tuple | None = None
+    mask_channel: bool = True  # False: the network never sees the mask (its channel is multiplied by 0; a variant)
 
     def __post_init__(self):
         self.label_names = tuple(self.label_names)
@@ -98,8 +104,17 @@ class AVPConfig(DictConfig):
             raise UserError(f"unknown classifier arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.input_norm not in INPUT_NORMS:
             raise UserError(f"unknown input normalisation {self.input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
-        if self.input_norm != "none" and self.arch == "tiny":
-            raise UserError(f"input_norm {self.input_norm!r} is for pretrained torchvision backbones, not arch 'tiny'")
+        if self.input_norm not in ("none", "dataset") and self.arch == "tiny":
+            raise UserError(f"input_norm {self.input_norm!r} is for pretrained backbones, not arch 'tiny' (use none or dataset)")
+        if (self.input_norm == "dataset") != (self.norm_stats is not None):
+            raise UserError(f"input_norm 'dataset' goes with norm_stats (the training images' pixel mean and std), got "
+                            f"input_norm {self.input_norm!r}, norm_stats {self.norm_stats}")
+        if self.norm_stats is not None:
+            mean, std = (tuple(float(v) for v in part) for part in self.norm_stats)
+            if len(mean) != self.in_channels or len(std) != self.in_channels or min(std) <= 0:
+                raise UserError(f"norm_stats must hold {self.in_channels} means and {self.in_channels} positive stds, "
+                                f"got {self.norm_stats}")
+            self.norm_stats = (mean, std)
         if self.encoder is not None and (self.arch, self.input_norm) != ("encoder", "vae"):  # encoder None: not built yet
             raise UserError(f"the encoder's fields go with arch 'encoder' and input_norm 'vae' (--init ipa:RUN or vae:RUN), "
                             f"got arch {self.arch!r}, input_norm {self.input_norm!r}")
@@ -214,11 +229,11 @@ class InputNorm(nn.Module):
     (non-persistent buffers, rebuilt from the config): the state dict is the backbone's.
     """
 
-    def __init__(self, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...], mask_scale: float = 1.0):
         super().__init__()
         if len(mean) != len(std) or in_channels not in (1, len(mean)):
             raise UserError(f"cannot normalise {in_channels} image channels with {len(mean)} means")
-        self.in_channels = in_channels
+        self.in_channels, self.mask_scale = in_channels, float(mask_scale)  # mask_scale 0: the mask is hidden
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -226,10 +241,10 @@ class InputNorm(nn.Module):
         C = self.in_channels
         xm, m = y[:, :C], y[:, C:C + 1]  # (B, C, S, S) observed pixels, (B, 1, S, S) mask
         out = (xm - self.mean.to(y.dtype) * m) * self.inv_std.to(y.dtype)  # (B, C', S, S); C = 1 broadcasts
-        return torch.cat([out, m], dim=1)  # (B, C' + 1, S, S)
+        return torch.cat([out, m * self.mask_scale], dim=1)  # (B, C' + 1, S, S)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.mean.shape[1]}"
+        return f"in_channels={self.in_channels}, out_channels={self.mean.shape[1]}, mask_scale={self.mask_scale}"
 
 
 def _norm_stats(c: AVPConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -237,7 +252,17 @@ def _norm_stats(c: AVPConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     i.e. mean -shift / 255 and std 1 / (255 scale)."""
     if c.input_norm == "vae":
         return (-c.encoder["shift"] / 255,) * c.in_channels, (1 / (255 * c.encoder["scale"]),) * c.in_channels
+    if c.input_norm == "dataset":
+        return c.norm_stats
+    if c.input_norm == "none":  # identity on the image (only built to hide the mask: mask_channel False)
+        return (0.0,) * c.in_channels, (1.0,) * c.in_channels
     return _NORM_STATS[c.input_norm]
+
+
+def dataset_norm_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel pixel (mean, std) on [0, 1] of uint8 training images ``(B, C, S, S)`` (input_norm "dataset")."""
+    x = images.double().div(255).transpose(0, 1).reshape(images.shape[1], -1)  # (C, B S S)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-6).tolist())
 
 
 class AVPClassifier(PretrainedMixin, nn.Module):
@@ -253,7 +278,8 @@ class AVPClassifier(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config or AVPConfig()
         c = self.config
-        self.norm = None if c.input_norm == "none" else InputNorm(c.in_channels, *_norm_stats(c))
+        self.norm = (None if c.input_norm == "none" and c.mask_channel else
+                     InputNorm(c.in_channels, *_norm_stats(c), mask_scale=1.0 if c.mask_channel else 0.0))
         if c.arch == "tiny":
             self.net = TinyCNN(c.net_channels + 1, c.num_labels, c.width, c.pool)
         elif c.arch == "encoder":
@@ -360,8 +386,8 @@ class InitSpec:
 
     @property
     def input_norm(self) -> str | None:
-        """The input normalisation the initial weights expect (None: read from the AVP source)."""
-        return {"scratch": "none", "imagenet": "imagenet", "xrv": "xrv", "ipa": "vae", "vae": "vae"}.get(self.kind)
+        """The input normalisation the initial weights expect (None: the AVP source's, or for scratch the config's own)."""
+        return {"imagenet": "imagenet", "xrv": "xrv", "ipa": "vae", "vae": "vae"}.get(self.kind)
 
     def describe(self) -> dict:
         """What :func:`init_state` will load, as a JSON-able dict (for provenance records)."""
@@ -446,6 +472,8 @@ def init_config(config: AVPConfig, init: InitSpec) -> AVPConfig:
             raise UserError(f"--init {init.kind}:{init.path} was trained on {src.image_channels}x{src.image_size}px images, "
                             f"this classifier takes {config.in_channels}x{config.image_size}px; pass --image-size {src.image_size}")
         return replace(config, input_norm="vae", encoder={k: getattr(src, k) for k in ENCODER_FIELDS})
+    if init.kind == "scratch":  # random weights: the config's own normalisation (none, or dataset for tiny)
+        return config
     if init.kind != "avp":
         return replace(config, input_norm=init.input_norm)
     src = AVPClassifier.config_from_dir(_avp_dir(Path(init.path)))
@@ -572,11 +600,11 @@ def init_state(model: "AVPClassifier", init: InitSpec) -> "AVPClassifier":
     the classification head is left freshly initialised when its size differs (1000 ImageNet
     classes, 18 torchxrayvision outputs). avp: the full AVP state of a model/run folder.
     """
+    if init.kind == "scratch":
+        return model
     want = init.input_norm
     if want is not None and model.config.input_norm != want:
         raise UserError(f"--init {init.kind} needs input_norm {want!r}, the model has {model.config.input_norm!r}; build it with init_config")
-    if init.kind == "scratch":
-        return model
     if init.kind == "avp":
         d = _avp_dir(Path(init.path))
         src = AVPClassifier.from_pretrained(d)

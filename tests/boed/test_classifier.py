@@ -4,6 +4,7 @@ import sys
 import types
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -205,6 +206,35 @@ def test_input_norm_is_pointwise_and_tiny_stays_incremental():
     assert tiny.norm is None and from_module(prepare_classifier(tiny, torch.device("cpu"))) is not None
     with pytest.raises(UserError, match="not arch 'tiny'"):
         AVPConfig(arch="tiny", input_norm="imagenet")
+
+
+def test_mask_channel_off_hides_the_mask_and_dataset_norm_standardises(tmp_path):
+    """mask_channel=False: the output does not depend on the mask channel; input_norm "dataset":
+    the training images' own mean and std (known answer), saved with the model."""
+    from boed.classifier import dataset_norm_stats
+
+    torch.manual_seed(0)
+    hidden = AVPClassifier(AVPConfig(arch="tiny", image_size=32, mask_channel=False)).eval()
+    with torch.no_grad():
+        hidden.first_conv.weight.normal_()  # a live mask-channel weight: still hidden
+    y = observe(torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32))
+    y2 = y.clone()
+    y2[:, 1] = torch.rand(2, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(y2), hidden(y))
+        live = AVPClassifier(AVPConfig(arch="tiny", image_size=32))
+        live.first_conv.weight.normal_()
+        assert not torch.allclose(live.eval()(y2), live(y))
+    imgs = torch.tensor([0, 255], dtype=torch.uint8).repeat(4).view(2, 1, 2, 2)  # half 0, half 1
+    (mean,), (std,) = dataset_norm_stats(imgs)
+    assert mean == pytest.approx(0.5) and std == pytest.approx(np.sqrt(8 / 7) / 2)
+    model = AVPClassifier(AVPConfig(arch="tiny", image_size=32, input_norm="dataset", norm_stats=((0.25,), (0.5,))))
+    out = model.norm(observe(torch.full((1, 1, 32, 32), 0.75), torch.ones(1, 1, 32, 32)))
+    assert torch.allclose(out[:, 0], torch.ones(1, 32, 32))  # (0.75 - 0.25) / 0.5
+    model.save_pretrained(tmp_path / "m")
+    assert AVPClassifier.from_pretrained(tmp_path / "m").config.norm_stats == ((0.25,), (0.5,))
+    with pytest.raises(UserError, match="goes with norm_stats"):
+        AVPConfig(arch="tiny", input_norm="dataset")
 
 
 @pytest.fixture

@@ -99,6 +99,13 @@ def test_tiny_other_sizes_match(S, grid, kw):
     _check_logits(tiny(S, **kw), geo, B=2 if S == 32 else 1, N=2, chunk=300)
 
 
+@pytest.mark.parametrize("kw", [{"mask_channel": False}, {"input_norm": "dataset", "norm_stats": ((0.4,), (0.2,))}])
+def test_tiny_input_variants_stay_incremental(kw):
+    """The classifier-table variants (mask hidden, dataset standardisation) keep patch-local scoring exact."""
+    model = prepare_classifier(tiny(64, **kw), CPU)
+    _check_logits(model, ScanGeometry(64), B=2, chunk=300)
+
+
 class _Chain(nn.Sequential):
     """A conv chain with odd kernels, strides, groups, asymmetric padding and several activations."""
 
