@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -67,14 +68,17 @@ def sample_completions(model: IPA, x_obs: Tensor, m: Tensor, n: int, t: float | 
     with ctx:
         inp, _ = model.preprocess(x_obs)
         mf = m.to(device, torch.float32)
-        pacts = model.partial_acts(inp, mf)  # once per image: {res: (B, W, r, r)}
+        # NHWC maps on CPUs: the small-channel convs at full resolution skip their layout reorders (same maths)
+        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        pacts = model.partial_acts(inp, mf, fmt)  # once per image: {res: (B, W, r, r)}
+        pacts = {r: F.gelu(a) for r, a in pacts.items()}  # the first op of every part_enc on them, once per image
         image_of_row = torch.arange(B * n, device=device) // n  # (B*N,) rows ordered image-major
         chunk = B * n if max_batch is None else max_batch
         outs = []
         for start in range(0, B * n, chunk):
             rows = image_of_row[start:start + chunk]
             pa = {r: a[rows] for r, a in pacts.items()}  # {res: (rows, W, r, r)}
-            h, _ = model.decoder.run(len(rows), model.partial_step(pa, t, generator))
+            h, _ = model.decoder.run(len(rows), model.partial_step(pa, t, generator, activated=True), memory_format=fmt)
             outs.append(model.decoder.out_net.sample(h.float(), generator))  # (rows, C, S, S)
         out = torch.cat(outs).reshape(B, n, C, S, S)  # (B, N, C, S, S)
     if paste:

@@ -79,6 +79,14 @@ class Block(nn.Module):
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
 
+    def forward_activated(self, g: Tensor) -> Tensor:
+        """A block without residual and pooling on ``g = gelu(x)`` (the caller applied the first GELU):
+        ``_forward(x)`` from c1 on."""
+        assert not self.residual and self.down_rate is None
+        h = self.c2(F.gelu(self.c1(g)))
+        h = self.c3(F.gelu(h))
+        return self.c4(F.gelu(h))
+
     def _lean_after_c1(self, x: Tensor | None, h: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
         """Checkpointing: the block from c1's output ``h`` on (``x``: its input, for the residual),
         the same numbers with less kept for backward: each conv keeps its input, not its GELU
@@ -201,11 +209,12 @@ class DecBlock(nn.Module):
         self.resnet = Block(width, cond_w, width, residual=True, use_3x3=use_3x3)
         self.resnet.c4.weight.data *= math.sqrt(1 / n_blocks)
 
-    def input_state(self, xs: dict[int, Tensor], n: int, ref: Tensor) -> Tensor:
+    def input_state(self, xs: dict[int, Tensor], n: int, ref: Tensor,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The state entering this layer: the running state at ``base`` (zeros if none) plus the mixin."""
         x = xs.get(self.base)
         if x is None:
-            x = ref.new_zeros(n, self.widths[self.base], self.base, self.base)  # (B, W, r, r)
+            x = ref.new_zeros(n, self.widths[self.base], self.base, self.base).contiguous(memory_format=memory_format)  # (B, W, r, r)
         if self.mixin is not None:
             up = F.interpolate(xs[self.mixin][:, : x.shape[1]], scale_factor=self.base // self.mixin)  # nearest
             x = x + up
@@ -265,6 +274,25 @@ def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Ten
     return block(torch.cat([x, acts], dim=1))
 
 
+def gelu_cat_block(block: Block, x: Tensor, gelu_acts: Tensor, buffers: dict[int, Tensor]) -> Tensor:
+    """``block(cat([x, acts], 1))`` without a graph, given ``gelu_acts = gelu(acts)`` (the block's
+    first GELU of the ``acts`` half, computed once by the caller): ``gelu(x)`` is copied beside it
+    into a buffer kept in ``buffers`` per resolution (the ``acts`` half is filled once, then shared
+    by every layer at that resolution). ``x (n, W, r, r)``, ``gelu_acts (n, W', r, r)``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("gelu_cat_block reuses its buffers in place; call it under no_grad / inference_mode")
+    W, r = x.shape[1], x.shape[2]
+    y = buffers.get(r)
+    if y is None:
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        y = torch.empty(x.shape[0], W + gelu_acts.shape[1], r, x.shape[3], dtype=torch.promote_types(x.dtype, gelu_acts.dtype),
+                        device=x.device, memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # (n, W + W', r, r)
+        y[:, W:] = gelu_acts
+        buffers[r] = y
+    y[:, :W] = F.gelu(x)  # (n, W, r, r)
+    return block.forward_activated(y)
+
+
 # A latent step decides z for one layer: (layer index, block, state x, prior mean, prior log sigma)
 # -> (z, stats). x is the state *before* the prior's residual is added (what enc/part_enc see).
 LatentStep = Callable[[int, DecBlock, Tensor, Tensor, Tensor], tuple[Tensor, dict]]
@@ -286,20 +314,24 @@ class Decoder(nn.Module):
         self.gain = nn.Parameter(torch.ones(1, top, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, top, 1, 1))
 
-    def run(self, n: int, step: LatentStep, upto: int | None = None, raw: bool = False) -> tuple[Tensor | None, list[dict]]:
+    def run(self, n: int, step: LatentStep, upto: int | None = None, raw: bool = False,
+            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor | None, list[dict]]:
         """The top-down pass for ``n`` images; ``step`` picks each latent.
 
         Returns the final feature map ``(n, W, S, S)`` fed to the output network (``None`` when
         ``upto`` is given: the run stops after ``upto`` layers; ``raw``: the last state, before
-        the output affine ``gain``, ``bias``) and the list of per-layer stats.
+        the output affine ``gain``, ``bias``) and the list of per-layer stats. ``memory_format``:
+        of the states (``torch.channels_last``: NHWC, which the convolutions keep; faster on CPUs).
         """
         ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
         xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
+        if memory_format != torch.contiguous_format:
+            xs = {r: b.contiguous(memory_format=memory_format) for r, b in xs.items()}  # (n, W, r, r), materialised
         stats = []
         for i, block in enumerate(self.dec_blocks):
             if upto is not None and i >= upto:
                 return None, stats
-            x = block.input_state(xs, n, ref)
+            x = block.input_state(xs, n, ref, memory_format)
             if block.checkpointing and torch.is_grad_enabled():
                 # keep x and z only: the prior runs again for the state update (forward and backward)
                 pm, pv = block.prior_head(x)
