@@ -1,7 +1,11 @@
 """Fast batched IPA completions and the completion figure.
 
 :func:`sample_completions` encodes each partial image once, expands the partial-encoder
-activations to ``B * N`` and runs one top-down pass for all images and samples together.
+activations to ``B * N`` and runs one top-down pass for all images and samples together. On CPUs
+the maps are NHWC (channels_last: the small-channel convolutions at full resolution skip their
+layout reorders) and the first GELU of every ``part_enc`` on the partial activations runs once per
+image; the numbers are those of the plain pass up to float rounding
+(``tests/ipa_core/test_sampling.py::test_fast_path_is_the_plain_top_down_pass``).
 """
 
 from __future__ import annotations

@@ -324,9 +324,8 @@ class Decoder(nn.Module):
         of the states (``torch.channels_last``: NHWC, which the convolutions keep; faster on CPUs).
         """
         ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
-        xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
-        if memory_format != torch.contiguous_format:
-            xs = {r: b.contiguous(memory_format=memory_format) for r, b in xs.items()}  # (n, W, r, r), materialised
+        # {res: (n, W, r, r)}: views of the (1, W, r, r) biases laid out in memory_format, which the sums with them keep
+        xs = {b.shape[2]: b.contiguous(memory_format=memory_format).expand(n, -1, -1, -1) for b in self.bias_xs}
         stats = []
         for i, block in enumerate(self.dec_blocks):
             if upto is not None and i >= upto:
