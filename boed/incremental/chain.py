@@ -61,8 +61,7 @@ class _Step:
 class _Plan:
     steps: list[_Step]  # one per conv, then the final-map paste
     window_elems: list[int]  # window positions per item-sample feeding each step (0 for layer 0)
-    per_sample: dict = field(default_factory=dict)  # N -> PatchIncrementalNet._sample_rows tables
-
+    rows: list = field(default_factory=list)  # per step >= 1 (PatchIncrementalNet._row_tables), filled on first use
 
 
 def _axis(size: int, starts: list[int], P: int, convs: list[tuple[int, int, int]]):
@@ -265,25 +264,25 @@ class PatchIncrementalNet(IncrementalEngine):
             crop = self._run(self.pre, crop) * step.inside[l].repeat_interleave(N, 0)[:, None].to(crop.dtype)  # (k*N, 1, h, w) mask
         return crop
 
-    def _sample_rows(self, plan: _Plan, N: int) -> list[Tensor | None]:
-        """Per step ``s >= 1``: ``rel (L, N, h, w)``, the pool row of crop pixel (h, w) of sample n
-        relative to the first row of its item's source: ``win + n * window_elems[s]`` where the
-        pixel comes from the recomputed window, ``base + n * map_rows`` where from the base map
-        (cached per N: a chunk then builds its gather index with one gather and one add)."""
-        if N not in plan.per_sample:
-            rel: list[Tensor | None] = [None]
-            for s, step in enumerate(plan.steps[1:], 1):
-                n = torch.arange(N, device=step.base.device)[None, :, None, None]  # (1, N, 1, 1)
-                rel.append(torch.where(step.use_win[:, None], step.win[:, None] + n * plan.window_elems[s],
-                                       step.base[:, None] + n * math.prod(step.map_hw)))  # (L, N, h, w)
-            plan.per_sample[N] = rel
-        return plan.per_sample[N]
+    @staticmethod
+    def _row_tables(plan: _Plan) -> list[tuple[Tensor, Tensor] | None]:
+        """Per step ``s >= 1``: ``(rel, per_sample)``, each ``(L, h, w)``: the pool row of each crop
+        pixel relative to the first row of its item's source, and the rows between two samples
+        there: ``(win, window_elems[s])`` where the pixel comes from the recomputed windows,
+        ``(base, map rows)`` where from the base maps. A chunk's gather index is then
+        ``first + rel + n * per_sample`` (one pass over its ``(k, N, h, w)`` entries)."""
+        if not plan.rows:
+            plan.rows = [None] + [(torch.where(st.use_win, st.win, st.base),
+                                   torch.where(st.use_win, plan.window_elems[s], math.prod(st.map_hw)))
+                                  for s, st in enumerate(plan.steps[1:], 1)]
+        return plan.rows
 
     def _candidates(self, pools: list, plan: _Plan, b: Tensor, l: Tensor, N: int, Bb: int, fmt) -> Tensor:
         """Logits ``(k * N, K)`` of items ``(b (k,) image in block, l (k,) location)``."""
         k = b.shape[0]
-        rel = self._sample_rows(plan, N)
+        tables = self._row_tables(plan)
         item = torch.arange(k, device=b.device)[:, None, None]  # (k, 1, 1)
+        n = torch.arange(N, device=b.device)[None, :, None, None]  # (1, N, 1, 1)
         win = None
         for s, step in enumerate(plan.steps):
             if s == 0:
@@ -294,7 +293,8 @@ class PatchIncrementalNet(IncrementalEngine):
                 pool[nb:nb + k * N * we].view(k * N, *step.win_hw, -1).copy_(win.permute(0, 2, 3, 1))  # (k*N, Wr, Wc, C)
                 # first row of each item's source: its N windows (after the base maps), or its image's N base maps
                 first = torch.where(step.use_win[l], nb + item * (N * we), (b * (N * math.prod(step.map_hw)))[:, None, None])  # (k, h, w)
-                idx = rel[s][l] + first[:, None]  # (k, N, h, w)
+                rel, per_sample = tables[s]
+                idx = torch.addcmul((first + rel[l])[:, None], n, per_sample[l][:, None])  # (k, N, h, w) rows of the pool
                 h, w = idx.shape[-2:]
                 crop = pool.index_select(0, idx.view(-1)).view(k * N, h, w, -1).permute(0, 3, 1, 2)  # (k*N, C, h, w) NHWC strides
             crop = crop.contiguous(memory_format=fmt)  # no copy when channels_last
