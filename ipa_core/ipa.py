@@ -36,7 +36,7 @@ from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json
 from .persist import resolve_model_dir
-from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, gelu_cat_block, sample_gaussian
+from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, sample_gaussian, split_cat_block
 
 OBJECTIVES = ("forward", "reverse")
 
@@ -162,22 +162,21 @@ class IPA(VAE):
 
     def partial_step(self, pacts: dict[int, Tensor], t: float | Sequence[float] | None = 1.0,
                      generator: torch.Generator | None = None, kl_to_prior: bool = False,
-                     activated: bool = False) -> LatentStep:
+                     shares: Sequence[Tensor] | None = None) -> LatentStep:
         """z ~ c(z_l | z<l, y) at temperature t (multiplies sigma; t = 0 takes the mean).
 
         With ``kl_to_prior`` the step also returns ``stats['kl']`` = KL(c || p) ``(B, zdim, r, r)``.
-        ``activated`` (no graph; sampling): ``pacts`` hold ``gelu(partial activations)``, the first
-        op of every ``part_enc`` on them, computed once per image by the caller
-        (:func:`ipa_core.vae.gelu_cat_block`); the same numbers. On NHWC states the latent is drawn
-        on an NCHW copy of c's parameters (an elementwise op over a channel slice of NHWC maps runs
-        several times slower) and returned NHWC.
+        ``shares`` (sampling): instead of ``pacts``, per layer the share of the partial activations
+        in its ``part_enc``'s c1 (:func:`ipa_core.vae.c1_share`, computed once per image by the
+        caller; :func:`ipa_core.vae.split_cat_block`). On NHWC states the latent is then drawn on an
+        NCHW copy of c's parameters (an elementwise op over a channel slice of NHWC maps runs several
+        times slower) and returned NHWC.
         """
-        buffers: dict[int, Tensor] = {}  # activated: per resolution, the part_enc input cat(gelu(state), gelu(pacts))
 
         def step(i, block, x, pm, pv):
             nhwc = False
-            if activated:
-                out = gelu_cat_block(block.part_enc, x, pacts[block.base], buffers)  # (n, 2 zdim, r, r)
+            if shares is not None:
+                out = split_cat_block(block.part_enc, x, shares[i])  # (n, 2 zdim, r, r)
                 nhwc = not out.is_contiguous()
                 cm, cv = out.contiguous().chunk(2, dim=1)  # (n, zdim, r, r) each
             else:

@@ -79,11 +79,10 @@ class Block(nn.Module):
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
 
-    def forward_activated(self, g: Tensor) -> Tensor:
-        """A block without residual and pooling on ``g = gelu(x)`` (the caller applied the first GELU):
-        ``_forward(x)`` from c1 on."""
+    def forward_from_c1(self, h: Tensor) -> Tensor:
+        """A block without residual and pooling from c1's output ``h`` on."""
         assert not self.residual and self.down_rate is None
-        h = self.c2(F.gelu(self.c1(g)))
+        h = self.c2(F.gelu(h))
         h = self.c3(F.gelu(h))
         return self.c4(F.gelu(h))
 
@@ -274,23 +273,21 @@ def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Ten
     return block(torch.cat([x, acts], dim=1))
 
 
-def gelu_cat_block(block: Block, x: Tensor, gelu_acts: Tensor, buffers: dict[int, Tensor]) -> Tensor:
-    """``block(cat([x, acts], 1))`` without a graph, given ``gelu_acts = gelu(acts)`` (the block's
-    first GELU of the ``acts`` half, computed once by the caller): ``gelu(x)`` is copied beside it
-    into a buffer kept in ``buffers`` per resolution (the ``acts`` half is filled once, then shared
-    by every layer at that resolution). ``x (n, W, r, r)``, ``gelu_acts (n, W', r, r)``."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("gelu_cat_block reuses its buffers in place; call it under no_grad / inference_mode")
-    W, r = x.shape[1], x.shape[2]
-    y = buffers.get(r)
-    if y is None:
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        y = torch.empty(x.shape[0], W + gelu_acts.shape[1], r, x.shape[3], dtype=torch.promote_types(x.dtype, gelu_acts.dtype),
-                        device=x.device, memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # (n, W + W', r, r)
-        y[:, W:] = gelu_acts
-        buffers[r] = y
-    y[:, :W] = F.gelu(x)  # (n, W, r, r)
-    return block.forward_activated(y)
+def c1_share(block: Block, acts: Tensor) -> Tensor:
+    """The share of ``acts`` (the last channels of the block's input) in its c1, plus c1's bias:
+    ``conv1x1(gelu(acts), c1.weight[:, -W':]) + bias`` ``(n, mid, r, r)``; see :func:`split_cat_block`."""
+    c = block.c1
+    return F.conv2d(F.gelu(acts), c.weight[:, c.in_channels - acts.shape[1]:], c.bias)
+
+
+def split_cat_block(block: Block, x: Tensor, share: Tensor) -> Tensor:
+    """``block(cat([x, acts], 1))`` (no residual, no pooling, 1x1 c1) from ``share = c1_share(block, acts)``:
+    c1 is linear in its input channels, so the concatenation is never built and the ``acts`` half
+    (the same for all N samples of an image) is convolved once per image. The same maths; the c1
+    sum is split in two (float rounding). ``x (n, W, r, r)``, ``share (n, mid, r, r)``."""
+    c = block.c1
+    h = F.conv2d(F.gelu(x), c.weight[:, :x.shape[1]]) + share  # (n, mid, r, r)
+    return block.forward_from_c1(h)
 
 
 # A latent step decides z for one layer: (layer index, block, state x, prior mean, prior log sigma)
