@@ -36,7 +36,7 @@ from xray.errors import UserError
 
 from .config import VAEConfig, load_config_json
 from .persist import resolve_model_dir
-from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, sample_gaussian
+from .vae import VAE, Block, DecBlock, Encoder, LatentStep, cat_block, gaussian_kl, sample_gaussian, split_cat_block
 
 OBJECTIVES = ("forward", "reverse")
 
@@ -149,9 +149,11 @@ class IPA(VAE):
             raise UserError(f"mask of shape {tuple(m.shape)} given; expected (B, 1, S, S) = {(x.shape[0], 1, *x.shape[-2:])}")
         return m.to(self.decoder.gain.device, torch.float32)
 
-    def partial_acts(self, inp: Tensor, m: Tensor) -> dict[int, Tensor]:
-        """Partial-encoder activations ``{res: (B, W_res, res, res)}`` of ``y = cat(inp * m, m)``."""
-        return self.part_encoder(torch.cat([inp * m, m], dim=1))  # input (B, C+1, S, S)
+    def partial_acts(self, inp: Tensor, m: Tensor,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> dict[int, Tensor]:
+        """Partial-encoder activations ``{res: (B, W_res, res, res)}`` of ``y = cat(inp * m, m)``
+        (``memory_format``: of ``y``; the convolutions keep it)."""
+        return self.part_encoder(torch.cat([inp * m, m], dim=1).contiguous(memory_format=memory_format))  # input (B, C+1, S, S)
 
     @staticmethod
     def conditional(block: DecBlock, x: Tensor, pacts: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
@@ -159,21 +161,35 @@ class IPA(VAE):
         return cat_block(block.part_enc, x, pacts[block.base], block.checkpointing).chunk(2, dim=1)
 
     def partial_step(self, pacts: dict[int, Tensor], t: float | Sequence[float] | None = 1.0,
-                     generator: torch.Generator | None = None, kl_to_prior: bool = False) -> LatentStep:
+                     generator: torch.Generator | None = None, kl_to_prior: bool = False,
+                     shares: Sequence[Tensor] | None = None) -> LatentStep:
         """z ~ c(z_l | z<l, y) at temperature t (multiplies sigma; t = 0 takes the mean).
 
         With ``kl_to_prior`` the step also returns ``stats['kl']`` = KL(c || p) ``(B, zdim, r, r)``.
+        ``shares`` (sampling): instead of ``pacts``, per layer the share of the partial activations
+        in its ``part_enc``'s c1 (:func:`ipa_core.vae.c1_share`, computed once per image by the
+        caller; :func:`ipa_core.vae.split_cat_block`). On NHWC states the latent is then drawn on an
+        NCHW copy of c's parameters (an elementwise op over a channel slice of NHWC maps runs several
+        times slower) and returned NHWC.
         """
 
         def step(i, block, x, pm, pv):
-            cm, cv = self.conditional(block, x, pacts)
+            nhwc = False
+            if shares is not None:
+                out = split_cat_block(block.part_enc, x, shares[i])  # (n, 2 zdim, r, r)
+                nhwc = not out.is_contiguous()
+                cm, cv = out.contiguous().chunk(2, dim=1)  # (n, zdim, r, r) each
+            else:
+                cm, cv = self.conditional(block, x, pacts)
             stats = {"kl": gaussian_kl(cm.float(), pm.float(), cv.float(), pv.float())} if kl_to_prior else {}
             ti = t[i] if isinstance(t, (list, tuple)) else t
             if ti == 0:
-                return cm, stats
-            if ti is not None and ti != 1.0:
-                cv = cv + math.log(ti)
-            return sample_gaussian(cm, cv, generator), stats
+                z = cm
+            else:
+                if ti is not None and ti != 1.0:
+                    cv = cv + math.log(ti)
+                z = sample_gaussian(cm, cv, generator)
+            return (z.contiguous(memory_format=torch.channels_last) if nhwc else z), stats
 
         return step
 

@@ -1,7 +1,12 @@
 """Fast batched IPA completions and the completion figure.
 
 :func:`sample_completions` encodes each partial image once, expands the partial-encoder
-activations to ``B * N`` and runs one top-down pass for all images and samples together.
+activations to ``B * N`` and runs one top-down pass for all images and samples together. On CPUs
+(float32) the maps are NHWC (channels_last: the small-channel convolutions at full resolution skip
+their layout reorders) and the partial activations' share in every ``part_enc``'s first (1x1, linear)
+conv is computed once per image, not once per sample (:func:`ipa_core.vae.split_cat_block`); the
+numbers are those of the plain pass up to float rounding
+(``tests/ipa_core/test_sampling.py::test_fast_path_is_the_plain_top_down_pass``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from xray.errors import UserError
 from xray.io import atomic_path
 
 from .ipa import IPA
+from .vae import c1_share
 
 
 def check_partial_batch(model: IPA, x_obs: Tensor, m: Tensor) -> None:
@@ -67,14 +73,22 @@ def sample_completions(model: IPA, x_obs: Tensor, m: Tensor, n: int, t: float | 
     with ctx:
         inp, _ = model.preprocess(x_obs)
         mf = m.to(device, torch.float32)
-        pacts = model.partial_acts(inp, mf)  # once per image: {res: (B, W, r, r)}
+        # float32 on CPUs: NHWC maps (the small-channel convs at full resolution skip their layout
+        # reorders) and the partial activations' share in every part_enc's first conv once per image
+        fast = device.type == "cpu" and not autocast
+        fmt = torch.channels_last if fast else torch.contiguous_format
+        pacts = model.partial_acts(inp, mf, fmt)  # once per image: {res: (B, W, r, r)}
+        shares = [c1_share(block.part_enc, pacts[block.base]) for block in model.decoder.dec_blocks] if fast else None  # [(B, mid, r, r)]
         image_of_row = torch.arange(B * n, device=device) // n  # (B*N,) rows ordered image-major
         chunk = B * n if max_batch is None else max_batch
         outs = []
         for start in range(0, B * n, chunk):
             rows = image_of_row[start:start + chunk]
-            pa = {r: a[rows] for r, a in pacts.items()}  # {res: (rows, W, r, r)}
-            h, _ = model.decoder.run(len(rows), model.partial_step(pa, t, generator))
+            if shares is None:
+                step = model.partial_step({r: a[rows] for r, a in pacts.items()}, t, generator)  # {res: (rows, W, r, r)}
+            else:
+                step = model.partial_step({}, t, generator, shares=[a[rows] for a in shares])  # [(rows, mid, r, r)]
+            h, _ = model.decoder.run(len(rows), step, memory_format=fmt)
             outs.append(model.decoder.out_net.sample(h.float(), generator))  # (rows, C, S, S)
         out = torch.cat(outs).reshape(B, n, C, S, S)  # (B, N, C, S, S)
     if paste:

@@ -79,6 +79,13 @@ class Block(nn.Module):
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
 
+    def forward_from_c1(self, h: Tensor) -> Tensor:
+        """A block without residual and pooling from c1's output ``h`` on."""
+        assert not self.residual and self.down_rate is None
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        return self.c4(F.gelu(h))
+
     def _lean_after_c1(self, x: Tensor | None, h: Tensor, rows: slice | None = None, add: Tensor | None = None) -> Tensor:
         """Checkpointing: the block from c1's output ``h`` on (``x``: its input, for the residual),
         the same numbers with less kept for backward: each conv keeps its input, not its GELU
@@ -201,11 +208,12 @@ class DecBlock(nn.Module):
         self.resnet = Block(width, cond_w, width, residual=True, use_3x3=use_3x3)
         self.resnet.c4.weight.data *= math.sqrt(1 / n_blocks)
 
-    def input_state(self, xs: dict[int, Tensor], n: int, ref: Tensor) -> Tensor:
+    def input_state(self, xs: dict[int, Tensor], n: int, ref: Tensor,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The state entering this layer: the running state at ``base`` (zeros if none) plus the mixin."""
         x = xs.get(self.base)
         if x is None:
-            x = ref.new_zeros(n, self.widths[self.base], self.base, self.base)  # (B, W, r, r)
+            x = ref.new_zeros(n, self.widths[self.base], self.base, self.base).contiguous(memory_format=memory_format)  # (B, W, r, r)
         if self.mixin is not None:
             up = F.interpolate(xs[self.mixin][:, : x.shape[1]], scale_factor=self.base // self.mixin)  # nearest
             x = x + up
@@ -265,6 +273,23 @@ def cat_block(block: Block, x: Tensor, acts: Tensor, checkpointing: bool) -> Ten
     return block(torch.cat([x, acts], dim=1))
 
 
+def c1_share(block: Block, acts: Tensor) -> Tensor:
+    """The share of ``acts`` (the last channels of the block's input) in its c1, plus c1's bias:
+    ``conv1x1(gelu(acts), c1.weight[:, -W':]) + bias`` ``(n, mid, r, r)``; see :func:`split_cat_block`."""
+    c = block.c1
+    return F.conv2d(F.gelu(acts), c.weight[:, c.in_channels - acts.shape[1]:], c.bias)
+
+
+def split_cat_block(block: Block, x: Tensor, share: Tensor) -> Tensor:
+    """``block(cat([x, acts], 1))`` (no residual, no pooling, 1x1 c1) from ``share = c1_share(block, acts)``:
+    c1 is linear in its input channels, so the concatenation is never built and the ``acts`` half
+    (the same for all N samples of an image) is convolved once per image. The same maths; the c1
+    sum is split in two (float rounding). ``x (n, W, r, r)``, ``share (n, mid, r, r)``."""
+    c = block.c1
+    h = F.conv2d(F.gelu(x), c.weight[:, :x.shape[1]]) + share  # (n, mid, r, r)
+    return block.forward_from_c1(h)
+
+
 # A latent step decides z for one layer: (layer index, block, state x, prior mean, prior log sigma)
 # -> (z, stats). x is the state *before* the prior's residual is added (what enc/part_enc see).
 LatentStep = Callable[[int, DecBlock, Tensor, Tensor, Tensor], tuple[Tensor, dict]]
@@ -286,20 +311,23 @@ class Decoder(nn.Module):
         self.gain = nn.Parameter(torch.ones(1, top, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, top, 1, 1))
 
-    def run(self, n: int, step: LatentStep, upto: int | None = None, raw: bool = False) -> tuple[Tensor | None, list[dict]]:
+    def run(self, n: int, step: LatentStep, upto: int | None = None, raw: bool = False,
+            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor | None, list[dict]]:
         """The top-down pass for ``n`` images; ``step`` picks each latent.
 
         Returns the final feature map ``(n, W, S, S)`` fed to the output network (``None`` when
         ``upto`` is given: the run stops after ``upto`` layers; ``raw``: the last state, before
-        the output affine ``gain``, ``bias``) and the list of per-layer stats.
+        the output affine ``gain``, ``bias``) and the list of per-layer stats. ``memory_format``:
+        of the states (``torch.channels_last``: NHWC, which the convolutions keep; faster on CPUs).
         """
         ref = self.bias_xs[0] if len(self.bias_xs) else self.gain
-        xs = {b.shape[2]: b.expand(n, -1, -1, -1) for b in self.bias_xs}  # {res: (n, W, r, r)}
+        # {res: (n, W, r, r)}: views of the (1, W, r, r) biases laid out in memory_format, which the sums with them keep
+        xs = {b.shape[2]: b.contiguous(memory_format=memory_format).expand(n, -1, -1, -1) for b in self.bias_xs}
         stats = []
         for i, block in enumerate(self.dec_blocks):
             if upto is not None and i >= upto:
                 return None, stats
-            x = block.input_state(xs, n, ref)
+            x = block.input_state(xs, n, ref, memory_format)
             if block.checkpointing and torch.is_grad_enabled():
                 # keep x and z only: the prior runs again for the state update (forward and backward)
                 pm, pv = block.prior_head(x)

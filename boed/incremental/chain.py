@@ -13,7 +13,7 @@ runs on the full (small) map. A chain module is an ``nn.Sequential`` or defines
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ class _Step:
 class _Plan:
     steps: list[_Step]  # one per conv, then the final-map paste
     window_elems: list[int]  # window positions per item-sample feeding each step (0 for layer 0)
+    rows: list = field(default_factory=list)  # per step >= 1 (PatchIncrementalNet._row_tables), filled on first use
 
 
 def _axis(size: int, starts: list[int], P: int, convs: list[tuple[int, int, int]]):
@@ -174,8 +175,10 @@ class PatchIncrementalNet(IncrementalEngine):
             lin = self.tail[n - 1]
             M, C, H, W = h.shape
             w = lin.weight.view(-1, C, H, W).permute(0, 2, 3, 1).reshape(-1, H * W * C)  # (K, H*W*C) NHWC order
-            h = F.linear(h.permute(0, 2, 3, 1).reshape(M, H * W * C), w, lin.bias)  # (M, K); the reshape is a view
-            return self._run(self.tail[n:], h)
+            flat = h.permute(0, 2, 3, 1).reshape(M, H * W * C)  # (M, H*W*C); the reshape is a view
+            # logits^T = w @ flat^T: with few outputs K this GEMM shape runs ~2x faster on CPUs than flat @ w^T
+            out = torch.mm(w, flat.t()) if lin.bias is None else torch.addmm(lin.bias[:, None], w, flat.t())  # (K, M)
+            return self._run(self.tail[n:], out.t().contiguous())  # (M, K)
         return self._run(self.tail, h)
 
     def _nhwc_head(self, h: Tensor) -> int:
@@ -261,12 +264,25 @@ class PatchIncrementalNet(IncrementalEngine):
             crop = self._run(self.pre, crop) * step.inside[l].repeat_interleave(N, 0)[:, None].to(crop.dtype)  # (k*N, 1, h, w) mask
         return crop
 
+    @staticmethod
+    def _row_tables(plan: _Plan) -> list[tuple[Tensor, Tensor] | None]:
+        """Per step ``s >= 1``: ``(rel, per_sample)``, each ``(L, h, w)``: the pool row of each crop
+        pixel relative to the first row of its item's source, and the rows between two samples
+        there: ``(win, window_elems[s])`` where the pixel comes from the recomputed windows,
+        ``(base, map rows)`` where from the base maps. A chunk's gather index is then
+        ``first + rel + n * per_sample`` (one pass over its ``(k, N, h, w)`` entries)."""
+        if not plan.rows:
+            plan.rows = [None] + [(torch.where(st.use_win, st.win, st.base),
+                                   torch.where(st.use_win, plan.window_elems[s], math.prod(st.map_hw)))
+                                  for s, st in enumerate(plan.steps[1:], 1)]
+        return plan.rows
+
     def _candidates(self, pools: list, plan: _Plan, b: Tensor, l: Tensor, N: int, Bb: int, fmt) -> Tensor:
         """Logits ``(k * N, K)`` of items ``(b (k,) image in block, l (k,) location)``."""
         k = b.shape[0]
-        n = torch.arange(N, device=b.device)
-        row = b[:, None] * N + n[None]  # (k, N) base row of each item-sample
-        item_row = torch.arange(k * N, device=b.device).view(k, N)  # (k, N) window row of each item-sample
+        tables = self._row_tables(plan)
+        item = torch.arange(k, device=b.device)[:, None, None]  # (k, 1, 1)
+        n = torch.arange(N, device=b.device)[None, :, None, None]  # (1, N, 1, 1)
         win = None
         for s, step in enumerate(plan.steps):
             if s == 0:
@@ -275,9 +291,10 @@ class PatchIncrementalNet(IncrementalEngine):
                 pool, we = pools[s], plan.window_elems[s]
                 nb = Bb * N * math.prod(step.map_hw)  # rows of base maps in the pool
                 pool[nb:nb + k * N * we].view(k * N, *step.win_hw, -1).copy_(win.permute(0, 2, 3, 1))  # (k*N, Wr, Wc, C)
-                use = step.use_win[l][:, None]  # (k, 1, h, w)
-                idx = torch.where(use, (nb + item_row * we)[:, :, None, None] + step.win[l][:, None],
-                                  (row * math.prod(step.map_hw))[:, :, None, None] + step.base[l][:, None])  # (k, N, h, w)
+                # first row of each item's source: its N windows (after the base maps), or its image's N base maps
+                first = torch.where(step.use_win[l], nb + item * (N * we), (b * (N * math.prod(step.map_hw)))[:, None, None])  # (k, h, w)
+                rel, per_sample = tables[s]
+                idx = torch.addcmul((first + rel[l])[:, None], n, per_sample[l][:, None])  # (k, N, h, w) rows of the pool
                 h, w = idx.shape[-2:]
                 crop = pool.index_select(0, idx.view(-1)).view(k * N, h, w, -1).permute(0, 3, 1, 2)  # (k*N, C, h, w) NHWC strides
             crop = crop.contiguous(memory_format=fmt)  # no copy when channels_last

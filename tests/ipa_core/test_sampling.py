@@ -9,6 +9,7 @@ import torch
 from ipa_core.dmol import to_uint8
 from ipa_core.ipa import IPA
 from ipa_core.sampling import completion_figure, sample_completions, save_png
+from ipa_core.vae import Block, c1_share, split_cat_block
 from tests.ipa_core.test_ipa import half_mask, images, micro_vae
 from xray.errors import UserError
 
@@ -85,6 +86,43 @@ def test_batched_equals_one_image_at_a_time(ipa, monkeypatch):
         alone = sample_completions(ipa, x[b:b + 1], m[b:b + 1], 4, t=0.0, paste=False)
         torch.testing.assert_close(batched[b].float(), alone[0].float(), atol=1, rtol=0)  # float rounding across batch sizes only
     assert not torch.equal(batched[0], batched[1])
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_split_cat_block_is_the_block_on_the_concatenation(fmt):
+    """c1's share of the acts half computed once per image (broadcast to the samples' rows) plus
+    its share of the state gives the block's output on cat(state, acts) up to float rounding."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        block = Block(16, 4, 6)
+    acts = torch.randn(2, 8, 8, 8).contiguous(memory_format=fmt)  # 2 images
+    rows = torch.arange(6) // 3  # (6,): 3 samples per image
+    x = torch.randn(6, 8, 8, 8, generator=gen(1)).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out = split_cat_block(block, x, c1_share(block, acts)[rows])
+        torch.testing.assert_close(out, block(torch.cat([x, acts[rows]], dim=1)), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_is_the_plain_top_down_pass(ipa):
+    """sample_completions' CPU path (NHWC maps, the partial activations' share of every part_enc's
+    first conv once per image, latents drawn on NCHW copies) computes the plain pass: from the same
+    noise the same final maps up to float rounding, and the same samples but for rare rounding flips."""
+    x, m = images(3), half_mask(3)
+    m[1, 0, :, :3] = 1
+    n, rows = 4, torch.arange(12) // 4  # (B*N,) image of each row
+    with torch.inference_mode():
+        inp, _ = ipa.preprocess(x)
+        plain = {r: a[rows] for r, a in ipa.partial_acts(inp, m).items()}
+        g0, g1 = gen(3), gen(3)
+        h0, _ = ipa.decoder.run(12, ipa.partial_step(plain, 0.8, g0))
+        fast = ipa.partial_acts(inp, m, torch.channels_last)
+        shares = [c1_share(block.part_enc, fast[block.base])[rows] for block in ipa.decoder.dec_blocks]
+        h1, _ = ipa.decoder.run(12, ipa.partial_step({}, 0.8, g1, shares=shares), memory_format=torch.channels_last)
+        s0 = ipa.decoder.out_net.sample(h0, g0).reshape(3, n, 1, 16, 16)
+    assert h1.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    s1 = sample_completions(ipa, x, m, n, t=0.8, generator=gen(3), paste=False)
+    assert (s1 != s0).float().mean() < 1e-3
 
 
 def test_bad_input(ipa):
