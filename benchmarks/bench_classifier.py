@@ -275,9 +275,12 @@ def markdown(data: dict) -> str:
     lines += ["", "Recipes:", ""] + [f"- `{k}`: {v[0]}" for k, v in RECIPES.items() if any(r["recipe"] == k for r in rows)]
     enc = [r for r in rows if r.get("init")]
     if enc:
-        lines += ["", "Encoder-initialised rows start from " + ", ".join(sorted({f"`{r['init']}`" for r in enc})) + " (the "
-                  "published cpu demo's models, trained on the default phantom set of 8 000 images, seed 0); their wall "
-                  "time was measured while a power study shared the machine."]
+        lines += ["", "Encoder rows start from the IPA of a finished cpu-profile pipeline on the same preset: "
+                  + ", ".join(f"{r['preset']} `{r['init']}`" for r in enc) + " (`default`: the published cpu demo, "
+                  "trained on the default phantom set of 8 000 images; `realistic`, `hard`: the variability sweep's "
+                  "pipelines, 6 000-image sets of that preset; all seed 0, never this table's seed-1 images). `-enc` "
+                  "rows (`arch of ...`) build that encoder from random weights: the control of the init. Their wall "
+                  "times were measured while other jobs shared the machine."]
     lines += ["", f"The cpu demo profile uses `{CHOSEN}` (`boed.demo.PROFILES['cpu']`): the best mean AUROC after 1..5 Random "
               "scans on every preset, and a full-image AUROC above the old default's on every preset. The paper profile "
               "keeps appendix I.4 (the `default` masks)."]

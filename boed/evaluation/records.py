@@ -115,6 +115,10 @@ def load_records(out_dir: str | Path, fp: str | Mapping[str, int] | None = None)
     return list(out.values())
 
 
+RESUME_HINT = ("use the same flags to resume (a larger --repeats extends the evaluation), or pass --restart to start "
+               "over")
+
+
 def grown(old: Mapping, new: Mapping) -> Mapping:
     """``old`` (a stored fingerprint) with the :data:`.config.GROWS` fields that ``new`` raises set to
     ``new``'s: an evaluation that a resume with more repeats extends compares equal."""
@@ -214,7 +218,7 @@ def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
     new = part(cfg.fingerprint())
     old = _stored_fingerprint(out_dir)
     if old is not None:
-        check_same(f"the evaluation in {out_dir}", part(grown(old, new)), new, flags=FLAGS)
+        check_same(f"the evaluation in {out_dir}", part(grown(old, new)), new, flags=FLAGS, hint=RESUME_HINT)
     for path in _records_files(out_dir):
         try:
             with open(path, "rb") as f:
@@ -236,7 +240,7 @@ def check_resume(out_dir: Path, cfg: EvalConfig) -> None:
         if grown(old, new) != old:
             log.info("%s: --repeats %d extends the evaluation's %d repeats (their records are kept)", out_dir,
                      new["repeats"], old["repeats"])
-        check_same(f"the evaluation in {out_dir}", grown(old, new), new, flags=FLAGS)
+        check_same(f"the evaluation in {out_dir}", grown(old, new), new, flags=FLAGS, hint=RESUME_HINT)
     check_records_provenance(out_dir, cfg)
     atomic_write_json(path, cfg.to_dict())
 
