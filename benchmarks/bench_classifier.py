@@ -281,9 +281,13 @@ def markdown(data: dict) -> str:
                   "pipelines, 6 000-image sets of that preset; all seed 0, never this table's seed-1 images). `-enc` "
                   "rows (`arch of ...`) build that encoder from random weights: the control of the init. Their wall "
                   "times were measured while other jobs shared the machine."]
-    lines += ["", f"The cpu demo profile uses `{CHOSEN}` (`boed.demo.PROFILES['cpu']`): the best mean AUROC after 1..5 Random "
-              "scans on every preset, and a full-image AUROC above the old default's on every preset. The paper profile "
-              "keeps appendix I.4 (the `default` masks)."]
+    lines += ["", f"The cpu demo profile uses `{CHOSEN}` (`boed.demo.PROFILES['cpu']`): among the tiny-net recipes within "
+              "the AVP stage's 2x time budget, the best mean AUROC after 1..5 Random scans over the presets (the "
+              "`-std` and `-nomask` input variants do not beat it over all presets; `+tta` adds a few thousandths at 5x "
+              "the inference), and a full-image AUROC above the old default's on every preset. The encoder init "
+              "(`-ipa`) is better on every preset but costs over 10x the training and 6.5x the FLOPs per decision: an "
+              "option (`--arch encoder --init ipa:RUN`), not the default. The paper profile keeps appendix I.4 (the "
+              "`default` masks)."]
     return "\n".join(lines) + "\n"
 
 

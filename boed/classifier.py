@@ -234,6 +234,8 @@ class InputNorm(nn.Module):
         if len(mean) != len(std) or in_channels not in (1, len(mean)):
             raise UserError(f"cannot normalise {in_channels} image channels with {len(mean)} means")
         self.in_channels, self.mask_scale = in_channels, float(mask_scale)  # mask_scale 0: the mask is hidden
+        # each output pixel from the same input pixel, channels kept (C = len(mean)): the patch-local engine's pointwise layer
+        self.pointwise_same_channels = in_channels == len(mean)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 

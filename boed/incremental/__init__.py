@@ -23,7 +23,9 @@ Both have the same :meth:`logits`. A chain module is accepted when it is an ``nn
 modules`` whose composition is its forward (see :class:`boed.classifier.TinyCNN`), and the layers
 are ``[pointwise]* (Conv2d [pointwise]*)+ tail`` with no convolution in the tail. Convs need
 dilation 1, zero padding given as numbers; any kernel, stride, groups. Pointwise: activations,
-``Identity`` (a folded BN), ``Dropout`` and ``BatchNorm2d`` in eval mode.
+``Identity`` (a folded BN), ``Dropout`` and ``BatchNorm2d`` in eval mode, and modules that set
+``pointwise_same_channels = True`` (:class:`boed.classifier.InputNorm` of a tiny AVP-CNN with
+``input_norm "dataset"`` or a hidden mask channel).
 
 Modules, each read top to bottom: :mod:`.layers` (which layers can be windowed), :mod:`.receptive`
 (the receptive-field arithmetic of both engines), :mod:`.driver` (the engine base class and the

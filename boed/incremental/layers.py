@@ -14,6 +14,8 @@ def is_pointwise(m: nn.Module) -> bool:
     t = type(m)
     if t in _ACTIVATIONS:
         return True
+    if getattr(m, "pointwise_same_channels", False) is True:  # a module that declares it (boed.classifier.InputNorm)
+        return True
     if t in (nn.Dropout, nn.Dropout2d):
         return not m.training
     if t is nn.BatchNorm2d:  # eval mode with running statistics: a per-channel affine map
