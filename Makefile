@@ -36,15 +36,15 @@ study-seeds: $(STAMP)
 	$(BIN)/boed study seeds --seeds 0,1,2 --out runs/seeds
 	cp runs/seeds/seeds.csv runs/seeds/seeds.md runs/seeds/seeds.png results/
 
-# where adaptivity pays: EIG-IPA vs Uncond on 1 000 test images per task, the clairvoyant room, the capture
+# where adaptivity pays: EIG-IPA vs Uncond on 1 000 test images per task, R = 7, the clairvoyant room, the capture
 study-power: $(STAMP)
 	$(BIN)/boed study power --out runs/demo
 	cp runs/demo/power.csv runs/demo/power.md runs/demo/power.png results/
 
 # the power study on phantom sets of growing variability: default (the power study's own row), realistic, hard;
-# Effusion, 300 test images per level (the budget: each level trains its own VAE, IPA and AVP-CNN)
+# Effusion, 300 test images and R = 3 per level (the budget: each level trains its own VAE, IPA and AVP-CNN)
 study-variability: study-power
-	$(BIN)/boed study variability --levels default,realistic,hard --reuse default=runs/demo --illness effusion --n-test 300 --out runs/variability
+	$(BIN)/boed study variability --levels default,realistic,hard --reuse default=runs/demo --illness effusion --n-test 300 --repeats 3 --out runs/variability
 	cp runs/variability/variability.csv runs/variability/variability.md runs/variability/variability.png results/
 
 test: $(STAMP)
