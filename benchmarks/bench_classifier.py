@@ -285,7 +285,7 @@ def markdown(data: dict) -> str:
               "the AVP stage's 2x time budget, the best mean AUROC after 1..5 Random scans over the presets (the "
               "`-std` and `-nomask` input variants do not beat it over all presets; `+tta` adds a few thousandths at 5x "
               "the inference), and a full-image AUROC above the old default's on every preset. The encoder init "
-              "(`-ipa`) is better on every preset but costs over 10x the training and 6.5x the FLOPs per decision: an "
+              "(`-ipa`) is ahead on every preset (decisively on `hard`; one seed) but costs over 10x the training and 6.5x the FLOPs per decision: an "
               "option (`--arch encoder --init ipa:RUN`), not the default. The paper profile keeps appendix I.4 (the "
               "`default` masks)."]
     return "\n".join(lines) + "\n"

@@ -86,6 +86,10 @@ def read_records_file(path: Path) -> tuple[dict | None, list[dict], int]:
     return header, recs, good_end
 
 
+RESUME_HINT = ("use the same flags to resume (a larger --repeats extends the evaluation), or pass --restart to start "
+               "over (old outputs are moved aside)")
+
+
 def _records_files(out_dir: str | Path) -> list[Path]:
     return sorted(Path(out_dir).glob("records*.jsonl"))
 
@@ -98,14 +102,21 @@ def load_records(out_dir: str | Path, fp: str | Mapping[str, int] | None = None)
     :meth:`.config.EvalConfig.accepted_digests` (digest -> repeats), then a record's repeat must
     also be one of its own fingerprint's.
     """
+    # digest -> the repeats its records may have (None: any); this run's own digest is the one with the most
     accepted = None if fp is None else {fp: None} if isinstance(fp, str) else dict(fp)
     this = None if fp is None else fp if isinstance(fp, str) else max(accepted, key=accepted.get)
+
+    def made_here(rec: dict) -> bool:
+        if rec.get("fp") not in accepted:
+            return False
+        limit, repeat = accepted[rec["fp"]], rec.get("repeat")
+        return limit is None or repeat is None or repeat < limit
+
     out: dict[tuple, dict] = {}
     for path in _records_files(out_dir):
         _, recs, _ = read_records_file(path)
         for rec in recs:
-            if accepted is not None and (rec.get("fp") not in accepted or (
-                    accepted[rec["fp"]] is not None and rec.get("repeat") is not None and rec["repeat"] >= accepted[rec["fp"]])):
+            if accepted is not None and not made_here(rec):
                 raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {this} "
                                 "(other models, data or flags); use the same flags to resume, or pass --restart to start over")
             first = out.setdefault(key_of(rec), rec)
@@ -113,10 +124,6 @@ def load_records(out_dir: str | Path, fp: str | Mapping[str, int] | None = None)
                 raise UserError(f"{path.name} holds two different records of {key_of(rec)}; the records were edited: "
                                 "delete the file to recompute its records, or pass --restart")
     return list(out.values())
-
-
-RESUME_HINT = ("use the same flags to resume (a larger --repeats extends the evaluation), or pass --restart to start "
-               "over")
 
 
 def grown(old: Mapping, new: Mapping) -> Mapping:
@@ -134,7 +141,7 @@ def check_records_provenance(out_dir: Path, cfg: EvalConfig) -> None:
         header, recs, _ = read_records_file(path)
         if header is not None:
             check_same(f"{path}", grown(header.get("fingerprint", {}), new), new, flags=FLAGS,
-                       hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
+                       hint=RESUME_HINT)
         elif recs:
             raise UserError(f"{path} has records but no provenance header (made by an older boed); "
                             "pass --restart to start over")
@@ -227,7 +234,7 @@ def precheck_resume(out_dir: str | Path, cfg: EvalConfig) -> None:
             continue  # unreadable or damaged: the full check reports it
         if isinstance(header, dict) and isinstance(header.get("fingerprint"), dict):
             check_same(f"{path}", part(grown(header["fingerprint"], new)), new, flags=FLAGS,
-                       hint="use the same flags to resume, or pass --restart to start over (old outputs are moved aside)")
+                       hint=RESUME_HINT)
 
 
 def check_resume(out_dir: Path, cfg: EvalConfig) -> None:
