@@ -481,7 +481,7 @@ def init_config(config: AVPConfig, init: InitSpec) -> AVPConfig:
     src = AVPClassifier.config_from_dir(_avp_dir(Path(init.path)))
     if src.arch != config.arch:
         raise UserError(f"--init {init.path} is a {src.arch} AVP model, but --arch is {config.arch}; pass --arch {src.arch}")
-    return replace(config, input_norm=src.input_norm)
+    return replace(config, input_norm=src.input_norm, norm_stats=src.norm_stats)
 
 
 def _read_weights(path: Path, hint: str = "give a plain state dict of tensors (.pth, .pt or .safetensors)") -> dict[str, torch.Tensor]:

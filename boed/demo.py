@@ -89,15 +89,17 @@ class DemoProfile:
     avp_p_full: float | None = None  # --p-full
     avp_p_freeform: float | None = None  # --p-freeform
     avp_patch_layout: str | None = None  # --patch-layout
+    avp_input_norm: str | None = None  # --input-norm (None: the command's own, none)
     checkpointing: bool = False  # activation checkpointing of the VAE/IPA blocks (`ipa_core train --checkpointing`)
 
 
 PROFILES: dict[str, DemoProfile] = {
-    # cpu AVP recipe chosen by benchmarks/bench_classifier.py (issue 24, results/classifier.md): fully observed
-    # images and scan-grid patch unions, 2x the steps: best mean AUROC after 1..5 scans on every phantom preset
+    # cpu AVP recipe chosen by benchmarks/bench_classifier.py (issue 24, benchmarks/results/classifier.md): fully
+    # observed images and scan-grid patch unions, 2x the steps, the input standardised by the training pixels'
+    # mean/std: best mean AUROC after 1..5 scans over the phantom presets, three training seeds each
     "cpu": DemoProfile("cpu", image_size=64, vae_config="tiny", vae_steps=800, vae_batch=8,
                        ipa_steps=1000, ipa_batch=16, avp_arch="tiny", avp_steps=4000, avp_batch=32, avp_lr=2e-3,
-                       avp_p_full=0.2, avp_p_freeform=0.0, avp_patch_layout="scan",
+                       avp_p_full=0.2, avp_p_freeform=0.0, avp_patch_layout="scan", avp_input_norm="dataset",
                        n_samples=10, n_test=100, scans=5, run_images=2, eval_procs=2, repeats=3),
     "quick": DemoProfile("quick", image_size=64, vae_config="tiny", vae_steps=60, vae_batch=16,
                          ipa_steps=40, ipa_batch=16, avp_arch="tiny", avp_steps=80, avp_batch=32, avp_lr=2e-3,
@@ -477,14 +479,15 @@ def avp_stage(opts: DemoOptions) -> Stage:
     return Stage("avp", "boed train-avp", "boed.commands.train_avp",
                  ["--arch", p.avp_arch, "--init", p.avp_init,
                   *(["--init-weights", opts.avp_init_weights] if opts.avp_init_weights and p.avp_init != "scratch" else []),
-                  "--out", opts.out / "avp", "--lr", p.avp_lr, *_avp_mask_args(p), *_data_args(opts),
+                  "--out", opts.out / "avp", "--lr", p.avp_lr, *_avp_recipe_args(p), *_data_args(opts),
                   *_train_args(opts, p.avp_steps, p.avp_batch), *_smoke_args(opts, samples=False)], upstream=("data",))
 
 
-def _avp_mask_args(p: DemoProfile) -> list:
-    """The profile's training-mask flags; none when it keeps the command's defaults (so the stage's
-    command and fingerprint stay those of a profile without them)."""
-    flags = (("--p-full", p.avp_p_full), ("--p-freeform", p.avp_p_freeform), ("--patch-layout", p.avp_patch_layout))
+def _avp_recipe_args(p: DemoProfile) -> list:
+    """The profile's training-mask and input-normalisation flags; none when it keeps the command's
+    defaults (so the stage's command and fingerprint stay those of a profile without them)."""
+    flags = (("--p-full", p.avp_p_full), ("--p-freeform", p.avp_p_freeform), ("--patch-layout", p.avp_patch_layout),
+             ("--input-norm", p.avp_input_norm))
     return [a for flag, v in flags if v is not None for a in (flag, v)]
 
 

@@ -41,7 +41,7 @@ from xray.errors import UserError
 from xray.io import atomic_path
 from xray.labels import LABELS
 
-from .classifier import AVPClassifier
+from .classifier import AVPClassifier, dataset_norm_stats
 from .geometry import ScanGeometry, observe
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,16 @@ def sample_training_masks(B: int, S: int, cfg: AVPTrainConfig, generator: torch.
     elif n:
         m[partial] = bank.sample(n, generator) if bank is not None else cfg.masks.sample(n, S, generator)
     return m
+
+
+NORM_STATS_IMAGES = 1024  # training images whose pixels give input_norm "dataset" its mean and std
+
+
+def training_norm_stats(train_set, seed: int, n: int = NORM_STATS_IMAGES) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """input_norm "dataset"'s (mean, std): :func:`dataset_norm_stats` of ``n`` training images drawn
+    without replacement with ``seed`` (all of them when the set is smaller), the same on every resume."""
+    idx = np.random.default_rng(seed).permutation(len(train_set))[:n].tolist()
+    return dataset_norm_stats(dataset_images(train_set, idx))  # ((C,), (C,))
 
 
 def positive_weights(labels: np.ndarray, max_weight: float = 50.0) -> Tensor:

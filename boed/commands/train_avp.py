@@ -9,8 +9,10 @@ Examples:
   torchrun --nproc-per-node 4 -m boed.cli train-avp ...   # data parallel
 
 Training masks (paper I.4): the completion networks' free-form mixture with 25 %-width patches;
---p-full adds fully observed images (default none). --init imagenet / xrv:NAME download the
-weights (torchvision's weights API / torchxrayvision) unless --init-weights names a local copy.
+--p-full adds fully observed images (default none). --input-norm dataset standardises the tiny
+net's input by the training images' pixel mean and std (with the cpu demo profile's masks and
+steps: its recipe, issue 24). --init imagenet / xrv:NAME download the weights (torchvision's
+weights API / torchxrayvision) unless --init-weights names a local copy.
 
 Re-running the same command resumes from the last checkpoint. The run folder gets model/ (for
 `boed evaluate --avp`; its config.json records the labels, the input normalisation and how it was
@@ -23,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from boed.classifier import (ARCHS, AVPClassifier, AVPConfig, DEFAULT_INIT, XRV_MODELS, init_config, init_state,
                              parse_init)
-from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig, AVPTrainTask, format_auroc_table
+from boed.train_avp import PATCH_LAYOUTS, AVPTrainConfig, AVPTrainTask, format_auroc_table, training_norm_stats
 from ipa_core.seeding import seeded
 from ipa_core.distributed import env_world
 from ipa_core.trainer import TrainConfig, add_train_args, check_resume_settings, fit, train_config_from_args
@@ -89,6 +92,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "ipa:RUN or vae:RUN (with --arch encoder: the VD-VAE encoder of a trained IPA (its partial encoder, "
                         "which reads the same masked input) or VAE, fine-tuned; in-domain and offline); "
                         f"or an AVP model/run folder to fine-tune (default: {DEFAULT_INIT})")
+    p.add_argument("--input-norm", choices=("none", "dataset"), default=_default(AVPConfig, "input_norm"),
+                   help="tiny from scratch only: dataset = standardise the input by the training images' pixel mean and "
+                        "std (so an unobserved pixel reads as the mean, not as black; saved in config.json); other "
+                        f"inits bring their own normalisation (default: {_default(AVPConfig, 'input_norm')})")
     p.add_argument("--init-weights", default=None, metavar="FILE",
                    help="a local copy of the --init imagenet or xrv:NAME weights (a state dict); nothing is downloaded (default: none)")
     p.add_argument("--pos-weight", choices=("none", "auto"), default=_default(AVPTrainConfig, "pos_weight"),
@@ -121,6 +128,9 @@ def main(args: argparse.Namespace) -> int:
                  and not (k == "pool" and args.arch == "encoder")]
     if args.arch != "tiny" and tiny_only:
         raise UserError(f"{' '.join(tiny_only)} {'shapes' if len(tiny_only) == 1 else 'shape'} the tiny network only, not --arch {args.arch}; drop them or use --arch tiny")
+    if args.input_norm != "none" and (args.arch, args.init) != ("tiny", "scratch"):
+        raise UserError(f"--input-norm {args.input_norm} is for --arch tiny --init scratch, got --arch {args.arch} --init "
+                        f"{args.init} (that init brings its own normalisation); drop --input-norm or train the tiny net from scratch")
     args.width = _default(AVPConfig, "width") if args.width is None else args.width
     args.pool = _default(AVPConfig, "pool") if args.pool is None else args.pool
     tcfg = train_config_from_args(args, _defaults())
@@ -138,6 +148,10 @@ def main(args: argparse.Namespace) -> int:
     check_resume_settings(args.out, tcfg, env_world()[1])  # a refused resume prepares no data
     train_set = dataset_from_args(args, "train")
     test_set = dataset_from_args(args, "test")
+    if args.input_norm == "dataset":  # scratch weights (checked above), built again with the training pixels' mean and std
+        mcfg = replace(mcfg, input_norm="dataset", norm_stats=training_norm_stats(train_set, tcfg.seed))
+        with seeded(tcfg.seed):
+            model = AVPClassifier(mcfg)
     model.config.image_size = train_set.image_size
     if args.channels_last:
         model.channels_last = True

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,7 +429,7 @@ def test_chestmnist_data_reaches_every_stage_without_a_phantom_stage(tmp_path):
 
 def test_avp_stage_passes_the_profiles_training_masks(tmp_path):
     """The cpu profile's AVP recipe (issue 24: chosen by benchmarks/bench_classifier.py) reaches
-    `boed train-avp` as flags; a profile without its own masks (paper: appendix I.4) passes none."""
+    `boed train-avp` as flags; a profile without its own recipe (paper: appendix I.4) passes none."""
     import argparse
 
     from boed.commands import train_avp
@@ -442,12 +443,32 @@ def test_avp_stage_passes_the_profiles_training_masks(tmp_path):
 
     cpu = PROFILES["cpu"]
     _, args = parsed(cpu)
-    for flag, value in (("p_full", cpu.avp_p_full), ("p_freeform", cpu.avp_p_freeform), ("patch_layout", cpu.avp_patch_layout)):
-        if value is not None:
-            assert getattr(args, flag) == value
+    assert (args.p_full, args.p_freeform, args.patch_layout, args.input_norm) == (0.2, 0.0, "scan", "dataset")
+    for flag, value in (("p_full", cpu.avp_p_full), ("p_freeform", cpu.avp_p_freeform), ("patch_layout", cpu.avp_patch_layout),
+                        ("input_norm", cpu.avp_input_norm)):
+        assert getattr(args, flag) == value
     argv, args = parsed(PROFILES["paper"])
-    assert not {"--p-full", "--p-freeform", "--patch-layout"} & set(argv)
+    assert not {"--p-full", "--p-freeform", "--patch-layout", "--input-norm"} & set(argv)
     assert (args.p_full, args.p_freeform, args.patch_layout) == (0.0, 0.5, "uniform")  # appendix I.4
+    assert args.input_norm == "none"  # the ImageNet init brings its own normalisation
+
+
+def test_cpu_profile_trains_the_recipe_the_classifier_table_chose():
+    """The cpu profile's AVP recipe is the classifier table's winner (benchmarks/bench_classifier.py
+    CHOSEN, whose rows are in benchmarks/results/classifier.json): masks, normalisation and steps."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_classifier.py"
+    spec = importlib.util.spec_from_file_location("bench_classifier", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, masks, model, factor = bench.RECIPES[bench.CHOSEN]
+    cpu = PROFILES["cpu"]
+    assert (cpu.avp_p_full, cpu.avp_p_freeform, cpu.avp_patch_layout) == (masks["p_full"], masks["p_freeform"], masks["patch_layout"])
+    assert (cpu.avp_input_norm or "none") == model.get("input_norm", "none") and cpu.avp_arch == model.get("arch", "tiny")
+    assert cpu.avp_steps == bench.BASE_STEPS * factor
+    rows = bench.load_results(bench.RESULTS)["rows"]
+    assert {r["preset"] for r in rows if r["recipe"] == bench.CHOSEN} == set(bench.PRESET_NAMES)
 
 
 def test_an_evaluation_stage_grows_in_place_when_only_its_repeats_grow(tmp_path, caplog):

@@ -227,6 +227,37 @@ def test_cli_eval_images_0_trains_without_a_report(tmp_path, capsys):
     assert (tmp_path / "avp" / "model" / "model.safetensors").is_file() and not (tmp_path / "avp" / "eval.json").exists()
 
 
+def test_cli_input_norm_dataset_standardises_by_the_training_pixels(tmp_path, capsys):
+    """--input-norm dataset (the cpu profile's recipe): config.json holds the mean and std of the
+    training images the run's seed draws (every image of a small set), from the same initial weights
+    as a run without it; a resume keeps them; the refusal for a pretrained backbone is one line."""
+    from boed.train_avp import training_norm_stats
+    from xray.dataset import dataset_images, open_dataset
+
+    root = make_nih(tmp_path / "nih", n=40, px=48)
+    base = ["train-avp", "--data", "chestxray", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"),
+            "--image-size", str(S), "--width", "4", "--batch-size", "4", "--sample-every", "100",
+            "--freeform-bank", "4", "--eval-images", "0", "--lr", "1e-12"]
+    for run, extra in (("std", ["--input-norm", "dataset"]), ("plain", [])):
+        with pytest.raises(SystemExit) as e:
+            _cli()([*base, "--steps", "1", "--out", str(tmp_path / run), *extra])
+        assert e.value.code == 0, capsys.readouterr().err
+    std, plain = (AVPClassifier.from_pretrained(tmp_path / r) for r in ("std", "plain"))
+    train = open_dataset("chestxray", root, split="train", size=S, cache_dir=tmp_path / "cache", progress=False, workers=1)
+    x = dataset_images(train, list(range(len(train)))).double() / 255  # (n, 1, S, S): a small set, all of it
+    (mean,), (sd,) = std.config.norm_stats
+    assert (std.config.input_norm, plain.config.input_norm) == ("dataset", "none")
+    assert mean == pytest.approx(x.mean().item()) and sd == pytest.approx(x.std().item())
+    assert std.config.norm_stats == training_norm_stats(train, seed=0)
+    weights = dict(std.named_parameters())
+    for k, v in plain.named_parameters():  # lr ~ 0: both still at the seed's initial weights (BN statistics differ)
+        torch.testing.assert_close(weights[k], v, msg=k)
+    with pytest.raises(SystemExit) as e:  # resume to 2 steps: the same statistics
+        _cli()([*base, "--steps", "2", "--out", str(tmp_path / "std"), "--input-norm", "dataset"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert AVPClassifier.from_pretrained(tmp_path / "std").config.norm_stats == std.config.norm_stats
+
+
 def test_task_provenance_records_the_training_config():
     model = AVPClassifier(AVPConfig(arch="resnet18", image_size=S, input_norm="imagenet"))
     cfg = AVPTrainConfig(p_full=0.1, freeform_bank=4, pos_weight="none", init="imagenet", init_weights="/w/densenet.pth",
@@ -268,6 +299,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, monkeyp
         (["--init-weights", str(tmp_path / "r18.pth")], "pass --init imagenet or --init xrv:NAME with it"),
         (["--p-full", "1.5"], "argument --p-full: 1.5 is out of range"),
         (["--freeform-bank", "-2"], "--freeform-bank must be >= 0"),
+        (["--arch", "resnet18", "--input-norm", "dataset"], "--input-norm dataset is for --arch tiny --init scratch"),
     ]
     base = ["train-avp", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "1"]
     for extra, msg in cases:
@@ -318,71 +350,96 @@ def test_cli_initial_weights_depend_on_the_seed_alone(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the cpu recipe on harder data (issue 24)
 
-class _PhantomSet(_InMemorySet):
-    """An in-memory phantom set of the given difficulty: Effusion on every other film, nothing else."""
-
-    def __init__(self, n: int, offset: int, difficulty: str, size: int = S, seed: int = 7):
-        from xray.labels import LABELS
-        from xray.phantom import render_meta
-        from xray.phantom.metadata import ImageMeta
-
-        k = LABELS.index("Effusion")
-        ims, y = [], np.zeros((n, len(LABELS)), np.float32)
-        for i in range(n):
-            pos = i % 2 == 1
-            meta = ImageMeta(f"{offset + i:08d}_000.png", ("Effusion",) if pos else (), 0, offset + i, 50,
-                             "F" if i % 3 == 0 else "M", "AP" if i % 4 < 2 else "PA", ("2500", "2048", "0.168", "0.168"))
-            ims.append(render_meta(meta, seed, offset + i, size, difficulty=difficulty).image)
-            y[i, k] = y[i, LABELS.index("Any Finding")] = float(pos)
-        self.images = torch.as_tensor(np.stack(ims))[:, None]  # (n, 1, S, S) uint8
-        self.labels, self.image_size, self.effusion = y, size, k
+# Phantom sets with the demo's mixture of findings, as `boed demo --data-root` reads one (1 847 training
+# and 446 test films each).
+FLOOR_SET = dict(n=2400, size=S, seed=11)
 
 
-def brief_cpu_recipe_auroc(tmp_path, steps: int, n_train: int, n_test: int, difficulty: str, seed: int = 0,
-                           **mask_overrides) -> float:
-    """Full-image Effusion AUROC of the cpu demo profile's AVP recipe (masks, lr, batch) after ``steps``."""
+def phantom_set(root, n: int, size: int, seed: int, difficulty: str):
+    """``root`` holding a fresh NIH-format phantom set (``nih/``) with the demo prevalences (``xray phantom``)."""
+    from xray import phantom
+
+    phantom.generate(root / "nih", n=n, size=size, seed=seed, workers=1, prevalence=phantom.DEMO_PREVALENCE,
+                     progress=False, difficulty=difficulty)
+    return root
+
+
+def demo_avp_aurocs(profile, root, out, fraction: float, seed: int = 0) -> dict[str, float]:
+    """Full-image AUROC per demo illness of the AVP-CNN that `boed demo`'s own AVP stage trains for
+    ``profile`` (its command and flags: masks, normalisation, arch, lr, batch) on the phantom set under
+    ``root`` (:func:`phantom_splits`), at ``fraction`` of the profile's steps, scored on every test image."""
     import dataclasses
 
     from sklearn.metrics import roc_auc_score
 
-    from boed.commands.train_avp import _defaults
+    from boed.demo import DemoOptions, avp_stage
+    from xray.cli_base import run_command
+    from xray.dataset import dataset_images, open_dataset
+    from xray.labels import resolve_illness
+
+    brief = dataclasses.replace(profile, avp_steps=round(profile.avp_steps * fraction))
+    stage = avp_stage(DemoOptions(out=out, profile=brief, illnesses=("Effusion",), data_root=root / "nih",
+                                  cache_dir=root / "cache", seed=seed, eval_images=0))
+    run_command(stage.target, [str(a) for a in stage.argv])
+    model = AVPClassifier.from_pretrained(out / "avp")
+    test = open_dataset("chestxray", root / "nih", split="test", size=profile.image_size, cache_dir=root / "cache",
+                        progress=False, workers=1)
+    x = dataset_images(test, list(range(len(test))))  # (n, 1, S, S) uint8
+    p = model.predict_proba(x, torch.ones(len(test), 1, *x.shape[-2:]), chunk_size=256)  # (n, K)
+    y = np.asarray(test.labels)  # (n, K)
+    return {name: float(roc_auc_score(np.asarray(resolve_illness(name).target(y)), np.asarray(resolve_illness(name).prob(p))))
+            for name in ("Effusion", "Edema")}
+
+
+# Item 5 of issue 24, measured with this very setting (FLOOR_SET of each preset; the demo's AVP stage
+# at half the profile's steps; full-image Effusion AUROC over training seeds):
+#                                                                  realistic (seeds 0-5 / 0-2)    hard (0-5 / 0-3)
+#   cpu profile now (full + scan-grid masks, input standardised)   .955 .952 .963 .944 .955 .951  .690 .703 .716 .682 .719 .725
+#   the same without the standardisation (the recipe before it)    .868 .878 .876 .911 .925 .890
+#   appendix-I.4 masks at the same steps (a masks-only revert)     .850 .858 .857
+#   the old cpu profile (appendix-I.4 masks, 2 000 steps: 1 000)   .724 .718 .695                 .581 .556 .585 .561
+# Each floor sits halfway between the old profile's mean and the cpu profile's (realistic .713 / .953,
+# hard .571 / .706): on realistic 0.11 of margin each side; on hard 0.04 below the cpu profile's lowest
+# seed (4 sds of its spread below its mean) and 0.05 above the old profile's highest. A masks-only revert
+# at the same steps is NOT caught (on these phantoms the masks matter far less than the steps and the
+# standardisation; see the README's classifier section).
+BRIEF_FRACTION = 0.5
+EFFUSION_FLOOR = {"realistic": 0.83, "hard": 0.64}
+
+
+@pytest.fixture(scope="module", params=sorted(EFFUSION_FLOOR))
+def harder_films(request, tmp_path_factory):
+    """(preset, root of a fresh FLOOR_SET phantom set of that preset)."""
+    return request.param, phantom_set(tmp_path_factory.mktemp(request.param), difficulty=request.param, **FLOOR_SET)
+
+
+def old_cpu_profile(profile):
+    """The cpu profile before issue 24: `boed train-avp`'s own masks and normalisation (appendix I.4), 2 000 steps."""
+    import dataclasses
+
+    return dataclasses.replace(profile, avp_steps=2000, avp_p_full=None, avp_p_freeform=None, avp_patch_layout=None,
+                               avp_input_norm=None)
+
+
+def test_cpu_recipe_keeps_full_image_auroc_on_harder_films(harder_films, tmp_path):
+    """Issue 24, item 5: the demo's own AVP stage (cpu profile), trained briefly on harder-than-default
+    films, stays above a full-image floor that the old cpu recipe fails (measured above; the slow test
+    below runs that recipe and checks it does)."""
     from boed.demo import PROFILES
-    from ipa_core.trainer import fit
 
-    p = PROFILES["cpu"]
-    masks = {k: v for k, v in (("p_full", p.avp_p_full), ("p_freeform", p.avp_p_freeform),
-                               ("patch_layout", p.avp_patch_layout)) if v is not None}
-    masks.update(mask_overrides)
-    train, test = _PhantomSet(n_train, 0, difficulty), _PhantomSet(n_test, 10**6, difficulty)
-    torch.manual_seed(seed)
-    model = AVPClassifier(AVPConfig(arch=p.avp_arch, image_size=S))
-    task = AVPTrainTask(model, AVPTrainConfig(seed=seed, freeform_bank=64, **masks), progress=False)
-    cfg = dataclasses.replace(_defaults(), steps=steps, batch_size=p.avp_batch, lr=p.avp_lr, seed=seed, device="cpu",
-                              sample_every=10**9, ckpt_every=steps, log_every=steps)
-    out = fit(task, train, cfg, tmp_path / f"run-{seed}").eval()
-    prob = out.predict_proba(test.images, torch.ones(len(test), 1, S, S))[:, test.effusion]
-    return float(roc_auc_score(test.labels[:, test.effusion], prob.numpy()))
+    preset, root = harder_films
+    auroc = demo_avp_aurocs(PROFILES["cpu"], root, tmp_path, BRIEF_FRACTION)
+    assert auroc["Effusion"] >= EFFUSION_FLOOR[preset], (preset, auroc)
 
 
-# Measured with this test's own setting (600 steps, 1 024 training and 512 test films of the
-# realistic preset, Effusion on every other film), full-image Effusion AUROC:
-#   cpu masks (--p-full 0.2 --p-freeform 0 --patch-layout scan), seeds 0/1/2: 0.648 0.553 0.580
-#   appendix-I.4 masks (the issue-24 regression), seeds 0/1:                 0.604 0.573
-#   --p-full 0.2 --p-freeform 0.25 --patch-layout scan, seeds 0/1:           0.682 0.635
-# and at 2 000 steps, cpu masks 0.905 0.911 vs I.4 masks 0.881 0.915. So a brief run on a tiny set
-# does NOT separate the regression from the fix (the table does, on 612 test films of the full
-# demo mixture: realistic preset, Effusion full image 0.756 vs 0.905); the floor below only
-# catches a recipe that stops learning from full images (a collapse to chance), with margin for
-# seed noise. The hard preset is not used: at this budget every recipe is at chance on it.
-BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST = 600, 1024, 512
-FULL_IMAGE_FLOOR = 0.53
+@pytest.mark.slow
+def test_the_old_cpu_recipe_fails_the_floor(harder_films, tmp_path):
+    """The floors are not vacuous: the cpu profile of before issue 24 falls below them in the same setting."""
+    from boed.demo import PROFILES
 
-
-def test_cpu_recipe_learns_full_images_of_harder_films(tmp_path):
-    """Issue 24 (item 5, partly): the cpu recipe trained briefly on harder-than-default films is
-    above chance on the full image (see the measurements above for what this cannot show)."""
-    auroc = brief_cpu_recipe_auroc(tmp_path, BRIEF_STEPS, BRIEF_TRAIN, BRIEF_TEST, "realistic")
-    assert auroc >= FULL_IMAGE_FLOOR, auroc
+    preset, root = harder_films
+    auroc = demo_avp_aurocs(old_cpu_profile(PROFILES["cpu"]), root, tmp_path, BRIEF_FRACTION)
+    assert auroc["Effusion"] < EFFUSION_FLOOR[preset], (preset, auroc)
 
 
 def test_cli_encoder_arch_starts_from_the_ipa_run_and_records_it(tmp_path, capsys):
