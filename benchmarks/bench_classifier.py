@@ -271,7 +271,7 @@ def markdown(data: dict) -> str:
              "Mean over " + ", ".join(ILLNESSES) + " of the AUROC (95 % bootstrap CI of each illness in the JSON), "
              "and over the training seeds of a row (`seeds`). "
              "`rand 1..5` / `uncond 1..5`: after t = 1..5 Random / Uncond scans; `mean` = mean over t. "
-             "Wall time: the training (mean over seeds), on a shared 2-core machine (single-threaded), so indicative only.", "",
+             "Wall time: the training (median over seeds), on a shared 2-core machine (single-threaded), so indicative only.", "",
              "| preset | recipe | seeds | full | rand 1 | rand 2 | rand 3 | rand 4 | rand 5 | rand mean | uncond 1 | uncond 5 | "
              "uncond mean | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -280,7 +280,7 @@ def markdown(data: dict) -> str:
         cells = [a["full"], *[a[f"random{t}"] for t in range(1, T + 1)], a["random_mean"], a["uncond1"], a["uncond5"],
                  a["uncond_mean"]]
         lines.append(f"| {g[0]['preset']} | {g[0]['recipe']} | {len(g)} | " + " | ".join(f"{v:.3f}" for v in cells)
-                     + f" | {np.mean([r['train_s'] for r in g]):.0f} |")
+                     + f" | {np.median([r['train_s'] for r in g]):.0f} |")
     lines += ["", "Per illness: full / rand mean / uncond mean. One training seed: the 95 % bootstrap CI over test "
               "images in brackets; several: the mean over seeds and the range over seeds in braces.", "",
               "| preset | recipe | " + " | ".join(ILLNESSES) + " |", "|---|---|" + "---|" * len(ILLNESSES)]
