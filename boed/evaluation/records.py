@@ -118,7 +118,7 @@ def load_records(out_dir: str | Path, fp: str | Mapping[str, int] | None = None)
         for rec in recs:
             if accepted is not None and not made_here(rec):
                 raise UserError(f"{path.name} holds records made with fingerprint {rec.get('fp')}, this run has {this} "
-                                "(other models, data or flags); use the same flags to resume, or pass --restart to start over")
+                                f"(other models, data or flags); {RESUME_HINT}")
             first = out.setdefault(key_of(rec), rec)
             if first is not rec and first != rec:
                 raise UserError(f"{path.name} holds two different records of {key_of(rec)}; the records were edited: "

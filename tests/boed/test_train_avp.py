@@ -387,8 +387,8 @@ def demo_avp_aurocs(profile, root, out, fraction: float, seed: int = 0) -> dict[
     x = dataset_images(test, list(range(len(test))))  # (n, 1, S, S) uint8
     p = model.predict_proba(x, torch.ones(len(test), 1, *x.shape[-2:]), chunk_size=256)  # (n, K)
     y = np.asarray(test.labels)  # (n, K)
-    return {name: float(roc_auc_score(np.asarray(resolve_illness(name).target(y)), np.asarray(resolve_illness(name).prob(p))))
-            for name in ("Effusion", "Edema")}
+    illnesses = [resolve_illness(name) for name in ("Effusion", "Edema")]
+    return {ill.name: float(roc_auc_score(np.asarray(ill.target(y)), np.asarray(ill.prob(p)))) for ill in illnesses}
 
 
 # Item 5 of issue 24, measured with this very setting (FLOOR_SET of each preset; the demo's AVP stage
